@@ -1,0 +1,122 @@
+//! The admin HTTP server on `--metrics-addr`: `/health` and `/metrics`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::upstream::Upstream;
+
+/// What the admin endpoints read from.
+pub struct Admin {
+    /// The cluster view, for `/health` and the member series of `/metrics`.
+    pub upstream: Arc<Upstream>,
+    /// The request counters.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Admin {
+    /// Serves admin requests on `listener` until `stop` is cancelled.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+        loop {
+            let stream = tokio::select! {
+                _ = stop.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(error) => {
+                        tracing::warn!(%error, "admin listener accept failed");
+                        continue;
+                    }
+                },
+            };
+            let admin = Arc::clone(&self);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let admin = Arc::clone(&admin);
+                    async move { Ok::<_, Infallible>(admin.answer(&request)) }
+                });
+                if let Err(error) =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
+                {
+                    tracing::debug!(%error, "admin connection ended with an error");
+                }
+            });
+        }
+    }
+
+    fn answer(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+        match request.uri().path() {
+            "/health" => self.health(),
+            "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", self.metrics.render(&self.upstream)),
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found: the admin server serves /health and /metrics\n".to_owned(),
+            ),
+        }
+    }
+
+    /// etcd's `/health` shape (`health`, `reason`) plus the proxy's view of each member.
+    fn health(&self) -> Response<Full<Bytes>> {
+        let healthy = self.upstream.any_healthy();
+        let members: Vec<String> = self
+            .upstream
+            .members()
+            .iter()
+            .map(|m| {
+                format!(
+                    "{{\"endpoint\":{},\"healthy\":{},\"error\":{}}}",
+                    json_string(&m.endpoint.url()),
+                    m.is_healthy(),
+                    m.last_error().filter(|_| !m.is_healthy()).map_or("null".to_owned(), |e| json_string(&e))
+                )
+            })
+            .collect();
+        let reason = if healthy { String::new() } else { "no etcd member is reachable".to_owned() };
+        let body = format!(
+            "{{\"health\":\"{healthy}\",\"reason\":{},\"members\":[{}]}}\n",
+            json_string(&reason),
+            members.join(",")
+        );
+        let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        reply(status, "application/json", body)
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    response
+}
+
+/// Minimal JSON string escaping, enough for endpoints and error messages.
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn json_escaping() {
+        assert_eq!(super::json_string("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
+    }
+}

@@ -1,0 +1,200 @@
+//! The two HTTP/2 bodies of a proxied call: the request going up and the response coming down.
+//!
+//! Both carry the client's and etcd's bytes untouched. The response body additionally watches
+//! the call end (for metrics), turns a broken upstream stream into a proper gRPC `Unavailable`
+//! status instead of a reset, and ends streams cleanly when the proxy shuts down.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::grpc::{self, Code};
+use crate::metrics::Metrics;
+
+/// A request body sent to etcd: either a single buffered message (replayable) or the client's live stream.
+pub enum RequestBody {
+    /// A unary request message, already read in full; `None` once sent.
+    Buffered(Option<Bytes>),
+    /// A client stream (Watch, LeaseKeepAlive, unknown methods), forwarded frame by frame.
+    Streaming(Incoming),
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Buffered(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            RequestBody::Streaming(incoming) => Pin::new(incoming).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Buffered(bytes) => bytes.is_none(),
+            RequestBody::Streaming(incoming) => incoming.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Buffered(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            RequestBody::Buffered(None) => SizeHint::with_exact(0),
+            RequestBody::Streaming(incoming) => incoming.size_hint(),
+        }
+    }
+}
+
+/// Records how a call ended, exactly once, even if the client goes away first.
+pub struct CallRecord {
+    metrics: Arc<Metrics>,
+    method: usize,
+    started: Instant,
+    /// Latency is only meaningful for calls with one response; streams live as long as the client wants.
+    time_it: bool,
+    done: bool,
+}
+
+impl CallRecord {
+    /// Starts recording a call of `method` (index into the method table).
+    pub fn new(metrics: Arc<Metrics>, method: usize, time_it: bool) -> Self {
+        metrics.started(method);
+        CallRecord { metrics, method, started: Instant::now(), time_it, done: false }
+    }
+
+    /// Records the final status of the call.
+    pub fn finish(&mut self, code: Code) {
+        if !self.done {
+            self.done = true;
+            let elapsed: Option<Duration> = self.time_it.then(|| self.started.elapsed());
+            self.metrics.handled(self.method, code, elapsed);
+        }
+    }
+
+    /// The metrics this record writes to.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        // Dropped before a status was seen: the client cancelled or disconnected.
+        self.finish(Code::Cancelled);
+    }
+}
+
+/// A response body sent to the client.
+pub struct ResponseBody {
+    state: State,
+    record: Option<CallRecord>,
+    /// Resolves when the proxy shuts down; only set for streams, which would otherwise never end.
+    shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    /// Names the member in the message of a broken stream.
+    member: Arc<str>,
+}
+
+enum State {
+    /// Relaying etcd's response.
+    Upstream(Incoming),
+    /// Nothing more to send.
+    Done,
+}
+
+impl ResponseBody {
+    /// Relays an upstream response body. `status_in_headers` is the code of a trailers-only response.
+    pub fn upstream(
+        incoming: Incoming,
+        mut record: CallRecord,
+        status_in_headers: Option<Code>,
+        shutdown: Option<WaitForCancellationFutureOwned>,
+        member: Arc<str>,
+    ) -> Self {
+        if let Some(code) = status_in_headers {
+            record.finish(code);
+        }
+        ResponseBody {
+            state: State::Upstream(incoming),
+            record: Some(record),
+            shutdown: shutdown.map(Box::pin),
+            member,
+        }
+    }
+
+    /// An empty body, for trailers-only responses produced by the proxy.
+    pub fn empty(mut record: CallRecord, code: Code) -> Self {
+        record.finish(code);
+        ResponseBody { state: State::Done, record: Some(record), shutdown: None, member: Arc::from("") }
+    }
+
+    fn end_with(&mut self, code: Code, message: &str) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some(record) = self.record.as_mut() {
+            record.finish(code);
+        }
+        self.state = State::Done;
+        Poll::Ready(Some(Ok(Frame::trailers(grpc::status_headers(code, message)))))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(shutdown) = this.shutdown.as_mut() {
+            if shutdown.as_mut().poll(cx).is_ready() {
+                this.shutdown = None;
+                if matches!(this.state, State::Upstream(_)) {
+                    // Dropping the upstream body resets the stream at etcd, which cancels its watches.
+                    return this
+                        .end_with(Code::Unavailable, "etcd-compat-proxy is shutting down; reconnect to continue");
+                }
+            }
+        }
+        match &mut this.state {
+            State::Done => Poll::Ready(None),
+            State::Upstream(incoming) => match Pin::new(incoming).poll_frame(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(trailers) = frame.trailers_ref() {
+                        let code = Code::from_headers(trailers).unwrap_or(Code::Unknown);
+                        if let Some(record) = this.record.as_mut() {
+                            record.finish(code);
+                        }
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    if let Some(record) = this.record.as_ref() {
+                        record.metrics().stream_broken();
+                    }
+                    tracing::warn!(member = %this.member, %error, "upstream stream broke; ending the client's call with Unavailable");
+                    let message = format!("etcd-compat-proxy: the connection to etcd member {} broke during the call ({error}); retry the call", this.member);
+                    this.end_with(Code::Unavailable, &message)
+                }
+                Poll::Ready(None) => {
+                    this.state = State::Done;
+                    Poll::Ready(None)
+                }
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.state {
+            State::Done => true,
+            // A trailers-only answer (an etcd error) must end with its HEADERS frame: gRPC
+            // clients reject a stream that sends an empty DATA frame after such headers.
+            State::Upstream(incoming) => incoming.is_end_stream(),
+        }
+    }
+}

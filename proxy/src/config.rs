@@ -1,0 +1,640 @@
+//! Command line, environment and TOML configuration, validated in full before any port is bound.
+//!
+//! Every setting has three spellings that mean the same thing: a flag (`--listen-addr`), an
+//! environment variable (`ETCD_COMPAT_PROXY_LISTEN_ADDR`) and a key in the `--config` TOML file
+//! (`listen-addr`). Precedence: flag, then environment, then file, then the built-in default.
+//! Flag names shared with `etcd grpc-proxy start` keep its spelling and defaults so an operator's
+//! unit file works with only the binary name changed.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+/// The `etcd-compat-proxy` command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "etcd-compat-proxy",
+    version,
+    about = "A gRPC proxy that keeps legacy etcd v3 clients working while the cluster behind it is renewed, upgraded and repaired"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands of `etcd-compat-proxy`.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start the proxy (flags compatible with `etcd grpc-proxy start`).
+    Start(Box<StartArgs>),
+}
+
+/// Settings of `etcd-compat-proxy start`; every field is optional so that the sources can be merged.
+#[derive(Debug, Default, Args, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct StartArgs {
+    /// TOML file with any of these settings; keys are the flag names without dashes in front (e.g. `listen-addr = "127.0.0.1:23790"`).
+    #[arg(long, env = "ETCD_COMPAT_PROXY_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Comma-separated etcd client endpoints, `host:port` or `http(s)://host:port` [default: 127.0.0.1:2379].
+    #[arg(long, env = "ETCD_COMPAT_PROXY_ENDPOINTS", value_delimiter = ',', num_args = 1..)]
+    pub endpoints: Option<Vec<String>>,
+
+    /// Address the gRPC listener binds to [default: 127.0.0.1:23790].
+    #[arg(long, env = "ETCD_COMPAT_PROXY_LISTEN_ADDR", value_name = "HOST:PORT")]
+    pub listen_addr: Option<String>,
+
+    /// Address clients should use to reach this proxy, for member lists handed to clients [default: 127.0.0.1:23790].
+    #[arg(long, env = "ETCD_COMPAT_PROXY_ADVERTISE_CLIENT_URL", value_name = "URL")]
+    pub advertise_client_url: Option<String>,
+
+    /// Serve `/metrics` and `/health` over HTTP on this URL, e.g. `http://127.0.0.1:6633`.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_METRICS_ADDR", value_name = "URL")]
+    pub metrics_addr: Option<String>,
+
+    /// Client side: the proxy's TLS certificate (PEM) presented to clients; enables TLS on the listener.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_CERT_FILE", value_name = "FILE")]
+    pub cert_file: Option<PathBuf>,
+
+    /// Client side: private key (PEM: PKCS#8, PKCS#1 or SEC1) for `--cert-file`.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_KEY_FILE", value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+
+    /// Client side: CA bundle (PEM) that client certificates must chain to; when set, clients must present a certificate.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_TRUSTED_CA_FILE", value_name = "FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+
+    /// Client side: certificate revocation list (PEM) checked against client certificates.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_CLIENT_CRL_FILE", value_name = "FILE")]
+    pub client_crl_file: Option<PathBuf>,
+
+    /// Upstream: client certificate (PEM) the proxy presents to etcd.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_CERT", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+
+    /// Upstream: private key (PEM) for `--cert`.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+
+    /// Upstream: CA bundle (PEM) that etcd's server certificates must chain to; enables TLS to etcd.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_CACERT", value_name = "FILE")]
+    pub cacert: Option<PathBuf>,
+
+    /// Upstream: do not verify etcd's server certificates (testing only).
+    #[arg(long, env = "ETCD_COMPAT_PROXY_INSECURE_SKIP_TLS_VERIFY", num_args = 0..=1, default_missing_value = "true")]
+    pub insecure_skip_tls_verify: Option<bool>,
+
+    /// Maximum concurrent streams each client connection may open [default: 4294967295].
+    #[arg(long, env = "ETCD_COMPAT_PROXY_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u32>,
+
+    /// Enable debug-level logging.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_DEBUG", num_args = 0..=1, default_missing_value = "true")]
+    pub debug: Option<bool>,
+
+    /// Timeout for connecting to an etcd member, e.g. `2s`, `500ms` [default: 2s].
+    #[arg(long, env = "ETCD_COMPAT_PROXY_DIAL_TIMEOUT", value_name = "DURATION")]
+    pub dial_timeout: Option<String>,
+
+    /// How often each member's health is checked, e.g. `1s` [default: 1s].
+    #[arg(long, env = "ETCD_COMPAT_PROXY_HEALTH_INTERVAL", value_name = "DURATION")]
+    pub health_interval: Option<String>,
+
+    /// On SIGTERM, how long in-flight unary calls may take to finish before connections are closed [default: 10s].
+    #[arg(long, env = "ETCD_COMPAT_PROXY_SHUTDOWN_GRACE", value_name = "DURATION")]
+    pub shutdown_grace: Option<String>,
+
+    // --- grpc-proxy flags that have no meaning here: accepted so unit files keep working. ---
+    /// Accepted for grpc-proxy compatibility; the proxy keeps no persistent data.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<String>,
+
+    /// Accepted for grpc-proxy compatibility; no profiling endpoint is served.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_ENABLE_PPROF", num_args = 0..=1, default_missing_value = "true")]
+    pub enable_pprof: Option<bool>,
+
+    /// Accepted for grpc-proxy compatibility; proxy self-registration is not done.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_RESOLVER_PREFIX")]
+    pub resolver_prefix: Option<String>,
+
+    /// Accepted for grpc-proxy compatibility; see `--resolver-prefix`.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_RESOLVER_TTL")]
+    pub resolver_ttl: Option<i64>,
+
+    /// Accepted for grpc-proxy compatibility; messages are forwarded without a size limit.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_MAX_SEND_BYTES")]
+    pub max_send_bytes: Option<u64>,
+
+    /// Accepted for grpc-proxy compatibility; messages are forwarded without a size limit.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_MAX_RECV_BYTES")]
+    pub max_recv_bytes: Option<u64>,
+
+    /// Accepted for grpc-proxy compatibility; reads are forwarded to one pinned member at a time.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_EXPERIMENTAL_SERIALIZABLE_ORDERING", num_args = 0..=1, default_missing_value = "true")]
+    pub experimental_serializable_ordering: Option<bool>,
+
+    // --- grpc-proxy flags that change semantics and are not implemented: refused if set. ---
+    /// Not supported yet: prefix all keys with this namespace (refused rather than ignored, since ignoring it would write outside the namespace).
+    #[arg(long, env = "ETCD_COMPAT_PROXY_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Not supported: DNS SRV discovery; list the members in `--endpoints`.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_DISCOVERY_SRV")]
+    pub discovery_srv: Option<String>,
+
+    /// Not supported: see `--discovery-srv`.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_DISCOVERY_SRV_NAME")]
+    pub discovery_srv_name: Option<String>,
+
+    /// Not supported: see `--discovery-srv`.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_INSECURE_DISCOVERY", num_args = 0..=1, default_missing_value = "true")]
+    pub insecure_discovery: Option<bool>,
+
+    /// Not supported: leasing cache.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_EXPERIMENTAL_LEASING_PREFIX")]
+    pub experimental_leasing_prefix: Option<String>,
+
+    /// Not supported yet: generated self-signed listener certificates; pass `--cert-file`/`--key-file`.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_AUTO_TLS", num_args = 0..=1, default_missing_value = "true")]
+    pub auto_tls: Option<bool>,
+
+    /// Not supported yet: restrict client-side TLS cipher suites (the defaults are TLS 1.3 and TLS 1.2 ECDHE AEAD suites).
+    #[arg(long, env = "ETCD_COMPAT_PROXY_LISTEN_CIPHER_SUITES", value_delimiter = ',')]
+    pub listen_cipher_suites: Option<Vec<String>>,
+}
+
+/// Fills every unset field of `$self` from `$other` (the lower-precedence source).
+macro_rules! merge_fields {
+    ($self:ident, $other:ident, $($field:ident),+ $(,)?) => {
+        $( if $self.$field.is_none() { $self.$field = $other.$field; } )+
+    };
+}
+
+impl StartArgs {
+    /// Fills unset settings from the `--config` file, if one was given.
+    pub fn merge_config_file(mut self) -> Result<Self, ConfigError> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text =
+            std::fs::read_to_string(&path).map_err(|source| ConfigError::ReadFile { path: path.clone(), source })?;
+        let file: StartArgs = toml::from_str(&text)
+            .map_err(|source| ConfigError::ParseFile { path: path.clone(), message: source.to_string() })?;
+        merge_fields!(
+            self,
+            file,
+            endpoints,
+            listen_addr,
+            advertise_client_url,
+            metrics_addr,
+            cert_file,
+            key_file,
+            trusted_ca_file,
+            client_crl_file,
+            cert,
+            key,
+            cacert,
+            insecure_skip_tls_verify,
+            max_concurrent_streams,
+            debug,
+            dial_timeout,
+            health_interval,
+            shutdown_grace,
+            data_dir,
+            enable_pprof,
+            resolver_prefix,
+            resolver_ttl,
+            max_send_bytes,
+            max_recv_bytes,
+            experimental_serializable_ordering,
+            namespace,
+            discovery_srv,
+            discovery_srv_name,
+            insecure_discovery,
+            experimental_leasing_prefix,
+            auto_tls,
+            listen_cipher_suites,
+        );
+        Ok(self)
+    }
+
+    /// Checks every setting and turns them into a [`Config`]; reads (but does not keep open) the TLS files.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        refuse_if_set(
+            "namespace",
+            self.namespace.as_deref().filter(|s| !s.is_empty()),
+            "namespacing is not implemented yet; run without it or use etcd grpc-proxy for namespaced clients",
+        )?;
+        refuse_if_set(
+            "discovery-srv",
+            self.discovery_srv.as_deref().filter(|s| !s.is_empty()),
+            "DNS SRV discovery is not supported; list the members in --endpoints",
+        )?;
+        refuse_if_set(
+            "discovery-srv-name",
+            self.discovery_srv_name.as_deref().filter(|s| !s.is_empty()),
+            "DNS SRV discovery is not supported; list the members in --endpoints",
+        )?;
+        refuse_if_set(
+            "insecure-discovery",
+            self.insecure_discovery.filter(|b| *b),
+            "DNS SRV discovery is not supported; list the members in --endpoints",
+        )?;
+        refuse_if_set(
+            "experimental-leasing-prefix",
+            self.experimental_leasing_prefix.as_deref().filter(|s| !s.is_empty()),
+            "the leasing cache is not supported; remove the flag",
+        )?;
+        refuse_if_set("auto-tls", self.auto_tls.filter(|b| *b), "generated listener certificates are not supported yet; create them with openssl or cfssl and pass --cert-file/--key-file")?;
+        refuse_if_set("listen-cipher-suites", self.listen_cipher_suites.as_ref().filter(|v| !v.is_empty()), "cipher suite selection is not supported yet; the listener offers TLS 1.3 and TLS 1.2 ECDHE-AES-GCM/CHACHA20 suites")?;
+
+        let endpoints = self.endpoints.unwrap_or_else(|| vec!["127.0.0.1:2379".to_owned()]);
+        let upstream_tls_requested = self.cacert.is_some()
+            || self.cert.is_some()
+            || self.key.is_some()
+            || self.insecure_skip_tls_verify == Some(true);
+        let endpoints =
+            endpoints.iter().map(|raw| Endpoint::parse(raw, upstream_tls_requested)).collect::<Result<Vec<_>, _>>()?;
+        if endpoints.is_empty() {
+            return Err(ConfigError::invalid("endpoints", "", "at least one etcd endpoint is required"));
+        }
+        let upstream_tls = if endpoints.iter().any(|e| e.tls) {
+            Some(UpstreamTlsFiles::new(self.cacert, self.cert, self.key, self.insecure_skip_tls_verify == Some(true))?)
+        } else {
+            None
+        };
+
+        let listen_raw = self.listen_addr.unwrap_or_else(|| "127.0.0.1:23790".to_owned());
+        let listen_addr = parse_socket_addr("listen-addr", &listen_raw)?;
+        let advertise_client_url = self.advertise_client_url.unwrap_or_else(|| "127.0.0.1:23790".to_owned());
+        let metrics_addr = self.metrics_addr.as_deref().map(parse_metrics_addr).transpose()?;
+        let listener_tls =
+            ListenerTlsFiles::new(self.cert_file, self.key_file, self.trusted_ca_file, self.client_crl_file)?;
+
+        let mut ignored = Vec::new();
+        let mut note_ignored = |flag: &'static str, set: bool, why: &'static str| {
+            if set {
+                ignored.push(IgnoredFlag { flag, why });
+            }
+        };
+        note_ignored("data-dir", self.data_dir.is_some(), "the proxy keeps no persistent data");
+        note_ignored("enable-pprof", self.enable_pprof == Some(true), "no profiling endpoint is served");
+        note_ignored("resolver-prefix", self.resolver_prefix.is_some(), "the proxy does not register itself in etcd");
+        note_ignored("resolver-ttl", self.resolver_ttl.is_some(), "the proxy does not register itself in etcd");
+        note_ignored("max-send-bytes", self.max_send_bytes.is_some(), "messages are forwarded without a size limit");
+        note_ignored("max-recv-bytes", self.max_recv_bytes.is_some(), "messages are forwarded without a size limit");
+        note_ignored(
+            "experimental-serializable-ordering",
+            self.experimental_serializable_ordering == Some(true),
+            "reads go to one pinned member at a time",
+        );
+
+        Ok(Config {
+            endpoints,
+            listen_addr,
+            advertise_client_url,
+            metrics_addr,
+            listener_tls,
+            upstream_tls,
+            max_concurrent_streams: self.max_concurrent_streams.unwrap_or(u32::MAX),
+            debug: self.debug.unwrap_or(false),
+            dial_timeout: parse_duration_setting("dial-timeout", self.dial_timeout.as_deref(), Duration::from_secs(2))?,
+            health_interval: parse_duration_setting(
+                "health-interval",
+                self.health_interval.as_deref(),
+                Duration::from_secs(1),
+            )?,
+            shutdown_grace: parse_duration_setting(
+                "shutdown-grace",
+                self.shutdown_grace.as_deref(),
+                Duration::from_secs(10),
+            )?,
+            ignored_flags: ignored,
+        })
+    }
+}
+
+fn refuse_if_set<T>(flag: &'static str, value: Option<T>, why: &'static str) -> Result<(), ConfigError> {
+    match value {
+        Some(_) => Err(ConfigError::Unsupported { flag, why }),
+        None => Ok(()),
+    }
+}
+
+/// A fully validated configuration for one proxy process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The etcd members to forward to, in the order given.
+    pub endpoints: Vec<Endpoint>,
+    /// Where the gRPC listener binds.
+    pub listen_addr: SocketAddr,
+    /// The address clients should use to reach the proxy.
+    pub advertise_client_url: String,
+    /// Where the admin HTTP server binds, if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Client-facing TLS; `None` means plaintext (h2c).
+    pub listener_tls: Option<ListenerTlsFiles>,
+    /// Upstream TLS; `None` means plaintext to etcd.
+    pub upstream_tls: Option<UpstreamTlsFiles>,
+    /// HTTP/2 concurrent stream limit per client connection.
+    pub max_concurrent_streams: u32,
+    /// Debug-level logging.
+    pub debug: bool,
+    /// Timeout for TCP connect plus TLS and HTTP/2 handshakes to a member.
+    pub dial_timeout: Duration,
+    /// Period of the active member health check.
+    pub health_interval: Duration,
+    /// How long in-flight calls may take to finish after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// grpc-proxy flags that were set but have no effect here, to be logged once at startup.
+    pub ignored_flags: Vec<IgnoredFlag>,
+}
+
+/// A grpc-proxy flag accepted for compatibility that has no effect in this proxy.
+#[derive(Debug, Clone)]
+pub struct IgnoredFlag {
+    /// The flag name without dashes.
+    pub flag: &'static str,
+    /// Why it has no effect.
+    pub why: &'static str,
+}
+
+/// One etcd member's client endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `host:port` as given (used as the HTTP/2 authority and the TLS server name).
+    pub authority: String,
+    /// The host part, without brackets for IPv6.
+    pub host: String,
+    /// Whether to speak TLS to this member.
+    pub tls: bool,
+}
+
+impl Endpoint {
+    /// Parses `host:port`, `http://host:port` or `https://host:port`; a bare `host:port` uses TLS when upstream TLS files were given.
+    pub fn parse(raw: &str, tls_by_default: bool) -> Result<Self, ConfigError> {
+        let trimmed = raw.trim().trim_end_matches('/');
+        let (tls, rest) = if let Some(rest) = trimmed.strip_prefix("https://") {
+            (true, rest)
+        } else if let Some(rest) = trimmed.strip_prefix("http://") {
+            (false, rest)
+        } else if trimmed.contains("://") {
+            return Err(ConfigError::invalid("endpoints", raw, "only http:// and https:// endpoints are supported"));
+        } else {
+            (tls_by_default, trimmed)
+        };
+        let authority: http::uri::Authority = rest
+            .parse()
+            .map_err(|_| ConfigError::invalid("endpoints", raw, "expected host:port, e.g. 127.0.0.1:2379"))?;
+        if authority.port_u16().is_none() {
+            return Err(ConfigError::invalid(
+                "endpoints",
+                raw,
+                "the port is missing; etcd's client port is usually 2379",
+            ));
+        }
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
+        Ok(Endpoint { authority: authority.as_str().to_owned(), host, tls })
+    }
+
+    /// The endpoint as a URL, for logs and labels.
+    pub fn url(&self) -> String {
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.authority)
+    }
+}
+
+/// Client-facing TLS files.
+#[derive(Debug, Clone)]
+pub struct ListenerTlsFiles {
+    /// Server certificate chain presented to clients.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// When set, clients must present a certificate chaining to this bundle.
+    pub client_ca: Option<PathBuf>,
+    /// Optional CRL for client certificates.
+    pub client_crl: Option<PathBuf>,
+}
+
+impl ListenerTlsFiles {
+    fn new(
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        client_ca: Option<PathBuf>,
+        client_crl: Option<PathBuf>,
+    ) -> Result<Option<Self>, ConfigError> {
+        match (cert, key) {
+            (None, None) => {
+                if client_ca.is_some() || client_crl.is_some() {
+                    return Err(ConfigError::invalid("trusted-ca-file", "", "client certificate verification needs TLS on the listener: also pass --cert-file and --key-file"));
+                }
+                Ok(None)
+            }
+            (Some(_), None) => Err(ConfigError::invalid("key-file", "", "--cert-file was given without --key-file")),
+            (None, Some(_)) => Err(ConfigError::invalid("cert-file", "", "--key-file was given without --cert-file")),
+            (Some(cert), Some(key)) => {
+                let files = ListenerTlsFiles { cert, key, client_ca, client_crl };
+                // Loading now is what makes a bad file fail before any port is bound.
+                crate::tls::server_config(&files).map_err(ConfigError::Tls)?;
+                Ok(Some(files))
+            }
+        }
+    }
+}
+
+/// Upstream (proxy to etcd) TLS files.
+#[derive(Debug, Clone)]
+pub struct UpstreamTlsFiles {
+    /// CA bundle for etcd's server certificates; `None` uses no roots (only valid with `insecure_skip_verify`).
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key presented to etcd.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Skip server certificate verification (testing only).
+    pub insecure_skip_verify: bool,
+}
+
+impl UpstreamTlsFiles {
+    fn new(
+        ca: Option<PathBuf>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        insecure_skip_verify: bool,
+    ) -> Result<Self, ConfigError> {
+        let client_cert = match (cert, key) {
+            (None, None) => None,
+            (Some(_), None) => return Err(ConfigError::invalid("key", "", "--cert was given without --key")),
+            (None, Some(_)) => return Err(ConfigError::invalid("cert", "", "--key was given without --cert")),
+            (Some(cert), Some(key)) => Some((cert, key)),
+        };
+        if ca.is_none() && !insecure_skip_verify {
+            return Err(ConfigError::invalid("cacert", "", "an https endpoint needs --cacert with the CA that signed etcd's server certificates (or --insecure-skip-tls-verify for testing)"));
+        }
+        let files = UpstreamTlsFiles { ca, client_cert, insecure_skip_verify };
+        crate::tls::client_config(&files).map_err(ConfigError::Tls)?;
+        Ok(files)
+    }
+}
+
+fn parse_socket_addr(flag: &'static str, raw: &str) -> Result<SocketAddr, ConfigError> {
+    use std::net::ToSocketAddrs;
+    raw.to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| ConfigError::invalid(flag, raw, "expected host:port, e.g. 127.0.0.1:23790"))
+}
+
+fn parse_metrics_addr(raw: &str) -> Result<SocketAddr, ConfigError> {
+    let rest = if let Some(rest) = raw.strip_prefix("http://") {
+        rest
+    } else if raw.starts_with("https://") {
+        return Err(ConfigError::invalid(
+            "metrics-addr",
+            raw,
+            "the metrics listener serves plain HTTP only; use http://",
+        ));
+    } else {
+        raw
+    };
+    parse_socket_addr("metrics-addr", rest.trim_end_matches('/'))
+}
+
+/// Parses durations written as `500ms`, `2s`, `1m` or `1h`.
+pub fn parse_duration(raw: &str) -> Option<Duration> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = raw.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(number)),
+        "s" => Some(Duration::from_secs(number)),
+        "m" => Some(Duration::from_secs(number.checked_mul(60)?)),
+        "h" => Some(Duration::from_secs(number.checked_mul(3600)?)),
+        _ => None,
+    }
+}
+
+fn parse_duration_setting(flag: &'static str, raw: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+    match raw {
+        None => Ok(default),
+        Some(raw) => parse_duration(raw)
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| ConfigError::invalid(flag, raw, "expected a positive duration such as 500ms, 2s, 1m")),
+    }
+}
+
+/// Why a configuration was refused; each message names the setting and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The `--config` file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile { path: PathBuf, source: std::io::Error },
+    /// The `--config` file is not valid TOML for these settings.
+    #[error("invalid config file {path}: {message}(keys are the flag names, e.g. listen-addr = \"127.0.0.1:23790\")")]
+    ParseFile { path: PathBuf, message: String },
+    /// A setting has a value that cannot work.
+    #[error("invalid --{flag} {value:?}: {why}")]
+    Invalid { flag: &'static str, value: String, why: String },
+    /// A grpc-proxy flag that changes semantics and is not implemented.
+    #[error("--{flag} is not supported: {why}")]
+    Unsupported { flag: &'static str, why: &'static str },
+    /// A TLS file could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+impl ConfigError {
+    fn invalid(flag: &'static str, value: &str, why: &str) -> Self {
+        ConfigError::Invalid { flag, value: value.to_owned(), why: why.to_owned() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_forms() {
+        let plain = Endpoint::parse("127.0.0.1:2379", false).unwrap();
+        assert_eq!(plain, Endpoint { authority: "127.0.0.1:2379".into(), host: "127.0.0.1".into(), tls: false });
+        assert!(Endpoint::parse("127.0.0.1:2379", true).unwrap().tls);
+        assert!(Endpoint::parse("https://etcd-0:2379/", false).unwrap().tls);
+        assert!(!Endpoint::parse("http://[::1]:2379", true).unwrap().tls);
+        assert_eq!(Endpoint::parse("http://[::1]:2379", true).unwrap().host, "::1");
+        let err = Endpoint::parse("127.0.0.1", false).unwrap_err().to_string();
+        assert_eq!(err, "invalid --endpoints \"127.0.0.1\": the port is missing; etcd's client port is usually 2379");
+        assert!(Endpoint::parse("unix:///tmp/etcd.sock", false).is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_duration("2"), None);
+        assert_eq!(parse_duration("s"), None);
+    }
+
+    #[test]
+    fn defaults_match_grpc_proxy() {
+        let config = StartArgs::default().validate().unwrap();
+        assert_eq!(config.listen_addr.to_string(), "127.0.0.1:23790");
+        assert_eq!(config.endpoints[0].authority, "127.0.0.1:2379");
+        assert_eq!(config.advertise_client_url, "127.0.0.1:23790");
+        assert_eq!(config.max_concurrent_streams, u32::MAX);
+        assert!(config.metrics_addr.is_none());
+    }
+
+    #[test]
+    fn flags_beat_file_and_file_beats_defaults() {
+        let dir = tempfile_dir();
+        let path = dir.join("proxy.toml");
+        std::fs::write(&path, "listen-addr = \"127.0.0.1:1111\"\nendpoints = [\"127.0.0.1:2222\"]\ndebug = true\n")
+            .unwrap();
+        let args = StartArgs { config: Some(path), listen_addr: Some("127.0.0.1:3333".into()), ..Default::default() };
+        let config = args.merge_config_file().unwrap().validate().unwrap();
+        assert_eq!(config.listen_addr.to_string(), "127.0.0.1:3333");
+        assert_eq!(config.endpoints[0].authority, "127.0.0.1:2222");
+        assert!(config.debug);
+    }
+
+    #[test]
+    fn unknown_file_key_is_refused_with_its_name() {
+        let dir = tempfile_dir();
+        let path = dir.join("proxy.toml");
+        std::fs::write(&path, "listen_adr = \"x\"\n").unwrap();
+        let err = StartArgs { config: Some(path), ..Default::default() }.merge_config_file().unwrap_err().to_string();
+        assert!(err.contains("unknown field `listen_adr`"), "{err}");
+    }
+
+    #[test]
+    fn semantic_flags_are_refused_not_ignored() {
+        let err = StartArgs { namespace: Some("/tenant-a/".into()), ..Default::default() }.validate().unwrap_err();
+        assert_eq!(err.to_string(), "--namespace is not supported: namespacing is not implemented yet; run without it or use etcd grpc-proxy for namespaced clients");
+        let config = StartArgs { data_dir: Some("default.proxy".into()), ..Default::default() }.validate().unwrap();
+        assert_eq!(config.ignored_flags.len(), 1);
+        assert_eq!(config.ignored_flags[0].flag, "data-dir");
+    }
+
+    #[test]
+    fn https_endpoint_without_ca_is_refused() {
+        let err = StartArgs { endpoints: Some(vec!["https://127.0.0.1:2379".into()]), ..Default::default() }
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().starts_with("invalid --cacert"), "{err}");
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "ecp-config-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}

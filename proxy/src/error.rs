@@ -1,0 +1,109 @@
+//! Errors the proxy itself produces, and the one place they become gRPC statuses.
+//!
+//! Errors that come from etcd are not here: they are etcd's bytes and pass through untouched.
+
+use std::error::Error as StdError;
+use std::fmt::Write;
+use std::time::Duration;
+
+use crate::grpc::{Code, Replay};
+
+/// A failure to get a request to an etcd member or an answer back.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// TCP connect failed.
+    #[error("cannot connect to {endpoint}: {source}")]
+    Connect { endpoint: String, source: std::io::Error },
+    /// Connect plus handshakes took longer than `--dial-timeout`.
+    #[error("connecting to {endpoint} took longer than {after:?}")]
+    DialTimeout { endpoint: String, after: Duration },
+    /// The TLS handshake failed (certificate not trusted, wrong name, client certificate refused, ...).
+    #[error("TLS handshake with {endpoint} failed: {source}")]
+    Tls { endpoint: String, source: std::io::Error },
+    /// The endpoint's host cannot be a TLS server name.
+    #[error("{endpoint} has no valid TLS server name")]
+    BadServerName { endpoint: String },
+    /// The HTTP/2 handshake failed (the port is not an etcd client port, or speaks TLS when plaintext was expected).
+    #[error("HTTP/2 handshake with {endpoint} failed: {source}")]
+    Handshake { endpoint: String, source: hyper::Error },
+    /// Sending the request or receiving the response headers failed.
+    #[error("request to {endpoint} failed: {}", chain(source))]
+    Send { endpoint: String, source: hyper::Error },
+    /// The member answered its health check with a failure.
+    #[error("{endpoint} is unhealthy: {why}")]
+    Unhealthy { endpoint: String, why: String },
+}
+
+impl UpstreamError {
+    /// Whether etcd cannot have received the request, so even a write may be sent elsewhere.
+    pub fn request_not_sent(&self) -> bool {
+        match self {
+            UpstreamError::Connect { .. }
+            | UpstreamError::DialTimeout { .. }
+            | UpstreamError::Tls { .. }
+            | UpstreamError::BadServerName { .. }
+            | UpstreamError::Handshake { .. } => true,
+            UpstreamError::Send { source, .. } => source.is_canceled() || refused_stream(source),
+            UpstreamError::Unhealthy { .. } => false,
+        }
+    }
+
+    /// Whether a request with this replay rule may be tried on another member after this failure.
+    pub fn allows_retry(&self, replay: Replay) -> bool {
+        match replay {
+            Replay::Idempotent => true,
+            Replay::IfNotSent => self.request_not_sent(),
+            // The client's stream was handed to this attempt only if the request was sent.
+            Replay::Never => self.request_not_sent(),
+        }
+    }
+}
+
+/// An HTTP/2 stream refused by the server (REFUSED_STREAM, or beyond a GOAWAY) was never processed.
+fn refused_stream(error: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn StdError + 'static)> = error.source();
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = cause.source();
+    }
+    false
+}
+
+/// Formats an error and all its causes, `outer: inner: innermost`.
+pub fn chain(error: &dyn StdError) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // hyper repeats its cause in its own message; don't print it twice.
+        if !out.ends_with(&text) {
+            let _ = write!(out, ": {text}");
+        }
+        source = cause.source();
+    }
+    out
+}
+
+/// The gRPC status for a call the proxy could not deliver to any member.
+pub fn no_member_status(failures: &[UpstreamError]) -> (Code, String) {
+    let mut message = String::from("etcd-compat-proxy: no etcd member could serve the request");
+    for (i, failure) in failures.iter().enumerate() {
+        message.push_str(if i == 0 { " (" } else { "; " });
+        message.push_str(&failure.to_string());
+    }
+    if !failures.is_empty() {
+        message.push(')');
+    }
+    message.push_str("; check that the members in --endpoints are running and reachable");
+    (Code::Unavailable, message)
+}
+
+/// The gRPC status for a write that may or may not have been applied when its member failed.
+pub fn outcome_unknown_status(failure: &UpstreamError) -> (Code, String) {
+    (
+        Code::Unavailable,
+        format!("etcd-compat-proxy: {failure}; the request may or may not have been applied, so it was not retried; check the result before retrying"),
+    )
+}

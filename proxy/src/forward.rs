@@ -1,0 +1,150 @@
+//! Where a client's call goes: classify it, pick a member, forward the bytes, relay the answer.
+//!
+//! Messages are not decoded here: the request's frames and headers go up as they came, and
+//! etcd's response headers, frames and trailers come back as they were sent, so status codes,
+//! messages, metadata and fields unknown to the proxy's protos all survive the trip.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
+
+use crate::body::{CallRecord, RequestBody, ResponseBody};
+use crate::error::{self, UpstreamError};
+use crate::grpc::{self, CallShape, Code, Route};
+use crate::metrics::Metrics;
+use crate::upstream::{Member, Upstream};
+
+/// Connection-specific headers: meaningless across hops, and forbidden in HTTP/2.
+const HOP_BY_HOP: [&str; 5] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"];
+
+/// The forwarding service shared by all client connections.
+pub struct Forwarder {
+    upstream: Arc<Upstream>,
+    metrics: Arc<Metrics>,
+    /// Cancelled at shutdown so that long-lived streams end with a status instead of hanging.
+    shutdown: CancellationToken,
+}
+
+/// A request's body before it is sent: buffered bytes can be sent again, a stream only once.
+enum PendingBody {
+    Buffered(Bytes),
+    Streaming(Option<Incoming>),
+}
+
+impl Forwarder {
+    /// Creates the forwarder.
+    pub fn new(upstream: Arc<Upstream>, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Arc<Self> {
+        Arc::new(Forwarder { upstream, metrics, shutdown })
+    }
+
+    /// Serves one client call; errors become gRPC statuses, never HTTP errors.
+    pub async fn serve(self: Arc<Self>, request: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
+        let route = grpc::route(request.uri().path());
+        let record = CallRecord::new(Arc::clone(&self.metrics), route.index, route.shape == CallShape::Unary);
+        let (parts, body) = request.into_parts();
+        let mut headers = parts.headers;
+        for name in HOP_BY_HOP {
+            headers.remove(name);
+        }
+        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+
+        // Single-message requests are small; holding them is what makes a retry on another member possible.
+        let mut body = match route.shape {
+            CallShape::ClientStreaming => PendingBody::Streaming(Some(body)),
+            CallShape::Unary | CallShape::ServerStreaming => match body.collect().await {
+                Ok(collected) => PendingBody::Buffered(collected.to_bytes()),
+                Err(error) => {
+                    let message = format!("etcd-compat-proxy: the request could not be read from the client: {error}");
+                    return Ok(status_response(record, Code::Cancelled, &message));
+                }
+            },
+        };
+
+        let mut failures: Vec<UpstreamError> = Vec::new();
+        for member in self.upstream.attempt_order() {
+            if !failures.is_empty() {
+                self.metrics.retried();
+            }
+            match self.attempt(member, &path_and_query, &headers, &mut body).await {
+                Ok(response) => return Ok(self.relay(response, record, &route, member)),
+                Err(failure) => {
+                    self.upstream.mark_failed(member, &failure);
+                    let retry = failure.allows_retry(route.replay) && !matches!(body, PendingBody::Streaming(None));
+                    if !retry {
+                        let (code, message) = error::outcome_unknown_status(&failure);
+                        return Ok(status_response(record, code, &message));
+                    }
+                    failures.push(failure);
+                }
+            }
+        }
+        let (code, message) = error::no_member_status(&failures);
+        Ok(status_response(record, code, &message))
+    }
+
+    /// Sends the request to one member and waits for its response headers.
+    async fn attempt(
+        &self,
+        member: &Member,
+        path_and_query: &str,
+        headers: &HeaderMap,
+        body: &mut PendingBody,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut connection = self.upstream.connection(member).await?;
+        // Waiting for capacity before taking the body keeps a client stream usable for the next member.
+        connection.ready().await.map_err(|source| UpstreamError::Send { endpoint: member.endpoint.url(), source })?;
+        let upstream_body = match body {
+            PendingBody::Buffered(bytes) => RequestBody::Buffered(Some(bytes.clone())),
+            PendingBody::Streaming(stream) => match stream.take() {
+                Some(stream) => RequestBody::Streaming(stream),
+                None => {
+                    return Err(UpstreamError::Unhealthy {
+                        endpoint: member.endpoint.url(),
+                        why: "the client stream was already sent".to_owned(),
+                    })
+                }
+            },
+        };
+        let mut request = Request::new(upstream_body);
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = member.uri(path_and_query).map_err(|e| UpstreamError::Unhealthy {
+            endpoint: member.endpoint.url(),
+            why: format!("cannot address {path_and_query}: {e}"),
+        })?;
+        *request.headers_mut() = headers.clone();
+        member.stats.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        connection
+            .send_request(request)
+            .await
+            .map_err(|source| UpstreamError::Send { endpoint: member.endpoint.url(), source })
+    }
+
+    /// Wraps etcd's response for the client, headers untouched.
+    fn relay(
+        &self,
+        response: Response<Incoming>,
+        record: CallRecord,
+        route: &Route,
+        member: &Member,
+    ) -> Response<ResponseBody> {
+        let status_in_headers = Code::from_headers(response.headers());
+        // Only streams need to hear about shutdown; unary calls finish on their own.
+        let shutdown = (route.shape != CallShape::Unary).then(|| self.shutdown.clone().cancelled_owned());
+        response.map(|incoming| ResponseBody::upstream(incoming, record, status_in_headers, shutdown, member.name()))
+    }
+}
+
+/// A trailers-only gRPC response carrying a status produced by the proxy.
+fn status_response(record: CallRecord, code: Code, message: &str) -> Response<ResponseBody> {
+    if code != Code::Ok {
+        tracing::debug!(code = code.name(), message, "call failed in the proxy");
+    }
+    let mut response = Response::new(ResponseBody::empty(record, code));
+    *response.headers_mut() = grpc::status_headers(code, message);
+    response
+}

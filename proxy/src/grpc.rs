@@ -1,0 +1,232 @@
+//! gRPC wire facts the proxy needs without decoding messages: status codes, the method table,
+//! and trailers-only error responses.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use http::{HeaderMap, HeaderValue};
+
+/// gRPC status codes (the numbering is fixed by the gRPC spec).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Code {
+    Ok = 0,
+    Cancelled = 1,
+    Unknown = 2,
+    InvalidArgument = 3,
+    DeadlineExceeded = 4,
+    NotFound = 5,
+    AlreadyExists = 6,
+    PermissionDenied = 7,
+    ResourceExhausted = 8,
+    FailedPrecondition = 9,
+    Aborted = 10,
+    OutOfRange = 11,
+    Unimplemented = 12,
+    Internal = 13,
+    Unavailable = 14,
+    DataLoss = 15,
+    Unauthenticated = 16,
+}
+
+/// Every code, indexed by its number.
+pub const ALL_CODES: [Code; 17] = [
+    Code::Ok,
+    Code::Cancelled,
+    Code::Unknown,
+    Code::InvalidArgument,
+    Code::DeadlineExceeded,
+    Code::NotFound,
+    Code::AlreadyExists,
+    Code::PermissionDenied,
+    Code::ResourceExhausted,
+    Code::FailedPrecondition,
+    Code::Aborted,
+    Code::OutOfRange,
+    Code::Unimplemented,
+    Code::Internal,
+    Code::Unavailable,
+    Code::DataLoss,
+    Code::Unauthenticated,
+];
+
+impl Code {
+    /// The name used by go-grpc-prometheus labels, so existing dashboards keep working.
+    pub fn name(self) -> &'static str {
+        match self {
+            Code::Ok => "OK",
+            Code::Cancelled => "Canceled",
+            Code::Unknown => "Unknown",
+            Code::InvalidArgument => "InvalidArgument",
+            Code::DeadlineExceeded => "DeadlineExceeded",
+            Code::NotFound => "NotFound",
+            Code::AlreadyExists => "AlreadyExists",
+            Code::PermissionDenied => "PermissionDenied",
+            Code::ResourceExhausted => "ResourceExhausted",
+            Code::FailedPrecondition => "FailedPrecondition",
+            Code::Aborted => "Aborted",
+            Code::OutOfRange => "OutOfRange",
+            Code::Unimplemented => "Unimplemented",
+            Code::Internal => "Internal",
+            Code::Unavailable => "Unavailable",
+            Code::DataLoss => "DataLoss",
+            Code::Unauthenticated => "Unauthenticated",
+        }
+    }
+
+    /// Reads the `grpc-status` header or trailer; anything unparsable counts as `Unknown`, as gRPC clients do.
+    pub fn from_headers(headers: &HeaderMap) -> Option<Code> {
+        let value = headers.get("grpc-status")?;
+        let number: usize = value.to_str().ok().and_then(|s| s.parse().ok()).unwrap_or(Code::Unknown as usize);
+        Some(ALL_CODES.get(number).copied().unwrap_or(Code::Unknown))
+    }
+}
+
+/// How a method's messages flow, which decides whether the request can be buffered and replayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallShape {
+    /// One request, one response.
+    Unary,
+    /// One request, a stream of responses (Snapshot, Observe).
+    ServerStreaming,
+    /// A stream of requests (Watch, LeaseKeepAlive) or a method the proxy does not know.
+    ClientStreaming,
+}
+
+/// Whether a failed attempt may be sent again to another member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replay {
+    /// Reads: always safe to send again.
+    Idempotent,
+    /// Writes: only when etcd cannot have seen the request.
+    IfNotSent,
+    /// Client streams: the request cannot be replayed by the proxy.
+    Never,
+}
+
+/// What the proxy knows about one gRPC method path.
+#[derive(Debug, Clone, Copy)]
+pub struct Route {
+    /// Index into [`etcd_compat_proto::METHODS`], or `METHODS.len()` for a method the protos don't know.
+    pub index: usize,
+    /// Message flow.
+    pub shape: CallShape,
+    /// Retry rule.
+    pub replay: Replay,
+}
+
+/// Methods that never change etcd's state, so a retry on another member is harmless.
+const READ_ONLY: &[&str] = &[
+    "/etcdserverpb.KV/Range",
+    "/etcdserverpb.Lease/LeaseTimeToLive",
+    "/etcdserverpb.Lease/LeaseLeases",
+    "/etcdserverpb.Cluster/MemberList",
+    "/etcdserverpb.Maintenance/Status",
+    "/etcdserverpb.Maintenance/Hash",
+    "/etcdserverpb.Maintenance/HashKV",
+    "/etcdserverpb.Maintenance/Snapshot",
+    "/etcdserverpb.Auth/AuthStatus",
+    "/etcdserverpb.Auth/Authenticate",
+    "/etcdserverpb.Auth/UserGet",
+    "/etcdserverpb.Auth/UserList",
+    "/etcdserverpb.Auth/RoleGet",
+    "/etcdserverpb.Auth/RoleList",
+    "/v3electionpb.Election/Leader",
+    "/v3electionpb.Election/Observe",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+];
+
+static ROUTES: LazyLock<HashMap<&'static str, Route>> = LazyLock::new(|| {
+    etcd_compat_proto::METHODS
+        .iter()
+        .enumerate()
+        .map(|(index, m)| {
+            let shape = match (m.client_streaming, m.server_streaming) {
+                (false, false) => CallShape::Unary,
+                (false, true) => CallShape::ServerStreaming,
+                (true, _) => CallShape::ClientStreaming,
+            };
+            let replay = if shape == CallShape::ClientStreaming {
+                Replay::Never
+            } else if READ_ONLY.contains(&m.path) {
+                Replay::Idempotent
+            } else {
+                Replay::IfNotSent
+            };
+            (m.path, Route { index, shape, replay })
+        })
+        .collect()
+});
+
+/// Classifies a request path; unknown methods are forwarded as opaque streams, never replayed.
+pub fn route(path: &str) -> Route {
+    ROUTES.get(path).copied().unwrap_or(Route {
+        index: etcd_compat_proto::METHODS.len(),
+        shape: CallShape::ClientStreaming,
+        replay: Replay::Never,
+    })
+}
+
+/// Builds the headers of a trailers-only gRPC response carrying an error.
+pub fn status_headers(code: Code, message: &str) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(3);
+    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert("grpc-status", HeaderValue::from(code as u16));
+    if let Ok(value) = HeaderValue::from_str(&percent_encode(message)) {
+        headers.insert("grpc-message", value);
+    }
+    headers
+}
+
+/// Percent-encodes a grpc-message as the gRPC spec requires (printable ASCII except `%` stays).
+fn percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for byte in message.bytes() {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        let range = route("/etcdserverpb.KV/Range");
+        assert_eq!((range.shape, range.replay), (CallShape::Unary, Replay::Idempotent));
+        let put = route("/etcdserverpb.KV/Put");
+        assert_eq!((put.shape, put.replay), (CallShape::Unary, Replay::IfNotSent));
+        let watch = route("/etcdserverpb.Watch/Watch");
+        assert_eq!((watch.shape, watch.replay), (CallShape::ClientStreaming, Replay::Never));
+        let snapshot = route("/etcdserverpb.Maintenance/Snapshot");
+        assert_eq!((snapshot.shape, snapshot.replay), (CallShape::ServerStreaming, Replay::Idempotent));
+        let unknown = route("/etcdserverpb.KV/RangeStream");
+        assert_eq!(unknown.index, etcd_compat_proto::METHODS.len());
+        assert_eq!(unknown.replay, Replay::Never);
+        for path in READ_ONLY {
+            assert!(ROUTES.contains_key(path), "{path} is not in the protos");
+        }
+    }
+
+    #[test]
+    fn grpc_message_encoding() {
+        assert_eq!(percent_encode("etcdserver: 100% done\n"), "etcdserver: 100%25 done%0A");
+        assert_eq!(percent_encode("é"), "%C3%A9");
+    }
+
+    #[test]
+    fn status_parsing() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(Code::from_headers(&headers), None);
+        headers.insert("grpc-status", HeaderValue::from_static("9"));
+        assert_eq!(Code::from_headers(&headers), Some(Code::FailedPrecondition));
+        headers.insert("grpc-status", HeaderValue::from_static("99"));
+        assert_eq!(Code::from_headers(&headers), Some(Code::Unknown));
+    }
+}

@@ -1,0 +1,87 @@
+//! etcd-compat-proxy: a gRPC proxy that keeps legacy etcd v3 clients working while the cluster
+//! behind it is renewed, upgraded and repaired.
+//!
+//! A call's path, in the order it is taken:
+//! - [`server`] accepts the client connection (plaintext or TLS) and speaks HTTP/2;
+//! - [`forward`] classifies the call by its method ([`grpc`]), picks a member from the cluster
+//!   view ([`upstream`]) and forwards the bytes, retrying on another member only when safe;
+//! - [`body`] relays etcd's answer and records the outcome in [`metrics`];
+//! - [`admin`] serves `/health` and `/metrics`; [`config`] and [`tls`] turn flags into all of this;
+//!   [`error`] is where the proxy's own failures become gRPC statuses.
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod grpc;
+pub mod metrics;
+pub mod server;
+pub mod tls;
+pub mod upstream;
+
+use std::process::ExitCode;
+
+pub use config::{Cli, Command, Config};
+
+/// Installs the process-wide rustls crypto provider (ring), for any code that relies on the default.
+pub fn install_crypto_provider() {
+    // Only fails if a provider is already installed, which is fine: ours are passed explicitly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Runs a parsed command line to completion and returns the process exit code.
+pub fn execute(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Start(args) => {
+            let config = match args.merge_config_file().and_then(|args| args.validate()) {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("etcd-compat-proxy: {error}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(config.debug);
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    eprintln!("etcd-compat-proxy: cannot start the async runtime: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(server::run(config, shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::error!("{error}");
+                    eprintln!("etcd-compat-proxy: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(debug: bool) {
+    let default = if debug { "debug,h2=info,hyper=info,rustls=info" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            tracing::warn!("cannot install signal handlers; stop the proxy with SIGKILL");
+            std::future::pending::<()>().await
+        }
+    }
+}

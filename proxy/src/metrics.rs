@@ -1,0 +1,174 @@
+//! Request metrics, kept in fixed arrays of atomics indexed by method so the hot path never
+//! allocates or locks. Request metrics use go-grpc-prometheus names so dashboards built for
+//! `etcd grpc-proxy` keep working; proxy-specific series are prefixed `etcd_compat_proxy_`.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use etcd_compat_proto::METHODS;
+
+use crate::grpc::{Code, ALL_CODES};
+use crate::upstream::Upstream;
+
+/// Latency bucket upper bounds in seconds.
+const BUCKETS: [f64; 14] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+#[derive(Default)]
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        if let Some(slot) = BUCKETS.iter().position(|bound| seconds <= *bound) {
+            self.buckets[slot].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(elapsed.as_micros() as u64, Relaxed);
+    }
+}
+
+#[derive(Default)]
+struct MethodStats {
+    started: AtomicU64,
+    handled: [AtomicU64; ALL_CODES.len()],
+    latency: Histogram,
+}
+
+/// All counters of one proxy process.
+pub struct Metrics {
+    /// One entry per known method plus a last one for methods the protos don't know.
+    methods: Box<[MethodStats]>,
+    retries: AtomicU64,
+    streams_broken: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            methods: (0..=METHODS.len()).map(|_| MethodStats::default()).collect(),
+            retries: AtomicU64::new(0),
+            streams_broken: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts a call as started.
+    pub fn started(&self, method: usize) {
+        self.methods[method].started.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a call as finished with `code`; `elapsed` feeds the latency histogram when given.
+    pub fn handled(&self, method: usize, code: Code, elapsed: Option<Duration>) {
+        let stats = &self.methods[method];
+        stats.handled[code as usize].fetch_add(1, Relaxed);
+        if let Some(elapsed) = elapsed {
+            stats.latency.observe(elapsed);
+        }
+    }
+
+    /// Counts a request sent again to another member.
+    pub fn retried(&self) {
+        self.retries.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a response stream that ended because its upstream member went away.
+    pub fn stream_broken(&self) {
+        self.streams_broken.fetch_add(1, Relaxed);
+    }
+
+    /// Renders everything in the Prometheus text format.
+    pub fn render(&self, upstream: &Upstream) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        let labels = |index: usize| -> String {
+            match METHODS.get(index) {
+                Some(m) => format!(
+                    "grpc_type=\"{}\",grpc_service=\"{}\",grpc_method=\"{}\"",
+                    match (m.client_streaming, m.server_streaming) {
+                        (false, false) => "unary",
+                        (false, true) => "server_stream",
+                        (true, false) => "client_stream",
+                        (true, true) => "bidi_stream",
+                    },
+                    m.service,
+                    m.method
+                ),
+                None => "grpc_type=\"unknown\",grpc_service=\"unknown\",grpc_method=\"unknown\"".to_owned(),
+            }
+        };
+        let used: Vec<usize> = (0..self.methods.len()).filter(|i| self.methods[*i].started.load(Relaxed) > 0).collect();
+
+        out.push_str("# HELP grpc_server_started_total Total number of RPCs started by clients of the proxy.\n# TYPE grpc_server_started_total counter\n");
+        for &i in &used {
+            let _ =
+                writeln!(out, "grpc_server_started_total{{{}}} {}", labels(i), self.methods[i].started.load(Relaxed));
+        }
+        out.push_str("# HELP grpc_server_handled_total Total number of RPCs completed, by gRPC status code.\n# TYPE grpc_server_handled_total counter\n");
+        for &i in &used {
+            for code in ALL_CODES {
+                let n = self.methods[i].handled[code as usize].load(Relaxed);
+                if n > 0 {
+                    let _ =
+                        writeln!(out, "grpc_server_handled_total{{{},grpc_code=\"{}\"}} {n}", labels(i), code.name());
+                }
+            }
+        }
+        out.push_str("# HELP grpc_server_handling_seconds Latency of unary RPCs through the proxy.\n# TYPE grpc_server_handling_seconds histogram\n");
+        for &i in &used {
+            let h = &self.methods[i].latency;
+            let count = h.count.load(Relaxed);
+            if count == 0 {
+                continue;
+            }
+            let l = labels(i);
+            let mut cumulative = 0;
+            for (bound, bucket) in BUCKETS.iter().zip(&h.buckets) {
+                cumulative += bucket.load(Relaxed);
+                let _ = writeln!(out, "grpc_server_handling_seconds_bucket{{{l},le=\"{bound}\"}} {cumulative}");
+            }
+            let _ = writeln!(out, "grpc_server_handling_seconds_bucket{{{l},le=\"+Inf\"}} {count}");
+            let _ =
+                writeln!(out, "grpc_server_handling_seconds_sum{{{l}}} {}", h.sum_micros.load(Relaxed) as f64 / 1e6);
+            let _ = writeln!(out, "grpc_server_handling_seconds_count{{{l}}} {count}");
+        }
+
+        out.push_str("# HELP etcd_compat_proxy_retries_total Requests sent again to another member after a failure that was safe to retry.\n# TYPE etcd_compat_proxy_retries_total counter\n");
+        let _ = writeln!(out, "etcd_compat_proxy_retries_total {}", self.retries.load(Relaxed));
+        out.push_str("# HELP etcd_compat_proxy_streams_broken_total Response streams ended with Unavailable because their member went away.\n# TYPE etcd_compat_proxy_streams_broken_total counter\n");
+        let _ = writeln!(out, "etcd_compat_proxy_streams_broken_total {}", self.streams_broken.load(Relaxed));
+
+        out.push_str("# HELP etcd_compat_proxy_upstream_healthy Whether the proxy currently considers the etcd member healthy (1) or not (0).\n# TYPE etcd_compat_proxy_upstream_healthy gauge\n");
+        for member in upstream.members() {
+            let _ = writeln!(
+                out,
+                "etcd_compat_proxy_upstream_healthy{{endpoint=\"{}\"}} {}",
+                member.endpoint.url(),
+                u8::from(member.is_healthy())
+            );
+        }
+        out.push_str("# HELP etcd_compat_proxy_upstream_requests_total Requests sent to each etcd member.\n# TYPE etcd_compat_proxy_upstream_requests_total counter\n");
+        for member in upstream.members() {
+            let _ = writeln!(
+                out,
+                "etcd_compat_proxy_upstream_requests_total{{endpoint=\"{}\"}} {}",
+                member.endpoint.url(),
+                member.stats.requests.load(Relaxed)
+            );
+        }
+        out.push_str("# HELP etcd_compat_proxy_upstream_failures_total Connection failures and failed health checks of each etcd member.\n# TYPE etcd_compat_proxy_upstream_failures_total counter\n");
+        for member in upstream.members() {
+            let _ = writeln!(
+                out,
+                "etcd_compat_proxy_upstream_failures_total{{endpoint=\"{}\"}} {}",
+                member.endpoint.url(),
+                member.stats.failures.load(Relaxed)
+            );
+        }
+        out
+    }
+}

@@ -1,0 +1,292 @@
+//! The upstream cluster view: the etcd members, one multiplexed HTTP/2 connection to each, and
+//! which of them are healthy.
+//!
+//! Requests go to one preferred ("pinned") member, as etcd's own clients do, so that a client's
+//! serializable reads keep seeing one member's history; the pin moves when that member fails.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use http::{HeaderValue, Request};
+use http_body_util::BodyExt;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prost::Message;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::body::RequestBody;
+use crate::config::{Config, Endpoint};
+use crate::error::UpstreamError;
+use crate::grpc::Code;
+
+/// HTTP/2 flow-control windows toward etcd: large responses (ranges, snapshots) need large
+/// windows to stream at full speed, and many small watch streams need room not to stall.
+pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+/// See [`STREAM_WINDOW`].
+pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+
+/// Counters of one member, rendered in `/metrics`.
+#[derive(Default)]
+pub struct MemberStats {
+    /// Requests sent to the member.
+    pub requests: AtomicU64,
+    /// Failed connections, sends and health checks.
+    pub failures: AtomicU64,
+}
+
+/// One etcd member and the proxy's connection to it.
+pub struct Member {
+    /// Where the member listens.
+    pub endpoint: Endpoint,
+    /// `scheme://authority`, the prefix of every request URI sent to this member.
+    base_uri: Arc<str>,
+    index: usize,
+    healthy: AtomicBool,
+    /// The live connection, cloned per request (cheap: a handle to the connection task).
+    connection: Mutex<Option<SendRequest<RequestBody>>>,
+    /// Serialises dialing so a burst of requests to a dead connection dials once.
+    dialing: tokio::sync::Mutex<()>,
+    /// Last failure, for `/health` and error messages.
+    last_error: Mutex<Option<String>>,
+    /// Counters for `/metrics`.
+    pub stats: MemberStats,
+}
+
+impl Member {
+    /// Whether the last health check or request to this member succeeded.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Relaxed)
+    }
+
+    /// The most recent failure seen on this member, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// The member's URL, shared cheaply for log and error messages.
+    pub fn name(&self) -> Arc<str> {
+        Arc::clone(&self.base_uri)
+    }
+
+    /// Builds the URI for `path_and_query` on this member.
+    pub fn uri(&self, path_and_query: &str) -> Result<http::Uri, http::Error> {
+        http::Uri::try_from(format!("{}{}", self.base_uri, path_and_query)).map_err(http::Error::from)
+    }
+
+    fn cached_connection(&self) -> Option<SendRequest<RequestBody>> {
+        let guard = self.connection.lock().ok()?;
+        guard.as_ref().filter(|c| !c.is_closed()).cloned()
+    }
+}
+
+/// The set of members and how to reach them.
+pub struct Upstream {
+    members: Vec<Arc<Member>>,
+    preferred: AtomicUsize,
+    tls: Option<tokio_rustls::TlsConnector>,
+    dial_timeout: Duration,
+}
+
+impl Upstream {
+    /// Creates the pool; no connection is made until [`Upstream::spawn_health_checks`] or the first request.
+    pub fn new(config: &Config) -> Result<Arc<Self>, crate::tls::TlsError> {
+        let tls = match &config.upstream_tls {
+            Some(files) => Some(tokio_rustls::TlsConnector::from(crate::tls::client_config(files)?)),
+            None => None,
+        };
+        let members = config
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(index, endpoint)| {
+                Arc::new(Member {
+                    base_uri: Arc::from(endpoint.url()),
+                    endpoint: endpoint.clone(),
+                    index,
+                    healthy: AtomicBool::new(false),
+                    connection: Mutex::new(None),
+                    dialing: tokio::sync::Mutex::new(()),
+                    last_error: Mutex::new(None),
+                    stats: MemberStats::default(),
+                })
+            })
+            .collect();
+        Ok(Arc::new(Upstream { members, preferred: AtomicUsize::new(0), tls, dial_timeout: config.dial_timeout }))
+    }
+
+    /// All members in configuration order.
+    pub fn members(&self) -> &[Arc<Member>] {
+        &self.members
+    }
+
+    /// Members in the order a request should try them: healthy ones from the preferred one on,
+    /// then the unhealthy ones (health information may be stale; trying beats failing).
+    pub fn attempt_order(&self) -> impl Iterator<Item = &Arc<Member>> {
+        let n = self.members.len();
+        let start = self.preferred.load(Relaxed) % n.max(1);
+        let rotated = move || (0..n).map(move |i| &self.members[(start + i) % n]);
+        rotated().filter(|m| m.is_healthy()).chain(rotated().filter(|m| !m.is_healthy()))
+    }
+
+    /// Whether any member is currently healthy.
+    pub fn any_healthy(&self) -> bool {
+        self.members.iter().any(|m| m.is_healthy())
+    }
+
+    /// Returns a ready connection to `member`, dialing if there is none.
+    pub async fn connection(&self, member: &Member) -> Result<SendRequest<RequestBody>, UpstreamError> {
+        if let Some(connection) = member.cached_connection() {
+            return Ok(connection);
+        }
+        let _dialing = member.dialing.lock().await;
+        if let Some(connection) = member.cached_connection() {
+            return Ok(connection);
+        }
+        let connection = tokio::time::timeout(self.dial_timeout, self.dial(member))
+            .await
+            .map_err(|_| UpstreamError::DialTimeout { endpoint: member.endpoint.url(), after: self.dial_timeout })??;
+        if let Ok(mut slot) = member.connection.lock() {
+            *slot = Some(connection.clone());
+        }
+        Ok(connection)
+    }
+
+    async fn dial(&self, member: &Member) -> Result<SendRequest<RequestBody>, UpstreamError> {
+        let endpoint = &member.endpoint;
+        let connect_error = |source: std::io::Error| UpstreamError::Connect { endpoint: endpoint.url(), source };
+        let tcp = TcpStream::connect(endpoint.authority.as_str()).await.map_err(connect_error)?;
+        // gRPC messages are small and latency-bound: never wait to coalesce them.
+        tcp.set_nodelay(true).map_err(connect_error)?;
+        match &self.tls {
+            Some(connector) if endpoint.tls => {
+                let server_name = rustls::pki_types::ServerName::try_from(endpoint.host.clone())
+                    .map_err(|_| UpstreamError::BadServerName { endpoint: endpoint.url() })?;
+                let stream = connector
+                    .connect(server_name, tcp)
+                    .await
+                    .map_err(|source| UpstreamError::Tls { endpoint: endpoint.url(), source })?;
+                handshake(TokioIo::new(stream), endpoint).await
+            }
+            _ => handshake(TokioIo::new(tcp), endpoint).await,
+        }
+    }
+
+    /// Marks a member unhealthy after a failed request or check, and moves the pin away from it.
+    pub fn mark_failed(&self, member: &Member, error: &dyn std::fmt::Display) {
+        member.stats.failures.fetch_add(1, Relaxed);
+        if let Ok(mut last) = member.last_error.lock() {
+            *last = Some(error.to_string());
+        }
+        if member.healthy.swap(false, Relaxed) {
+            tracing::warn!(member = %member.endpoint.url(), %error, "etcd member is unhealthy; sending requests to the others");
+        }
+        if self.preferred.load(Relaxed) == member.index {
+            let n = self.members.len();
+            if let Some(next) = (1..n).map(|i| (member.index + i) % n).find(|i| self.members[*i].is_healthy()) {
+                self.preferred.store(next, Relaxed);
+            }
+        }
+    }
+
+    fn mark_healthy(&self, member: &Member) {
+        if !member.healthy.swap(true, Relaxed) {
+            tracing::info!(member = %member.endpoint.url(), "etcd member is healthy");
+            // Prefer the first healthy member in configuration order when the pinned one is down.
+            if !self.members[self.preferred.load(Relaxed) % self.members.len()].is_healthy() {
+                self.preferred.store(member.index, Relaxed);
+            }
+        }
+    }
+
+    /// Starts one health-check loop per member; they stop when `stop` is cancelled.
+    pub fn spawn_health_checks(self: &Arc<Self>, interval: Duration, stop: CancellationToken) {
+        for member in &self.members {
+            let upstream = Arc::clone(self);
+            let member = Arc::clone(member);
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(interval);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = ticker.tick() => {}
+                    }
+                    // A check must finish within the interval, or it is a failure: a member that
+                    // answers too slowly is as bad as one that does not answer.
+                    let timeout = interval.max(Duration::from_millis(500));
+                    match tokio::time::timeout(timeout, upstream.check(&member)).await {
+                        Ok(Ok(())) => upstream.mark_healthy(&member),
+                        Ok(Err(error)) => upstream.mark_failed(&member, &error),
+                        Err(_) => {
+                            upstream.mark_failed(&member, &format!("health check got no answer within {timeout:?}"))
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    /// One gRPC health check (`grpc.health.v1.Health/Check`) over the member's shared connection.
+    async fn check(&self, member: &Member) -> Result<(), UpstreamError> {
+        let mut connection = self.connection(member).await?;
+        let failed = |why: String| UpstreamError::Unhealthy { endpoint: member.endpoint.url(), why };
+        let request = Request::post(member.uri("/grpc.health.v1.Health/Check").map_err(|e| failed(e.to_string()))?)
+            .header(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"))
+            .header(http::header::TE, HeaderValue::from_static("trailers"))
+            // An empty HealthCheckRequest: no compression flag, zero length.
+            .body(RequestBody::Buffered(Some(Bytes::from_static(&[0, 0, 0, 0, 0]))))
+            .map_err(|e| failed(e.to_string()))?;
+        let response = connection
+            .send_request(request)
+            .await
+            .map_err(|source| UpstreamError::Send { endpoint: member.endpoint.url(), source })?;
+        let header_code = Code::from_headers(response.headers());
+        let collected = response.into_body().collect().await.map_err(|e| failed(e.to_string()))?;
+        let code = header_code.or_else(|| collected.trailers().and_then(Code::from_headers));
+        if code != Some(Code::Ok) {
+            return Err(failed(format!("health check answered {code:?}")));
+        }
+        let mut bytes = collected.to_bytes();
+        if bytes.len() < 5 {
+            return Err(failed("health check answered with no message".to_owned()));
+        }
+        bytes.advance(5);
+        let answer =
+            etcd_compat_proto::health::HealthCheckResponse::decode(bytes).map_err(|e| failed(e.to_string()))?;
+        if answer.status != etcd_compat_proto::health::health_check_response::ServingStatus::Serving as i32 {
+            return Err(failed(format!("member reports health status {}", answer.status)));
+        }
+        Ok(())
+    }
+}
+
+async fn handshake<T>(io: TokioIo<T>, endpoint: &Endpoint) -> Result<SendRequest<RequestBody>, UpstreamError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(1024 * 1024)
+        // Pings notice a member that vanished without closing the TCP connection (VM migration,
+        // network partition) long before the kernel would.
+        .keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .max_concurrent_reset_streams(10_000)
+        .handshake(io)
+        .await
+        .map_err(|source| UpstreamError::Handshake { endpoint: endpoint.url(), source })?;
+    let url = endpoint.url();
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(member = %url, %error, "connection to etcd member closed");
+        }
+    });
+    Ok(sender)
+}
