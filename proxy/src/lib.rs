@@ -2,7 +2,8 @@
 //! behind it is renewed, upgraded and repaired.
 //!
 //! A call's path, in the order it is taken:
-//! - [`server`] accepts the client connection (plaintext or TLS) and speaks HTTP/2;
+//! - [`server`] accepts the client connection (plaintext or TLS) and speaks HTTP/2, after
+//!   [`legacy_authority`] has repaired header blocks that old clients get wrong;
 //! - [`forward`] classifies the call by its method ([`grpc`]), picks a member from the cluster
 //!   view ([`upstream`]) and forwards the bytes, retrying on another member only when safe;
 //! - [`body`] relays etcd's answer and records the outcome in [`metrics`];
@@ -15,6 +16,7 @@ pub mod config;
 pub mod error;
 pub mod forward;
 pub mod grpc;
+pub mod legacy_authority;
 pub mod metrics;
 pub mod server;
 pub mod tls;

@@ -45,6 +45,7 @@ pub struct Metrics {
     methods: Box<[MethodStats]>,
     retries: AtomicU64,
     streams_broken: AtomicU64,
+    authority_repairs: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -53,6 +54,7 @@ impl Default for Metrics {
             methods: (0..=METHODS.len()).map(|_| MethodStats::default()).collect(),
             retries: AtomicU64::new(0),
             streams_broken: AtomicU64::new(0),
+            authority_repairs: AtomicU64::new(0),
         }
     }
 }
@@ -80,6 +82,11 @@ impl Metrics {
     /// Counts a response stream that ended because its upstream member went away.
     pub fn stream_broken(&self) {
         self.streams_broken.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a request whose malformed `:authority` was dropped (see `legacy_authority`).
+    pub fn authority_repaired(&self) {
+        self.authority_repairs.fetch_add(1, Relaxed);
     }
 
     /// Renders everything in the Prometheus text format.
@@ -142,6 +149,8 @@ impl Metrics {
         out.push_str("# HELP etcd_compat_proxy_streams_broken_total Response streams ended with Unavailable because their member went away.\n# TYPE etcd_compat_proxy_streams_broken_total counter\n");
         let _ = writeln!(out, "etcd_compat_proxy_streams_broken_total {}", self.streams_broken.load(Relaxed));
 
+        out.push_str("# HELP etcd_compat_proxy_authority_repairs_total Requests from legacy clients whose malformed :authority was dropped.\n# TYPE etcd_compat_proxy_authority_repairs_total counter\n");
+        let _ = writeln!(out, "etcd_compat_proxy_authority_repairs_total {}", self.authority_repairs.load(Relaxed));
         out.push_str("# HELP etcd_compat_proxy_upstream_healthy Whether the proxy currently considers the etcd member healthy (1) or not (0).\n# TYPE etcd_compat_proxy_upstream_healthy gauge\n");
         for member in upstream.members() {
             let _ = writeln!(

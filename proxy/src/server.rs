@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::forward::Forwarder;
+use crate::legacy_authority::AuthorityRepair;
 use crate::metrics::Metrics;
 use crate::upstream::{Upstream, CONNECTION_WINDOW, STREAM_WINDOW};
 
@@ -92,12 +93,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let http2 = http2.clone();
         let watcher = graceful.watcher();
         let tls = listener_tls.clone();
+        let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| Arc::clone(&forwarder).serve(request));
             let result = match tls {
-                None => watcher.watch(http2.serve_connection(TokioIo::new(stream), service)).await,
+                None => {
+                    let io = TokioIo::new(AuthorityRepair::new(stream, metrics));
+                    watcher.watch(http2.serve_connection(io, service)).await
+                }
                 Some(acceptor) => match tls_accept(&acceptor, stream).await {
-                    Ok(tls_stream) => watcher.watch(http2.serve_connection(TokioIo::new(tls_stream), service)).await,
+                    Ok(tls_stream) => {
+                        let io = TokioIo::new(AuthorityRepair::new(tls_stream, metrics));
+                        watcher.watch(http2.serve_connection(io, service)).await
+                    }
                     Err(error) => {
                         tracing::info!(%peer, %error, "client TLS handshake failed");
                         return;

@@ -1,0 +1,390 @@
+//! Lets requests from old gRPC clients through whose `:authority` is not a valid authority.
+//!
+//! Go clientv3 3.4 (and so `etcdctl endpoint status`, `snapshot save`, `defrag` with
+//! `--endpoints=http://...`) dials single members as `passthrough:///http://host:port` and
+//! sends `http://host:port` as the HTTP/2 `:authority`. grpc-go servers (etcd, etcd's
+//! grpc-proxy) ignore it; the Rust HTTP/2 server resets such a stream with PROTOCOL_ERROR.
+//! The proxy never uses the client's authority (it addresses members itself), so this layer
+//! sits between the client's bytes and the HTTP/2 server and drops a malformed `:authority`.
+//!
+//! Doing that means re-encoding header blocks: HPACK blocks refer to a per-connection table,
+//! so every block the client sends is decoded (tracking the client's table) and encoded
+//! again with an encoder whose table the server follows. Everything other than HEADERS and
+//! CONTINUATION frames passes through byte for byte, and the server-to-client direction is
+//! untouched.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::metrics::Metrics;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FRAME_HEADER_LEN: usize = 9;
+const HEADERS: u8 = 0x1;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+const PRIORITY: u8 = 0x20;
+/// The smallest SETTINGS_MAX_FRAME_SIZE a peer may have; re-encoded blocks are cut to it.
+const MIN_MAX_FRAME_SIZE: usize = 16_384;
+
+/// A client connection whose incoming header blocks are repaired before the HTTP/2 server reads them.
+pub struct AuthorityRepair<S> {
+    inner: S,
+    raw: BytesMut,
+    ready: BytesMut,
+    state: State,
+    /// Payload bytes of a non-header frame still to pass through unchanged.
+    passthrough: usize,
+    block: Option<HeaderBlock>,
+    decoder: loona_hpack::Decoder<'static>,
+    encoder: loona_hpack::Encoder<'static>,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum State {
+    /// Waiting for the 24-byte connection preface.
+    Preface,
+    /// Reading frames.
+    Frames,
+    /// Not HTTP/2 as expected: hand everything to the server unchanged and let it answer.
+    Transparent,
+}
+
+struct HeaderBlock {
+    stream_id: u32,
+    end_stream: bool,
+    fragments: Vec<u8>,
+}
+
+impl<S> AuthorityRepair<S> {
+    /// Wraps a client connection.
+    pub fn new(inner: S, metrics: Arc<Metrics>) -> Self {
+        AuthorityRepair {
+            inner,
+            raw: BytesMut::with_capacity(16 * 1024),
+            ready: BytesMut::new(),
+            state: State::Preface,
+            passthrough: 0,
+            block: None,
+            decoder: loona_hpack::Decoder::new(),
+            encoder: loona_hpack::Encoder::new(),
+            metrics,
+        }
+    }
+
+    /// Moves as much of `raw` as can be processed into `ready`.
+    fn process(&mut self) {
+        loop {
+            match self.state {
+                State::Transparent => {
+                    let all = self.raw.split();
+                    self.ready.unsplit(all);
+                    return;
+                }
+                State::Preface => {
+                    if self.raw.len() < PREFACE.len() {
+                        return;
+                    }
+                    if &self.raw[..PREFACE.len()] == PREFACE {
+                        let preface = self.raw.split_to(PREFACE.len());
+                        self.ready.unsplit(preface);
+                        self.state = State::Frames;
+                    } else {
+                        self.state = State::Transparent;
+                    }
+                }
+                State::Frames => {
+                    if self.passthrough > 0 {
+                        let n = self.passthrough.min(self.raw.len());
+                        if n == 0 {
+                            return;
+                        }
+                        let bytes = self.raw.split_to(n);
+                        self.ready.unsplit(bytes);
+                        self.passthrough -= n;
+                        continue;
+                    }
+                    if self.raw.len() < FRAME_HEADER_LEN {
+                        return;
+                    }
+                    let length = u32::from_be_bytes([0, self.raw[0], self.raw[1], self.raw[2]]) as usize;
+                    let kind = self.raw[3];
+                    if kind != HEADERS && kind != CONTINUATION {
+                        let header = self.raw.split_to(FRAME_HEADER_LEN);
+                        self.ready.unsplit(header);
+                        self.passthrough = length;
+                        continue;
+                    }
+                    if self.raw.len() < FRAME_HEADER_LEN + length {
+                        self.raw.reserve(FRAME_HEADER_LEN + length - self.raw.len());
+                        return;
+                    }
+                    let frame = self.raw.split_to(FRAME_HEADER_LEN + length);
+                    if let Err(original) = self.header_frame(frame) {
+                        // Something the server must reject anyway: give it the bytes as they came.
+                        self.ready.unsplit(original);
+                        self.state = State::Transparent;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Collects a HEADERS or CONTINUATION frame; on END_HEADERS re-encodes the whole block.
+    fn header_frame(&mut self, frame: BytesMut) -> Result<(), BytesMut> {
+        let kind = frame[3];
+        let flags = frame[4];
+        let stream_id = u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) & 0x7fff_ffff;
+        let payload = &frame[FRAME_HEADER_LEN..];
+        if kind == HEADERS {
+            if self.block.is_some() {
+                return Err(frame);
+            }
+            let mut start = 0;
+            let mut end = payload.len();
+            if flags & PADDED != 0 {
+                let Some(&pad) = payload.first() else { return Err(frame) };
+                start += 1;
+                end = match end.checked_sub(pad as usize) {
+                    Some(end) if end >= start => end,
+                    _ => return Err(frame),
+                };
+            }
+            // Stream priority is advisory and the server ignores it; it is dropped with the frame.
+            if flags & PRIORITY != 0 {
+                start += 5;
+            }
+            if start > end {
+                return Err(frame);
+            }
+            self.block = Some(HeaderBlock {
+                stream_id,
+                end_stream: flags & END_STREAM != 0,
+                fragments: payload[start..end].to_vec(),
+            });
+        } else {
+            match self.block.as_mut() {
+                Some(block) if block.stream_id == stream_id => block.fragments.extend_from_slice(payload),
+                _ => return Err(frame),
+            }
+        }
+        if flags & END_HEADERS == 0 {
+            return Ok(());
+        }
+        let Some(block) = self.block.take() else { return Err(frame) };
+        let mut headers = match self.decoder.decode(&block.fragments) {
+            Ok(headers) => headers,
+            Err(_) => return Err(frame),
+        };
+        let before = headers.len();
+        headers
+            .retain(|(name, value)| name != b":authority" || http::uri::Authority::try_from(value.as_slice()).is_ok());
+        if headers.len() != before {
+            self.metrics.authority_repaired();
+            tracing::debug!(stream = block.stream_id, "dropped a malformed :authority sent by a legacy client");
+        }
+        let encoded = self.encoder.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        self.write_block(block.stream_id, block.end_stream, &encoded);
+        Ok(())
+    }
+
+    fn write_block(&mut self, stream_id: u32, end_stream: bool, encoded: &[u8]) {
+        let mut chunks = encoded.chunks(MIN_MAX_FRAME_SIZE).peekable();
+        let mut first = true;
+        // An empty block still needs its HEADERS frame.
+        let empty: &[u8] = &[];
+        let mut next = chunks.next().or(Some(empty));
+        while let Some(chunk) = next {
+            next = chunks.next();
+            let kind = if first { HEADERS } else { CONTINUATION };
+            let mut flags = 0;
+            if first && end_stream {
+                flags |= END_STREAM;
+            }
+            if next.is_none() {
+                flags |= END_HEADERS;
+            }
+            self.ready.reserve(FRAME_HEADER_LEN + chunk.len());
+            self.ready.put_uint(chunk.len() as u64, 3);
+            self.ready.put_u8(kind);
+            self.ready.put_u8(flags);
+            self.ready.put_u32(stream_id);
+            self.ready.put_slice(chunk);
+            first = false;
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for AuthorityRepair<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if !this.ready.is_empty() {
+                let n = this.ready.len().min(buf.remaining());
+                buf.put_slice(&this.ready[..n]);
+                this.ready.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            if this.raw.capacity() - this.raw.len() < 4096 {
+                this.raw.reserve(16 * 1024);
+            }
+            let n = ready!(tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.raw))?;
+            if n == 0 {
+                // End of stream: whatever is left is incomplete; the server will notice.
+                let rest = this.raw.split();
+                this.ready.unsplit(rest);
+                if this.ready.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            this.process();
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityRepair<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+        out.extend_from_slice(&[kind, flags]);
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn request_headers(authority: &str) -> HeaderList {
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/etcdserverpb.Maintenance/Status"),
+            (":authority", authority),
+            ("content-type", "application/grpc"),
+            ("user-agent", "grpc-go/1.26.0"),
+        ]
+        .iter()
+        .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+        .collect()
+    }
+
+    type Frame = (u8, u8, u32, Vec<u8>);
+    type HeaderList = Vec<(Vec<u8>, Vec<u8>)>;
+
+    /// Splits the repaired stream back into frames and decodes its header blocks.
+    fn parse(output: &[u8]) -> (Vec<Frame>, Vec<HeaderList>) {
+        assert_eq!(&output[..PREFACE.len()], PREFACE);
+        let mut rest = &output[PREFACE.len()..];
+        let mut frames = Vec::new();
+        let mut blocks = Vec::new();
+        let mut decoder = loona_hpack::Decoder::new();
+        while !rest.is_empty() {
+            let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+            let stream = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]);
+            let payload = rest[9..9 + len].to_vec();
+            if rest[3] == HEADERS {
+                blocks.push(decoder.decode(&payload).expect("server-side decode"));
+            }
+            frames.push((rest[3], rest[4], stream, payload));
+            rest = &rest[9 + len..];
+        }
+        (frames, blocks)
+    }
+
+    async fn repair(input: Vec<u8>) -> Vec<u8> {
+        let mut repaired = AuthorityRepair::new(&input[..], Arc::new(Metrics::default()));
+        let mut output = Vec::new();
+        repaired.read_to_end(&mut output).await.expect("read");
+        output
+    }
+
+    #[tokio::test]
+    async fn malformed_authority_is_dropped_and_everything_else_kept() {
+        let mut client = loona_hpack::Encoder::new();
+        let mut input = PREFACE.to_vec();
+        let settings = frame(0x4, 0, 0, &[0, 3, 0, 0, 0, 100]);
+        input.extend_from_slice(&settings);
+        // Two requests: the second refers to the client's dynamic table for its headers.
+        for stream in [1u32, 3] {
+            let headers = request_headers("http://127.0.0.1:23790");
+            let block = client.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+            // Split the first block over HEADERS + CONTINUATION with padding, as a client may.
+            let (head, tail) = block.split_at(block.len() / 2);
+            let mut padded = vec![2u8];
+            padded.extend_from_slice(head);
+            padded.extend_from_slice(&[0, 0]);
+            input.extend_from_slice(&frame(HEADERS, PADDED, stream, &padded));
+            input.extend_from_slice(&frame(CONTINUATION, END_HEADERS, stream, tail));
+            input.extend_from_slice(&frame(0x0, END_STREAM, stream, &[0, 0, 0, 0, 0]));
+        }
+        let (frames, blocks) = parse(&repair(input).await);
+        assert_eq!(frames.len(), 5);
+        assert_eq!(frames[0], (0x4, 0, 0, settings[9..].to_vec()));
+        let mut expected = request_headers("unused");
+        expected.retain(|(n, _)| n != b":authority");
+        assert_eq!(blocks, vec![expected.clone(), expected]);
+        assert_eq!((frames[1].0, frames[1].1, frames[1].2), (HEADERS, END_HEADERS, 1));
+        assert_eq!(frames[2], (0x0, END_STREAM, 1, vec![0, 0, 0, 0, 0]));
+        assert_eq!((frames[3].0, frames[3].1, frames[3].2), (HEADERS, END_HEADERS, 3));
+    }
+
+    #[tokio::test]
+    async fn valid_authority_and_end_stream_survive() {
+        let mut client = loona_hpack::Encoder::new();
+        let headers = request_headers("127.0.0.1:23790");
+        let block = client.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        let mut input = PREFACE.to_vec();
+        input.extend_from_slice(&frame(
+            HEADERS,
+            END_HEADERS | END_STREAM | PRIORITY,
+            1,
+            &[[0, 0, 0, 0, 16].as_slice(), &block].concat(),
+        ));
+        let (frames, blocks) = parse(&repair(input).await);
+        assert_eq!((frames[0].0, frames[0].1), (HEADERS, END_HEADERS | END_STREAM));
+        assert_eq!(blocks, vec![headers]);
+    }
+
+    #[tokio::test]
+    async fn anything_else_passes_through_unchanged() {
+        let input = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        assert_eq!(repair(input.clone()).await, input);
+    }
+}
