@@ -1,0 +1,27 @@
+//! Test harness for etcd-compat-proxy: real etcd clusters (3.4 and 3.5) on loopback,
+//! etcdctl helpers, and the proxy binary as a child process.
+//!
+//! Everything spawned here is killed when its owner is dropped, including while a test
+//! panics. Owners must therefore not be parked in `static`s (statics are never dropped):
+//! keep clusters and proxies in test-local variables.
+//!
+//! Binaries come from `/usr/bin` (etcd 3.4) and `<workspace>/.deps/etcd-v3.5.1` (etcd 3.5),
+//! or from `ETCD_3_4_DIR` / `ETCD_3_5_DIR`; missing ones are installed once per process by
+//! `scripts/install-deps.sh`.
+
+#![warn(missing_docs)]
+
+mod cluster;
+mod deps;
+mod etcdctl;
+mod http;
+mod logs;
+mod ports;
+mod proxy;
+
+pub use cluster::{ClusterSpec, EtcdCluster, MemberInfo, TlsSpec, MAX_MEMBERS};
+pub use deps::{etcd3_python, workspace_root, EtcdVersion};
+pub use etcdctl::{etcdctl, etcdctl_command, etcdctl_ok, ClientTls};
+pub use http::http_get;
+pub use ports::free_port;
+pub use proxy::ProxyProcess;

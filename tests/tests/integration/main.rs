@@ -1,0 +1,9 @@
+//! Integration tests against real etcd clusters and real clients; one module per area.
+
+mod byte_fidelity;
+mod errors;
+mod etcdctl_compat;
+mod failover;
+mod harness_smoke;
+mod lifecycle;
+mod support;
