@@ -367,8 +367,8 @@ pub struct IgnoredFlag {
 /// One etcd member's client endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
-    /// `host:port` as given (used as the HTTP/2 authority and the TLS server name).
-    pub authority: String,
+    /// `host:port` as given (used as the HTTP/2 authority and to connect).
+    pub authority: http::uri::Authority,
     /// The host part, without brackets for IPv6.
     pub host: String,
     /// Whether to speak TLS to this member.
@@ -399,7 +399,7 @@ impl Endpoint {
             ));
         }
         let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
-        Ok(Endpoint { authority: authority.as_str().to_owned(), host, tls })
+        Ok(Endpoint { authority, host, tls })
     }
 
     /// The endpoint as a URL, for logs and labels.
@@ -560,7 +560,10 @@ mod tests {
     #[test]
     fn endpoint_forms() {
         let plain = Endpoint::parse("127.0.0.1:2379", false).unwrap();
-        assert_eq!(plain, Endpoint { authority: "127.0.0.1:2379".into(), host: "127.0.0.1".into(), tls: false });
+        assert_eq!(
+            plain,
+            Endpoint { authority: "127.0.0.1:2379".parse().unwrap(), host: "127.0.0.1".into(), tls: false }
+        );
         assert!(Endpoint::parse("127.0.0.1:2379", true).unwrap().tls);
         assert!(Endpoint::parse("https://etcd-0:2379/", false).unwrap().tls);
         assert!(!Endpoint::parse("http://[::1]:2379", true).unwrap().tls);

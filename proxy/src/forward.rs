@@ -51,7 +51,8 @@ impl Forwarder {
         for name in HOP_BY_HOP {
             headers.remove(name);
         }
-        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        let path_and_query =
+            parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
 
         // Single-message requests are small; holding them is what makes a retry on another member possible.
         let mut body = match route.shape {
@@ -91,7 +92,7 @@ impl Forwarder {
     async fn attempt(
         &self,
         member: &Member,
-        path_and_query: &str,
+        path_and_query: &http::uri::PathAndQuery,
         headers: &HeaderMap,
         body: &mut PendingBody,
     ) -> Result<Response<Incoming>, UpstreamError> {
@@ -112,7 +113,7 @@ impl Forwarder {
         };
         let mut request = Request::new(upstream_body);
         *request.method_mut() = http::Method::POST;
-        *request.uri_mut() = member.uri(path_and_query).map_err(|e| UpstreamError::Unhealthy {
+        *request.uri_mut() = member.uri(path_and_query.clone()).map_err(|e| UpstreamError::Unhealthy {
             endpoint: member.endpoint.url(),
             why: format!("cannot address {path_and_query}: {e}"),
         })?;

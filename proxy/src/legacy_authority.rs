@@ -7,11 +7,12 @@
 //! The proxy never uses the client's authority (it addresses members itself), so this layer
 //! sits between the client's bytes and the HTTP/2 server and drops a malformed `:authority`.
 //!
-//! Doing that means re-encoding header blocks: HPACK blocks refer to a per-connection table,
-//! so every block the client sends is decoded (tracking the client's table) and encoded
-//! again with an encoder whose table the server follows. Everything other than HEADERS and
-//! CONTINUATION frames passes through byte for byte, and the server-to-client direction is
-//! untouched.
+//! HPACK blocks refer to a per-connection table, so every block the client sends is decoded
+//! to track that table. While every `:authority` is valid, blocks pass through unchanged. From
+//! the first malformed one on, the connection's blocks are re-encoded without the dynamic
+//! table (plain literals), which the server can read whatever its table holds. Frames other
+//! than HEADERS and CONTINUATION always pass through byte for byte, and the server-to-client
+//! direction is untouched.
 
 use std::io;
 use std::pin::Pin;
@@ -44,7 +45,8 @@ pub struct AuthorityRepair<S> {
     passthrough: usize,
     block: Option<HeaderBlock>,
     decoder: loona_hpack::Decoder<'static>,
-    encoder: loona_hpack::Encoder<'static>,
+    /// Set after the first malformed `:authority`: blocks are re-encoded from then on.
+    reencode: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -62,6 +64,8 @@ struct HeaderBlock {
     stream_id: u32,
     end_stream: bool,
     fragments: Vec<u8>,
+    /// The frames as received, forwarded as they are while no repair is needed.
+    original: BytesMut,
 }
 
 impl<S> AuthorityRepair<S> {
@@ -75,7 +79,7 @@ impl<S> AuthorityRepair<S> {
             passthrough: 0,
             block: None,
             decoder: loona_hpack::Decoder::new(),
-            encoder: loona_hpack::Encoder::new(),
+            reencode: false,
             metrics,
         }
     }
@@ -138,7 +142,7 @@ impl<S> AuthorityRepair<S> {
         }
     }
 
-    /// Collects a HEADERS or CONTINUATION frame; on END_HEADERS re-encodes the whole block.
+    /// Collects a HEADERS or CONTINUATION frame; on END_HEADERS checks (and maybe re-encodes) the block.
     fn header_frame(&mut self, frame: BytesMut) -> Result<(), BytesMut> {
         let kind = frame[3];
         let flags = frame[4];
@@ -158,40 +162,58 @@ impl<S> AuthorityRepair<S> {
                     _ => return Err(frame),
                 };
             }
-            // Stream priority is advisory and the server ignores it; it is dropped with the frame.
+            // Stream priority is advisory and the server ignores it; a re-encoded block drops it.
             if flags & PRIORITY != 0 {
                 start += 5;
             }
             if start > end {
                 return Err(frame);
             }
-            self.block = Some(HeaderBlock {
-                stream_id,
-                end_stream: flags & END_STREAM != 0,
-                fragments: payload[start..end].to_vec(),
-            });
+            let fragments = payload[start..end].to_vec();
+            self.block =
+                Some(HeaderBlock { stream_id, end_stream: flags & END_STREAM != 0, fragments, original: frame });
         } else {
             match self.block.as_mut() {
-                Some(block) if block.stream_id == stream_id => block.fragments.extend_from_slice(payload),
+                Some(block) if block.stream_id == stream_id => {
+                    block.fragments.extend_from_slice(payload);
+                    block.original.unsplit(frame);
+                }
                 _ => return Err(frame),
             }
         }
         if flags & END_HEADERS == 0 {
             return Ok(());
         }
-        let Some(block) = self.block.take() else { return Err(frame) };
-        let mut headers = match self.decoder.decode(&block.fragments) {
-            Ok(headers) => headers,
-            Err(_) => return Err(frame),
-        };
-        let before = headers.len();
-        headers
-            .retain(|(name, value)| name != b":authority" || http::uri::Authority::try_from(value.as_slice()).is_ok());
-        if headers.len() != before {
+        let Some(block) = self.block.take() else { return Ok(()) };
+        let reencoding = self.reencode;
+        let mut kept: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut malformed = false;
+        let decoded = self.decoder.decode_with_cb(&block.fragments, |name, value| {
+            let bad = name.as_ref() == b":authority" && http::uri::Authority::try_from(value.as_ref()).is_err();
+            malformed |= bad;
+            if !bad {
+                kept.push((name.into_owned(), value.into_owned()));
+            }
+        });
+        if decoded.is_err() {
+            return Err(block.original);
+        }
+        if malformed {
             self.metrics.authority_repaired();
             tracing::debug!(stream = block.stream_id, "dropped a malformed :authority sent by a legacy client");
+            self.reencode = true;
         }
-        let encoded = self.encoder.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        if !self.reencode {
+            self.ready.unsplit(block.original);
+            return Ok(());
+        }
+        if !reencoding {
+            tracing::debug!("header blocks on this connection are re-encoded from now on");
+        }
+        let mut encoded = Vec::with_capacity(block.fragments.len() + 64);
+        for (name, value) in &kept {
+            encode_literal(&mut encoded, name, value);
+        }
         self.write_block(block.stream_id, block.end_stream, &encoded);
         Ok(())
     }
@@ -221,6 +243,36 @@ impl<S> AuthorityRepair<S> {
             first = false;
         }
     }
+}
+
+/// Appends a "literal header field without indexing, new name" (RFC 7541 6.2.2): it neither
+/// reads nor changes the server's dynamic table, so it is valid whatever that table holds.
+fn encode_literal(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.push(0x00);
+    encode_string(out, name);
+    encode_string(out, value);
+}
+
+/// A string literal without Huffman coding: 7-bit-prefix length, then the bytes.
+fn encode_string(out: &mut Vec<u8>, bytes: &[u8]) {
+    encode_integer(out, bytes.len(), 7, 0x00);
+    out.extend_from_slice(bytes);
+}
+
+/// HPACK integer with an N-bit prefix (RFC 7541 5.1); `flags` fills the bits above the prefix.
+fn encode_integer(out: &mut Vec<u8>, value: usize, prefix_bits: u8, flags: u8) {
+    let max_prefix = (1usize << prefix_bits) - 1;
+    if value < max_prefix {
+        out.push(flags | value as u8);
+        return;
+    }
+    out.push(flags | max_prefix as u8);
+    let mut rest = value - max_prefix;
+    while rest >= 128 {
+        out.push((rest % 128) as u8 | 0x80);
+        rest /= 128;
+    }
+    out.push(rest as u8);
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for AuthorityRepair<S> {
@@ -366,20 +418,43 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn valid_authority_and_end_stream_survive() {
+    async fn valid_blocks_pass_through_byte_for_byte() {
         let mut client = loona_hpack::Encoder::new();
         let headers = request_headers("127.0.0.1:23790");
         let block = client.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
         let mut input = PREFACE.to_vec();
-        input.extend_from_slice(&frame(
-            HEADERS,
-            END_HEADERS | END_STREAM | PRIORITY,
-            1,
-            &[[0, 0, 0, 0, 16].as_slice(), &block].concat(),
-        ));
+        let priority_and_block = [[0, 0, 0, 0, 16].as_slice(), &block].concat();
+        input.extend_from_slice(&frame(HEADERS, END_HEADERS | END_STREAM | PRIORITY, 1, &priority_and_block));
+        assert_eq!(repair(input.clone()).await, input);
+    }
+
+    #[tokio::test]
+    async fn repair_mid_connection_keeps_the_server_table_consistent() {
+        // A good request first (it fills both tables), then one with a bad authority, then a
+        // good one that refers to the client's table: the server must decode all three.
+        let mut client = loona_hpack::Encoder::new();
+        let mut input = PREFACE.to_vec();
+        for (stream, authority) in [(1u32, "127.0.0.1:23790"), (3, "http://127.0.0.1:23790"), (5, "127.0.0.1:23790")] {
+            let headers = request_headers(authority);
+            let block = client.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+            input.extend_from_slice(&frame(HEADERS, END_HEADERS | END_STREAM, stream, &block));
+        }
         let (frames, blocks) = parse(&repair(input).await);
-        assert_eq!((frames[0].0, frames[0].1), (HEADERS, END_HEADERS | END_STREAM));
-        assert_eq!(blocks, vec![headers]);
+        assert_eq!(frames.len(), 3);
+        let mut without_authority = request_headers("unused");
+        without_authority.retain(|(n, _)| n != b":authority");
+        assert_eq!(
+            blocks,
+            vec![request_headers("127.0.0.1:23790"), without_authority, request_headers("127.0.0.1:23790")]
+        );
+    }
+
+    #[test]
+    fn hpack_integers() {
+        let mut out = Vec::new();
+        encode_integer(&mut out, 10, 5, 0);
+        encode_integer(&mut out, 1337, 5, 0);
+        assert_eq!(out, vec![10, 31, 154, 10]); // RFC 7541 C.1.1 and C.1.2
     }
 
     #[tokio::test]

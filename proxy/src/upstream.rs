@@ -41,8 +41,9 @@ pub struct MemberStats {
 pub struct Member {
     /// Where the member listens.
     pub endpoint: Endpoint,
-    /// `scheme://authority`, the prefix of every request URI sent to this member.
-    base_uri: Arc<str>,
+    /// The member's URL, for log and error messages.
+    name: Arc<str>,
+    scheme: http::uri::Scheme,
     index: usize,
     healthy: AtomicBool,
     /// The live connection, cloned per request (cheap: a handle to the connection task).
@@ -68,12 +69,17 @@ impl Member {
 
     /// The member's URL, shared cheaply for log and error messages.
     pub fn name(&self) -> Arc<str> {
-        Arc::clone(&self.base_uri)
+        Arc::clone(&self.name)
     }
 
     /// Builds the URI for `path_and_query` on this member.
-    pub fn uri(&self, path_and_query: &str) -> Result<http::Uri, http::Error> {
-        http::Uri::try_from(format!("{}{}", self.base_uri, path_and_query)).map_err(http::Error::from)
+    pub fn uri(&self, path_and_query: http::uri::PathAndQuery) -> Result<http::Uri, http::Error> {
+        // Scheme, authority and path are all shared buffers: building the URI copies nothing.
+        http::Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.endpoint.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
     }
 
     fn cached_connection(&self) -> Option<SendRequest<RequestBody>> {
@@ -103,7 +109,8 @@ impl Upstream {
             .enumerate()
             .map(|(index, endpoint)| {
                 Arc::new(Member {
-                    base_uri: Arc::from(endpoint.url()),
+                    name: Arc::from(endpoint.url()),
+                    scheme: if endpoint.tls { http::uri::Scheme::HTTPS } else { http::uri::Scheme::HTTP },
                     endpoint: endpoint.clone(),
                     index,
                     healthy: AtomicBool::new(false),
@@ -234,12 +241,16 @@ impl Upstream {
     async fn check(&self, member: &Member) -> Result<(), UpstreamError> {
         let mut connection = self.connection(member).await?;
         let failed = |why: String| UpstreamError::Unhealthy { endpoint: member.endpoint.url(), why };
-        let request = Request::post(member.uri("/grpc.health.v1.Health/Check").map_err(|e| failed(e.to_string()))?)
-            .header(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"))
-            .header(http::header::TE, HeaderValue::from_static("trailers"))
-            // An empty HealthCheckRequest: no compression flag, zero length.
-            .body(RequestBody::Buffered(Some(Bytes::from_static(&[0, 0, 0, 0, 0]))))
-            .map_err(|e| failed(e.to_string()))?;
+        let request = Request::post(
+            member
+                .uri(http::uri::PathAndQuery::from_static("/grpc.health.v1.Health/Check"))
+                .map_err(|e| failed(e.to_string()))?,
+        )
+        .header(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"))
+        .header(http::header::TE, HeaderValue::from_static("trailers"))
+        // An empty HealthCheckRequest: no compression flag, zero length.
+        .body(RequestBody::Buffered(Some(Bytes::from_static(&[0, 0, 0, 0, 0]))))
+        .map_err(|e| failed(e.to_string()))?;
         let response = connection
             .send_request(request)
             .await
