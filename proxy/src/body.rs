@@ -11,7 +11,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
@@ -105,6 +107,8 @@ pub struct ResponseBody {
 enum State {
     /// Relaying etcd's response.
     Upstream(Incoming),
+    /// A response the proxy holds in full: one data chunk, then trailers.
+    Buffered { data: Option<Bytes>, trailers: Option<HeaderMap> },
     /// Nothing more to send.
     Done,
 }
@@ -162,6 +166,14 @@ impl Body for ResponseBody {
         }
         match &mut this.state {
             State::Done => Poll::Ready(None),
+            State::Buffered { data, trailers } => {
+                if let Some(data) = data.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                let trailers = trailers.take();
+                this.state = State::Done;
+                Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
+            }
             State::Upstream(incoming) => match Pin::new(incoming).poll_frame(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Some(Ok(frame))) => {
@@ -192,9 +204,83 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.state {
             State::Done => true,
+            State::Buffered { data, trailers } => data.is_none() && trailers.is_none(),
             // A trailers-only answer (an etcd error) must end with its HEADERS frame: gRPC
             // clients reject a stream that sends an empty DATA frame after such headers.
             State::Upstream(incoming) => incoming.is_end_stream(),
         }
+    }
+}
+
+/// A whole gRPC response held by the proxy: used where the proxy must read etcd's answer
+/// before answering (paged Ranges), or answers itself.
+pub struct Buffered {
+    status: http::StatusCode,
+    headers: HeaderMap,
+    data: Bytes,
+    trailers: Option<HeaderMap>,
+}
+
+impl Buffered {
+    /// Reads an upstream response to the end; a broken body becomes `Unavailable`.
+    pub async fn collect(response: http::Response<Incoming>) -> Result<Buffered, Buffered> {
+        let (parts, body) = response.into_parts();
+        match body.collect().await {
+            Ok(collected) => {
+                let trailers = collected.trailers().cloned();
+                Ok(Buffered { status: parts.status, headers: parts.headers, data: collected.to_bytes(), trailers })
+            }
+            Err(error) => Err(Buffered::status((
+                Code::Unavailable,
+                format!("etcd-compat-proxy: the connection to etcd broke while reading its answer ({error}); retry the call"),
+            ))),
+        }
+    }
+
+    /// A trailers-only answer with a status of the proxy's own.
+    pub fn status((code, message): (Code, String)) -> Buffered {
+        Buffered {
+            status: http::StatusCode::OK,
+            headers: grpc::status_headers(code, &message),
+            data: Bytes::new(),
+            trailers: None,
+        }
+    }
+
+    /// A successful answer carrying one message.
+    pub fn message_ok(message: &[u8]) -> Buffered {
+        let mut headers = HeaderMap::with_capacity(1);
+        headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+        let mut trailers = HeaderMap::with_capacity(2);
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        Buffered { status: http::StatusCode::OK, headers, data: grpc::frame(message), trailers: Some(trailers) }
+    }
+
+    /// The gRPC status, from the headers (trailers-only) or the trailers.
+    pub fn code(&self) -> Option<Code> {
+        Code::from_headers(&self.headers).or_else(|| self.trailers.as_ref().and_then(Code::from_headers))
+    }
+
+    /// The single uncompressed message of the answer, without its frame prefix.
+    pub fn message(&self) -> Option<Bytes> {
+        let header = self.data.get(..5)?;
+        let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        (header[0] == 0 && self.data.len() == 5 + length).then(|| self.data.slice(5..))
+    }
+
+    /// Turns it into the client's response, recording the call's status.
+    pub fn finish(self, mut record: CallRecord) -> http::Response<ResponseBody> {
+        let code = self.code().unwrap_or(Code::Unknown);
+        record.finish(code);
+        let state = if self.data.is_empty() && self.trailers.is_none() {
+            State::Done
+        } else {
+            State::Buffered { data: (!self.data.is_empty()).then_some(self.data), trailers: self.trailers }
+        };
+        let body = ResponseBody { state, record: Some(record), shutdown: None, member: Arc::from("") };
+        let mut response = http::Response::new(body);
+        *response.status_mut() = self.status;
+        *response.headers_mut() = self.headers;
+        response
     }
 }

@@ -109,6 +109,26 @@ pub struct StartArgs {
     #[arg(long, env = "ETCD_COMPAT_PROXY_SHUTDOWN_GRACE", value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
 
+    /// Largest message, in encoded bytes, sent to a client classified as size-limited [default: 4194304].
+    #[arg(long, env = "ETCD_COMPAT_PROXY_MAX_RESPONSE_BYTES", value_name = "BYTES")]
+    pub max_response_bytes: Option<u64>,
+
+    /// Key prefix whose oversize Range results are cut to a first page with `more=true` for limited clients that did not set `limit` (repeatable; only for clients known to follow `more`).
+    #[arg(long, env = "ETCD_COMPAT_PROXY_TRUNCATE_OVERSIZE_PREFIX", value_name = "PREFIX", value_delimiter = ',')]
+    pub truncate_oversize_prefix: Option<Vec<String>>,
+
+    /// User-agent prefix of clients that are size-limited (repeatable; replaces the default list: grpc-python/, grpc-node-js/, grpc-node/, grpc-java-, grpc-c/, grpc-ruby/, grpc-csharp/, tonic/).
+    #[arg(long, env = "ETCD_COMPAT_PROXY_LIMITED_USER_AGENT", value_name = "PREFIX", value_delimiter = ',')]
+    pub limited_user_agent: Option<Vec<String>>,
+
+    /// User-agent prefix of clients that are never size-limited, checked before every other rule (repeatable).
+    #[arg(long, env = "ETCD_COMPAT_PROXY_UNLIMITED_USER_AGENT", value_name = "PREFIX", value_delimiter = ',')]
+    pub unlimited_user_agent: Option<Vec<String>>,
+
+    /// Size-limit grpc-go clients that send no `client-api-version` metadata (clientv3 before 3.4, plain grpc-go programs) [default: true].
+    #[arg(long, env = "ETCD_COMPAT_PROXY_LIMIT_GO_WITHOUT_API_VERSION", value_name = "BOOL")]
+    pub limit_go_without_api_version: Option<bool>,
+
     // --- grpc-proxy flags that have no meaning here: accepted so unit files keep working. ---
     /// Accepted for grpc-proxy compatibility; the proxy keeps no persistent data.
     #[arg(long, env = "ETCD_COMPAT_PROXY_DATA_DIR", value_name = "DIR")]
@@ -205,6 +225,11 @@ impl StartArgs {
             dial_timeout,
             health_interval,
             shutdown_grace,
+            max_response_bytes,
+            truncate_oversize_prefix,
+            limited_user_agent,
+            unlimited_user_agent,
+            limit_go_without_api_version,
             data_dir,
             enable_pprof,
             resolver_prefix,
@@ -294,7 +319,32 @@ impl StartArgs {
             "reads go to one pinned member at a time",
         );
 
+        let max_response_bytes = self.max_response_bytes.unwrap_or(4 * 1024 * 1024);
+        if max_response_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                "max-response-bytes",
+                &max_response_bytes.to_string(),
+                "must be at least 1024; the usual gRPC limit is 4194304",
+            ));
+        }
+        let budget = crate::budget::BudgetPolicy {
+            max_response_bytes: usize::try_from(max_response_bytes).unwrap_or(usize::MAX),
+            limited_user_agents: self
+                .limited_user_agent
+                .unwrap_or_else(|| crate::budget::DEFAULT_LIMITED_USER_AGENTS.iter().map(|s| s.to_string()).collect()),
+            unlimited_user_agents: self.unlimited_user_agent.unwrap_or_default(),
+            limit_go_without_api_version: self.limit_go_without_api_version.unwrap_or(true),
+            truncate_prefixes: self
+                .truncate_oversize_prefix
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|p| !p.is_empty())
+                .map(bytes::Bytes::from)
+                .collect(),
+        };
+
         Ok(Config {
+            budget,
             endpoints,
             listen_addr,
             advertise_client_url,
@@ -351,6 +401,8 @@ pub struct Config {
     pub health_interval: Duration,
     /// How long in-flight calls may take to finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Response-size budget rules.
+    pub budget: crate::budget::BudgetPolicy,
     /// grpc-proxy flags that were set but have no effect here, to be logged once at startup.
     pub ignored_flags: Vec<IgnoredFlag>,
 }

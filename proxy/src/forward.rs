@@ -13,7 +13,11 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
-use crate::body::{CallRecord, RequestBody, ResponseBody};
+use etcd_compat_proto::etcdserverpb::{RangeRequest, RangeResponse};
+use prost::Message;
+
+use crate::body::{Buffered, CallRecord, RequestBody, ResponseBody};
+use crate::budget::{self, BudgetPolicy, ClientBudget, LimitedLog};
 use crate::error::{self, UpstreamError};
 use crate::grpc::{self, CallShape, Code, Route};
 use crate::metrics::Metrics;
@@ -26,6 +30,8 @@ const HOP_BY_HOP: [&str; 5] = ["connection", "keep-alive", "proxy-connection", "
 pub struct Forwarder {
     upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,
+    budget: BudgetPolicy,
+    limited_log: LimitedLog,
     /// Cancelled at shutdown so that long-lived streams end with a status instead of hanging.
     shutdown: CancellationToken,
 }
@@ -38,8 +44,13 @@ enum PendingBody {
 
 impl Forwarder {
     /// Creates the forwarder.
-    pub fn new(upstream: Arc<Upstream>, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Arc<Self> {
-        Arc::new(Forwarder { upstream, metrics, shutdown })
+    pub fn new(
+        upstream: Arc<Upstream>,
+        metrics: Arc<Metrics>,
+        budget: BudgetPolicy,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(Forwarder { upstream, metrics, budget, limited_log: LimitedLog::default(), shutdown })
     }
 
     /// Serves one client call; errors become gRPC statuses, never HTTP errors.
@@ -66,26 +77,115 @@ impl Forwarder {
             },
         };
 
+        if route.index == grpc::range_index() {
+            if let (ClientBudget::Limited { bytes, rule }, PendingBody::Buffered(message)) =
+                (self.budget.classify(&headers), &body)
+            {
+                if let Some(response) = self.limited_range(&headers, &path_and_query, message, bytes, &rule).await {
+                    return Ok(response.finish(record));
+                }
+            }
+        }
+
+        match self.send(&route, &path_and_query, &headers, &mut body).await {
+            Ok((response, member)) => Ok(self.relay(response, record, &route, member)),
+            Err((code, message)) => Ok(status_response(record, code, &message)),
+        }
+    }
+
+    /// Sends a request to the first member that takes it, retrying on the next one when safe.
+    async fn send(
+        &self,
+        route: &Route,
+        path_and_query: &http::uri::PathAndQuery,
+        headers: &HeaderMap,
+        body: &mut PendingBody,
+    ) -> Result<(Response<Incoming>, &Member), (Code, String)> {
         let mut failures: Vec<UpstreamError> = Vec::new();
         for member in self.upstream.attempt_order() {
             if !failures.is_empty() {
                 self.metrics.retried();
             }
-            match self.attempt(member, &path_and_query, &headers, &mut body).await {
-                Ok(response) => return Ok(self.relay(response, record, &route, member)),
+            match self.attempt(member, path_and_query, headers, body).await {
+                Ok(response) => return Ok((response, member)),
                 Err(failure) => {
                     self.upstream.mark_failed(member, &failure);
                     let retry = failure.allows_retry(route.replay) && !matches!(body, PendingBody::Streaming(None));
                     if !retry {
-                        let (code, message) = error::outcome_unknown_status(&failure);
-                        return Ok(status_response(record, code, &message));
+                        return Err(error::outcome_unknown_status(&failure));
                     }
                     failures.push(failure);
                 }
             }
         }
-        let (code, message) = error::no_member_status(&failures);
-        Ok(status_response(record, code, &message))
+        Err(error::no_member_status(&failures))
+    }
+
+    /// A Range from a client with a size budget; `None` when it is simply forwarded.
+    async fn limited_range(
+        &self,
+        headers: &HeaderMap,
+        path_and_query: &http::uri::PathAndQuery,
+        message: &Bytes,
+        budget: usize,
+        rule: &str,
+    ) -> Option<Buffered> {
+        // Compressed (flag 1) or malformed frames are left for etcd to judge.
+        let request = match message.first() {
+            Some(0) if message.len() >= 5 => RangeRequest::decode(&message[5..]).ok()?,
+            _ => return None,
+        };
+        if !budget::pageable(&request) {
+            return None;
+        }
+        let route = grpc::route(path_and_query.path());
+        let key = request.key.clone();
+        let fetch = |page: RangeRequest| {
+            let mut body = PendingBody::Buffered(grpc::frame(&page.encode_to_vec()));
+            async move {
+                let (response, _) =
+                    self.send(&route, path_and_query, headers, &mut body).await.map_err(Buffered::status)?;
+                let buffered = Buffered::collect(response).await?;
+                if buffered.code() != Some(Code::Ok) {
+                    return Err(buffered);
+                }
+                let raw = buffered.message().ok_or_else(|| {
+                    Buffered::status((
+                        Code::Internal,
+                        "etcd-compat-proxy: etcd answered a Range page without a message".to_owned(),
+                    ))
+                })?;
+                let decoded = RangeResponse::decode(raw.clone()).map_err(|e| {
+                    Buffered::status((
+                        Code::Internal,
+                        format!("etcd-compat-proxy: cannot decode etcd's Range page: {e}"),
+                    ))
+                })?;
+                Ok(budget::Page { raw, decoded })
+            }
+        };
+        let answer = budget::serve_range(&self.budget, budget, request, fetch).await;
+        let (outcome, response) = match answer {
+            budget::Answer::Raw(raw) => (budget::Outcome::Whole, Buffered::message_ok(&raw)),
+            budget::Answer::Assembled(response, outcome) => (outcome, Buffered::message_ok(&response.encode_to_vec())),
+            budget::Answer::Refused(message) => {
+                (budget::Outcome::Refused, Buffered::status((Code::ResourceExhausted, message)))
+            }
+            budget::Answer::Upstream(failed) => return Some(failed),
+        };
+        self.metrics.budget_applied(outcome, self.budget.truncate_prefix_label(&key));
+        if outcome != budget::Outcome::Whole && self.limited_log.should_log(&key) {
+            tracing::info!(
+                key = %budget::printable(&key),
+                rule,
+                budget,
+                outcome = outcome.label(),
+                "Range answer limited for a client with a message size limit"
+            );
+        } else {
+            tracing::debug!(key = %budget::printable(&key), rule, budget, outcome = outcome.label(), "limited Range");
+        }
+        Some(response)
     }
 
     /// Sends the request to one member and waits for its response headers.

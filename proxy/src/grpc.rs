@@ -168,6 +168,21 @@ pub fn route(path: &str) -> Route {
     })
 }
 
+/// Index of `/etcdserverpb.KV/Range` in the method table (the call the size budget pages).
+pub fn range_index() -> usize {
+    static RANGE: LazyLock<usize> = LazyLock::new(|| route("/etcdserverpb.KV/Range").index);
+    *RANGE
+}
+
+/// Frames one uncompressed message as gRPC does: flag byte 0, big-endian 32-bit length, bytes.
+pub fn frame(message: &[u8]) -> bytes::Bytes {
+    let mut framed = Vec::with_capacity(message.len() + 5);
+    framed.push(0);
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    bytes::Bytes::from(framed)
+}
+
 /// Builds the headers of a trailers-only gRPC response carrying an error.
 pub fn status_headers(code: Code, message: &str) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(3);

@@ -6,12 +6,14 @@
 //!   [`legacy_authority`] has repaired header blocks that old clients get wrong;
 //! - [`forward`] classifies the call by its method ([`grpc`]), picks a member from the cluster
 //!   view ([`upstream`]) and forwards the bytes, retrying on another member only when safe;
+//!   Ranges from clients with a message size limit are paged under [`budget`];
 //! - [`body`] relays etcd's answer and records the outcome in [`metrics`];
 //! - [`admin`] serves `/health` and `/metrics`; [`config`] and [`tls`] turn flags into all of this;
 //!   [`error`] is where the proxy's own failures become gRPC statuses.
 
 pub mod admin;
 pub mod body;
+pub mod budget;
 pub mod config;
 pub mod error;
 pub mod forward;

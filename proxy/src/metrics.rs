@@ -2,8 +2,10 @@
 //! allocates or locks. Request metrics use go-grpc-prometheus names so dashboards built for
 //! `etcd grpc-proxy` keep working; proxy-specific series are prefixed `etcd_compat_proxy_`.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use etcd_compat_proto::METHODS;
@@ -46,6 +48,8 @@ pub struct Metrics {
     retries: AtomicU64,
     streams_broken: AtomicU64,
     authority_repairs: AtomicU64,
+    /// Limited Range answers by (truncation prefix label, outcome); labels come from configuration.
+    budget: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
 
 impl Default for Metrics {
@@ -55,6 +59,7 @@ impl Default for Metrics {
             retries: AtomicU64::new(0),
             streams_broken: AtomicU64::new(0),
             authority_repairs: AtomicU64::new(0),
+            budget: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -87,6 +92,13 @@ impl Metrics {
     /// Counts a request whose malformed `:authority` was dropped (see `legacy_authority`).
     pub fn authority_repaired(&self) {
         self.authority_repairs.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a Range answered under a size budget.
+    pub fn budget_applied(&self, outcome: crate::budget::Outcome, prefix: String) {
+        if let Ok(mut budget) = self.budget.lock() {
+            *budget.entry((prefix, outcome.label())).or_default() += 1;
+        }
     }
 
     /// Renders everything in the Prometheus text format.
@@ -151,6 +163,15 @@ impl Metrics {
 
         out.push_str("# HELP etcd_compat_proxy_authority_repairs_total Requests from legacy clients whose malformed :authority was dropped.\n# TYPE etcd_compat_proxy_authority_repairs_total counter\n");
         let _ = writeln!(out, "etcd_compat_proxy_authority_repairs_total {}", self.authority_repairs.load(Relaxed));
+        out.push_str("# HELP etcd_compat_proxy_limited_responses_total Range answers to size-limited clients, by truncation prefix rule and outcome (whole, paged, truncated, refused).\n# TYPE etcd_compat_proxy_limited_responses_total counter\n");
+        if let Ok(budget) = self.budget.lock() {
+            for ((prefix, outcome), n) in budget.iter() {
+                let _ = writeln!(
+                    out,
+                    "etcd_compat_proxy_limited_responses_total{{prefix={prefix:?},outcome=\"{outcome}\"}} {n}"
+                );
+            }
+        }
         out.push_str("# HELP etcd_compat_proxy_upstream_healthy Whether the proxy currently considers the etcd member healthy (1) or not (0).\n# TYPE etcd_compat_proxy_upstream_healthy gauge\n");
         for member in upstream.members() {
             let _ = writeln!(

@@ -6,8 +6,11 @@ use etcd_compat_tests::EtcdVersion;
 
 use crate::support::{Deployment, Wire};
 
+/// A gRPC status as (code name, message).
+type Status = (String, String);
+
 /// The code name and message of a failed call, or a panic if it succeeded.
-fn status<T: std::fmt::Debug>(result: Result<T, etcd_client::Error>) -> (String, String) {
+fn status<T: std::fmt::Debug>(result: Result<T, etcd_client::Error>) -> Status {
     match result {
         Err(etcd_client::Error::GRpcStatus(status)) => (format!("{:?}", status.code()), status.message().to_owned()),
         other => panic!("expected a gRPC status error, got {other:?}"),
@@ -31,7 +34,7 @@ async fn same_errors(direct_endpoint: &str, proxy_endpoint: &str) {
     let head = direct.get("/errors/k", None).await.expect("get").header().expect("header").revision();
     direct.compact(head, None).await.expect("compact");
 
-    let mut cases: Vec<(&str, (String, String), (String, String))> = Vec::new();
+    let mut cases: Vec<(&str, Status, Status)> = Vec::new();
     let compacted = GetOptions::new().with_revision(head - 1);
     cases.push((
         "compacted revision",

@@ -6,4 +6,5 @@ mod etcdctl_compat;
 mod failover;
 mod harness_smoke;
 mod lifecycle;
+mod size_budget;
 mod support;

@@ -1,0 +1,363 @@
+//! Response-size budget: keeps every Range answer to a legacy client under its gRPC receive
+//! limit (field report F2: `received message larger than max (4206331 vs. 4194304)`).
+//!
+//! Most gRPC libraries refuse messages over 4 MiB unless the program raised the limit, and the
+//! programs this proxy serves cannot be rebuilt. Modern clientv3 (etcdctl 3.4+) accepts 2 GiB and
+//! must get exactly what it gets from etcd, so only clients classified as limited are touched:
+//! their Range requests are answered from pages fetched at one pinned revision, and never with a
+//! message larger than the budget. Nothing is dropped silently: a result that does not fit is
+//! either cut where the client asked for pages (`limit`, `more=true`), cut where the operator
+//! opted in per key prefix, or refused with `ResourceExhausted` and a message saying what to do.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use etcd_compat_proto::etcdserverpb::{range_request, RangeRequest, RangeResponse};
+use etcd_compat_proto::mvccpb::KeyValue;
+use http::HeaderMap;
+use prost::Message;
+
+/// User-agent prefixes of gRPC libraries whose default receive limit is 4 MiB.
+pub const DEFAULT_LIMITED_USER_AGENTS: &[&str] =
+    &["grpc-python/", "grpc-node-js/", "grpc-node/", "grpc-java-", "grpc-c/", "grpc-ruby/", "grpc-csharp/", "tonic/"];
+
+/// Keys fetched in the first page; later pages are sized from the bytes per key seen so far.
+const FIRST_PAGE_KEYS: i64 = 256;
+/// Target size of one upstream page: large enough to amortise round trips, small enough to hold.
+const PAGE_TARGET_BYTES: usize = 1024 * 1024;
+const MAX_PAGE_KEYS: i64 = 10_000;
+/// How often the same key prefix may be logged as limited.
+const LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How much a client may receive in one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientBudget {
+    /// As directly from etcd: responses are forwarded untouched.
+    Unlimited,
+    /// At most `bytes` per message; `rule` names the classification rule, for logs and metrics.
+    Limited { bytes: usize, rule: String },
+}
+
+/// The configured budget rules.
+#[derive(Debug, Clone)]
+pub struct BudgetPolicy {
+    /// The budget of limited clients, in encoded message bytes.
+    pub max_response_bytes: usize,
+    /// User-agent prefixes that are limited.
+    pub limited_user_agents: Vec<String>,
+    /// User-agent prefixes that are never limited (checked first).
+    pub unlimited_user_agents: Vec<String>,
+    /// Limit grpc-go clients that do not send `client-api-version` (clientv3 before 3.4 and
+    /// hand-written grpc-go programs, whose library default is 4 MiB).
+    pub limit_go_without_api_version: bool,
+    /// Key prefixes whose oversize results may be cut to a first page with `more=true` even
+    /// when the client did not ask for pages (for clients known to follow `more`).
+    pub truncate_prefixes: Vec<Bytes>,
+}
+
+impl BudgetPolicy {
+    /// Decides a client's budget from its request metadata.
+    pub fn classify(&self, headers: &HeaderMap) -> ClientBudget {
+        let user_agent = headers.get(http::header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if self.unlimited_user_agents.iter().any(|p| user_agent.starts_with(p.as_str())) {
+            return ClientBudget::Unlimited;
+        }
+        if let Some(prefix) = self.limited_user_agents.iter().find(|p| user_agent.starts_with(p.as_str())) {
+            return ClientBudget::Limited { bytes: self.max_response_bytes, rule: format!("user-agent {prefix}") };
+        }
+        if self.limit_go_without_api_version
+            && user_agent.starts_with("grpc-go/")
+            && !headers.contains_key("client-api-version")
+        {
+            return ClientBudget::Limited {
+                bytes: self.max_response_bytes,
+                rule: "grpc-go without client-api-version".to_owned(),
+            };
+        }
+        ClientBudget::Unlimited
+    }
+
+    /// The metrics label for a key: the truncation prefix rule it falls under, or "none".
+    pub fn truncate_prefix_label(&self, key: &[u8]) -> String {
+        self.truncation_allowed(key).map_or_else(|| "none".to_owned(), |p| String::from_utf8_lossy(p).into_owned())
+    }
+
+    fn truncation_allowed(&self, key: &[u8]) -> Option<&Bytes> {
+        self.truncate_prefixes.iter().find(|prefix| key.starts_with(prefix))
+    }
+}
+
+/// What a limited Range ended as, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Everything fit in the budget.
+    Whole,
+    /// The client asked for pages and got fewer keys than its limit, `more=true`.
+    Paged,
+    /// Cut to a first page under an operator's truncation opt-in.
+    Truncated,
+    /// Refused with `ResourceExhausted`.
+    Refused,
+}
+
+impl Outcome {
+    /// Label value for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Whole => "whole",
+            Outcome::Paged => "paged",
+            Outcome::Truncated => "truncated",
+            Outcome::Refused => "refused",
+        }
+    }
+}
+
+/// One upstream page: etcd's raw message bytes and its decoded form.
+pub struct Page {
+    /// The encoded RangeResponse as etcd sent it (without the gRPC frame prefix).
+    pub raw: Bytes,
+    /// The same, decoded.
+    pub decoded: RangeResponse,
+}
+
+/// The answer to a limited Range.
+pub enum Answer<E> {
+    /// etcd's own message, untouched (the whole result fit in the first page).
+    Raw(Bytes),
+    /// A message assembled from pages.
+    Assembled(RangeResponse, Outcome),
+    /// Refused: the message for `ResourceExhausted`.
+    Refused(String),
+    /// An upstream page failed; its answer goes to the client as etcd sent it.
+    Upstream(E),
+}
+
+/// Whether a Range can be served page by page with a key cursor: etcd applies `limit` after
+/// sorting and filtering, so other requests are forwarded as they are.
+pub fn pageable(request: &RangeRequest) -> bool {
+    let default_order = request.sort_order == range_request::SortOrder::None as i32
+        || (request.sort_order == range_request::SortOrder::Ascend as i32
+            && request.sort_target == range_request::SortTarget::Key as i32);
+    default_order
+        && !request.count_only
+        && request.min_mod_revision == 0
+        && request.max_mod_revision == 0
+        && request.min_create_revision == 0
+        && request.max_create_revision == 0
+        && !request.range_end.is_empty()
+}
+
+/// Encoded size of a length-delimited field with `len` bytes of content (tag + length + content).
+fn field_size(len: usize) -> usize {
+    1 + prost::encoding::encoded_len_varint(len as u64) + len
+}
+
+/// Serves a limited Range from pages fetched by `fetch`, all at the first page's revision.
+pub async fn serve_range<E, F, Fut>(
+    policy: &BudgetPolicy,
+    budget: usize,
+    request: RangeRequest,
+    mut fetch: F,
+) -> Answer<E>
+where
+    F: FnMut(RangeRequest) -> Fut,
+    Fut: Future<Output = Result<Page, E>>,
+{
+    let client_limit = request.limit.max(0);
+    let mut page_keys = if client_limit > 0 { client_limit.min(FIRST_PAGE_KEYS) } else { FIRST_PAGE_KEYS };
+    let mut cursor = request.key.clone();
+    let mut revision = request.revision;
+    let mut first: Option<RangeResponse> = None;
+    let mut kvs: Vec<KeyValue> = Vec::new();
+    // Encoded size of the response being assembled.
+    let mut size = 0usize;
+    let mut full = false;
+    // Bytes of the whole result and its largest entry, counted while scanning past the budget.
+    let mut total_bytes = 0usize;
+    let mut largest: Option<(Bytes, usize)> = None;
+
+    loop {
+        let page_request = RangeRequest { key: cursor.clone(), limit: page_keys, revision, ..request.clone() };
+        let Page { raw, decoded } = match fetch(page_request).await {
+            Ok(page) => page,
+            Err(error) => return Answer::Upstream(error),
+        };
+        if first.is_none() {
+            // The first page is exactly etcd's answer to the client's own request when it asked
+            // for no more keys than the page held; then etcd's bytes go back untouched.
+            let same_as_asked = (client_limit > 0 && page_keys == client_limit) || !decoded.more;
+            if same_as_asked && raw.len() <= budget {
+                return Answer::Raw(raw);
+            }
+            revision = decoded.header.as_ref().map_or(0, |h| h.revision);
+            let mut skeleton = decoded.clone();
+            skeleton.kvs.clear();
+            skeleton.more = true;
+            size = skeleton.encoded_len();
+            first = Some(skeleton);
+        }
+        let page_more = decoded.more;
+        let page_len = decoded.kvs.len();
+        let mut page_bytes = 0;
+        for kv in decoded.kvs {
+            let kv_size = field_size(kv.encoded_len());
+            page_bytes += kv_size;
+            total_bytes += kv_size;
+            cursor = next_key(&kv.key);
+            if largest.as_ref().is_none_or(|(_, s)| kv_size > *s) {
+                largest = Some((kv.key.clone(), kv_size));
+            }
+            if full || (client_limit > 0 && kvs.len() as i64 >= client_limit) || size + kv_size > budget {
+                full = true;
+                continue;
+            }
+            size += kv_size;
+            kvs.push(kv);
+        }
+        if !page_more || page_len == 0 {
+            break;
+        }
+        // Settled: the client pages, or the operator allowed a cut. Otherwise the refusal should
+        // say how big the result really is, so scanning goes on without holding anything.
+        if full && (client_limit > 0 || policy.truncation_allowed(&request.key).is_some()) {
+            break;
+        }
+        let average = (page_bytes / page_len.max(1)).max(1);
+        let mut next = (PAGE_TARGET_BYTES / average) as i64;
+        if client_limit > 0 && !full {
+            next = next.min(client_limit - kvs.len() as i64 + 1);
+        }
+        page_keys = next.clamp(1, MAX_PAGE_KEYS);
+    }
+
+    let Some(mut response) = first else {
+        return Answer::Refused("etcd-compat-proxy: etcd returned no page for the range".to_owned());
+    };
+    if kvs.is_empty() && full {
+        let (key, key_size) = largest.unwrap_or_default();
+        return Answer::Refused(format!(
+            "etcd-compat-proxy: the key {} alone is {key_size} bytes with its value, more than this client's limit of {budget} bytes per message; read it with a client whose gRPC receive limit is larger",
+            printable(&key)
+        ));
+    }
+    response.more = (kvs.len() as i64) < response.count;
+    response.kvs = kvs;
+    if !full {
+        return Answer::Assembled(response, Outcome::Whole);
+    }
+    if client_limit > 0 {
+        return Answer::Assembled(response, Outcome::Paged);
+    }
+    if policy.truncation_allowed(&request.key).is_some() {
+        return Answer::Assembled(response, Outcome::Truncated);
+    }
+    let mut skeleton = response;
+    skeleton.kvs.clear();
+    Answer::Refused(format!(
+        "etcd-compat-proxy: the range from {} holds {} keys, {} bytes encoded, more than this client's limit of {budget} bytes per message; read it in pages with `limit` (`more` and `count` in each response tell when to stop), raise the client's gRPC receive limit, or let the proxy return a first page for this key prefix with --truncate-oversize-prefix",
+        printable(&request.key),
+        skeleton.count,
+        total_bytes + skeleton.encoded_len(),
+    ))
+}
+
+/// The smallest key after `key`.
+fn next_key(key: &[u8]) -> Bytes {
+    let mut next = Vec::with_capacity(key.len() + 1);
+    next.extend_from_slice(key);
+    next.push(0);
+    Bytes::from(next)
+}
+
+/// A key for messages: UTF-8 as text, otherwise escaped; long keys shortened.
+pub fn printable(key: &[u8]) -> String {
+    let text: String = String::from_utf8_lossy(key).chars().flat_map(char::escape_debug).take(200).collect();
+    format!("\"{text}\"")
+}
+
+/// Rate-limits the "limited response" log line per key prefix.
+#[derive(Default)]
+pub struct LimitedLog {
+    last: Mutex<HashMap<Vec<u8>, Instant>>,
+}
+
+impl LimitedLog {
+    /// Whether a line about `key` may be logged now.
+    pub fn should_log(&self, key: &[u8]) -> bool {
+        let Ok(mut last) = self.last.lock() else { return false };
+        let now = Instant::now();
+        if last.len() > 10_000 {
+            last.retain(|_, at| now.duration_since(*at) < LOG_INTERVAL);
+        }
+        match last.get(key) {
+            Some(at) if now.duration_since(*at) < LOG_INTERVAL => false,
+            _ => {
+                last.insert(key.to_vec(), now);
+                true
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> BudgetPolicy {
+        BudgetPolicy {
+            max_response_bytes: 4 << 20,
+            limited_user_agents: DEFAULT_LIMITED_USER_AGENTS.iter().map(|s| s.to_string()).collect(),
+            unlimited_user_agents: vec!["grpc-python/9".into()],
+            limit_go_without_api_version: true,
+            truncate_prefixes: vec![Bytes::from_static(b"/jobs/")],
+        }
+    }
+
+    fn headers(user_agent: &str, api_version: bool) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::USER_AGENT, user_agent.parse().unwrap());
+        if api_version {
+            headers.insert("client-api-version", "3.5".parse().unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn classification() {
+        let p = policy();
+        let limited = |rule: &str| ClientBudget::Limited { bytes: 4 << 20, rule: rule.to_owned() };
+        assert_eq!(
+            p.classify(&headers("grpc-python/1.62.3 grpc-c/39.0.0 (linux; chttp2)", false)),
+            limited("user-agent grpc-python/")
+        );
+        assert_eq!(p.classify(&headers("grpc-node-js/1.9.0", false)), limited("user-agent grpc-node-js/"));
+        assert_eq!(p.classify(&headers("grpc-go/1.7.5", false)), limited("grpc-go without client-api-version"));
+        assert_eq!(p.classify(&headers("etcdctl grpc-go/1.26.0", true)), ClientBudget::Unlimited);
+        assert_eq!(p.classify(&headers("grpc-go/1.41.0", true)), ClientBudget::Unlimited);
+        assert_eq!(p.classify(&headers("grpc-python/9.0", false)), ClientBudget::Unlimited);
+        assert_eq!(p.classify(&HeaderMap::new()), ClientBudget::Unlimited);
+        assert_eq!(p.truncate_prefix_label(b"/jobs/a"), "/jobs/");
+        assert_eq!(p.truncate_prefix_label(b"/other"), "none");
+    }
+
+    #[test]
+    fn only_key_ordered_unfiltered_ranges_are_paged() {
+        let prefix = RangeRequest { key: "/a/".into(), range_end: "/a0".into(), ..Default::default() };
+        assert!(pageable(&prefix));
+        assert!(!pageable(&RangeRequest { range_end: Bytes::new(), ..prefix.clone() }));
+        assert!(!pageable(&RangeRequest { count_only: true, ..prefix.clone() }));
+        assert!(!pageable(&RangeRequest { sort_order: range_request::SortOrder::Descend as i32, ..prefix.clone() }));
+        assert!(!pageable(&RangeRequest { max_mod_revision: 9, ..prefix.clone() }));
+        let by_key = RangeRequest { sort_order: range_request::SortOrder::Ascend as i32, ..prefix };
+        assert!(pageable(&by_key));
+    }
+
+    #[test]
+    fn printable_keys() {
+        assert_eq!(printable(b"/jobs/a"), "\"/jobs/a\"");
+        assert_eq!(printable(b"a\nb"), "\"a\\nb\"");
+    }
+}
