@@ -10,11 +10,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use prost::Message;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::grpc::{self, Code};
@@ -102,6 +103,8 @@ pub struct ResponseBody {
     shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     /// Names the member in the message of a broken stream.
     member: Arc<str>,
+    /// For Watch streams of size-limited clients: splits oversize messages.
+    splitter: Option<WatchSplitter>,
 }
 
 enum State {
@@ -130,13 +133,20 @@ impl ResponseBody {
             record: Some(record),
             shutdown: shutdown.map(Box::pin),
             member,
+            splitter: None,
         }
+    }
+
+    /// Splits watch responses larger than `budget` bytes (for clients with a message size limit).
+    pub fn split_watch_responses(mut self, budget: usize) -> Self {
+        self.splitter = Some(WatchSplitter { budget, pending: BytesMut::new() });
+        self
     }
 
     /// An empty body, for trailers-only responses produced by the proxy.
     pub fn empty(mut record: CallRecord, code: Code) -> Self {
         record.finish(code);
-        ResponseBody { state: State::Done, record: Some(record), shutdown: None, member: Arc::from("") }
+        ResponseBody { state: State::Done, record: Some(record), shutdown: None, member: Arc::from(""), splitter: None }
     }
 
     fn end_with(&mut self, code: Code, message: &str) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
@@ -176,6 +186,18 @@ impl Body for ResponseBody {
             }
             State::Upstream(incoming) => match Pin::new(incoming).poll_frame(cx) {
                 Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) if frame.is_data() && this.splitter.is_some() => {
+                    let (Ok(data), Some(splitter)) = (frame.into_data(), this.splitter.as_mut()) else {
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::new()))));
+                    };
+                    let (out, split) = splitter.feed(data);
+                    if split > 0 {
+                        if let Some(record) = this.record.as_ref() {
+                            record.metrics().watch_responses_split(split);
+                        }
+                    }
+                    Poll::Ready(Some(Ok(Frame::data(out))))
+                }
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(trailers) = frame.trailers_ref() {
                         let code = Code::from_headers(trailers).unwrap_or(Code::Unknown);
@@ -277,10 +299,66 @@ impl Buffered {
         } else {
             State::Buffered { data: (!self.data.is_empty()).then_some(self.data), trailers: self.trailers }
         };
-        let body = ResponseBody { state, record: Some(record), shutdown: None, member: Arc::from("") };
+        let body = ResponseBody { state, record: Some(record), shutdown: None, member: Arc::from(""), splitter: None };
         let mut response = http::Response::new(body);
         *response.status_mut() = self.status;
         *response.headers_mut() = self.headers;
         response
+    }
+}
+
+/// Reassembles gRPC messages of a Watch response stream and splits those over the budget.
+struct WatchSplitter {
+    budget: usize,
+    /// Bytes of an incomplete message.
+    pending: BytesMut,
+}
+
+impl WatchSplitter {
+    /// Takes the next DATA chunk; returns what can be sent now and how many messages were split.
+    fn feed(&mut self, data: Bytes) -> (Bytes, u64) {
+        if self.pending.is_empty() && self.whole_messages_within_budget(&data) {
+            return (data, 0);
+        }
+        self.pending.extend_from_slice(&data);
+        let mut out = BytesMut::new();
+        let mut split = 0;
+        while self.pending.len() >= 5 {
+            let length =
+                u32::from_be_bytes([self.pending[1], self.pending[2], self.pending[3], self.pending[4]]) as usize;
+            if self.pending.len() < 5 + length {
+                break;
+            }
+            let message = self.pending.split_to(5 + length);
+            let parts = (message[0] == 0 && length > self.budget)
+                .then(|| etcd_compat_proto::etcdserverpb::WatchResponse::decode(&message[5..]).ok())
+                .flatten();
+            match parts {
+                Some(response) => {
+                    split += 1;
+                    for part in crate::budget::split_watch_response(response, self.budget) {
+                        out.extend_from_slice(&grpc::frame(&part.encode_to_vec()));
+                    }
+                }
+                None => out.extend_from_slice(&message),
+            }
+        }
+        (out.freeze(), split)
+    }
+
+    /// Whether `data` is a run of complete messages none of which is over the budget (the common case).
+    fn whole_messages_within_budget(&self, data: &[u8]) -> bool {
+        let mut rest = data;
+        while !rest.is_empty() {
+            if rest.len() < 5 {
+                return false;
+            }
+            let length = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+            if length > self.budget || rest.len() < 5 + length {
+                return false;
+            }
+            rest = &rest[5 + length..];
+        }
+        true
     }
 }

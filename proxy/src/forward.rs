@@ -87,8 +87,22 @@ impl Forwarder {
             }
         }
 
+        // Watch responses grow with the data too: limited clients get oversize ones split.
+        let split_watch = match route.index == grpc::watch_index() {
+            true => match self.budget.classify(&headers) {
+                ClientBudget::Limited { bytes, .. } => Some(bytes),
+                ClientBudget::Unlimited => None,
+            },
+            false => None,
+        };
         match self.send(&route, &path_and_query, &headers, &mut body).await {
-            Ok((response, member)) => Ok(self.relay(response, record, &route, member)),
+            Ok((response, member)) => {
+                let relayed = self.relay(response, record, &route, member);
+                Ok(match split_watch {
+                    Some(budget) => relayed.map(|body| body.split_watch_responses(budget)),
+                    None => relayed,
+                })
+            }
             Err((code, message)) => Ok(status_response(record, code, &message)),
         }
     }

@@ -174,6 +174,12 @@ pub fn range_index() -> usize {
     *RANGE
 }
 
+/// Index of `/etcdserverpb.Watch/Watch` in the method table.
+pub fn watch_index() -> usize {
+    static WATCH: LazyLock<usize> = LazyLock::new(|| route("/etcdserverpb.Watch/Watch").index);
+    *WATCH
+}
+
 /// Frames one uncompressed message as gRPC does: flag byte 0, big-endian 32-bit length, bytes.
 pub fn frame(message: &[u8]) -> bytes::Bytes {
     let mut framed = Vec::with_capacity(message.len() + 5);

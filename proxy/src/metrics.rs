@@ -48,6 +48,7 @@ pub struct Metrics {
     retries: AtomicU64,
     streams_broken: AtomicU64,
     authority_repairs: AtomicU64,
+    watch_splits: AtomicU64,
     /// Limited Range answers by (truncation prefix label, outcome); labels come from configuration.
     budget: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
@@ -59,6 +60,7 @@ impl Default for Metrics {
             retries: AtomicU64::new(0),
             streams_broken: AtomicU64::new(0),
             authority_repairs: AtomicU64::new(0),
+            watch_splits: AtomicU64::new(0),
             budget: Mutex::new(BTreeMap::new()),
         }
     }
@@ -92,6 +94,11 @@ impl Metrics {
     /// Counts a request whose malformed `:authority` was dropped (see `legacy_authority`).
     pub fn authority_repaired(&self) {
         self.authority_repairs.fetch_add(1, Relaxed);
+    }
+
+    /// Counts watch responses split for size-limited clients.
+    pub fn watch_responses_split(&self, n: u64) {
+        self.watch_splits.fetch_add(n, Relaxed);
     }
 
     /// Counts a Range answered under a size budget.
@@ -172,6 +179,8 @@ impl Metrics {
                 );
             }
         }
+        out.push_str("# HELP etcd_compat_proxy_watch_responses_split_total Watch responses larger than a limited client's budget, split into several.\n# TYPE etcd_compat_proxy_watch_responses_split_total counter\n");
+        let _ = writeln!(out, "etcd_compat_proxy_watch_responses_split_total {}", self.watch_splits.load(Relaxed));
         out.push_str("# HELP etcd_compat_proxy_upstream_healthy Whether the proxy currently considers the etcd member healthy (1) or not (0).\n# TYPE etcd_compat_proxy_upstream_healthy gauge\n");
         for member in upstream.members() {
             let _ = writeln!(

@@ -5,8 +5,11 @@ usage: range_client.py HOST:PORT MODE PREFIX
   get_prefix  etcd3's own get_prefix (no limit): "OK <keys>" or "ERROR <code> <details>"
   paged LIMIT Range with `limit`, following `more`: "PAGES <pages> KEYS <keys> UNIQUE <unique> MAXMSG <bytes>"
   once        one Range without limit: "ONCE <keys> MORE <more> COUNT <count> MSG <bytes>"
+  watch N     watch the prefix, print "READY" once created, then after N events (or an error)
+              "WATCH MESSAGES <m> EVENTS <n> UNIQUE <u> ORDERED <bool> MAXMSG <bytes>"
 """
 import sys
+import threading
 
 import etcd3
 import grpc
@@ -15,6 +18,32 @@ from etcd3.etcdrpc import rpc_pb2
 
 def prefix_end(prefix):
     return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+def watch(client, prefix, expected):
+    # The library's own stub (its Watcher keeps it private), so responses are seen one by one.
+    stop = threading.Event()
+
+    def requests():
+        create = rpc_pb2.WatchCreateRequest(key=prefix, range_end=prefix_end(prefix))
+        yield rpc_pb2.WatchRequest(create_request=create)
+        # Keep the request stream open: closing it would end the watch.
+        stop.wait()
+
+    messages, biggest, keys = 0, 0, []
+    try:
+        for response in client.watcher._watch_stub.Watch(requests()):
+            if response.created:
+                print("READY", flush=True)
+                continue
+            messages += 1
+            biggest = max(biggest, response.ByteSize())
+            keys.extend(event.kv.key for event in response.events)
+            if len(keys) >= expected:
+                break
+    finally:
+        stop.set()
+    print(f"WATCH MESSAGES {messages} EVENTS {len(keys)} UNIQUE {len(set(keys))} ORDERED {keys == sorted(keys)} MAXMSG {biggest}")
 
 
 def main():
@@ -42,6 +71,8 @@ def main():
         elif mode == "once":
             response = client.kvstub.Range(rpc_pb2.RangeRequest(key=prefix, range_end=prefix_end(prefix)))
             print(f"ONCE {len(response.kvs)} MORE {response.more} COUNT {response.count} MSG {response.ByteSize()}")
+        elif mode == "watch":
+            watch(client, prefix, int(sys.argv[4]))
         else:
             print(f"USAGE unknown mode {mode}")
     except grpc.RpcError as error:

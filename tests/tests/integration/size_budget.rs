@@ -3,10 +3,11 @@
 //! instead of the gRPC size error when it doesn't, and a first page where the operator opted in;
 //! etcdctl (unlimited) still gets everything, as directly.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 
-use etcd_client::Client;
-use etcd_compat_tests::{etcd3_python, etcdctl_ok, workspace_root, EtcdVersion};
+use etcd_client::{Client, Txn, TxnOp};
+use etcd_compat_tests::{etcd3_python, etcdctl_ok, workspace_root, ClusterSpec, EtcdVersion};
 
 use crate::support::{metric, Deployment, Wire};
 
@@ -135,4 +136,68 @@ fn a_single_key_larger_than_the_budget_is_named() {
         python(&deployment.endpoint, &["once", "/small/"]),
         "ONCE 3 MORE False COUNT 3 MSG ".to_owned() + &field(&python(&direct, &["once", "/small/"]), "MSG")
     );
+}
+
+/// Starts the Python watcher on `prefix`, waits for READY, runs `write`, returns its result line.
+fn python_watch(endpoint: &str, prefix: &str, events: usize, write: impl FnOnce()) -> String {
+    let script = workspace_root().join("tests/python/range_client.py");
+    let mut child = Command::new("timeout")
+        .arg("60")
+        .arg(etcd3_python())
+        .arg(script)
+        .arg(endpoint.trim_start_matches("http://"))
+        .args(["watch", prefix, &events.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python watcher");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("a line").expect("utf8"), "READY");
+    write();
+    let result = lines.next().expect("a result line").expect("utf8");
+    let _ = child.wait();
+    result
+}
+
+fn watch_receives_a_5_mib_transaction(version: EtcdVersion) {
+    // One revision of 600 x 9 KiB needs a cluster that accepts such a transaction.
+    let spec = ClusterSpec::new(version, 1).with_extra_args(["--max-txn-ops=1000", "--max-request-bytes=10485760"]);
+    let deployment = Deployment::start_with(spec, Wire::Plain, &[]);
+    let direct = deployment.cluster.client_urls()[0].clone();
+    let big_transaction = |prefix: &'static str| {
+        let direct = direct.clone();
+        move || {
+            let runtime = tokio::runtime::Runtime::new().expect("runtime");
+            runtime.block_on(async {
+                let mut client = Client::connect([direct.as_str()], None).await.expect("connect");
+                let value = vec![b'w'; VALUE_BYTES];
+                let puts: Vec<TxnOp> =
+                    (0..KEYS).map(|i| TxnOp::put(format!("{prefix}{i:04}"), value.clone(), None)).collect();
+                client.txn(Txn::new().and_then(puts)).await.expect("5 MiB transaction");
+            });
+        }
+    };
+
+    // Directly, the legacy client's watch dies on the oversize message.
+    let failed = python_watch(&direct, "/direct/", KEYS, big_transaction("/direct/"));
+    assert!(failed.starts_with("ERROR RESOURCE_EXHAUSTED ") && failed.contains("larger than max"), "{failed}");
+
+    // Through the proxy: every event once, in order, in messages under the limit.
+    let watched = python_watch(&deployment.endpoint, "/watched/", KEYS, big_transaction("/watched/"));
+    assert_eq!(field(&watched, "MESSAGES"), "2", "{watched}");
+    assert_eq!(field(&watched, "EVENTS"), "600", "{watched}");
+    assert_eq!(field(&watched, "UNIQUE"), "600", "{watched}");
+    assert_eq!(field(&watched, "ORDERED"), "True", "{watched}");
+    assert!(field(&watched, "MAXMSG").parse::<usize>().expect("size") <= 4_194_304, "{watched}");
+    let (_, metrics) = deployment.proxy.http_get("/metrics");
+    assert_eq!(metric(&metrics, "etcd_compat_proxy_watch_responses_split_total"), Some(1.0));
+}
+
+#[test]
+fn watch_receives_a_5_mib_transaction_3_4() {
+    watch_receives_a_5_mib_transaction(EtcdVersion::V3_4);
+}
+
+#[test]
+fn watch_receives_a_5_mib_transaction_3_5() {
+    watch_receives_a_5_mib_transaction(EtcdVersion::V3_5);
 }
