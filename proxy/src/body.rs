@@ -105,6 +105,8 @@ pub struct ResponseBody {
     member: Arc<str>,
     /// For Watch streams of size-limited clients: splits oversize messages.
     splitter: Option<WatchSplitter>,
+    /// For other answers to size-limited clients: the largest message allowed through.
+    guard: Option<usize>,
 }
 
 enum State {
@@ -134,7 +136,15 @@ impl ResponseBody {
             shutdown: shutdown.map(Box::pin),
             member,
             splitter: None,
+            guard: None,
         }
+    }
+
+    /// Refuses (with `ResourceExhausted`) an answer whose message is larger than `budget`, before
+    /// any of it is sent: the client's gRPC library would fail on it with a less helpful error.
+    pub fn refuse_messages_over(mut self, budget: usize) -> Self {
+        self.guard = Some(budget);
+        self
     }
 
     /// Splits watch responses larger than `budget` bytes (for clients with a message size limit).
@@ -146,7 +156,14 @@ impl ResponseBody {
     /// An empty body, for trailers-only responses produced by the proxy.
     pub fn empty(mut record: CallRecord, code: Code) -> Self {
         record.finish(code);
-        ResponseBody { state: State::Done, record: Some(record), shutdown: None, member: Arc::from(""), splitter: None }
+        ResponseBody {
+            state: State::Done,
+            record: Some(record),
+            shutdown: None,
+            member: Arc::from(""),
+            splitter: None,
+            guard: None,
+        }
     }
 
     fn end_with(&mut self, code: Code, message: &str) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
@@ -197,6 +214,22 @@ impl Body for ResponseBody {
                         }
                     }
                     Poll::Ready(Some(Ok(Frame::data(out))))
+                }
+                Poll::Ready(Some(Ok(frame))) if frame.is_data() && this.guard.is_some() => {
+                    let budget = this.guard.take().unwrap_or(usize::MAX);
+                    let oversize = frame
+                        .data_ref()
+                        .and_then(|data| data.get(..5))
+                        .map(|header| u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize);
+                    match oversize {
+                        Some(length) if length > budget => {
+                            let message = format!(
+                                "etcd-compat-proxy: etcd's answer is a {length}-byte message, more than this client's limit of {budget} bytes per message; read large results with paged Range calls (`limit`) or raise the client's gRPC receive limit"
+                            );
+                            this.end_with(Code::ResourceExhausted, &message)
+                        }
+                        _ => Poll::Ready(Some(Ok(frame))),
+                    }
                 }
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(trailers) = frame.trailers_ref() {
@@ -299,7 +332,14 @@ impl Buffered {
         } else {
             State::Buffered { data: (!self.data.is_empty()).then_some(self.data), trailers: self.trailers }
         };
-        let body = ResponseBody { state, record: Some(record), shutdown: None, member: Arc::from(""), splitter: None };
+        let body = ResponseBody {
+            state,
+            record: Some(record),
+            shutdown: None,
+            member: Arc::from(""),
+            splitter: None,
+            guard: None,
+        };
         let mut response = http::Response::new(body);
         *response.status_mut() = self.status;
         *response.headers_mut() = self.headers;

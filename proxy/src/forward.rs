@@ -87,8 +87,10 @@ impl Forwarder {
             }
         }
 
-        // Watch responses grow with the data too: limited clients get oversize ones split.
-        let split_watch = match route.index == grpc::watch_index() {
+        // Watch responses grow with the data: limited clients get oversize ones split. Other
+        // single answers (Txn with ranges, sorted Ranges) cannot be cut, so oversize ones are
+        // refused with a clear status instead of the client library's size error.
+        let limit = match route.index == grpc::watch_index() || route.shape == CallShape::Unary {
             true => match self.budget.classify(&headers) {
                 ClientBudget::Limited { bytes, .. } => Some(bytes),
                 ClientBudget::Unlimited => None,
@@ -98,8 +100,11 @@ impl Forwarder {
         match self.send(&route, &path_and_query, &headers, &mut body).await {
             Ok((response, member)) => {
                 let relayed = self.relay(response, record, &route, member);
-                Ok(match split_watch {
-                    Some(budget) => relayed.map(|body| body.split_watch_responses(budget)),
+                Ok(match limit {
+                    Some(budget) if route.index == grpc::watch_index() => {
+                        relayed.map(|body| body.split_watch_responses(budget))
+                    }
+                    Some(budget) => relayed.map(|body| body.refuse_messages_over(budget)),
                     None => relayed,
                 })
             }

@@ -5,6 +5,7 @@ usage: range_client.py HOST:PORT MODE PREFIX
   get_prefix  etcd3's own get_prefix (no limit): "OK <keys>" or "ERROR <code> <details>"
   paged LIMIT Range with `limit`, following `more`: "PAGES <pages> KEYS <keys> UNIQUE <unique> MAXMSG <bytes>"
   once        one Range without limit: "ONCE <keys> MORE <more> COUNT <count> MSG <bytes>"
+  txn         one Txn whose success branch ranges over the prefix: "TXN <keys>" or "ERROR ..."
   watch N     watch the prefix, print "READY" once created, then after N events (or an error)
               "WATCH MESSAGES <m> EVENTS <n> UNIQUE <u> ORDERED <bool> MAXMSG <bytes>"
 """
@@ -71,6 +72,10 @@ def main():
         elif mode == "once":
             response = client.kvstub.Range(rpc_pb2.RangeRequest(key=prefix, range_end=prefix_end(prefix)))
             print(f"ONCE {len(response.kvs)} MORE {response.more} COUNT {response.count} MSG {response.ByteSize()}")
+        elif mode == "txn":
+            get = rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=prefix, range_end=prefix_end(prefix)))
+            response = client.kvstub.Txn(rpc_pb2.TxnRequest(success=[get]))
+            print(f"TXN {len(response.responses[0].response_range.kvs)}")
         elif mode == "watch":
             watch(client, prefix, int(sys.argv[4]))
         else:

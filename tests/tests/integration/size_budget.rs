@@ -88,6 +88,15 @@ fn legacy_client_reads_a_5_mib_prefix(version: EtcdVersion) {
     assert_eq!((field(&once, "MORE"), field(&once, "COUNT")), ("True".to_owned(), "600".to_owned()), "{once}");
     assert!(field(&once, "MSG").parse::<usize>().expect("size") <= 4_194_304, "{once}");
 
+    // A transaction's ranges cannot be paged: an oversize answer is refused before it is sent.
+    let txn = python(proxy, &["txn", "/jobs/"]);
+    let (start, end) = (
+        "ERROR RESOURCE_EXHAUSTED etcd-compat-proxy: etcd's answer is a ",
+        "-byte message, more than this client's limit of 4194304 bytes per message; read large results with paged Range calls (`limit`) or raise the client's gRPC receive limit",
+    );
+    assert!(txn.starts_with(start) && txn.ends_with(end), "{txn}");
+    assert_eq!(python(proxy, &["txn", "/nothing/"]), "TXN 0");
+
     // etcdctl (grpc-go with client-api-version, 2 GiB limit) gets everything, as directly.
     for ctl in [EtcdVersion::V3_4, EtcdVersion::V3_5] {
         let through_proxy = etcdctl_ok(ctl, proxy, None, &["get", "--prefix", "/jobs/"]);
