@@ -11,7 +11,7 @@ use std::time::Duration;
 use etcd_compat_proto::METHODS;
 
 use crate::grpc::{Code, ALL_CODES};
-use crate::upstream::Upstream;
+use crate::upstream::{Member, Upstream};
 
 /// Latency bucket upper bounds in seconds.
 const BUCKETS: [f64; 14] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
@@ -40,6 +40,9 @@ struct MethodStats {
     handled: [AtomicU64; ALL_CODES.len()],
     latency: Histogram,
 }
+
+/// One per-member series: name (after the prefix), Prometheus type, help text, value.
+type MemberSeries = (&'static str, &'static str, &'static str, fn(&Member) -> u64);
 
 /// All counters of one proxy process.
 pub struct Metrics {
@@ -181,32 +184,33 @@ impl Metrics {
         }
         out.push_str("# HELP etcd_compat_proxy_watch_responses_split_total Watch responses larger than a limited client's budget, split into several.\n# TYPE etcd_compat_proxy_watch_responses_split_total counter\n");
         let _ = writeln!(out, "etcd_compat_proxy_watch_responses_split_total {}", self.watch_splits.load(Relaxed));
-        out.push_str("# HELP etcd_compat_proxy_upstream_healthy Whether the proxy currently considers the etcd member healthy (1) or not (0).\n# TYPE etcd_compat_proxy_upstream_healthy gauge\n");
-        for member in upstream.members() {
-            let _ = writeln!(
-                out,
-                "etcd_compat_proxy_upstream_healthy{{endpoint=\"{}\"}} {}",
-                member.endpoint.url(),
-                u8::from(member.is_healthy())
-            );
-        }
-        out.push_str("# HELP etcd_compat_proxy_upstream_requests_total Requests sent to each etcd member.\n# TYPE etcd_compat_proxy_upstream_requests_total counter\n");
-        for member in upstream.members() {
-            let _ = writeln!(
-                out,
-                "etcd_compat_proxy_upstream_requests_total{{endpoint=\"{}\"}} {}",
-                member.endpoint.url(),
-                member.stats.requests.load(Relaxed)
-            );
-        }
-        out.push_str("# HELP etcd_compat_proxy_upstream_failures_total Connection failures and failed health checks of each etcd member.\n# TYPE etcd_compat_proxy_upstream_failures_total counter\n");
-        for member in upstream.members() {
-            let _ = writeln!(
-                out,
-                "etcd_compat_proxy_upstream_failures_total{{endpoint=\"{}\"}} {}",
-                member.endpoint.url(),
-                member.stats.failures.load(Relaxed)
-            );
+        let per_member: [MemberSeries; 3] = [
+            (
+                "upstream_healthy",
+                "gauge",
+                "Whether the proxy currently considers the etcd member healthy (1) or not (0).",
+                |m| u64::from(m.is_healthy()),
+            ),
+            ("upstream_requests_total", "counter", "Requests sent to each etcd member.", |m| {
+                m.stats.requests.load(Relaxed)
+            }),
+            (
+                "upstream_failures_total",
+                "counter",
+                "Connection failures and failed health checks of each etcd member.",
+                |m| m.stats.failures.load(Relaxed),
+            ),
+        ];
+        for (name, kind, help, value) in per_member {
+            let _ = writeln!(out, "# HELP etcd_compat_proxy_{name} {help}\n# TYPE etcd_compat_proxy_{name} {kind}");
+            for member in upstream.members() {
+                let _ = writeln!(
+                    out,
+                    "etcd_compat_proxy_{name}{{endpoint=\"{}\"}} {}",
+                    member.endpoint.url(),
+                    value(member)
+                );
+            }
         }
         out
     }
