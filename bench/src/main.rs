@@ -1,0 +1,236 @@
+//! etcd-compat-bench: one etcd 3.4 member measured directly, through `etcd grpc-proxy` and
+//! through etcd-compat-proxy, in one run. Targets alternate within every round so that the
+//! noise of a shared machine lands on all of them alike, and the report compares them by ratio.
+
+mod procfs;
+mod report;
+mod stats;
+mod targets;
+mod workloads;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use clap::Parser;
+use etcd_compat_tests::{workspace_root, EtcdVersion};
+
+use crate::report::{RunInfo, TargetRow, WorkloadResult};
+use crate::stats::{format_latency, format_rate};
+use crate::targets::{TargetKind, Targets};
+use crate::workloads::{RunContext, Workload};
+
+/// Set by scripts/bench.sh to the command the user typed, for the report.
+const INVOCATION_ENV: &str = "BENCH_INVOCATION";
+
+/// Command line of the benchmark.
+#[derive(Debug, Parser)]
+#[command(
+    name = "etcd-compat-bench",
+    about = "Benchmarks etcd 3.4 directly, through etcd grpc-proxy and through etcd-compat-proxy in one run"
+)]
+struct Args {
+    /// Measured rounds per workload and target; the report shows the median round.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Length of each measured window, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Load applied before each window opens, in seconds.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Only run workloads whose name contains this text (repeatable).
+    #[arg(long, value_name = "SUBSTRING")]
+    only: Vec<String>,
+    /// Smoke run: 1 round, 1 s windows, 0.5 s warm-up (overrides --rounds, --seconds, --warmup).
+    #[arg(long)]
+    quick: bool,
+    /// Puts per second of the watch workloads' writer.
+    #[arg(long, default_value_t = 100)]
+    watch_rate: u32,
+    /// Where to write the markdown report [default: <workspace>/bench/RESULTS.md].
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// The etcd-compat-proxy binary [default: next to this binary].
+    #[arg(long, value_name = "FILE")]
+    proxy_bin: Option<PathBuf>,
+}
+
+/// Timing of every run, after --quick is applied.
+struct Settings {
+    rounds: usize,
+    warmup: Duration,
+    window: Duration,
+    watch_rate: u32,
+}
+
+impl Settings {
+    fn from_args(args: &Args) -> Result<Settings> {
+        let (rounds, seconds, warmup) =
+            if args.quick { (1, 1.0, 0.5) } else { (args.rounds, args.seconds, args.warmup) };
+        ensure!(rounds >= 1, "--rounds must be at least 1");
+        ensure!(seconds > 0.0 && seconds.is_finite(), "--seconds must be positive");
+        ensure!(warmup >= 0.0 && warmup.is_finite(), "--warmup must not be negative");
+        ensure!(args.watch_rate >= 1, "--watch-rate must be at least 1");
+        Ok(Settings {
+            rounds,
+            warmup: Duration::from_secs_f64(warmup),
+            window: Duration::from_secs_f64(seconds),
+            watch_rate: args.watch_rate,
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("etcd-compat-bench: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let settings = Settings::from_args(&args)?;
+    let selected = select_workloads(&args.only)?;
+    let proxy_bin = match &args.proxy_bin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe().context("locating this binary")?.with_file_name("etcd-compat-proxy"),
+    };
+    ensure!(
+        proxy_bin.is_file(),
+        "{} not found: build it (cargo build --release -p etcd-compat-proxy) or pass --proxy-bin",
+        proxy_bin.display()
+    );
+    if cfg!(debug_assertions) {
+        eprintln!("warning: this is a debug build of the load generator; scripts/bench.sh builds --release");
+    }
+    let workspace = workspace_root();
+    let output = args.output.clone().unwrap_or_else(|| workspace.join("bench").join("RESULTS.md"));
+    let command = std::env::var(INVOCATION_ENV).unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" "));
+    let mut info = RunInfo {
+        rounds: settings.rounds,
+        warmup: settings.warmup,
+        window: settings.window,
+        watch_rate: settings.watch_rate,
+        ..RunInfo::collect(&workspace, &EtcdVersion::V3_4.etcd_bin(), command)
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
+    eprintln!("starting etcd {} and both proxies", info.etcd_version);
+    let mut targets = Targets::start(&proxy_bin)?;
+    let data_dir = targets.etcd_data_dir();
+    let medium = if data_dir.starts_with("/dev/shm") { "tmpfs" } else { "disk" };
+    info.etcd_data_dir = format!("on {medium} ({})", data_dir.display());
+    let started = Instant::now();
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            outcome = bench(&mut targets, &selected, &settings) => outcome,
+            signal = interrupted() => Err(anyhow!("interrupted by {signal}")),
+        }
+    });
+    // Connections and tasks go before the processes they talk to.
+    drop(runtime);
+    drop(targets);
+    let (results, notes) = outcome?;
+
+    let markdown = report::render(&info, &selected, &results, &notes, started.elapsed());
+    println!("{markdown}");
+    std::fs::write(&output, &markdown).with_context(|| format!("writing {}", output.display()))?;
+    eprintln!("wrote {}", output.display());
+    Ok(())
+}
+
+fn select_workloads(only: &[String]) -> Result<Vec<Workload>> {
+    let all = workloads::all();
+    if only.is_empty() {
+        return Ok(all);
+    }
+    let names: Vec<&str> = all.iter().map(|workload| workload.name).collect();
+    let selected: Vec<Workload> =
+        all.into_iter().filter(|workload| only.iter().any(|text| workload.name.contains(text.as_str()))).collect();
+    if selected.is_empty() {
+        bail!("--only {only:?} matches no workload; the workloads are: {}", names.join(", "));
+    }
+    Ok(selected)
+}
+
+/// Runs every selected workload: round by round, each round visiting every target in turn.
+async fn bench(
+    targets: &mut Targets,
+    selected: &[Workload],
+    settings: &Settings,
+) -> Result<(Vec<WorkloadResult>, Vec<String>)> {
+    let control = workloads::connect(&targets.etcd_endpoint()).await?;
+    workloads::populate(&control).await?;
+    targets.wait_ready().await?;
+    let mut compacted = 0;
+    workloads::compact(&control, &mut compacted).await?;
+
+    let mut results = Vec::new();
+    let mut notes = Vec::new();
+    for workload in selected {
+        let mut rows: Vec<TargetRow> = TargetKind::ALL.iter().map(|&kind| TargetRow::new(kind)).collect();
+        for round in 1..=settings.rounds {
+            for row in rows.iter_mut().filter(|row| row.failure.is_none()) {
+                let label = row.kind.label();
+                let (endpoint, pids, restarted) = targets.prepare(row.kind).await?;
+                if let Some(note) = restarted {
+                    eprintln!("  {note}");
+                    notes.push(format!("before round {round} of `{}`: {note}", workload.name));
+                }
+                let ctx = RunContext {
+                    endpoint,
+                    control: control.clone(),
+                    pids,
+                    warmup: settings.warmup,
+                    window: settings.window,
+                    watch_rate: settings.watch_rate,
+                };
+                let prefix = format!("[{}] round {round}/{} {label}", workload.name, settings.rounds);
+                match workloads::run(workload, &ctx).await {
+                    Ok(measurement) => {
+                        let latency = |value: Option<Duration>| value.map_or_else(|| "-".to_owned(), format_latency);
+                        eprintln!(
+                            "{prefix}: {} {} (p50 {}, p99 {})",
+                            format_rate(measurement.throughput()),
+                            workload.unit,
+                            latency(measurement.p50),
+                            latency(measurement.p99)
+                        );
+                        row.rounds.push(measurement);
+                    }
+                    Err(error) => {
+                        let problems = targets.log_problems(row.kind);
+                        let message = if problems.is_empty() {
+                            format!("round {round}: {error:#}")
+                        } else {
+                            format!("round {round}: {error:#} [last problems in the {label} log: {problems}]")
+                        };
+                        eprintln!("{prefix}: FAILED: {message}");
+                        row.failure = Some(message);
+                    }
+                }
+                workloads::compact(&control, &mut compacted).await?;
+            }
+        }
+        results.push(WorkloadResult { name: workload.name, unit: workload.unit, rows });
+    }
+    Ok((results, notes))
+}
+
+/// Resolves on SIGINT, SIGTERM or SIGHUP, so that the processes are still killed on the way out.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup())) {
+        (Ok(mut interrupt), Ok(mut terminate), Ok(mut hangup)) => tokio::select! {
+            _ = interrupt.recv() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+            _ = hangup.recv() => "SIGHUP",
+        },
+        // Without handlers the default actions apply; the bench then cannot clean up itself.
+        _ => std::future::pending().await,
+    }
+}

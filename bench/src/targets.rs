@@ -1,0 +1,204 @@
+//! The three targets: one etcd member, `etcd grpc-proxy` and etcd-compat-proxy in front of it.
+//!
+//! Every process is owned by a harness type that kills it when dropped, so nothing outlives
+//! the bench, whether it returns, fails or panics.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use etcd_compat_tests::{ClusterSpec, EtcdCluster, EtcdVersion, ProxyProcess};
+use tempfile::TempDir;
+
+use crate::workloads::{self, Pids};
+
+/// How long a proxy gets to answer its first gRPC request after its port opened.
+const GRPC_READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Which server the load generator talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    /// The etcd member itself.
+    Direct,
+    /// `etcd grpc-proxy start` (the same etcd 3.4 binary).
+    GrpcProxy,
+    /// This repository's proxy.
+    CompatProxy,
+}
+
+impl TargetKind {
+    /// Every target, in the order each round visits them.
+    pub const ALL: [TargetKind; 3] = [TargetKind::Direct, TargetKind::GrpcProxy, TargetKind::CompatProxy];
+
+    /// Name used in the table.
+    pub fn label(self) -> &'static str {
+        match self {
+            TargetKind::Direct => "direct",
+            TargetKind::GrpcProxy => "grpc-proxy",
+            TargetKind::CompatProxy => "etcd-compat-proxy",
+        }
+    }
+}
+
+/// A proxy process plus what it takes to start it again if it dies mid-bench.
+struct ManagedProxy {
+    kind: TargetKind,
+    bin: PathBuf,
+    args: Vec<String>,
+    process: ProxyProcess,
+}
+
+impl ManagedProxy {
+    fn start(kind: TargetKind, bin: &Path, args: Vec<String>) -> Result<ManagedProxy> {
+        let process = ProxyProcess::start(bin, args.clone())
+            .with_context(|| format!("starting {} ({} {})", kind.label(), bin.display(), args.join(" ")))?;
+        Ok(ManagedProxy { kind, bin: bin.to_path_buf(), args, process })
+    }
+
+    /// Starts the proxy again if it exited; returns a description of what happened if so.
+    fn ensure_running(&mut self) -> Result<Option<String>> {
+        // A zero timeout makes wait_exit a non-blocking "has it exited?" check.
+        let Ok(status) = self.process.wait_exit(Duration::ZERO) else {
+            return Ok(None);
+        };
+        let tail = last_lines(&self.process.log_contents(), 5);
+        let replacement = ProxyProcess::start(&self.bin, self.args.clone())
+            .with_context(|| format!("restarting {} after it exited with {status}", self.kind.label()))?;
+        self.process = replacement;
+        Ok(Some(format!("{} had exited ({status}) and was restarted; its log ended with: {}", self.kind.label(), tail)))
+    }
+}
+
+/// The etcd member and both proxies in front of it.
+pub struct Targets {
+    // Proxies are declared first so they are dropped (killed) before etcd.
+    grpc_proxy: ManagedProxy,
+    compat_proxy: ManagedProxy,
+    cluster: EtcdCluster,
+    /// `--data-dir` of grpc-proxy, so it never writes into the working directory.
+    _grpc_proxy_dir: TempDir,
+}
+
+impl Targets {
+    /// Starts etcd 3.4 (one member) and both proxies; blocks until each accepts connections.
+    pub fn start(compat_proxy_bin: &Path) -> Result<Targets> {
+        let cluster =
+            EtcdCluster::start(ClusterSpec::new(EtcdVersion::V3_4, 1)).context("starting the etcd 3.4 member")?;
+        let member = cluster.client_addrs()[0].to_string();
+        let etcd_bin = EtcdVersion::V3_4.etcd_bin();
+
+        let grpc_proxy_dir = tempfile::Builder::new()
+            .prefix("etcd-compat-bench-grpc-proxy-")
+            .tempdir()
+            .context("creating a temp dir")?;
+        let grpc_proxy = ManagedProxy::start(
+            TargetKind::GrpcProxy,
+            &etcd_bin,
+            vec![
+                "grpc-proxy".to_owned(),
+                "start".to_owned(),
+                format!("--endpoints={member}"),
+                format!("--data-dir={}", grpc_proxy_dir.path().display()),
+            ],
+        )?;
+        let compat_proxy = ManagedProxy::start(
+            TargetKind::CompatProxy,
+            compat_proxy_bin,
+            vec!["start".to_owned(), format!("--endpoints={member}")],
+        )?;
+        Ok(Targets { grpc_proxy, compat_proxy, cluster, _grpc_proxy_dir: grpc_proxy_dir })
+    }
+
+    /// Data directory of the etcd member.
+    pub fn etcd_data_dir(&self) -> PathBuf {
+        self.cluster.member(0).data_dir
+    }
+
+    /// Client URL of the etcd member.
+    pub fn etcd_endpoint(&self) -> String {
+        self.cluster.client_urls()[0].clone()
+    }
+
+    fn proxy(&mut self, kind: TargetKind) -> Option<&mut ManagedProxy> {
+        match kind {
+            TargetKind::Direct => None,
+            TargetKind::GrpcProxy => Some(&mut self.grpc_proxy),
+            TargetKind::CompatProxy => Some(&mut self.compat_proxy),
+        }
+    }
+
+    /// Checks that etcd still runs (fatal if not) and restarts the proxy of `kind` if it died;
+    /// returns the target's endpoint, the pids to sample and a note about any restart.
+    pub async fn prepare(&mut self, kind: TargetKind) -> Result<(String, Pids, Option<String>)> {
+        if !self.cluster.is_running(0) {
+            bail!("the etcd member exited; its log:\n{}", self.cluster.log_contents(0));
+        }
+        let etcd = self.cluster.member(0).pid.ok_or_else(|| anyhow!("the etcd member has no pid"))?;
+        let Some(proxy) = self.proxy(kind) else {
+            return Ok((self.etcd_endpoint(), Pids { etcd, proxy: None }, None));
+        };
+        // Starting a proxy polls with blocking sleeps; keep them off the async workers.
+        let note = tokio::task::block_in_place(|| proxy.ensure_running())?;
+        let endpoint = proxy.process.endpoint();
+        let pids = Pids { etcd, proxy: Some(proxy.process.pid()) };
+        if note.is_some() {
+            wait_grpc_ready(kind, &endpoint).await?;
+        }
+        Ok((endpoint, pids, note))
+    }
+
+    /// Waits until both proxies answer a real Range, not just accept TCP.
+    pub async fn wait_ready(&mut self) -> Result<()> {
+        for kind in [TargetKind::GrpcProxy, TargetKind::CompatProxy] {
+            let (endpoint, _, _) = self.prepare(kind).await?;
+            wait_grpc_ready(kind, &endpoint).await?;
+        }
+        Ok(())
+    }
+
+    /// The last warnings or errors a proxy logged, for failure messages: its log directory is
+    /// deleted when the bench exits, so a path would point nowhere, and routine info lines would
+    /// only bury the message. Empty for the direct target or a proxy that logged no problem.
+    pub fn log_problems(&mut self, kind: TargetKind) -> String {
+        let Some(proxy) = self.proxy(kind) else {
+            return String::new();
+        };
+        let log = proxy.process.log_contents();
+        let problems: Vec<&str> = log
+            .lines()
+            .filter(|line| {
+                let lower = line.to_ascii_lowercase();
+                ["warn", "error", "panic", "fatal"].iter().any(|word| lower.contains(word))
+            })
+            .collect();
+        last_lines(&problems.join("\n"), 3)
+    }
+}
+
+/// The last `count` non-empty lines of `text`, joined with " / " to fit in one table note.
+fn last_lines(text: &str, count: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|line| !line.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(count)..].join(" / ")
+}
+
+async fn wait_grpc_ready(kind: TargetKind, endpoint: &str) -> Result<()> {
+    let deadline = Instant::now() + GRPC_READY_TIMEOUT;
+    loop {
+        let attempt = async {
+            let client = workloads::connect(endpoint).await?;
+            client.kv_client().get("bench/ready", None).await.context("Range")?;
+            anyhow::Ok(())
+        };
+        let error = match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(error)) => error,
+            Err(_) => anyhow!("no answer within 2 s"),
+        };
+        if Instant::now() >= deadline {
+            return Err(
+                error.context(format!("{} at {endpoint} not serving within {GRPC_READY_TIMEOUT:?}", kind.label()))
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

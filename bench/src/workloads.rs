@@ -1,0 +1,808 @@
+//! The workloads, and the in-process load generator that runs one of them against one target.
+//!
+//! Every target gets exactly the same client code (etcd-client over tonic), so the client's own
+//! cost is identical in each row and cancels out of the ratios.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, KvClient, LeaseClient, WatchClient, WatchOptions};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::{timeout, timeout_at, MissedTickBehavior};
+
+use crate::procfs;
+
+/// Longest any single request may take; a slower one fails the run instead of dragging it.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Decoding limit for every client stub: the 3.5 MiB range is close to tonic's 4 MiB default.
+const MAX_DECODE: usize = 16 << 20;
+/// How long workers may take to finish after the window closes (in-flight ops included).
+const STOP_GRACE: Duration = Duration::from_secs(12);
+/// How long the watchers get to register with the target.
+const WATCH_SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long watchers may lag behind the writer once it stopped before events count as lost.
+const WATCH_DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// Lease TTL of the keep-alive workload: long enough that no lease expires during a run.
+const LEASE_TTL: i64 = 60;
+
+/// Value size of the put and small range workloads.
+pub const VALUE_LEN: usize = 256;
+/// Keys the put workloads spread their writes over.
+const PUT_KEYS: u64 = 1000;
+const PUT_PREFIX: &str = "bench/put/";
+const ONE_KEY: &str = "bench/one";
+const R1000_PREFIX: &str = "bench/r1000/";
+const R1000_KEYS: usize = 1000;
+const BIG_PREFIX: &str = "bench/big/";
+const BIG_KEYS: usize = 350;
+const BIG_VALUE_LEN: usize = 10 * 1024;
+const WATCH_KEY: &str = "bench/watch";
+/// The watch writer's values: an 8-byte send timestamp, padded.
+const WATCH_VALUE_LEN: usize = 64;
+
+/// One named workload of the table.
+pub struct Workload {
+    /// Name used in the table and matched by `--only`.
+    pub name: &'static str,
+    /// Unit of the throughput column.
+    pub unit: &'static str,
+    /// What the latency columns measure, for the report's notes.
+    pub about: &'static str,
+    /// What the load generator does.
+    pub kind: Kind,
+}
+
+/// The shape of a workload.
+pub enum Kind {
+    /// `concurrency` workers, each issuing one request at a time, over `conns` connections.
+    Unary { concurrency: usize, conns: usize, op: UnaryOp },
+    /// `watchers` watch streams on one key over `conns` connections, fed by a steady writer.
+    Watch { watchers: usize, conns: usize },
+    /// `streams` LeaseKeepAlive streams, each with one keep-alive in flight at a time.
+    KeepAlive { streams: usize, conns: usize },
+}
+
+/// The request a unary worker repeats.
+#[derive(Clone)]
+pub enum UnaryOp {
+    /// Put a [`VALUE_LEN`]-byte value to one of [`PUT_KEYS`] keys.
+    Put,
+    /// Range over pre-populated data and check the answer.
+    Get(Query),
+}
+
+/// A Range request together with the answer it must get.
+#[derive(Clone)]
+pub struct Query {
+    key: &'static str,
+    prefix: bool,
+    serializable: bool,
+    count: usize,
+    value_len: usize,
+}
+
+/// Every workload, in table order.
+pub fn all() -> Vec<Workload> {
+    let get = |concurrency, query| Kind::Unary { concurrency, conns: 1, op: UnaryOp::Get(query) };
+    let one_key = |serializable| Query { key: ONE_KEY, prefix: false, serializable, count: 1, value_len: VALUE_LEN };
+    vec![
+        Workload {
+            name: "put 256B c64 conn1",
+            unit: "ops/s",
+            about: "64 concurrent Puts of 256 B values over 1000 keys, one connection; latency per Put",
+            kind: Kind::Unary { concurrency: 64, conns: 1, op: UnaryOp::Put },
+        },
+        Workload {
+            name: "put 256B c64 conn8",
+            unit: "ops/s",
+            about: "as above over 8 connections (8 workers each)",
+            kind: Kind::Unary { concurrency: 64, conns: 8, op: UnaryOp::Put },
+        },
+        Workload {
+            name: "range 1key serializable",
+            unit: "ops/s",
+            about: "64 concurrent serializable Gets of one 256 B key, one connection",
+            kind: get(64, one_key(true)),
+        },
+        Workload {
+            name: "range 1key linearizable",
+            unit: "ops/s",
+            about: "64 concurrent linearizable Gets of one 256 B key, one connection",
+            kind: get(64, one_key(false)),
+        },
+        Workload {
+            name: "range 1000 keys",
+            unit: "ops/s",
+            about: "16 concurrent linearizable Gets of a 1000-key prefix (256 B values, ~270 KB answers), one connection",
+            kind: get(
+                16,
+                Query { key: R1000_PREFIX, prefix: true, serializable: false, count: R1000_KEYS, value_len: VALUE_LEN },
+            ),
+        },
+        Workload {
+            name: "range 3.5MiB",
+            unit: "ops/s",
+            about: "4 concurrent linearizable Gets of a 350-key prefix of 10 KiB values (3.4 MiB answers), one connection",
+            kind: get(
+                4,
+                Query { key: BIG_PREFIX, prefix: true, serializable: false, count: BIG_KEYS, value_len: BIG_VALUE_LEN },
+            ),
+        },
+        Workload {
+            name: "watch fanout 100",
+            unit: "events/s",
+            about: "100 watch streams on one key over 10 connections; latency is Put sent -> event received",
+            kind: Kind::Watch { watchers: 100, conns: 10 },
+        },
+        Workload {
+            name: "watch fanout 1000",
+            unit: "events/s",
+            about: "1000 watch streams on one key over 10 connections; latency is Put sent -> event received",
+            kind: Kind::Watch { watchers: 1000, conns: 10 },
+        },
+        Workload {
+            name: "lease keepalive",
+            unit: "keep-alives/s",
+            about: "64 LeaseKeepAlive streams on one connection, next keep-alive sent when the previous answer arrives; latency per keep-alive",
+            kind: Kind::KeepAlive { streams: 64, conns: 1 },
+        },
+    ]
+}
+
+/// Processes whose CPU time is sampled around the measured window.
+#[derive(Debug, Clone, Copy)]
+pub struct Pids {
+    /// The etcd member.
+    pub etcd: u32,
+    /// The proxy in front of it, if the target is one.
+    pub proxy: Option<u32>,
+}
+
+/// Everything a run needs to know about its target and the timing.
+pub struct RunContext {
+    /// Client URL of the target (etcd itself or a proxy).
+    pub endpoint: String,
+    /// A client connected straight to etcd, for work that must not go through the target.
+    pub control: Client,
+    /// Processes to sample.
+    pub pids: Pids,
+    /// Load before the window opens.
+    pub warmup: Duration,
+    /// Length of the measured window.
+    pub window: Duration,
+    /// Puts per second of the watch writer.
+    pub watch_rate: u32,
+}
+
+/// The outcome of one measured window.
+#[derive(Debug, Clone)]
+pub struct Measurement {
+    /// Operations (or events) completed inside the window.
+    pub ops: u64,
+    /// Actual window length.
+    pub elapsed: Duration,
+    /// Median latency of the operations completed in the window.
+    pub p50: Option<Duration>,
+    /// 99th percentile latency.
+    pub p99: Option<Duration>,
+    /// CPU time etcd used during the window.
+    pub etcd_cpu: Duration,
+    /// CPU time the proxy used during the window.
+    pub proxy_cpu: Option<Duration>,
+    /// Proxy resident memory when the window closed.
+    pub proxy_rss: Option<u64>,
+}
+
+impl Measurement {
+    /// Operations (or events) per second.
+    pub fn throughput(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Runs `workload` once against the target described by `ctx`.
+pub async fn run(workload: &Workload, ctx: &RunContext) -> Result<Measurement> {
+    let measurement = match &workload.kind {
+        Kind::Unary { concurrency, conns, op } => run_unary(ctx, *concurrency, *conns, op).await?,
+        Kind::Watch { watchers, conns } => run_watch(ctx, *watchers, *conns).await?,
+        Kind::KeepAlive { streams, conns } => run_keepalive(ctx, *streams, *conns).await?,
+    };
+    // A target that answers nothing must not show up as a slow success.
+    ensure!(measurement.ops > 0, "no operation completed within the {:?} window", ctx.window);
+    Ok(measurement)
+}
+
+/// Connects a client with the settings every target gets.
+pub async fn connect(endpoint: &str) -> Result<Client> {
+    let options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(5));
+    Client::connect([endpoint], Some(options)).await.with_context(|| format!("connecting to {endpoint}"))
+}
+
+/// `count` independent clients, i.e. `count` HTTP/2 connections.
+async fn connect_many(endpoint: &str, count: usize) -> Result<Vec<Client>> {
+    let mut clients = Vec::with_capacity(count);
+    for _ in 0..count {
+        clients.push(connect(endpoint).await?);
+    }
+    Ok(clients)
+}
+
+/// Writes the data the range workloads read, through `control`, and checks it reads back.
+pub async fn populate(control: &Client) -> Result<()> {
+    let mut kv = control.kv_client();
+    kv.put(ONE_KEY, vec![b'o'; VALUE_LEN], None).await.context("writing the single range key")?;
+    const WRITERS: usize = 8;
+    let mut writers = JoinSet::new();
+    for shard in 0..WRITERS {
+        let mut kv = control.kv_client();
+        writers.spawn(async move {
+            for index in (shard..R1000_KEYS).step_by(WRITERS) {
+                kv.put(format!("{R1000_PREFIX}{index:04}"), vec![b'r'; VALUE_LEN], None).await?;
+            }
+            for index in (shard..BIG_KEYS).step_by(WRITERS) {
+                kv.put(format!("{BIG_PREFIX}{index:03}"), vec![b'b'; BIG_VALUE_LEN], None).await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(result) = writers.join_next().await {
+        result.context("a populating task died")?.context("populating the range data")?;
+    }
+    let mut kv = kv.max_decoding_message_size(MAX_DECODE);
+    for workload in all() {
+        if let Kind::Unary { op: UnaryOp::Get(query), .. } = &workload.kind {
+            query.execute(&mut kv).await.with_context(|| format!("checking the data of {:?}", workload.name))?;
+        }
+    }
+    Ok(())
+}
+
+/// Compacts etcd's history up to now and waits until the compaction is physically done, so
+/// that one run's garbage is neither carried into nor cleaned up during the next run.
+pub async fn compact(control: &Client, compacted: &mut i64) -> Result<()> {
+    let mut kv = control.kv_client();
+    let revision = kv
+        .get(ONE_KEY, Some(GetOptions::new().with_count_only()))
+        .await
+        .context("reading the current revision")?
+        .header()
+        .map(|header| header.revision())
+        .ok_or_else(|| anyhow!("Range answer without a header"))?;
+    if revision > *compacted {
+        let options = etcd_client::CompactionOptions::new().with_physical();
+        kv.compact(revision, Some(options)).await.with_context(|| format!("compacting to revision {revision}"))?;
+        *compacted = revision;
+    }
+    Ok(())
+}
+
+impl Query {
+    fn options(&self) -> GetOptions {
+        let mut options = GetOptions::new();
+        if self.prefix {
+            options = options.with_prefix();
+        }
+        if self.serializable {
+            options = options.with_serializable();
+        }
+        options
+    }
+
+    /// Sends the Range and checks that the answer has the expected keys and value sizes.
+    async fn execute(&self, kv: &mut KvClient) -> Result<()> {
+        let response = kv.get(self.key, Some(self.options())).await.with_context(|| format!("Range {}", self.key))?;
+        let kvs = response.kvs();
+        ensure!(
+            response.count() == self.count as i64 && kvs.len() == self.count,
+            "Range {} returned count {} with {} key-values, expected {}",
+            self.key,
+            response.count(),
+            kvs.len(),
+            self.count
+        );
+        if let Some(bad) =
+            kvs.iter().find(|kv| kv.value().len() != self.value_len || !kv.key().starts_with(self.key.as_bytes()))
+        {
+            bail!(
+                "Range {} returned key {:?} with a {}-byte value, expected keys under {:?} with {}-byte values",
+                self.key,
+                String::from_utf8_lossy(bad.key()),
+                bad.value().len(),
+                self.key,
+                self.value_len
+            );
+        }
+        Ok(())
+    }
+}
+
+impl UnaryOp {
+    async fn execute(&self, kv: &mut KvClient, key_index: u64) -> Result<()> {
+        match self {
+            UnaryOp::Put => {
+                let key = format!("{PUT_PREFIX}{:04}", key_index % PUT_KEYS);
+                let response = kv.put(key, vec![b'p'; VALUE_LEN], None).await.context("Put")?;
+                let revision = response.header().map_or(0, |header| header.revision());
+                ensure!(revision > 0, "Put answered without a revision");
+                Ok(())
+            }
+            UnaryOp::Get(query) => query.execute(kv).await,
+        }
+    }
+}
+
+/// State shared by the controller and the load-generating tasks of one run.
+#[derive(Default)]
+struct Shared {
+    /// Set while the window is open: only then are latencies recorded.
+    measuring: AtomicBool,
+    /// Tells the workers to finish.
+    stop: AtomicBool,
+    /// Operations (or events) completed so far, window or not.
+    done: AtomicU64,
+    failed: AtomicBool,
+    first_error: Mutex<Option<String>>,
+}
+
+impl Shared {
+    /// Records `error` (the first one wins) and makes everyone wind down.
+    fn fail(&self, error: anyhow::Error) {
+        let mut first = self.first_error.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if first.is_none() {
+            *first = Some(format!("{error:#}"));
+        }
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    fn error(&self) -> Option<String> {
+        self.first_error.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    fn record(&self, latencies: &mut Vec<u64>, started: Instant) {
+        if self.measuring.load(Ordering::Relaxed) {
+            latencies.push(nanos(started.elapsed()));
+        }
+        self.done.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Counters and CPU times at one instant.
+struct Sample {
+    at: Instant,
+    done: u64,
+    etcd_cpu: Duration,
+    proxy_cpu: Option<Duration>,
+}
+
+impl Sample {
+    fn take(pids: Pids, shared: &Shared) -> Result<Sample> {
+        Ok(Sample {
+            at: Instant::now(),
+            done: shared.done.load(Ordering::Relaxed),
+            etcd_cpu: procfs::cpu_time(pids.etcd).context("sampling etcd")?,
+            proxy_cpu: pids.proxy.map(procfs::cpu_time).transpose().context("sampling the proxy")?,
+        })
+    }
+}
+
+/// The raw numbers of a window, before latencies are attached.
+struct Window {
+    ops: u64,
+    elapsed: Duration,
+    etcd_cpu: Duration,
+    proxy_cpu: Option<Duration>,
+    proxy_rss: Option<u64>,
+}
+
+/// Warms up, then samples counters and CPU around a window of `ctx.window`. Returns early
+/// with the failure if a worker reports one.
+async fn measure_window(ctx: &RunContext, shared: &Shared) -> Result<Window> {
+    sleep_unless_failed(ctx.warmup, shared).await?;
+    let before = Sample::take(ctx.pids, shared)?;
+    shared.measuring.store(true, Ordering::Relaxed);
+    let slept = sleep_unless_failed(ctx.window, shared).await;
+    shared.measuring.store(false, Ordering::Relaxed);
+    slept?;
+    let after = Sample::take(ctx.pids, shared)?;
+    let proxy_rss = ctx.pids.proxy.map(procfs::rss_bytes).transpose().context("reading the proxy's RSS")?;
+    Ok(Window {
+        ops: after.done - before.done,
+        elapsed: after.at - before.at,
+        etcd_cpu: after.etcd_cpu.saturating_sub(before.etcd_cpu),
+        proxy_cpu: after.proxy_cpu.zip(before.proxy_cpu).map(|(after, before)| after.saturating_sub(before)),
+        proxy_rss,
+    })
+}
+
+/// Sleeps for `duration` in short steps so that a worker's failure ends the run at once.
+async fn sleep_unless_failed(duration: Duration, shared: &Shared) -> Result<()> {
+    let deadline = Instant::now() + duration;
+    loop {
+        if shared.failed() {
+            bail!("{}", shared.error().unwrap_or_else(|| "a worker failed".to_owned()));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        tokio::time::sleep(left.min(Duration::from_millis(50))).await;
+    }
+}
+
+/// Joins every worker (aborting them after `grace`) and returns their latencies, sorted;
+/// any worker failure becomes the run's error.
+async fn collect(
+    workers: &mut JoinSet<Vec<u64>>,
+    shared: &Shared,
+    grace: Duration,
+    stuck: impl FnOnce() -> String,
+) -> Result<Vec<u64>> {
+    let deadline = tokio::time::Instant::now() + grace;
+    let mut latencies = Vec::new();
+    loop {
+        match timeout_at(deadline, workers.join_next()).await {
+            Ok(Some(Ok(mut more))) => latencies.append(&mut more),
+            Ok(Some(Err(join_error))) => shared.fail(anyhow!("a load-generator task died: {join_error}")),
+            Ok(None) => break,
+            Err(_) => {
+                workers.abort_all();
+                shared.fail(anyhow!("{}", stuck()));
+                break;
+            }
+        }
+    }
+    if let Some(error) = shared.error() {
+        bail!("{error}");
+    }
+    latencies.sort_unstable();
+    Ok(latencies)
+}
+
+fn finish(window: Window, latencies: &[u64]) -> Measurement {
+    let at = |p| crate::stats::percentile(latencies, p).map(Duration::from_nanos);
+    Measurement {
+        ops: window.ops,
+        elapsed: window.elapsed,
+        p50: at(50.0),
+        p99: at(99.0),
+        etcd_cpu: window.etcd_cpu,
+        proxy_cpu: window.proxy_cpu,
+        proxy_rss: window.proxy_rss,
+    }
+}
+
+// ------------------------------------------------------------------ unary
+
+async fn run_unary(ctx: &RunContext, concurrency: usize, conns: usize, op: &UnaryOp) -> Result<Measurement> {
+    let clients = connect_many(&ctx.endpoint, conns).await?;
+    let shared = Arc::new(Shared::default());
+    let mut workers = JoinSet::new();
+    for worker in 0..concurrency {
+        let kv = clients[worker % conns].kv_client().max_decoding_message_size(MAX_DECODE);
+        workers.spawn(unary_worker(worker, concurrency, kv, op.clone(), shared.clone()));
+    }
+    let window = measure_window(ctx, &shared).await;
+    shared.stop.store(true, Ordering::Relaxed);
+    let latencies = collect(&mut workers, &shared, STOP_GRACE, || {
+        format!("requests still in flight {STOP_GRACE:?} after the window closed")
+    })
+    .await?;
+    Ok(finish(window?, &latencies))
+}
+
+async fn unary_worker(worker: usize, workers: usize, mut kv: KvClient, op: UnaryOp, shared: Arc<Shared>) -> Vec<u64> {
+    let mut latencies = Vec::new();
+    // Workers interleave over the key space so concurrent Puts hit different keys.
+    let mut key_index = worker as u64;
+    while !shared.stop.load(Ordering::Relaxed) && !shared.failed() {
+        let started = Instant::now();
+        match timeout(OP_TIMEOUT, op.execute(&mut kv, key_index)).await {
+            Ok(Ok(())) => shared.record(&mut latencies, started),
+            Ok(Err(error)) => {
+                shared.fail(error);
+                break;
+            }
+            Err(_) => {
+                shared.fail(anyhow!("a request got no answer within {OP_TIMEOUT:?}"));
+                break;
+            }
+        }
+        key_index += workers as u64;
+    }
+    latencies
+}
+
+// ------------------------------------------------------------------ watch
+
+async fn run_watch(ctx: &RunContext, watchers: usize, conns: usize) -> Result<Measurement> {
+    let clients = connect_many(&ctx.endpoint, conns).await?;
+    let current = ctx
+        .control
+        .kv_client()
+        .get(WATCH_KEY, None)
+        .await
+        .context("reading the current revision")?
+        .header()
+        .map(|header| header.revision())
+        .ok_or_else(|| anyhow!("Range answer without a header"))?;
+    // Nothing else writes during the run, so every watcher must see exactly the writer's Puts.
+    let start_revision = current + 1;
+    let shared = Arc::new(Shared::default());
+    let created = Arc::new(AtomicUsize::new(0));
+    let (finished_tx, finished_rx) = watch::channel(None);
+    let epoch = Instant::now();
+
+    let mut tasks = JoinSet::new();
+    for index in 0..watchers {
+        let watcher = Watcher {
+            index,
+            client: clients[index % conns].watch_client(),
+            start_revision,
+            epoch,
+            shared: shared.clone(),
+            created: created.clone(),
+            finished: finished_rx.clone(),
+        };
+        tasks.spawn(watcher.run());
+    }
+    let setup_deadline = Instant::now() + WATCH_SETUP_TIMEOUT;
+    while created.load(Ordering::Relaxed) < watchers {
+        if let Some(error) = shared.error() {
+            bail!("creating watchers: {error}");
+        }
+        if Instant::now() >= setup_deadline {
+            bail!(
+                "only {} of {watchers} watchers were created within {WATCH_SETUP_TIMEOUT:?}",
+                created.load(Ordering::Relaxed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let writer_stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(write_steadily(
+        ctx.control.kv_client(),
+        ctx.watch_rate,
+        epoch,
+        writer_stop.clone(),
+        shared.clone(),
+    ));
+    let window = measure_window(ctx, &shared).await;
+    writer_stop.store(true, Ordering::Relaxed);
+    let puts = match writer.await {
+        Ok(puts) => puts,
+        Err(join_error) => {
+            shared.fail(anyhow!("the watch writer died: {join_error}"));
+            0
+        }
+    };
+    finished_tx.send_replace(Some(puts));
+    let expected = puts * watchers as u64;
+    let delivered = shared.clone();
+    let latencies = collect(&mut tasks, &shared, WATCH_DRAIN_TIMEOUT, move || {
+        format!(
+            "only {} of {expected} events ({puts} Puts x {watchers} watchers) arrived within {WATCH_DRAIN_TIMEOUT:?} after the writer stopped",
+            delivered.done.load(Ordering::Relaxed)
+        )
+    })
+    .await?;
+    Ok(finish(window?, &latencies))
+}
+
+/// Puts to the watched key `rate` times a second until told to stop; returns the Put count.
+async fn write_steadily(
+    mut kv: KvClient,
+    rate: u32,
+    epoch: Instant,
+    stop: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+) -> u64 {
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
+    // A late tick must not be followed by a burst: the pace is the point.
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut puts = 0;
+    loop {
+        ticker.tick().await;
+        if stop.load(Ordering::Relaxed) || shared.failed() {
+            return puts;
+        }
+        let sent_micros = u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let mut value = sent_micros.to_le_bytes().to_vec();
+        value.resize(WATCH_VALUE_LEN, b'w');
+        match timeout(OP_TIMEOUT, kv.put(WATCH_KEY, value, None)).await {
+            Ok(Ok(_)) => puts += 1,
+            Ok(Err(error)) => {
+                shared.fail(anyhow::Error::new(error).context("the watch writer's Put (sent to etcd directly)"));
+                return puts;
+            }
+            Err(_) => {
+                shared.fail(anyhow!("the watch writer's Put got no answer within {OP_TIMEOUT:?}"));
+                return puts;
+            }
+        }
+    }
+}
+
+/// One watch stream and the checks on what it receives.
+struct Watcher {
+    index: usize,
+    client: WatchClient,
+    start_revision: i64,
+    epoch: Instant,
+    shared: Arc<Shared>,
+    created: Arc<AtomicUsize>,
+    /// Becomes `Some(puts)` once the writer stopped after `puts` Puts.
+    finished: watch::Receiver<Option<u64>>,
+}
+
+impl Watcher {
+    async fn run(mut self) -> Vec<u64> {
+        let shared = self.shared.clone();
+        let index = self.index;
+        match self.receive().await {
+            Ok(latencies) => latencies,
+            Err(error) => {
+                shared.fail(error.context(format!("watcher {index}")));
+                Vec::new()
+            }
+        }
+    }
+
+    async fn receive(&mut self) -> Result<Vec<u64>> {
+        let options = WatchOptions::new().with_start_revision(self.start_revision);
+        let mut stream = timeout(OP_TIMEOUT, self.client.watch(WATCH_KEY, Some(options)))
+            .await
+            .map_err(|_| anyhow!("the Watch call got no answer within {OP_TIMEOUT:?}"))?
+            .context("starting the Watch call")?;
+        let mut latencies = Vec::new();
+        let mut received = 0u64;
+        let mut last_revision = self.start_revision - 1;
+        let mut is_created = false;
+        loop {
+            if let Some(expected) = *self.finished.borrow_and_update() {
+                if received >= expected {
+                    ensure!(received == expected, "received {received} events for {expected} Puts");
+                    return Ok(latencies);
+                }
+            }
+            if self.shared.failed() {
+                // Someone else's failure ends the run; it is reported, not this watcher.
+                return Ok(latencies);
+            }
+            let message = tokio::select! {
+                message = stream.message() => message,
+                changed = self.finished.changed() => {
+                    changed.map_err(|_| anyhow!("the run ended while the watcher waited"))?;
+                    continue;
+                }
+            };
+            let response = message.context("receiving watch events")?.ok_or_else(|| anyhow!("watch stream ended"))?;
+            if response.created() && !is_created {
+                is_created = true;
+                self.created.fetch_add(1, Ordering::Relaxed);
+            }
+            ensure!(
+                !response.canceled(),
+                "watch canceled by the server: {:?} (compact revision {})",
+                response.cancel_reason(),
+                response.compact_revision()
+            );
+            for event in response.events() {
+                ensure!(is_created, "events arrived before the 'created' response");
+                ensure!(event.event_type() == EventType::Put, "unexpected {:?} event", event.event_type());
+                let kv = event.kv().ok_or_else(|| anyhow!("event without a key-value"))?;
+                ensure!(
+                    kv.key() == WATCH_KEY.as_bytes(),
+                    "event for key {:?}, watched {WATCH_KEY:?}",
+                    String::from_utf8_lossy(kv.key())
+                );
+                ensure!(
+                    kv.mod_revision() > last_revision,
+                    "event at revision {} after revision {last_revision}",
+                    kv.mod_revision()
+                );
+                last_revision = kv.mod_revision();
+                let stamp: [u8; 8] = kv
+                    .value()
+                    .get(..8)
+                    .and_then(|bytes| bytes.try_into().ok())
+                    .ok_or_else(|| anyhow!("event value of {} bytes has no timestamp", kv.value().len()))?;
+                if self.shared.measuring.load(Ordering::Relaxed) {
+                    let sent = Duration::from_micros(u64::from_le_bytes(stamp));
+                    latencies.push(nanos(self.epoch.elapsed().saturating_sub(sent)));
+                }
+                received += 1;
+                self.shared.done.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ lease keep-alive
+
+async fn run_keepalive(ctx: &RunContext, streams: usize, conns: usize) -> Result<Measurement> {
+    let clients = connect_many(&ctx.endpoint, conns).await?;
+    let mut granted = Vec::with_capacity(streams);
+    let mut lease = clients[0].lease_client();
+    let mut result = async {
+        for _ in 0..streams {
+            let grant = timeout(OP_TIMEOUT, lease.grant(LEASE_TTL, None))
+                .await
+                .map_err(|_| anyhow!("LeaseGrant got no answer within {OP_TIMEOUT:?}"))?
+                .context("LeaseGrant")?;
+            ensure!(grant.ttl() > 0, "LeaseGrant answered TTL {}: {}", grant.ttl(), grant.error());
+            granted.push(grant.id());
+        }
+        keep_alive_phase(ctx, &clients, &granted).await
+    }
+    .await;
+    // Leases go away whatever happened, so none pile up across runs; the revoke goes to etcd
+    // directly because the target may be the thing that broke.
+    let mut control = ctx.control.lease_client();
+    for id in granted {
+        if let Err(error) = control.revoke(id).await {
+            if result.is_ok() {
+                result = Err(anyhow::Error::new(error).context(format!("revoking lease {id:x} after the run")));
+            }
+        }
+    }
+    result
+}
+
+async fn keep_alive_phase(ctx: &RunContext, clients: &[Client], leases: &[i64]) -> Result<Measurement> {
+    let shared = Arc::new(Shared::default());
+    let mut workers = JoinSet::new();
+    for (index, &id) in leases.iter().enumerate() {
+        let lease = clients[index % clients.len()].lease_client();
+        let shared = shared.clone();
+        workers.spawn(async move {
+            match keep_alive_loop(id, lease, &shared).await {
+                Ok(latencies) => latencies,
+                Err(error) => {
+                    shared.fail(error.context(format!("keep-alive stream of lease {id:x}")));
+                    Vec::new()
+                }
+            }
+        });
+    }
+    let window = measure_window(ctx, &shared).await;
+    shared.stop.store(true, Ordering::Relaxed);
+    let latencies = collect(&mut workers, &shared, STOP_GRACE, || {
+        format!("keep-alives still unanswered {STOP_GRACE:?} after the window closed")
+    })
+    .await?;
+    Ok(finish(window?, &latencies))
+}
+
+async fn keep_alive_loop(id: i64, mut lease: LeaseClient, shared: &Shared) -> Result<Vec<u64>> {
+    // Opening the stream already sends one keep-alive and waits for its answer.
+    let (mut keeper, mut stream) = timeout(OP_TIMEOUT, lease.keep_alive(id))
+        .await
+        .map_err(|_| anyhow!("opening the stream got no answer within {OP_TIMEOUT:?}"))?
+        .context("opening the LeaseKeepAlive stream")?;
+    let mut latencies = Vec::new();
+    while !shared.stop.load(Ordering::Relaxed) && !shared.failed() {
+        let started = Instant::now();
+        keeper.keep_alive().await.context("sending a keep-alive")?;
+        let response = timeout(OP_TIMEOUT, stream.message())
+            .await
+            .map_err(|_| anyhow!("a keep-alive got no answer within {OP_TIMEOUT:?}"))?
+            .context("receiving a keep-alive answer")?
+            .ok_or_else(|| anyhow!("the keep-alive stream ended"))?;
+        ensure!(response.id() == id, "keep-alive answer for lease {:x}", response.id());
+        ensure!(response.ttl() > 0, "keep-alive answered TTL {}: the lease is gone", response.ttl());
+        shared.record(&mut latencies, started);
+    }
+    Ok(latencies)
+}

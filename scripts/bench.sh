@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Benchmarks one etcd 3.4.23 member directly, through `etcd grpc-proxy` and through
+# etcd-compat-proxy, in one run: installs what is missing, builds both binaries in release
+# mode, runs them, prints a markdown table and writes it to bench/RESULTS.md.
+#
+#   scripts/bench.sh                 full run (3 alternating rounds, 5 s windows; ~10 minutes)
+#   scripts/bench.sh --quick         smoke run (1 round, 1 s windows; ~1.5 minutes)
+#   scripts/bench.sh --only watch    just the workloads whose name contains "watch"
+#   scripts/bench.sh --help          every flag
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Idempotent: when everything is installed it only verifies (about a second).
+scripts/install-deps.sh
+
+cargo build --release -p etcd-compat-proxy -p etcd-compat-bench
+
+# The report quotes the command exactly as typed, shell-quoted.
+BENCH_INVOCATION="scripts/bench.sh"
+if [ "$#" -gt 0 ]; then
+    BENCH_INVOCATION+="$(printf ' %q' "$@")"
+fi
+export BENCH_INVOCATION
+exec "${CARGO_TARGET_DIR:-target}/release/etcd-compat-bench" "$@"
