@@ -302,13 +302,13 @@ impl Buffered {
         }
     }
 
-    /// A successful answer carrying one message.
-    pub fn message_ok(message: &[u8]) -> Buffered {
+    /// A successful answer carrying one message, already framed.
+    pub fn message_ok(framed: Bytes) -> Buffered {
         let mut headers = HeaderMap::with_capacity(1);
         headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
         let mut trailers = HeaderMap::with_capacity(2);
         trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-        Buffered { status: http::StatusCode::OK, headers, data: grpc::frame(message), trailers: Some(trailers) }
+        Buffered { status: http::StatusCode::OK, headers, data: framed, trailers: Some(trailers) }
     }
 
     /// The gRPC status, from the headers (trailers-only) or the trailers.

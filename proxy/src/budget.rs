@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -26,8 +27,10 @@ pub const DEFAULT_LIMITED_USER_AGENTS: &[&str] =
 
 /// Keys fetched in the first page; later pages are sized from the bytes per key seen so far.
 const FIRST_PAGE_KEYS: i64 = 256;
-/// Target size of one upstream page: large enough to amortise round trips, small enough to hold.
-const PAGE_TARGET_BYTES: usize = 1024 * 1024;
+/// Starting guess of bytes per key, before any Range was seen.
+const INITIAL_BYTES_PER_KEY: usize = 4096;
+/// Page size while only counting past the budget (nothing is kept from those pages).
+const COUNTING_PAGE_BYTES: usize = 4 * 1024 * 1024;
 const MAX_PAGE_KEYS: i64 = 10_000;
 /// How often the same key prefix may be logged as limited.
 const LOG_INTERVAL: Duration = Duration::from_secs(60);
@@ -155,10 +158,36 @@ fn field_size(len: usize) -> usize {
     1 + prost::encoding::encoded_len_varint(len as u64) + len
 }
 
+/// Bytes per key seen in recent limited Ranges, to size first pages: a page of large values
+/// must not be fetched only to be thrown away when the budget is full.
+#[derive(Debug)]
+pub struct KeySizeEstimate(AtomicUsize);
+
+impl Default for KeySizeEstimate {
+    fn default() -> Self {
+        KeySizeEstimate(AtomicUsize::new(INITIAL_BYTES_PER_KEY))
+    }
+}
+
+impl KeySizeEstimate {
+    /// Keys expected to fill `room` bytes, plus one to learn whether more would have fit.
+    fn keys_for(&self, room: usize) -> i64 {
+        let per_key = self.0.load(Relaxed).max(1);
+        (room / per_key + 1) as i64
+    }
+
+    fn observe(&self, per_key: usize) {
+        // Weighted towards the latest page: workloads move between prefixes of different sizes.
+        let old = self.0.load(Relaxed);
+        self.0.store((old + 3 * per_key.max(1)) / 4, Relaxed);
+    }
+}
+
 /// Serves a limited Range from pages fetched by `fetch`, all at the first page's revision.
 pub async fn serve_range<E, F, Fut>(
     policy: &BudgetPolicy,
     budget: usize,
+    estimate: &KeySizeEstimate,
     request: RangeRequest,
     mut fetch: F,
 ) -> Answer<E>
@@ -167,7 +196,10 @@ where
     Fut: Future<Output = Result<Page, E>>,
 {
     let client_limit = request.limit.max(0);
-    let mut page_keys = if client_limit > 0 { client_limit.min(FIRST_PAGE_KEYS) } else { FIRST_PAGE_KEYS };
+    // Every upstream page costs etcd a count over the rest of the range, so pages are sized to
+    // fill the answer in one or two round trips rather than many small ones.
+    let first_page = estimate.keys_for(budget).clamp(1, FIRST_PAGE_KEYS);
+    let mut page_keys = if client_limit > 0 { client_limit.min(first_page) } else { first_page };
     let mut cursor = request.key.clone();
     let mut revision = request.revision;
     let mut first: Option<RangeResponse> = None;
@@ -190,6 +222,9 @@ where
             // for no more keys than the page held; then etcd's bytes go back untouched.
             let same_as_asked = (client_limit > 0 && page_keys == client_limit) || !decoded.more;
             if same_as_asked && raw.len() <= budget {
+                if let Some(per_key) = raw.len().checked_div(decoded.kvs.len()) {
+                    estimate.observe(per_key);
+                }
                 return Answer::Raw(raw);
             }
             revision = decoded.header.as_ref().map_or(0, |h| h.revision);
@@ -217,6 +252,9 @@ where
             size += kv_size;
             kvs.push(kv);
         }
+        if let Some(per_key) = page_bytes.checked_div(page_len) {
+            estimate.observe(per_key);
+        }
         if !page_more || page_len == 0 {
             break;
         }
@@ -226,7 +264,8 @@ where
             break;
         }
         let average = (page_bytes / page_len.max(1)).max(1);
-        let mut next = (PAGE_TARGET_BYTES / average) as i64;
+        let room = if full { COUNTING_PAGE_BYTES } else { budget.saturating_sub(size) };
+        let mut next = (room / average + 1) as i64;
         if client_limit > 0 && !full {
             next = next.min(client_limit - kvs.len() as i64 + 1);
         }

@@ -17,7 +17,7 @@ use etcd_compat_proto::etcdserverpb::{RangeRequest, RangeResponse};
 use prost::Message;
 
 use crate::body::{Buffered, CallRecord, RequestBody, ResponseBody};
-use crate::budget::{self, BudgetPolicy, ClientBudget, LimitedLog};
+use crate::budget::{self, BudgetPolicy, ClientBudget, KeySizeEstimate, LimitedLog};
 use crate::error::{self, UpstreamError};
 use crate::grpc::{self, CallShape, Code, Route};
 use crate::metrics::Metrics;
@@ -31,6 +31,7 @@ pub struct Forwarder {
     upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,
     budget: BudgetPolicy,
+    key_sizes: KeySizeEstimate,
     limited_log: LimitedLog,
     /// Cancelled at shutdown so that long-lived streams end with a status instead of hanging.
     shutdown: CancellationToken,
@@ -50,7 +51,14 @@ impl Forwarder {
         budget: BudgetPolicy,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
-        Arc::new(Forwarder { upstream, metrics, budget, limited_log: LimitedLog::default(), shutdown })
+        Arc::new(Forwarder {
+            upstream,
+            metrics,
+            budget,
+            key_sizes: KeySizeEstimate::default(),
+            limited_log: LimitedLog::default(),
+            shutdown,
+        })
     }
 
     /// Serves one client call; errors become gRPC statuses, never HTTP errors.
@@ -77,25 +85,24 @@ impl Forwarder {
             },
         };
 
-        if route.index == grpc::range_index() {
-            if let (ClientBudget::Limited { bytes, rule }, PendingBody::Buffered(message)) =
-                (self.budget.classify(&headers), &body)
-            {
-                if let Some(response) = self.limited_range(&headers, &path_and_query, message, bytes, &rule).await {
+        // Only answers that grow with the data can outgrow a client's message size limit.
+        let client_budget = match route.shape == CallShape::Unary || route.index == grpc::watch_index() {
+            true => self.budget.classify(&headers),
+            false => ClientBudget::Unlimited,
+        };
+        if let (ClientBudget::Limited { bytes, rule }, PendingBody::Buffered(message)) = (&client_budget, &body) {
+            if route.index == grpc::range_index() {
+                if let Some(response) = self.limited_range(&headers, &path_and_query, message, *bytes, rule).await {
                     return Ok(response.finish(record));
                 }
             }
         }
-
-        // Watch responses grow with the data: limited clients get oversize ones split. Other
-        // single answers (Txn with ranges, sorted Ranges) cannot be cut, so oversize ones are
-        // refused with a clear status instead of the client library's size error.
-        let limit = match route.index == grpc::watch_index() || route.shape == CallShape::Unary {
-            true => match self.budget.classify(&headers) {
-                ClientBudget::Limited { bytes, .. } => Some(bytes),
-                ClientBudget::Unlimited => None,
-            },
-            false => None,
+        // Watch responses of limited clients are split when oversize. Other single answers (Txn
+        // with ranges, sorted Ranges) cannot be cut, so oversize ones are refused with a clear
+        // status instead of the client library's size error.
+        let limit = match client_budget {
+            ClientBudget::Limited { bytes, .. } => Some(bytes),
+            ClientBudget::Unlimited => None,
         };
         match self.send(&route, &path_and_query, &headers, &mut body).await {
             Ok((response, member)) => {
@@ -183,10 +190,12 @@ impl Forwarder {
                 Ok(budget::Page { raw, decoded })
             }
         };
-        let answer = budget::serve_range(&self.budget, budget, request, fetch).await;
+        let answer = budget::serve_range(&self.budget, budget, &self.key_sizes, request, fetch).await;
         let (outcome, response) = match answer {
-            budget::Answer::Raw(raw) => (budget::Outcome::Whole, Buffered::message_ok(&raw)),
-            budget::Answer::Assembled(response, outcome) => (outcome, Buffered::message_ok(&response.encode_to_vec())),
+            budget::Answer::Raw(raw) => (budget::Outcome::Whole, Buffered::message_ok(grpc::frame(&raw))),
+            budget::Answer::Assembled(response, outcome) => {
+                (outcome, Buffered::message_ok(grpc::frame_message(&response)))
+            }
             budget::Answer::Refused(message) => {
                 (budget::Outcome::Refused, Buffered::status((Code::ResourceExhausted, message)))
             }

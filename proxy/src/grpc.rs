@@ -189,6 +189,17 @@ pub fn frame(message: &[u8]) -> bytes::Bytes {
     bytes::Bytes::from(framed)
 }
 
+/// Encodes and frames a message in one allocation (answers can be several MiB).
+pub fn frame_message(message: &impl prost::Message) -> bytes::Bytes {
+    let length = message.encoded_len();
+    let mut framed = Vec::with_capacity(length + 5);
+    framed.push(0);
+    framed.extend_from_slice(&(length as u32).to_be_bytes());
+    // Encoding into a Vec with enough capacity cannot fail.
+    let _ = message.encode(&mut framed);
+    bytes::Bytes::from(framed)
+}
+
 /// Builds the headers of a trailers-only gRPC response carrying an error.
 pub fn status_headers(code: Code, message: &str) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(3);
