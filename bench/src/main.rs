@@ -17,7 +17,7 @@ use clap::Parser;
 use etcd_compat_tests::{workspace_root, EtcdVersion};
 
 use crate::report::{RunInfo, TargetRow, WorkloadResult};
-use crate::stats::{format_latency, format_rate};
+use crate::stats::{format_latency, format_mib, format_rate};
 use crate::targets::{TargetKind, Targets};
 use crate::workloads::{RunContext, Workload};
 
@@ -40,9 +40,15 @@ struct Args {
     /// Load applied before each window opens, in seconds.
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
-    /// Only run workloads whose name contains this text (repeatable).
+    /// Only run workloads whose name contains this text (repeatable). Opt-in workloads
+    /// (`range 1GiB paged`) are matched only by text that matches no regular workload, e.g.
+    /// `--only 1GiB`; `--only range` leaves them out unless --big is given too.
     #[arg(long, value_name = "SUBSTRING")]
     only: Vec<String>,
+    /// Also run the opt-in workloads: `range 1GiB paged` loads 1 GiB into etcd first (~30 s,
+    /// then ~20 s per round; etcd's database and WAL then take ~2 GiB more on tmpfs).
+    #[arg(long)]
+    big: bool,
     /// Smoke run: 1 round, 1 s windows, 0.5 s warm-up (overrides --rounds, --seconds, --warmup).
     #[arg(long)]
     quick: bool,
@@ -94,7 +100,7 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<()> {
     let settings = Settings::from_args(&args)?;
-    let selected = select_workloads(&args.only)?;
+    let selected = select_workloads(&args.only, args.big)?;
     let proxy_bin = match &args.proxy_bin {
         Some(path) => path.clone(),
         None => std::env::current_exe().context("locating this binary")?.with_file_name("etcd-compat-proxy"),
@@ -134,7 +140,8 @@ fn run(args: Args) -> Result<()> {
     // Connections and tasks go before the processes they talk to.
     drop(runtime);
     drop(targets);
-    let (results, notes) = outcome?;
+    let (results, notes, data) = outcome?;
+    info.data = data;
 
     let markdown = report::render(&info, &selected, &results, &notes, started.elapsed());
     println!("{markdown}");
@@ -143,14 +150,24 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn select_workloads(only: &[String]) -> Result<Vec<Workload>> {
+fn select_workloads(only: &[String], big: bool) -> Result<Vec<Workload>> {
     let all = workloads::all();
-    if only.is_empty() {
-        return Ok(all);
-    }
-    let names: Vec<&str> = all.iter().map(|workload| workload.name).collect();
-    let selected: Vec<Workload> =
-        all.into_iter().filter(|workload| only.iter().any(|text| workload.name.contains(text.as_str()))).collect();
+    let regular: Vec<&'static str> =
+        all.iter().filter(|workload| !workload.opt_in).map(|workload| workload.name).collect();
+    let names: Vec<String> = all
+        .iter()
+        .map(|workload| if workload.opt_in { format!("{} (opt-in)", workload.name) } else { workload.name.to_owned() })
+        .collect();
+    let named = |name: &str| only.is_empty() || only.iter().any(|text| name.contains(text.as_str()));
+    // An opt-in workload costs minutes of loading, so a broad `--only range` must not pull it
+    // in: without --big it needs a text that names it and no regular workload.
+    let named_alone = |name: &str| {
+        only.iter().any(|text| name.contains(text.as_str()) && !regular.iter().any(|r| r.contains(text.as_str())))
+    };
+    let selected: Vec<Workload> = all
+        .into_iter()
+        .filter(|workload| if workload.opt_in && !big { named_alone(workload.name) } else { named(workload.name) })
+        .collect();
     if selected.is_empty() {
         bail!("--only {only:?} matches no workload; the workloads are: {}", names.join(", "));
     }
@@ -162,9 +179,17 @@ async fn bench(
     targets: &mut Targets,
     selected: &[Workload],
     settings: &Settings,
-) -> Result<(Vec<WorkloadResult>, Vec<String>)> {
+) -> Result<(Vec<WorkloadResult>, Vec<String>, Vec<String>)> {
     let control = workloads::connect(&targets.etcd_endpoint()).await?;
     workloads::populate(&control).await?;
+    let mut data = Vec::new();
+    // Only when selected: loading takes a while and leaves etcd gigabytes larger.
+    if selected.iter().any(|workload| workload.needs_huge_data()) {
+        eprintln!("loading 1 GiB for the paged range workload");
+        let loaded = workloads::populate_huge(&control).await?;
+        eprintln!("  {loaded}");
+        data.push(loaded);
+    }
     targets.wait_ready().await?;
     let mut compacted = 0;
     workloads::compact(&control, &mut compacted).await?;
@@ -200,6 +225,17 @@ async fn bench(
                             latency(measurement.p50),
                             latency(measurement.p99)
                         );
+                        if let Some(pass) = &measurement.pass {
+                            let mib = |value: Option<u64>| value.map_or_else(|| "-".to_owned(), format_mib);
+                            eprintln!(
+                                "{prefix}: {} pages in {:.1} s, proxy RSS idle {} peak {} after {}",
+                                pass.pages,
+                                measurement.elapsed.as_secs_f64(),
+                                mib(pass.rss_idle),
+                                mib(pass.rss_peak),
+                                mib(pass.rss_after)
+                            );
+                        }
                         row.rounds.push(measurement);
                     }
                     Err(error) => {
@@ -218,7 +254,7 @@ async fn bench(
         }
         results.push(WorkloadResult { name: workload.name, unit: workload.unit, rows });
     }
-    Ok((results, notes))
+    Ok((results, notes, data))
 }
 
 /// Resolves on SIGINT, SIGTERM or SIGHUP, so that the processes are still killed on the way out.
@@ -232,5 +268,30 @@ async fn interrupted() -> &'static str {
         },
         // Without handlers the default actions apply; the bench then cannot clean up itself.
         _ => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(only: &[&str], big: bool) -> Vec<&'static str> {
+        let only: Vec<String> = only.iter().map(|text| text.to_string()).collect();
+        select_workloads(&only, big).unwrap().iter().map(|workload| workload.name).collect()
+    }
+
+    #[test]
+    fn opt_in_workloads_run_only_when_asked_for() {
+        let big = "range 1GiB paged";
+        assert!(!names(&[], false).contains(&big));
+        assert!(names(&[], true).contains(&big));
+        // A broad text keeps a run quick unless --big says otherwise.
+        assert!(!names(&["range"], false).contains(&big));
+        assert!(names(&["range"], false).contains(&"range 3.5MiB"));
+        assert!(names(&["range"], true).contains(&big));
+        assert_eq!(names(&["1GiB"], false), vec![big]);
+        assert_eq!(names(&["range 1GiB"], false), vec![big]);
+        assert_eq!(names(&["watch", "paged"], false), vec!["watch fanout 100", "watch fanout 1000", big]);
+        assert!(select_workloads(&["nothing".to_owned()], true).is_err());
     }
 }

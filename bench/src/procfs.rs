@@ -16,10 +16,28 @@ pub fn cpu_time(pid: u32) -> Result<Duration> {
 
 /// Resident set size of `pid` in bytes (`VmRSS`).
 pub fn rss_bytes(pid: u32) -> Result<u64> {
+    status_kib(pid, "VmRSS").map(|kib| kib * 1024)
+}
+
+/// Peak resident set size of `pid` in bytes (`VmHWM`), since it started or since the last
+/// [`reset_peak_rss`].
+pub fn peak_rss_bytes(pid: u32) -> Result<u64> {
+    status_kib(pid, "VmHWM").map(|kib| kib * 1024)
+}
+
+/// Resets `pid`'s `VmHWM` to its current RSS (`echo 5 > /proc/<pid>/clear_refs`, Linux 4.0+),
+/// so that a later [`peak_rss_bytes`] covers only what happened in between rather than the
+/// whole life of a process that already served other workloads.
+pub fn reset_peak_rss(pid: u32) -> Result<()> {
+    let path = format!("/proc/{pid}/clear_refs");
+    std::fs::write(&path, "5").with_context(|| format!("writing 5 to {path}"))
+}
+
+/// A kB field of `/proc/<pid>/status`.
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
     let path = format!("/proc/{pid}/status");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let kib = parse_vm_rss_kib(&text).with_context(|| format!("parsing {path}"))?;
-    Ok(kib * 1024)
+    parse_status_kib(&text, field).with_context(|| format!("parsing {path}"))
 }
 
 /// utime + stime, in clock ticks, from the text of `/proc/<pid>/stat`.
@@ -39,14 +57,14 @@ fn parse_stat_cpu_ticks(stat: &str) -> Result<u64> {
     Ok(field(11, "utime")? + field(12, "stime")?)
 }
 
-/// The `VmRSS:` value (kB) from the text of `/proc/<pid>/status`.
-fn parse_vm_rss_kib(status: &str) -> Result<u64> {
+/// The value (kB) of `field` (`VmRSS`, `VmHWM`) from the text of `/proc/<pid>/status`.
+fn parse_status_kib(status: &str, field: &str) -> Result<u64> {
     let line = status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .ok_or_else(|| anyhow!("no VmRSS line (a zombie process has none)"))?;
-    let number = line.split_whitespace().next().ok_or_else(|| anyhow!("empty VmRSS line"))?;
-    number.parse().with_context(|| format!("VmRSS {number:?} is not a number"))
+        .find_map(|line| line.strip_prefix(field).and_then(|rest| rest.strip_prefix(':')))
+        .ok_or_else(|| anyhow!("no {field} line (a zombie process has none)"))?;
+    let number = line.split_whitespace().next().ok_or_else(|| anyhow!("empty {field} line"))?;
+    number.parse().with_context(|| format!("{field} {number:?} is not a number"))
 }
 
 /// USER_HZ, the unit of the stat times: asked of `getconf` once, since std has no sysconf;
@@ -83,9 +101,10 @@ mod tests {
 
     #[test]
     fn vm_rss_is_read_in_kib() {
-        let status = "Name:\tetcd\nVmPeak:\t  900 kB\nVmRSS:\t   12345 kB\nThreads:\t9\n";
-        assert_eq!(parse_vm_rss_kib(status).unwrap(), 12345);
-        assert!(parse_vm_rss_kib("Name:\tzombie\n").is_err());
+        let status = "Name:\tetcd\nVmPeak:\t  900 kB\nVmHWM:\t   23456 kB\nVmRSS:\t   12345 kB\nThreads:\t9\n";
+        assert_eq!(parse_status_kib(status, "VmRSS").unwrap(), 12345);
+        assert_eq!(parse_status_kib(status, "VmHWM").unwrap(), 23456);
+        assert!(parse_status_kib("Name:\tzombie\n", "VmRSS").is_err());
     }
 
     #[test]
@@ -93,5 +112,7 @@ mod tests {
         let pid = std::process::id();
         assert!(rss_bytes(pid).unwrap() > 0);
         cpu_time(pid).unwrap();
+        reset_peak_rss(pid).unwrap();
+        assert!(peak_rss_bytes(pid).unwrap() > 0);
     }
 }

@@ -5,9 +5,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::stats::{format_cpu_per_op, format_latency, format_mib, format_rate, format_rate_short, median_index};
+use crate::stats::{
+    format_cpu_per_op, format_latency, format_mib, format_mib_delta, format_rate, format_rate_short, median_index,
+};
 use crate::targets::TargetKind;
-use crate::workloads::{Measurement, Workload};
+use crate::workloads::{Measurement, Workload, PASS_TIMEOUT};
 
 /// Longest failure message quoted inside the table; the full text goes below it.
 const CELL_MESSAGE_CHARS: usize = 140;
@@ -69,6 +71,8 @@ pub struct RunInfo {
     pub window: Duration,
     /// Puts per second of the watch writer.
     pub watch_rate: u32,
+    /// Extra data loaded for opt-in workloads, one line each.
+    pub data: Vec<String>,
 }
 
 impl RunInfo {
@@ -107,6 +111,7 @@ impl RunInfo {
             warmup: Duration::ZERO,
             window: Duration::ZERO,
             watch_rate: 0,
+            data: Vec::new(),
         }
     }
 }
@@ -152,6 +157,18 @@ pub fn render(
         info.window.as_secs_f64(),
         total.as_secs_f64()
     );
+    let paged = workloads.iter().any(Workload::needs_huge_data);
+    if paged {
+        let _ = writeln!(
+            out,
+            "- `range 1GiB paged` is measured per full pass instead: no warm-up, one pass per round and target \
+             (capped at {:.0} s)",
+            PASS_TIMEOUT.as_secs_f64()
+        );
+    }
+    for line in &info.data {
+        let _ = writeln!(out, "- Data: {line}");
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,
@@ -174,8 +191,17 @@ pub fn render(
         }
     }
     let _ = writeln!(out);
+    for result in results {
+        if result.rows.iter().any(|row| row.rounds.iter().any(|round| round.pass.is_some())) {
+            out.push_str(&pass_table(result));
+        }
+    }
     let _ = writeln!(out, "## Anomalies\n");
-    if failures.is_empty() && notes.is_empty() {
+    let growth = pass_rss_growth(results);
+    for line in &growth {
+        let _ = writeln!(out, "- {line}");
+    }
+    if failures.is_empty() && notes.is_empty() && growth.is_empty() {
         let _ = writeln!(out, "- None detected: every target completed every round of every workload.");
     }
     for failure in &failures {
@@ -194,6 +220,133 @@ pub fn render(
     for line in METHOD_NOTES {
         let _ = writeln!(out, "- {}", line.replace("{watch_rate}", &info.watch_rate.to_string()));
     }
+    if paged {
+        for line in PAGED_NOTES {
+            let _ = writeln!(out, "- {line}");
+        }
+    }
+    out
+}
+
+const PAGED_NOTES: &[&str] = &[
+    "`range 1GiB paged`: the bench client keeps its default user-agent (`tonic/...`), which etcd-compat-proxy \
+     classifies as a 4 MiB client, so each of its answers to a 1000-key page is cut to at most 4 MiB with \
+     `more=true` and the client needs more round trips; only the client's own receive limit is raised (128 MiB), \
+     so direct etcd's 64 MiB pages are accepted. The main table's throughput is MiB of values per second (an op is \
+     1 MiB, so CPU/op is CPU per MiB); p50/p99 are per page. \"time vs direct\" is the paging overhead: the pass \
+     time divided by direct etcd's pass time in the same run.",
+    "Proxy RSS of a pass: idle is VmRSS after the client connected and before the first page; peak is VmHWM after \
+     resetting it through /proc/<pid>/clear_refs just before the pass (or, where that is refused, the highest of \
+     VmRSS samples taken every 50 ms), whichever of VmHWM and the samples is higher; after is VmRSS right after the \
+     last page. A page unanswered for 60 s or a pass longer than 120 s fails the row.",
+];
+
+/// How much a proxy's RSS may rise during a paged pass before the report flags it: a client
+/// reading page by page should cost the proxy about one page, "a few MiB" over idle.
+const PASS_RSS_GROWTH_BUDGET: u64 = 8 * 1024 * 1024;
+
+/// One line per workload and proxy whose RSS rose by more than [`PASS_RSS_GROWTH_BUDGET`]
+/// during a paged pass, naming the worst pass.
+fn pass_rss_growth(results: &[WorkloadResult]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for result in results {
+        for row in &result.rows {
+            let worst = row
+                .rounds
+                .iter()
+                .enumerate()
+                .filter_map(|(index, round)| {
+                    let pass = round.pass.as_ref()?;
+                    let (peak, idle) = pass.rss_peak.zip(pass.rss_idle)?;
+                    Some((peak.saturating_sub(idle), index + 1, idle, peak))
+                })
+                .max();
+            if let Some((growth, round, idle, peak)) = worst.filter(|(growth, ..)| *growth > PASS_RSS_GROWTH_BUDGET) {
+                lines.push(format!(
+                    "{} / {}: proxy RSS rose by {} during a pass (round {round}: idle {}, peak {}), over the {} a \
+                     paged read should cost",
+                    result.name,
+                    row.kind.label(),
+                    format_mib_delta(growth, 0),
+                    format_mib(idle),
+                    format_mib(peak),
+                    format_mib(PASS_RSS_GROWTH_BUDGET)
+                ));
+            }
+        }
+    }
+    lines
+}
+
+/// The per-pass table of a paged workload: time, pages, CPU and the proxy's memory per pass.
+fn pass_table(result: &WorkloadResult) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "### `{}`, per pass\n", result.name);
+    let _ = writeln!(
+        out,
+        "| target | pass time | MiB/s | time vs direct | pages/pass | page p50 | page p99 | proxy CPU/pass | \
+         etcd CPU/pass | proxy RSS idle | proxy RSS peak | peak - idle | RSS after | every pass: time, RSS idle -> peak |"
+    );
+    let _ = writeln!(out, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|");
+    let direct = result
+        .rows
+        .iter()
+        .find(|row| row.kind == TargetKind::Direct && row.failure.is_none())
+        .and_then(TargetRow::median)
+        .map(|median| median.elapsed);
+    for row in &result.rows {
+        let label = row.kind.label();
+        let Some(median) = row.median().filter(|_| row.failure.is_none()) else {
+            let what = row.failure.as_deref().map_or_else(|| "not run".to_owned(), |f| format!("FAILED: {}", cell(f)));
+            let _ = writeln!(out, "| {label} | {what} | | | | | | | | | | | | |");
+            continue;
+        };
+        let dash = || "-".to_owned();
+        let mib = |value: Option<u64>| value.map_or_else(dash, format_mib);
+        let latency = |value: Option<Duration>| value.map_or_else(dash, format_latency);
+        let pass = median.pass.as_ref();
+        let ratio = match direct {
+            Some(direct) if !direct.is_zero() => format!("{:.2}x", median.elapsed.as_secs_f64() / direct.as_secs_f64()),
+            _ => "n/a".to_owned(),
+        };
+        let delta = match pass.and_then(|p| p.rss_peak.zip(p.rss_idle)) {
+            Some((peak, idle)) => format_mib_delta(peak, idle),
+            None => dash(),
+        };
+        let peak = match pass {
+            Some(p) if p.rss_peak.is_some() && !p.peak_from_hwm => format!("{} (samples)", mib(p.rss_peak)),
+            Some(p) => mib(p.rss_peak),
+            None => dash(),
+        };
+        let times: Vec<String> = row
+            .rounds
+            .iter()
+            .map(|round| match round.pass.as_ref().and_then(|p| p.rss_idle.zip(p.rss_peak)) {
+                Some((idle, peak)) => format!(
+                    "{:.1} s, {:.1} -> {}",
+                    round.elapsed.as_secs_f64(),
+                    idle as f64 / (1024.0 * 1024.0),
+                    format_mib(peak)
+                ),
+                None => format!("{:.1} s", round.elapsed.as_secs_f64()),
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "| {label} | {:.1} s | {} | {ratio} | {} | {} | {} | {} | {} | {} | {peak} | {delta} | {} | {} |",
+            median.elapsed.as_secs_f64(),
+            format_rate(median.throughput()),
+            pass.map_or_else(dash, |p| p.pages.to_string()),
+            latency(median.p50),
+            latency(median.p99),
+            latency(median.proxy_cpu),
+            format_latency(median.etcd_cpu),
+            mib(pass.and_then(|p| p.rss_idle)),
+            mib(pass.and_then(|p| p.rss_after)),
+            times.join(" / ")
+        );
+    }
+    let _ = writeln!(out);
     out
 }
 
@@ -220,11 +373,7 @@ const METHOD_NOTES: &[&str] = &[
 fn table_row(result: &WorkloadResult, row: &TargetRow, direct: Option<f64>) -> String {
     let label = row.kind.label();
     if let Some(failure) = &row.failure {
-        let mut message = one_line(failure);
-        if message.chars().count() > CELL_MESSAGE_CHARS {
-            message = message.chars().take(CELL_MESSAGE_CHARS).collect::<String>() + "...";
-        }
-        return format!("| {} | {label} | FAILED: {} | | | | | | | |", result.name, escape(&message));
+        return format!("| {} | {label} | FAILED: {} | | | | | | | |", result.name, cell(failure));
     }
     let Some(median) = row.median() else {
         return format!("| {} | {label} | not run | | | | | | | |", result.name);
@@ -250,6 +399,15 @@ fn table_row(result: &WorkloadResult, row: &TargetRow, direct: Option<f64>) -> S
     )
 }
 
+/// A failure message shortened and escaped to fit in a table cell.
+fn cell(failure: &str) -> String {
+    let mut message = one_line(failure);
+    if message.chars().count() > CELL_MESSAGE_CHARS {
+        message = message.chars().take(CELL_MESSAGE_CHARS).collect::<String>() + "...";
+    }
+    escape(&message)
+}
+
 fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
@@ -271,6 +429,7 @@ mod tests {
             etcd_cpu: Duration::from_millis(100),
             proxy_cpu: Some(Duration::from_millis(50)),
             proxy_rss: Some(10 * 1024 * 1024),
+            pass: None,
         }
     }
 
@@ -289,6 +448,66 @@ mod tests {
         assert_eq!(
             row,
             "| w | etcd-compat-proxy | 900 ops/s | 0.90x | 500 µs | 2.00 ms | 55.6 µs | 111.1 µs | 10.0 MiB | 900 / 1,000 / 800 |"
+        );
+    }
+
+    #[test]
+    fn pass_table_shows_pages_memory_and_the_overhead_against_direct() {
+        let pass = |seconds, pages, rss: Option<(u64, u64)>| Measurement {
+            ops: 1024,
+            elapsed: Duration::from_secs(seconds),
+            proxy_cpu: rss.map(|_| Duration::from_secs(2)),
+            proxy_rss: rss.map(|(_, peak)| peak),
+            pass: Some(crate::workloads::PassDetail {
+                pages,
+                rss_idle: rss.map(|(idle, _)| idle),
+                rss_peak: rss.map(|(_, peak)| peak),
+                rss_after: rss.map(|(_, peak)| peak),
+                peak_from_hwm: true,
+            }),
+            ..measurement(1024)
+        };
+        let result = WorkloadResult {
+            name: "paged",
+            unit: "MiB/s",
+            rows: vec![
+                TargetRow { kind: TargetKind::Direct, rounds: vec![pass(8, 17, None)], failure: None },
+                TargetRow {
+                    kind: TargetKind::GrpcProxy,
+                    rounds: Vec::new(),
+                    failure: Some("round 1: page 2 | timed out".to_owned()),
+                },
+                TargetRow {
+                    kind: TargetKind::CompatProxy,
+                    rounds: vec![pass(10, 261, Some((12 << 20, 15 << 20)))],
+                    failure: None,
+                },
+            ],
+        };
+        let table = pass_table(&result);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines[4],
+            "| direct | 8.0 s | 128 | 1.00x | 17 | 500 µs | 2.00 ms | - | 100.00 ms | - | - | - | - | 8.0 s |"
+        );
+        assert_eq!(lines[5], "| grpc-proxy | FAILED: round 1: page 2 \\| timed out | | | | | | | | | | | | |");
+        assert_eq!(
+            lines[6],
+            "| etcd-compat-proxy | 10.0 s | 102 | 1.25x | 261 | 500 µs | 2.00 ms | 2.00 s | 100.00 ms | 12.0 MiB | 15.0 MiB | +3.0 MiB | 15.0 MiB | 10.0 s, 12.0 -> 15.0 MiB |"
+        );
+        // +3 MiB is within budget; +30 MiB is flagged.
+        assert!(pass_rss_growth(std::slice::from_ref(&result)).is_empty());
+        let grown = WorkloadResult {
+            rows: vec![TargetRow {
+                kind: TargetKind::CompatProxy,
+                rounds: vec![pass(10, 261, Some((12 << 20, 42 << 20))), pass(10, 261, Some((42 << 20, 43 << 20)))],
+                failure: None,
+            }],
+            ..result
+        };
+        assert_eq!(
+            pass_rss_growth(&[grown]),
+            vec!["paged / etcd-compat-proxy: proxy RSS rose by +30.0 MiB during a pass (round 1: idle 12.0 MiB, peak 42.0 MiB), over the 8.0 MiB a paged read should cost"]
         );
     }
 

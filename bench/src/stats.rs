@@ -71,6 +71,12 @@ pub fn format_mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
+/// The signed difference `to - from` as MiB: `"+12.5 MiB"`, `"-0.3 MiB"`.
+pub fn format_mib_delta(to: u64, from: u64) -> String {
+    let mib = (to as f64 - from as f64) / (1024.0 * 1024.0);
+    format!("{mib:+.1} MiB")
+}
+
 fn group_thousands(value: u64) -> String {
     let digits = value.to_string();
     // The first group takes the leftover digits so that every later group has three.
@@ -128,5 +134,7 @@ mod tests {
         assert_eq!(format_cpu_per_op(Duration::from_secs(3), 1000), "3,000 µs");
         assert_eq!(format_cpu_per_op(Duration::from_secs(1), 0), "-");
         assert_eq!(format_mib(3 * 1024 * 1024 / 2), "1.5 MiB");
+        assert_eq!(format_mib_delta(5 << 20, 2 << 20), "+3.0 MiB");
+        assert_eq!(format_mib_delta(2 << 20, 5 << 20), "-3.0 MiB");
     }
 }

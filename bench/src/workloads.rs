@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use tokio::time::{timeout, timeout_at, MissedTickBehavior};
 
 use crate::procfs;
+use crate::stats::format_latency;
 
 /// Longest any single request may take; a slower one fails the run instead of dragging it.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,6 +40,29 @@ const R1000_KEYS: usize = 1000;
 const BIG_PREFIX: &str = "bench/big/";
 const BIG_KEYS: usize = 350;
 const BIG_VALUE_LEN: usize = 10 * 1024;
+/// The paged 1 GiB range: 16384 keys x 64 KiB values = 1 GiB of values under one prefix.
+const HUGE_PREFIX: &str = "bench/huge/";
+/// One past the last key under [`HUGE_PREFIX`] (`/` + 1 = `0`).
+const HUGE_RANGE_END: &str = "bench/huge0";
+const HUGE_KEYS: usize = 16384;
+const HUGE_VALUE_LEN: usize = 64 * 1024;
+/// The `limit` of every page, as a legacy client would set it.
+const HUGE_PAGE_LIMIT: usize = 1000;
+/// Concurrent Puts while loading the 1 GiB: enough to keep etcd busy on 2 cores.
+const HUGE_WRITERS: usize = 16;
+/// Decoding limit of the paging client: direct etcd answers 1000 x 64 KiB (64 MiB) pages.
+const HUGE_MAX_DECODE: usize = 128 << 20;
+/// Longest one page may take: a 64 MiB answer on a busy shared machine needs more than
+/// [`OP_TIMEOUT`], and a stuck target still fails the row instead of hanging the bench.
+const PAGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest one full pass may take, whatever the pages do: about ten times what a pass takes
+/// on a busy 2-core machine, and with 3 rounds x 3 targets the workload still ends within
+/// 20 minutes however slow a target is.
+pub const PASS_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often the proxy's VmRSS is sampled during a pass (besides VmHWM).
+const RSS_SAMPLE_INTERVAL: Duration = Duration::from_millis(50);
+/// Bytes per unit of the paged workload's throughput.
+const MIB: u64 = 1024 * 1024;
 const WATCH_KEY: &str = "bench/watch";
 /// The watch writer's values: an 8-byte send timestamp, padded.
 const WATCH_VALUE_LEN: usize = 64;
@@ -53,6 +77,16 @@ pub struct Workload {
     pub about: &'static str,
     /// What the load generator does.
     pub kind: Kind,
+    /// Loads a lot of data first, so it runs only when asked for (`--big`, or `--only` text
+    /// that names it and no regular workload).
+    pub opt_in: bool,
+}
+
+impl Workload {
+    /// Whether the 1 GiB under [`HUGE_PREFIX`] must be loaded before this workload runs.
+    pub fn needs_huge_data(&self) -> bool {
+        matches!(self.kind, Kind::PagedPass)
+    }
 }
 
 /// The shape of a workload.
@@ -63,6 +97,9 @@ pub enum Kind {
     Watch { watchers: usize, conns: usize },
     /// `streams` LeaseKeepAlive streams, each with one keep-alive in flight at a time.
     KeepAlive { streams: usize, conns: usize },
+    /// One client reads the whole [`HUGE_PREFIX`] once, page by page like a legacy client
+    /// (`limit`, then last key + "\0" while `more`); throughput is MiB of values per second.
+    PagedPass,
 }
 
 /// The request a unary worker repeats.
@@ -94,24 +131,28 @@ pub fn all() -> Vec<Workload> {
             unit: "ops/s",
             about: "64 concurrent Puts of 256 B values over 1000 keys, one connection; latency per Put",
             kind: Kind::Unary { concurrency: 64, conns: 1, op: UnaryOp::Put },
+            opt_in: false,
         },
         Workload {
             name: "put 256B c64 conn8",
             unit: "ops/s",
             about: "as above over 8 connections (8 workers each)",
             kind: Kind::Unary { concurrency: 64, conns: 8, op: UnaryOp::Put },
+            opt_in: false,
         },
         Workload {
             name: "range 1key serializable",
             unit: "ops/s",
             about: "64 concurrent serializable Gets of one 256 B key, one connection",
             kind: get(64, one_key(true)),
+            opt_in: false,
         },
         Workload {
             name: "range 1key linearizable",
             unit: "ops/s",
             about: "64 concurrent linearizable Gets of one 256 B key, one connection",
             kind: get(64, one_key(false)),
+            opt_in: false,
         },
         Workload {
             name: "range 1000 keys",
@@ -121,6 +162,7 @@ pub fn all() -> Vec<Workload> {
                 16,
                 Query { key: R1000_PREFIX, prefix: true, serializable: false, count: R1000_KEYS, value_len: VALUE_LEN },
             ),
+            opt_in: false,
         },
         Workload {
             name: "range 3.5MiB",
@@ -130,24 +172,38 @@ pub fn all() -> Vec<Workload> {
                 4,
                 Query { key: BIG_PREFIX, prefix: true, serializable: false, count: BIG_KEYS, value_len: BIG_VALUE_LEN },
             ),
+            opt_in: false,
         },
         Workload {
             name: "watch fanout 100",
             unit: "events/s",
             about: "100 watch streams on one key over 10 connections; latency is Put sent -> event received",
             kind: Kind::Watch { watchers: 100, conns: 10 },
+            opt_in: false,
         },
         Workload {
             name: "watch fanout 1000",
             unit: "events/s",
             about: "1000 watch streams on one key over 10 connections; latency is Put sent -> event received",
             kind: Kind::Watch { watchers: 1000, conns: 10 },
+            opt_in: false,
         },
         Workload {
             name: "lease keepalive",
             unit: "keep-alives/s",
             about: "64 LeaseKeepAlive streams on one connection, next keep-alive sent when the previous answer arrives; latency per keep-alive",
             kind: Kind::KeepAlive { streams: 64, conns: 1 },
+            opt_in: false,
+        },
+        Workload {
+            name: "range 1GiB paged",
+            unit: "MiB/s",
+            about: "one client reads 1 GiB (16384 keys x 64 KiB values, loaded straight to etcd) once, in Ranges with \
+                    limit 1000 continued from the last key + \"\\0\" while `more`, as legacy clients page; every key \
+                    checked once, in order; an op is 1 MiB of values, p50/p99 are per page; opt-in (--big), details \
+                    in the per-pass table",
+            kind: Kind::PagedPass,
+            opt_in: true,
         },
     ]
 }
@@ -192,8 +248,26 @@ pub struct Measurement {
     pub etcd_cpu: Duration,
     /// CPU time the proxy used during the window.
     pub proxy_cpu: Option<Duration>,
-    /// Proxy resident memory when the window closed.
+    /// Proxy resident memory when the window closed (for a paged pass: its peak).
     pub proxy_rss: Option<u64>,
+    /// What a paged pass measured beyond the common columns.
+    pub pass: Option<PassDetail>,
+}
+
+/// One full paged pass over [`HUGE_PREFIX`].
+#[derive(Debug, Clone)]
+pub struct PassDetail {
+    /// Range requests the pass took.
+    pub pages: u64,
+    /// Proxy VmRSS just before the pass (client connected, nothing in flight).
+    pub rss_idle: Option<u64>,
+    /// Highest proxy RSS during the pass: VmHWM after resetting it, or the highest 50 ms
+    /// VmRSS sample, whichever is higher.
+    pub rss_peak: Option<u64>,
+    /// Proxy VmRSS right after the last page arrived.
+    pub rss_after: Option<u64>,
+    /// Whether the peak includes VmHWM (false: only the samples, because the reset failed).
+    pub peak_from_hwm: bool,
 }
 
 impl Measurement {
@@ -209,6 +283,7 @@ pub async fn run(workload: &Workload, ctx: &RunContext) -> Result<Measurement> {
         Kind::Unary { concurrency, conns, op } => run_unary(ctx, *concurrency, *conns, op).await?,
         Kind::Watch { watchers, conns } => run_watch(ctx, *watchers, *conns).await?,
         Kind::KeepAlive { streams, conns } => run_keepalive(ctx, *streams, *conns).await?,
+        Kind::PagedPass => run_paged_pass(ctx).await?,
     };
     // A target that answers nothing must not show up as a slow success.
     ensure!(measurement.ops > 0, "no operation completed within the {:?} window", ctx.window);
@@ -258,6 +333,61 @@ pub async fn populate(control: &Client) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Writes the 1 GiB the paged workload reads straight to etcd through `control`, with
+/// [`HUGE_WRITERS`] Puts in flight (one at a time it would take minutes), and returns a line
+/// for the report saying how long that took and how large etcd's database became.
+pub async fn populate_huge(control: &Client) -> Result<String> {
+    let started = Instant::now();
+    let mut writers = JoinSet::new();
+    for shard in 0..HUGE_WRITERS {
+        let mut kv = control.kv_client();
+        writers.spawn(async move {
+            // One buffer per writer; the Put takes a copy, so it is not rebuilt per key.
+            let value = vec![b'h'; HUGE_VALUE_LEN];
+            for index in (shard..HUGE_KEYS).step_by(HUGE_WRITERS) {
+                let key = huge_key(index);
+                timeout(OP_TIMEOUT, kv.put(key.as_str(), value.clone(), None))
+                    .await
+                    .map_err(|_| anyhow!("Put {key} got no answer within {OP_TIMEOUT:?}"))?
+                    .with_context(|| format!("Put {key}"))?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(result) = writers.join_next().await {
+        result.context("a loading task died")?.context("loading the 1 GiB range data")?;
+    }
+    let took = started.elapsed();
+    // One untimed direct pass checks the data and lets etcd fault its freshly written database
+    // pages into its mmap and grow its heap to 64 MiB answers; otherwise the first target of
+    // round 1 pays for that (in a trial run without it: 5.9 s, against 2.6 s for later passes).
+    let warmed = Instant::now();
+    let mut kv = control.kv_client().max_decoding_message_size(HUGE_MAX_DECODE);
+    let pages = timeout(PASS_TIMEOUT, paged_pass(&mut kv, &mut Vec::new()))
+        .await
+        .map_err(|_| anyhow!("the warm-up pass over the loaded data took over {PASS_TIMEOUT:?}"))?
+        .context("the warm-up pass over the loaded data")?;
+    let endpoint = control.maintenance_client().status().await.context("reading etcd's status")?;
+    Ok(format!(
+        "{HUGE_KEYS} keys x {} KiB under `{HUGE_PREFIX}` ({} MiB of values) loaded straight to etcd with \
+         {HUGE_WRITERS} concurrent Puts in {:.1} s, then read once directly ({pages} pages, {:.1} s, untimed \
+         warm-up); etcd database {:.0} MiB",
+        HUGE_VALUE_LEN / 1024,
+        huge_value_bytes() / MIB,
+        took.as_secs_f64(),
+        warmed.elapsed().as_secs_f64(),
+        endpoint.db_size() as f64 / MIB as f64
+    ))
+}
+
+fn huge_key(index: usize) -> String {
+    format!("{HUGE_PREFIX}{index:05}")
+}
+
+fn huge_value_bytes() -> u64 {
+    (HUGE_KEYS * HUGE_VALUE_LEN) as u64
 }
 
 /// Compacts etcd's history up to now and waits until the compaction is physically done, so
@@ -479,6 +609,7 @@ fn finish(window: Window, latencies: &[u64]) -> Measurement {
         etcd_cpu: window.etcd_cpu,
         proxy_cpu: window.proxy_cpu,
         proxy_rss: window.proxy_rss,
+        pass: None,
     }
 }
 
@@ -521,6 +652,147 @@ async fn unary_worker(worker: usize, workers: usize, mut kv: KvClient, op: Unary
         key_index += workers as u64;
     }
     latencies
+}
+
+// ------------------------------------------------------------------ paged 1 GiB range
+
+/// One full paged pass over [`HUGE_PREFIX`] through the target, with the proxy's CPU and its
+/// RSS before, during (peak) and after. No warm-up: the pass itself is the unit measured, and
+/// the targets alternate, so none of them is favoured by a warm cache.
+async fn run_paged_pass(ctx: &RunContext) -> Result<Measurement> {
+    let client = connect(&ctx.endpoint).await?;
+    // The default user-agent (tonic/...) is kept on purpose: etcd-compat-proxy classifies it as
+    // a 4 MiB client and cuts every page to fit, which is the path measured here. Only the
+    // client's own receive limit is raised, so that etcd's 64 MiB pages are accepted directly.
+    let mut kv = client.kv_client().max_decoding_message_size(HUGE_MAX_DECODE);
+    // One small call first, so the connection exists before the idle RSS is read.
+    timeout(OP_TIMEOUT, kv.get(ONE_KEY, None))
+        .await
+        .map_err(|_| anyhow!("the first Range got no answer within {OP_TIMEOUT:?}"))?
+        .context("the first Range")?;
+
+    let rss_idle = ctx.pids.proxy.map(procfs::rss_bytes).transpose().context("reading the proxy's idle RSS")?;
+    // Without the reset VmHWM would be the peak of every earlier workload too.
+    let peak_from_hwm = match ctx.pids.proxy {
+        Some(pid) => match procfs::reset_peak_rss(pid) {
+            Ok(()) => true,
+            Err(error) => {
+                eprintln!("  cannot reset the proxy's VmHWM, using 50 ms VmRSS samples only: {error:#}");
+                false
+            }
+        },
+        None => false,
+    };
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = ctx.pids.proxy.map(|pid| tokio::spawn(sample_peak_rss(pid, sampling.clone())));
+
+    let before = Sample::take(ctx.pids, &Shared::default())?;
+    let mut latencies = Vec::new();
+    let passed = timeout(PASS_TIMEOUT, paged_pass(&mut kv, &mut latencies)).await;
+    let after = Sample::take(ctx.pids, &Shared::default())?;
+    let rss_after = ctx.pids.proxy.map(procfs::rss_bytes).transpose().context("reading the proxy's RSS")?;
+    sampling.store(false, Ordering::Relaxed);
+    let sampled = match sampler {
+        Some(task) => Some(task.await.context("the RSS sampler died")?),
+        None => None,
+    };
+    let pages = match passed {
+        Ok(pages) => pages?,
+        Err(_) => bail!(
+            "the pass did not finish within {PASS_TIMEOUT:?} ({} pages answered, the slowest in {})",
+            latencies.len(),
+            latencies.iter().max().map_or_else(|| "-".to_owned(), |&n| format_latency(Duration::from_nanos(n)))
+        ),
+    };
+    let hwm = match ctx.pids.proxy {
+        Some(pid) if peak_from_hwm => Some(procfs::peak_rss_bytes(pid).context("reading the proxy's VmHWM")?),
+        _ => None,
+    };
+    let rss_peak = match (hwm, sampled) {
+        (Some(hwm), Some(sampled)) => Some(hwm.max(sampled)),
+        (hwm, sampled) => hwm.or(sampled),
+    };
+    latencies.sort_unstable();
+    let at = |p| crate::stats::percentile(&latencies, p).map(Duration::from_nanos);
+    Ok(Measurement {
+        ops: huge_value_bytes() / MIB,
+        elapsed: after.at - before.at,
+        p50: at(50.0),
+        p99: at(99.0),
+        etcd_cpu: after.etcd_cpu.saturating_sub(before.etcd_cpu),
+        proxy_cpu: after.proxy_cpu.zip(before.proxy_cpu).map(|(after, before)| after.saturating_sub(before)),
+        proxy_rss: rss_peak,
+        pass: Some(PassDetail { pages, rss_idle, rss_peak, rss_after, peak_from_hwm }),
+    })
+}
+
+/// Reads every key under [`HUGE_PREFIX`] once, exactly as a legacy client pages: `limit`,
+/// then from the last key + "\0" while `more`. Checks that the keys arrive once each, in
+/// order, with full values, and that every `count` is the true number of keys left; returns
+/// the number of pages and records each page's latency in `latencies`.
+async fn paged_pass(kv: &mut KvClient, latencies: &mut Vec<u64>) -> Result<u64> {
+    let mut cursor = HUGE_PREFIX.as_bytes().to_vec();
+    let mut seen = 0usize;
+    let mut pages = 0u64;
+    loop {
+        pages += 1;
+        let options = GetOptions::new().with_range(HUGE_RANGE_END).with_limit(HUGE_PAGE_LIMIT as i64);
+        let started = Instant::now();
+        let response = timeout(PAGE_TIMEOUT, kv.get(cursor.clone(), Some(options)))
+            .await
+            .map_err(|_| anyhow!("page {pages} (after {seen} keys) got no answer within {PAGE_TIMEOUT:?}"))?
+            .with_context(|| format!("page {pages} (after {seen} keys)"))?;
+        latencies.push(nanos(started.elapsed()));
+        let left = HUGE_KEYS - seen;
+        ensure!(
+            response.count() == left as i64,
+            "page {pages}: count {} but {left} keys are left after {seen}",
+            response.count()
+        );
+        let kvs = response.kvs();
+        ensure!(kvs.len() <= HUGE_PAGE_LIMIT, "page {pages}: {} keys for limit {HUGE_PAGE_LIMIT}", kvs.len());
+        // Empty pages with more=true would loop for ever.
+        ensure!(!kvs.is_empty() || !response.more(), "page {pages}: no keys but more=true");
+        for kv in kvs {
+            let expected = huge_key(seen);
+            ensure!(
+                kv.key() == expected.as_bytes() && kv.value().len() == HUGE_VALUE_LEN,
+                "page {pages}: key {:?} with a {}-byte value, expected {expected:?} with {HUGE_VALUE_LEN} bytes",
+                String::from_utf8_lossy(kv.key()),
+                kv.value().len()
+            );
+            seen += 1;
+        }
+        ensure!(
+            response.more() == (seen < HUGE_KEYS),
+            "page {pages}: more={} after {seen} of {HUGE_KEYS} keys",
+            response.more()
+        );
+        match kvs.last() {
+            // The smallest key after the last one read, as etcd's own clients continue.
+            Some(last) if response.more() => {
+                cursor = last.key().to_vec();
+                cursor.push(0);
+            }
+            _ => return Ok(pages),
+        }
+    }
+}
+
+/// Samples `pid`'s VmRSS every [`RSS_SAMPLE_INTERVAL`] while `running`; returns the highest.
+async fn sample_peak_rss(pid: u32, running: Arc<AtomicBool>) -> u64 {
+    let mut peak = 0;
+    let mut ticker = tokio::time::interval(RSS_SAMPLE_INTERVAL);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    while running.load(Ordering::Relaxed) {
+        ticker.tick().await;
+        // A failed read (the process just died) leaves the peak as it was; the pass reports
+        // the failure itself.
+        if let Ok(rss) = procfs::rss_bytes(pid) {
+            peak = peak.max(rss);
+        }
+    }
+    peak
 }
 
 // ------------------------------------------------------------------ watch
