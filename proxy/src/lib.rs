@@ -12,6 +12,7 @@
 //!   [`error`] is where the proxy's own failures become gRPC statuses.
 
 pub mod admin;
+pub mod batched_writes;
 pub mod body;
 pub mod budget;
 pub mod config;

@@ -10,6 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
+use crate::batched_writes::BatchedWrites;
 use crate::config::Config;
 use crate::forward::Forwarder;
 use crate::legacy_authority::AuthorityRepair;
@@ -98,12 +99,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             let service = hyper::service::service_fn(move |request| Arc::clone(&forwarder).serve(request));
             let result = match tls {
                 None => {
-                    let io = TokioIo::new(AuthorityRepair::new(stream, metrics));
+                    let io = TokioIo::new(BatchedWrites(AuthorityRepair::new(stream, metrics)));
                     watcher.watch(http2.serve_connection(io, service)).await
                 }
                 Some(acceptor) => match tls_accept(&acceptor, stream).await {
                     Ok(tls_stream) => {
-                        let io = TokioIo::new(AuthorityRepair::new(tls_stream, metrics));
+                        let io = TokioIo::new(BatchedWrites(AuthorityRepair::new(tls_stream, metrics)));
                         watcher.watch(http2.serve_connection(io, service)).await
                     }
                     Err(error) => {

@@ -17,6 +17,7 @@ use prost::Message;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::batched_writes::BatchedWrites;
 use crate::body::RequestBody;
 use crate::config::{Config, Endpoint};
 use crate::error::UpstreamError;
@@ -175,9 +176,9 @@ impl Upstream {
                     .connect(server_name, tcp)
                     .await
                     .map_err(|source| UpstreamError::Tls { endpoint: endpoint.url(), source })?;
-                handshake(TokioIo::new(stream), endpoint).await
+                handshake(TokioIo::new(BatchedWrites(stream)), endpoint).await
             }
-            _ => handshake(TokioIo::new(tcp), endpoint).await,
+            _ => handshake(TokioIo::new(BatchedWrites(tcp)), endpoint).await,
         }
     }
 
