@@ -327,6 +327,14 @@ impl StartArgs {
                 "must be at least 1024; the usual gRPC limit is 4194304",
             ));
         }
+        let truncate_prefixes = self.truncate_oversize_prefix.unwrap_or_default();
+        if truncate_prefixes.iter().any(|p| p.is_empty()) {
+            return Err(ConfigError::invalid(
+                "truncate-oversize-prefix",
+                "",
+                "an empty prefix would cut every oversize range; name the key prefixes whose clients follow `more`",
+            ));
+        }
         let budget = crate::budget::BudgetPolicy {
             max_response_bytes: usize::try_from(max_response_bytes).unwrap_or(usize::MAX),
             limited_user_agents: self
@@ -334,13 +342,7 @@ impl StartArgs {
                 .unwrap_or_else(|| crate::budget::DEFAULT_LIMITED_USER_AGENTS.iter().map(|s| s.to_string()).collect()),
             unlimited_user_agents: self.unlimited_user_agent.unwrap_or_default(),
             limit_go_without_api_version: self.limit_go_without_api_version.unwrap_or(true),
-            truncate_prefixes: self
-                .truncate_oversize_prefix
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|p| !p.is_empty())
-                .map(bytes::Bytes::from)
-                .collect(),
+            truncate_prefixes: truncate_prefixes.into_iter().map(bytes::Bytes::from).collect(),
         };
 
         Ok(Config {
@@ -673,6 +675,14 @@ mod tests {
         let config = StartArgs { data_dir: Some("default.proxy".into()), ..Default::default() }.validate().unwrap();
         assert_eq!(config.ignored_flags.len(), 1);
         assert_eq!(config.ignored_flags[0].flag, "data-dir");
+    }
+
+    #[test]
+    fn empty_truncation_prefix_is_refused() {
+        let args =
+            StartArgs { truncate_oversize_prefix: Some(vec!["/jobs/".into(), String::new()]), ..Default::default() };
+        let err = args.validate().unwrap_err().to_string();
+        assert!(err.starts_with("invalid --truncate-oversize-prefix \"\": an empty prefix"), "{err}");
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub enum UpstreamError {
     /// The member answered its health check with a failure.
     #[error("{endpoint} is unhealthy: {why}")]
     Unhealthy { endpoint: String, why: String },
+    /// The proxy could not build the request for the member; not the member's fault.
+    #[error("the request could not be forwarded: {why}")]
+    Request { why: String },
 }
 
 impl UpstreamError {
@@ -45,7 +48,13 @@ impl UpstreamError {
             | UpstreamError::Handshake { .. } => true,
             UpstreamError::Send { source, .. } => source.is_canceled() || refused_stream(source),
             UpstreamError::Unhealthy { .. } => false,
+            UpstreamError::Request { .. } => true,
         }
+    }
+
+    /// Whether the failure says the member is unreachable or unwell (and so should be avoided).
+    pub fn is_member_fault(&self) -> bool {
+        !matches!(self, UpstreamError::Request { .. })
     }
 
     /// Whether a request with this replay rule may be tried on another member after this failure.

@@ -135,7 +135,10 @@ impl Forwarder {
             match self.attempt(member, path_and_query, headers, body).await {
                 Ok(response) => return Ok((response, member)),
                 Err(failure) => {
-                    self.upstream.mark_failed(member, &failure);
+                    // A request the proxy could not build says nothing about the member's health.
+                    if failure.is_member_fault() {
+                        self.upstream.mark_failed(member, &failure);
+                    }
                     let retry = failure.allows_retry(route.replay) && !matches!(body, PendingBody::Streaming(None));
                     if !retry {
                         return Err(error::outcome_unknown_status(&failure));
@@ -232,19 +235,17 @@ impl Forwarder {
             PendingBody::Streaming(stream) => match stream.take() {
                 Some(stream) => RequestBody::Streaming(stream),
                 None => {
-                    return Err(UpstreamError::Unhealthy {
-                        endpoint: member.endpoint.url(),
-                        why: "the client stream was already sent".to_owned(),
+                    return Err(UpstreamError::Request {
+                        why: "the client's stream was already sent to another member".to_owned(),
                     })
                 }
             },
         };
         let mut request = Request::new(upstream_body);
         *request.method_mut() = http::Method::POST;
-        *request.uri_mut() = member.uri(path_and_query.clone()).map_err(|e| UpstreamError::Unhealthy {
-            endpoint: member.endpoint.url(),
-            why: format!("cannot address {path_and_query}: {e}"),
-        })?;
+        *request.uri_mut() = member
+            .uri(path_and_query.clone())
+            .map_err(|e| UpstreamError::Request { why: format!("cannot address {path_and_query}: {e}") })?;
         *request.headers_mut() = headers.clone();
         member.stats.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         connection

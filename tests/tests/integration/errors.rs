@@ -104,7 +104,8 @@ async fn same_errors(direct_endpoint: &str, proxy_endpoint: &str) {
 }
 
 fn run(version: EtcdVersion) {
-    let deployment = Deployment::start(version, 1, Wire::Plain, &[]);
+    // Debug level: the password check below must cover the most verbose logs.
+    let deployment = Deployment::start(version, 1, Wire::Plain, &["--debug"]);
     let direct = deployment.cluster.client_urls()[0].clone();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(same_errors(&direct, &deployment.endpoint));

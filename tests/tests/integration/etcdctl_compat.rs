@@ -164,7 +164,8 @@ fn auth_commands(ctl: &Ctl) {
 }
 
 fn etcdctl_through_proxy(cluster_version: EtcdVersion, wire: Wire) {
-    let deployment = Deployment::start(cluster_version, 1, wire, &[]);
+    // Debug level: the password check at the end must cover the most verbose logs.
+    let deployment = Deployment::start(cluster_version, 1, wire, &["--debug"]);
     for ctl_version in [EtcdVersion::V3_4, EtcdVersion::V3_5] {
         let ctl = Ctl { version: ctl_version, endpoint: &deployment.endpoint, tls: deployment.client_tls.as_ref() };
         operator_commands(&ctl, &deployment, cluster_version);
