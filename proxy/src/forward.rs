@@ -92,7 +92,9 @@ impl Forwarder {
         };
         if let (ClientBudget::Limited { bytes, rule }, PendingBody::Buffered(message)) = (&client_budget, &body) {
             if route.index == grpc::range_index() {
-                if let Some(response) = self.limited_range(&headers, &path_and_query, message, *bytes, rule).await {
+                // Boxed: paging state is large and rare; inline it would be copied with every call's future.
+                let limited = Box::pin(self.limited_range(&headers, &path_and_query, message, *bytes, rule));
+                if let Some(response) = limited.await {
                     return Ok(response.finish(record));
                 }
             }

@@ -153,7 +153,9 @@ impl Upstream {
         if let Some(connection) = member.cached_connection() {
             return Ok(connection);
         }
-        let connection = tokio::time::timeout(self.dial_timeout, self.dial(member))
+        // Boxed: a TLS handshake's state is large and dialling is rare; inline it would be copied
+        // with every call's future.
+        let connection = Box::pin(tokio::time::timeout(self.dial_timeout, self.dial(member)))
             .await
             .map_err(|_| UpstreamError::DialTimeout { endpoint: member.endpoint.url(), after: self.dial_timeout })??;
         if let Ok(mut slot) = member.connection.lock() {
