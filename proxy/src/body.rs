@@ -112,8 +112,8 @@ pub struct ResponseBody {
 enum State {
     /// Relaying etcd's response.
     Upstream(Incoming),
-    /// A response the proxy holds in full: one data chunk, then trailers.
-    Buffered { data: Option<Bytes>, trailers: Option<HeaderMap> },
+    /// A response the proxy holds in full: its data chunks in order, then trailers.
+    Buffered { data: std::collections::VecDeque<Bytes>, trailers: Option<HeaderMap> },
     /// Nothing more to send.
     Done,
 }
@@ -194,8 +194,8 @@ impl Body for ResponseBody {
         match &mut this.state {
             State::Done => Poll::Ready(None),
             State::Buffered { data, trailers } => {
-                if let Some(data) = data.take() {
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                if let Some(chunk) = data.pop_front() {
+                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
                 }
                 let trailers = trailers.take();
                 this.state = State::Done;
@@ -259,7 +259,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.state {
             State::Done => true,
-            State::Buffered { data, trailers } => data.is_none() && trailers.is_none(),
+            State::Buffered { data, trailers } => data.is_empty() && trailers.is_none(),
             // A trailers-only answer (an etcd error) must end with its HEADERS frame: gRPC
             // clients reject a stream that sends an empty DATA frame after such headers.
             State::Upstream(incoming) => incoming.is_end_stream(),
@@ -272,24 +272,36 @@ impl Body for ResponseBody {
 pub struct Buffered {
     status: http::StatusCode,
     headers: HeaderMap,
-    data: Bytes,
+    /// The body's chunks, sent in order without being joined.
+    data: Vec<Bytes>,
     trailers: Option<HeaderMap>,
 }
 
 impl Buffered {
-    /// Reads an upstream response to the end; a broken body becomes `Unavailable`.
+    /// Reads an upstream response to the end into one contiguous buffer; a broken body becomes
+    /// `Unavailable`.
     pub async fn collect(response: http::Response<Incoming>) -> Result<Buffered, Buffered> {
-        let (parts, body) = response.into_parts();
-        match body.collect().await {
-            Ok(collected) => {
-                let trailers = collected.trailers().cloned();
-                Ok(Buffered { status: parts.status, headers: parts.headers, data: collected.to_bytes(), trailers })
+        let (parts, mut body) = response.into_parts();
+        let mut whole = Contiguous::default();
+        let mut trailers = None;
+        while let Some(frame) = body.frame().await {
+            let frame = match frame {
+                Ok(frame) => frame,
+                Err(error) => {
+                    return Err(Buffered::status((
+                        Code::Unavailable,
+                        format!("etcd-compat-proxy: the connection to etcd broke while reading its answer ({error}); retry the call"),
+                    )))
+                }
+            };
+            match frame.into_data() {
+                Ok(chunk) => whole.push(chunk),
+                Err(frame) => trailers = frame.into_trailers().ok(),
             }
-            Err(error) => Err(Buffered::status((
-                Code::Unavailable,
-                format!("etcd-compat-proxy: the connection to etcd broke while reading its answer ({error}); retry the call"),
-            ))),
         }
+        let data = whole.finish();
+        let data = if data.is_empty() { Vec::new() } else { vec![data] };
+        Ok(Buffered { status: parts.status, headers: parts.headers, data, trailers })
     }
 
     /// A trailers-only answer with a status of the proxy's own.
@@ -297,13 +309,13 @@ impl Buffered {
         Buffered {
             status: http::StatusCode::OK,
             headers: grpc::status_headers(code, &message),
-            data: Bytes::new(),
+            data: Vec::new(),
             trailers: None,
         }
     }
 
-    /// A successful answer carrying one message, already framed.
-    pub fn message_ok(framed: Bytes) -> Buffered {
+    /// A successful answer carrying one message, already framed, in one or more chunks.
+    pub fn message_ok(framed: Vec<Bytes>) -> Buffered {
         let mut headers = HeaderMap::with_capacity(1);
         headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
         let mut trailers = HeaderMap::with_capacity(2);
@@ -318,9 +330,10 @@ impl Buffered {
 
     /// The single uncompressed message of the answer, without its frame prefix.
     pub fn message(&self) -> Option<Bytes> {
-        let header = self.data.get(..5)?;
+        let [data] = self.data.as_slice() else { return None };
+        let header = data.get(..5)?;
         let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        (header[0] == 0 && self.data.len() == 5 + length).then(|| self.data.slice(5..))
+        (header[0] == 0 && data.len() == 5 + length).then(|| data.slice(5..))
     }
 
     /// Turns it into the client's response, recording the call's status.
@@ -330,7 +343,10 @@ impl Buffered {
         let state = if self.data.is_empty() && self.trailers.is_none() {
             State::Done
         } else {
-            State::Buffered { data: (!self.data.is_empty()).then_some(self.data), trailers: self.trailers }
+            State::Buffered {
+                data: self.data.into_iter().filter(|chunk| !chunk.is_empty()).collect(),
+                trailers: self.trailers,
+            }
         };
         let body = ResponseBody {
             state,
@@ -344,6 +360,51 @@ impl Buffered {
         *response.status_mut() = self.status;
         *response.headers_mut() = self.headers;
         response
+    }
+}
+
+/// Joins a body's chunks into one buffer as they arrive, so that each chunk (and the connection
+/// buffer it points into) is released at once instead of all of them living until the end:
+/// a paged Range holds one page, not two.
+#[derive(Default)]
+struct Contiguous {
+    /// A lone chunk is kept as it came: most answers arrive in one piece.
+    first: Option<Bytes>,
+    joined: Option<BytesMut>,
+}
+
+impl Contiguous {
+    /// Room reserved up front from a message's length prefix; larger messages grow as they come.
+    const MAX_RESERVE: usize = 64 << 20;
+
+    fn push(&mut self, chunk: Bytes) {
+        if chunk.is_empty() {
+            return;
+        }
+        if let Some(joined) = self.joined.as_mut() {
+            joined.extend_from_slice(&chunk);
+            return;
+        }
+        let Some(first) = self.first.take() else {
+            self.first = Some(chunk);
+            return;
+        };
+        let expected = match first.get(..5) {
+            Some(prefix) => 5 + u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize,
+            None => 0,
+        };
+        let mut joined = BytesMut::with_capacity(expected.min(Self::MAX_RESERVE).max(first.len() + chunk.len()));
+        joined.extend_from_slice(&first);
+        joined.extend_from_slice(&chunk);
+        self.joined = Some(joined);
+    }
+
+    fn finish(self) -> Bytes {
+        match (self.joined, self.first) {
+            (Some(joined), _) => joined.freeze(),
+            (None, Some(first)) => first,
+            (None, None) => Bytes::new(),
+        }
     }
 }
 

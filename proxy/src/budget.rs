@@ -11,13 +11,14 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use etcd_compat_proto::etcdserverpb::{range_request, RangeRequest, RangeResponse, WatchResponse};
-use etcd_compat_proto::mvccpb::{Event, KeyValue};
+use etcd_compat_proto::mvccpb::Event;
 use http::HeaderMap;
 use prost::Message;
 
@@ -25,8 +26,13 @@ use prost::Message;
 pub const DEFAULT_LIMITED_USER_AGENTS: &[&str] =
     &["grpc-python/", "grpc-node-js/", "grpc-node/", "grpc-java-", "grpc-c/", "grpc-ruby/", "grpc-csharp/", "tonic/"];
 
-/// Keys fetched in the first page; later pages are sized from the bytes per key seen so far.
-const FIRST_PAGE_KEYS: i64 = 256;
+/// Most keys fetched in a Range's first page, before the sizes under its prefix are known; later
+/// pages are sized from the bytes per key seen. Kept small because a first page of large values
+/// is held in full (64 keys of 64 KiB are one 4 MiB answer; 256 were 16 MiB).
+const FIRST_PAGE_KEYS: i64 = 64;
+/// Most keys of a client's own page (`limit`) asked of etcd as they are, when the sizes seen so
+/// far say the page fits the budget.
+const PASS_THROUGH_PAGE_KEYS: i64 = 256;
 /// Starting guess of bytes per key, before any Range was seen.
 const INITIAL_BYTES_PER_KEY: usize = 4096;
 /// Page size while only counting past the budget (nothing is kept from those pages).
@@ -124,14 +130,105 @@ pub struct Page {
     pub raw: Bytes,
     /// The same, decoded.
     pub decoded: RangeResponse,
+    /// Where each of `decoded.kvs` is encoded in `raw` (tag, length and message), in order.
+    kv_spans: Vec<Range<usize>>,
+}
+
+impl Page {
+    /// Decodes etcd's encoded RangeResponse and locates its KeyValues, so that an answer can
+    /// reuse etcd's bytes instead of re-encoding them.
+    pub fn parse(raw: Bytes) -> Result<Page, String> {
+        let decoded = RangeResponse::decode(raw.clone()).map_err(|e| e.to_string())?;
+        let kv_spans = field_spans(&raw, RANGE_RESPONSE_KVS)?;
+        if kv_spans.len() != decoded.kvs.len() {
+            return Err(format!("{} kvs fields for {} decoded KeyValues", kv_spans.len(), decoded.kvs.len()));
+        }
+        Ok(Page { raw, decoded, kv_spans })
+    }
+}
+
+/// Field number of `kvs` in RangeResponse.
+const RANGE_RESPONSE_KVS: u64 = 2;
+
+/// Byte ranges of every top-level length-delimited field numbered `wanted` in an encoded message.
+fn field_spans(message: &[u8], wanted: u64) -> Result<Vec<Range<usize>>, String> {
+    use prost::encoding::decode_varint;
+    let mut rest = message;
+    let mut spans = Vec::new();
+    while !rest.is_empty() {
+        let start = message.len() - rest.len();
+        let key = decode_varint(&mut rest).map_err(|e| e.to_string())?;
+        let skip = match key & 7 {
+            0 => {
+                decode_varint(&mut rest).map_err(|e| e.to_string())?;
+                0
+            }
+            1 => 8,
+            2 => decode_varint(&mut rest).map_err(|e| e.to_string())? as usize,
+            5 => 4,
+            wire_type => return Err(format!("unexpected wire type {wire_type} at byte {start}")),
+        };
+        rest = rest.get(skip..).ok_or_else(|| format!("field at byte {start} runs past the message"))?;
+        if key >> 3 == wanted && key & 7 == 2 {
+            spans.push(start..message.len() - rest.len());
+        }
+    }
+    Ok(spans)
+}
+
+/// The KeyValues chosen for an answer, as slices of etcd's pages: consecutive entries of one
+/// page are one slice, so an answer costs no copy of the values it carries.
+#[derive(Default)]
+struct TakenKvs {
+    chunks: Vec<Bytes>,
+    count: usize,
+    /// The run being extended within the current page.
+    run: Option<Range<usize>>,
+}
+
+impl TakenKvs {
+    fn take(&mut self, span: Range<usize>, raw: &Bytes) {
+        self.count += 1;
+        match self.run.as_mut() {
+            Some(run) if run.end == span.start => run.end = span.end,
+            _ => {
+                self.end_page(raw);
+                self.run = Some(span);
+            }
+        }
+    }
+
+    /// Closes the current run; called before moving on to the next page.
+    fn end_page(&mut self, raw: &Bytes) {
+        if let Some(run) = self.run.take() {
+            self.chunks.push(raw.slice(run));
+        }
+    }
+}
+
+/// Frames a RangeResponse made of `skeleton`'s fields and KeyValues already encoded in
+/// `kv_chunks`, in field order: header, kvs, more, count.
+fn framed_range_response(skeleton: &RangeResponse, kv_chunks: Vec<Bytes>) -> Vec<Bytes> {
+    let head = RangeResponse { header: skeleton.header, ..Default::default() }.encode_to_vec();
+    let tail = RangeResponse { more: skeleton.more, count: skeleton.count, ..Default::default() }.encode_to_vec();
+    let length = head.len() + kv_chunks.iter().map(Bytes::len).sum::<usize>() + tail.len();
+    let mut first = Vec::with_capacity(5 + head.len());
+    first.push(0);
+    first.extend_from_slice(&(length as u32).to_be_bytes());
+    first.extend_from_slice(&head);
+    let mut framed = Vec::with_capacity(kv_chunks.len() + 2);
+    framed.push(Bytes::from(first));
+    framed.extend(kv_chunks);
+    framed.push(Bytes::from(tail));
+    framed
 }
 
 /// The answer to a limited Range.
 pub enum Answer<E> {
     /// etcd's own message, untouched (the whole result fit in the first page).
     Raw(Bytes),
-    /// A message assembled from pages.
-    Assembled(RangeResponse, Outcome),
+    /// A message assembled from pages, framed, in chunks that share the pages' memory.
+    Assembled(Vec<Bytes>, Outcome),
     /// Refused: the message for `ResourceExhausted`.
     Refused(String),
     /// An upstream page failed; its answer goes to the client as etcd sent it.
@@ -198,12 +295,22 @@ where
     let client_limit = request.limit.max(0);
     // Every upstream page costs etcd a count over the rest of the range, so pages are sized to
     // fill the answer in one or two round trips rather than many small ones.
-    let first_page = estimate.keys_for(budget).clamp(1, FIRST_PAGE_KEYS);
-    let mut page_keys = if client_limit > 0 { client_limit.min(first_page) } else { first_page };
+    let fitting = estimate.keys_for(budget);
+    // A client page that probably fits is asked for as it is, so that etcd's answer passes through.
+    let mut page_keys = if client_limit > 0 && client_limit <= fitting.min(PASS_THROUGH_PAGE_KEYS) {
+        client_limit
+    } else {
+        let first_page = fitting.clamp(1, FIRST_PAGE_KEYS);
+        if client_limit > 0 {
+            client_limit.min(first_page)
+        } else {
+            first_page
+        }
+    };
     let mut cursor = request.key.clone();
     let mut revision = request.revision;
     let mut first: Option<RangeResponse> = None;
-    let mut kvs: Vec<KeyValue> = Vec::new();
+    let mut taken = TakenKvs::default();
     // Encoded size of the response being assembled.
     let mut size = 0usize;
     let mut full = false;
@@ -213,7 +320,7 @@ where
 
     loop {
         let page_request = RangeRequest { key: cursor.clone(), limit: page_keys, revision, ..request.clone() };
-        let Page { raw, decoded } = match fetch(page_request).await {
+        let Page { raw, decoded, kv_spans } = match fetch(page_request).await {
             Ok(page) => page,
             Err(error) => return Answer::Upstream(error),
         };
@@ -237,21 +344,22 @@ where
         let page_more = decoded.more;
         let page_len = decoded.kvs.len();
         let mut page_bytes = 0;
-        for kv in decoded.kvs {
-            let kv_size = field_size(kv.encoded_len());
+        for (kv, span) in decoded.kvs.into_iter().zip(kv_spans) {
+            let kv_size = span.len();
             page_bytes += kv_size;
             total_bytes += kv_size;
             cursor = next_key(&kv.key);
             if largest.as_ref().is_none_or(|(_, s)| kv_size > *s) {
                 largest = Some((kv.key.clone(), kv_size));
             }
-            if full || (client_limit > 0 && kvs.len() as i64 >= client_limit) || size + kv_size > budget {
+            if full || (client_limit > 0 && taken.count as i64 >= client_limit) || size + kv_size > budget {
                 full = true;
                 continue;
             }
             size += kv_size;
-            kvs.push(kv);
+            taken.take(span, &raw);
         }
+        taken.end_page(&raw);
         if let Some(per_key) = page_bytes.checked_div(page_len) {
             estimate.observe(per_key);
         }
@@ -267,7 +375,7 @@ where
         let room = if full { COUNTING_PAGE_BYTES } else { budget.saturating_sub(size) };
         let mut next = (room / average + 1) as i64;
         if client_limit > 0 && !full {
-            next = next.min(client_limit - kvs.len() as i64 + 1);
+            next = next.min(client_limit - taken.count as i64 + 1);
         }
         page_keys = next.clamp(1, MAX_PAGE_KEYS);
     }
@@ -275,26 +383,27 @@ where
     let Some(mut response) = first else {
         return Answer::Refused("etcd-compat-proxy: etcd returned no page for the range".to_owned());
     };
-    if kvs.is_empty() && full {
+    if taken.count == 0 && full {
         let (key, key_size) = largest.unwrap_or_default();
         return Answer::Refused(format!(
             "etcd-compat-proxy: the key {} alone is {key_size} bytes with its value, more than this client's limit of {budget} bytes per message; read it with a client whose gRPC receive limit is larger",
             printable(&key)
         ));
     }
-    response.more = (kvs.len() as i64) < response.count;
-    response.kvs = kvs;
-    if !full {
-        return Answer::Assembled(response, Outcome::Whole);
+    response.more = (taken.count as i64) < response.count;
+    let outcome = if !full {
+        Outcome::Whole
+    } else if client_limit > 0 {
+        Outcome::Paged
+    } else if policy.truncation_allowed(&request.key).is_some() {
+        Outcome::Truncated
+    } else {
+        Outcome::Refused
+    };
+    if outcome != Outcome::Refused {
+        return Answer::Assembled(framed_range_response(&response, taken.chunks), outcome);
     }
-    if client_limit > 0 {
-        return Answer::Assembled(response, Outcome::Paged);
-    }
-    if policy.truncation_allowed(&request.key).is_some() {
-        return Answer::Assembled(response, Outcome::Truncated);
-    }
-    let mut skeleton = response;
-    skeleton.kvs.clear();
+    let skeleton = response;
     Answer::Refused(format!(
         "etcd-compat-proxy: the range from {} holds {} keys, {} bytes encoded, more than this client's limit of {budget} bytes per message; read it in pages with `limit` (`more` and `count` in each response tell when to stop), raise the client's gRPC receive limit, or let the proxy return a first page for this key prefix with --truncate-oversize-prefix",
         printable(&request.key),
@@ -398,6 +507,46 @@ impl LimitedLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use etcd_compat_proto::etcdserverpb::ResponseHeader;
+    use etcd_compat_proto::mvccpb::KeyValue;
+
+    fn kv(key: &str, value_len: usize) -> KeyValue {
+        KeyValue {
+            key: key.to_owned().into(),
+            value: vec![b'v'; value_len].into(),
+            mod_revision: 9,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn answers_reuse_etcd_bytes_and_encode_like_prost() {
+        let header = Some(ResponseHeader { revision: 42, member_id: 7, ..Default::default() });
+        let page =
+            RangeResponse { header, kvs: vec![kv("a", 10), kv("b", 300), kv("c", 70_000)], more: true, count: 5 };
+        let page = Page::parse(Bytes::from(page.encode_to_vec())).unwrap();
+        assert_eq!(page.kv_spans.len(), 3);
+        let mut taken = TakenKvs::default();
+        for span in page.kv_spans[..2].iter().cloned() {
+            taken.take(span, &page.raw);
+        }
+        taken.end_page(&page.raw);
+        // Consecutive entries of one page are one slice of etcd's buffer, not a copy.
+        assert_eq!(taken.chunks.len(), 1);
+        assert_eq!(taken.chunks[0].as_ptr(), page.raw[page.kv_spans[0].start..].as_ptr());
+        let skeleton = RangeResponse { header, kvs: Vec::new(), more: true, count: 5 };
+        let framed: Vec<u8> = framed_range_response(&skeleton, taken.chunks).concat();
+        let expected = RangeResponse { header, kvs: vec![kv("a", 10), kv("b", 300)], more: true, count: 5 };
+        assert_eq!(framed[5..], expected.encode_to_vec()[..]);
+        assert_eq!(framed[0], 0);
+        assert_eq!(framed[1..5], ((framed.len() - 5) as u32).to_be_bytes());
+    }
+
+    #[test]
+    fn malformed_pages_are_refused() {
+        assert!(field_spans(&[0x12, 0x05, 0x01], 2).unwrap_err().contains("runs past the message"));
+        assert!(field_spans(&[0x13], 2).unwrap_err().contains("wire type 3"));
+    }
 
     fn policy() -> BudgetPolicy {
         BudgetPolicy {

@@ -13,7 +13,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
-use etcd_compat_proto::etcdserverpb::{RangeRequest, RangeResponse};
+use etcd_compat_proto::etcdserverpb::RangeRequest;
 use prost::Message;
 
 use crate::body::{Buffered, CallRecord, RequestBody, ResponseBody};
@@ -186,21 +186,20 @@ impl Forwarder {
                         "etcd-compat-proxy: etcd answered a Range page without a message".to_owned(),
                     ))
                 })?;
-                let decoded = RangeResponse::decode(raw.clone()).map_err(|e| {
+                budget::Page::parse(raw).map_err(|e| {
                     Buffered::status((
                         Code::Internal,
                         format!("etcd-compat-proxy: cannot decode etcd's Range page: {e}"),
                     ))
-                })?;
-                Ok(budget::Page { raw, decoded })
+                })
             }
         };
         let answer = budget::serve_range(&self.budget, budget, &self.key_sizes, request, fetch).await;
         let (outcome, response) = match answer {
-            budget::Answer::Raw(raw) => (budget::Outcome::Whole, Buffered::message_ok(grpc::frame(&raw))),
-            budget::Answer::Assembled(response, outcome) => {
-                (outcome, Buffered::message_ok(grpc::frame_message(&response)))
+            budget::Answer::Raw(raw) => {
+                (budget::Outcome::Whole, Buffered::message_ok(vec![grpc::frame_prefix(raw.len()), raw]))
             }
+            budget::Answer::Assembled(framed, outcome) => (outcome, Buffered::message_ok(framed)),
             budget::Answer::Refused(message) => {
                 (budget::Outcome::Refused, Buffered::status((Code::ResourceExhausted, message)))
             }

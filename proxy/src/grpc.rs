@@ -180,6 +180,14 @@ pub fn watch_index() -> usize {
     *WATCH
 }
 
+/// The 5-byte prefix of an uncompressed gRPC message of `length` bytes.
+pub fn frame_prefix(length: usize) -> bytes::Bytes {
+    let mut prefix = Vec::with_capacity(5);
+    prefix.push(0);
+    prefix.extend_from_slice(&(length as u32).to_be_bytes());
+    bytes::Bytes::from(prefix)
+}
+
 /// Frames one uncompressed message as gRPC does: flag byte 0, big-endian 32-bit length, bytes.
 pub fn frame(message: &[u8]) -> bytes::Bytes {
     let mut framed = Vec::with_capacity(message.len() + 5);
