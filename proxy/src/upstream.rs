@@ -93,7 +93,8 @@ impl Member {
 pub struct Upstream {
     members: Vec<Arc<Member>>,
     preferred: AtomicUsize,
-    tls: Option<tokio_rustls::TlsConnector>,
+    /// Replaced when the certificate files change (see `reload`); read at every dial.
+    tls: Option<Arc<crate::reload::Reloadable<rustls::ClientConfig>>>,
     dial_timeout: Duration,
 }
 
@@ -101,7 +102,7 @@ impl Upstream {
     /// Creates the pool; no connection is made until [`Upstream::spawn_health_checks`] or the first request.
     pub fn new(config: &Config) -> Result<Arc<Self>, crate::tls::TlsError> {
         let tls = match &config.upstream_tls {
-            Some(files) => Some(tokio_rustls::TlsConnector::from(crate::tls::client_config(files)?)),
+            Some(files) => Some(Arc::new(crate::reload::Reloadable::new(crate::tls::client_config(files)?))),
             None => None,
         };
         let members = config
@@ -169,7 +170,8 @@ impl Upstream {
         // gRPC messages are small and latency-bound: never wait to coalesce them.
         tcp.set_nodelay(true).map_err(connect_error)?;
         match &self.tls {
-            Some(connector) if endpoint.tls => {
+            Some(tls) if endpoint.tls => {
+                let connector = tokio_rustls::TlsConnector::from(tls.current());
                 let server_name = rustls::pki_types::ServerName::try_from(endpoint.host.clone())
                     .map_err(|_| UpstreamError::BadServerName { endpoint: endpoint.url() })?;
                 let stream = connector
@@ -180,6 +182,43 @@ impl Upstream {
             }
             _ => handshake(TokioIo::new(BatchedWrites(tcp)), endpoint).await,
         }
+    }
+
+    /// The upstream TLS config, for the certificate reloader.
+    pub fn tls_config(&self) -> Option<Arc<crate::reload::Reloadable<rustls::ClientConfig>>> {
+        self.tls.clone()
+    }
+
+    /// After a TLS reload: gives every member that has a connection a new one dialled with the
+    /// current config, so the new client certificate is in use before the old one expires. The
+    /// old connection is only dropped from the pool: calls and streams on it run to completion.
+    /// A member that cannot be dialled keeps its old connection. Returns (re-dialled, failed).
+    pub async fn redial_all(&self) -> (usize, usize) {
+        let (mut redialled, mut failed) = (0, 0);
+        for member in &self.members {
+            if member.cached_connection().is_none() {
+                // The next request dials with the new config anyway.
+                continue;
+            }
+            let _dialing = member.dialing.lock().await;
+            match tokio::time::timeout(self.dial_timeout, self.dial(member)).await {
+                Ok(Ok(connection)) => {
+                    if let Ok(mut slot) = member.connection.lock() {
+                        *slot = Some(connection);
+                    }
+                    redialled += 1;
+                }
+                Ok(Err(error)) => {
+                    failed += 1;
+                    tracing::error!(member = %member.name, %error, "cannot connect with the reloaded TLS material; the existing connection stays in use");
+                }
+                Err(_) => {
+                    failed += 1;
+                    tracing::error!(member = %member.name, after = ?self.dial_timeout, "re-dial with the reloaded TLS material timed out; the existing connection stays in use");
+                }
+            }
+        }
+        (redialled, failed)
     }
 
     /// Marks a member unhealthy after a failed request or check, and moves the pin away from it.
