@@ -30,6 +30,8 @@ pub struct Cli {
 pub enum Command {
     /// Start the proxy (flags compatible with `etcd grpc-proxy start`).
     Start(Box<StartArgs>),
+    /// Create, renew and inspect certificates for etcd and this proxy.
+    Certs(crate::certs_cli::CertsArgs),
 }
 
 /// Settings of `etcd-compat-proxy start`; every field is optional so that the sources can be merged.

@@ -19,6 +19,7 @@ pub mod body;
 pub mod budget;
 pub mod cert_reload_wiring;
 pub mod cert_status;
+pub mod certs_cli;
 pub mod config;
 pub mod error;
 pub mod forward;
@@ -44,6 +45,7 @@ pub fn install_crypto_provider() {
 /// Runs a parsed command line to completion and returns the process exit code.
 pub fn execute(cli: Cli) -> ExitCode {
     match cli.command {
+        Command::Certs(args) => certs_cli::run(args),
         Command::Start(args) => {
             let config = match args.merge_config_file().and_then(|args| args.validate()) {
                 Ok(config) => config,
