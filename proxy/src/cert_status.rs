@@ -151,10 +151,19 @@ impl CertRegistry {
         expiring
     }
 
-    /// Logs one warning per certificate inside the warning window (an error once expired).
-    pub fn warn_expiring(&self, now: i64) {
+    /// Logs one warning per certificate inside the warning window (an error once expired);
+    /// `only` limits it to one side, e.g. the one just reloaded.
+    pub fn warn_expiring(&self, now: i64, only: Option<Side>) {
         let policy = self.policy();
-        for cert in self.expiring_within(policy.warning_days, now) {
+        let in_scope = |cert: &LoadedCert| match only {
+            None => true,
+            Some(side) => self
+                .loaded
+                .lock()
+                .map(|loaded| loaded.get(&side).is_some_and(|certs| certs.contains(cert)))
+                .unwrap_or(false),
+        };
+        for cert in self.expiring_within(policy.warning_days, now).into_iter().filter(in_scope) {
             let days_left = cert.days_left(now);
             if cert.not_after <= now {
                 tracing::error!(

@@ -81,7 +81,7 @@ pub fn spawn(sides: Vec<WatchedSide>, registry: Arc<CertRegistry>, interval: Dur
     };
     tokio::spawn(async move {
         let mut seen: Vec<u64> = sides.iter().map(|side| fingerprint(&side.paths)).collect();
-        registry.warn_expiring(now_unix());
+        registry.warn_expiring(now_unix(), None);
         let mut last_warning = Instant::now();
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -111,7 +111,7 @@ pub fn spawn(sides: Vec<WatchedSide>, registry: Arc<CertRegistry>, interval: Dur
                 reload_side(side, &registry);
             }
             if last_warning.elapsed() >= WARNING_REPEAT {
-                registry.warn_expiring(now_unix());
+                registry.warn_expiring(now_unix(), None);
                 last_warning = Instant::now();
             }
         }
@@ -138,7 +138,7 @@ fn reload_side(side: &WatchedSide, registry: &CertRegistry) {
             if let Some(after) = &side.after_apply {
                 after();
             }
-            registry.warn_expiring(now_unix());
+            registry.warn_expiring(now_unix(), Some(side.side));
         }
         Err(error) => {
             registry.count_reload(side.side, "rejected");
