@@ -860,6 +860,34 @@ mod tests {
         assert!(err.to_string().starts_with("invalid --cacert"), "{err}");
     }
 
+    #[test]
+    fn ca_files_are_one_or_many_in_toml_and_repeatable_as_flags() {
+        let one: StartArgs =
+            toml::from_str("trusted-ca-file = \"/pki/old.pem\"\ncacert = [\"/a.pem\", \"/b.pem\"]\n").unwrap();
+        assert_eq!(one.trusted_ca_file, Some(vec![PathBuf::from("/pki/old.pem")]));
+        assert_eq!(one.cacert, Some(vec![PathBuf::from("/a.pem"), PathBuf::from("/b.pem")]));
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "etcd-compat-proxy",
+            "start",
+            "--trusted-ca-file=/old.pem,/new.pem",
+            "--cacert=/a.pem",
+            "--cacert=/b.pem",
+        ])
+        .unwrap();
+        let Command::Start(args) = cli.command else { panic!("not start") };
+        assert_eq!(args.trusted_ca_file.unwrap().len(), 2);
+        assert_eq!(args.cacert.unwrap().len(), 2);
+    }
+
+    #[test]
+    fn legacy_exception_dates() {
+        assert_eq!(parse_date("2027-06-30"), time::Date::from_calendar_date(2027, time::Month::June, 30).ok());
+        assert_eq!(parse_date("2027-02-30"), None);
+        let exception = LegacyClientException::new(Some("/ca.pem".into()), Some("2999-01-01".into())).unwrap().unwrap();
+        // The whole named day is included.
+        assert_eq!(crate::cert_status::format_unix(exception.until_unix), "2999-01-01 23:59:59 UTC");
+    }
+
     fn tempfile_dir() -> PathBuf {
         let dir = std::env::temp_dir().join(format!(
             "ecp-config-test-{}-{:?}",
