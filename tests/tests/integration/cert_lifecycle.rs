@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use etcd_compat_certs::{inspect, load_certs, Authority, DevPki, LeafSpec, San, Usage};
-use etcd_compat_tests::{etcdctl, etcdctl_ok, ClientTls, ClusterSpec, EtcdCluster, EtcdVersion, ProxyProcess, TlsSpec};
+use etcd_compat_tests::{
+    etcdctl, etcdctl_command, etcdctl_ok, ClientTls, ClusterSpec, EtcdCluster, EtcdVersion, ProxyProcess, TlsSpec,
+};
 use tempfile::TempDir;
 
 use crate::support::{metric, PROXY_BIN};
@@ -365,6 +367,15 @@ fn rotation_under_load(version: EtcdVersion) {
     let proxy_addr = proxy.listen_addr().to_string();
     assert_eq!(served_line(&proxy_addr, "subject:"), "CN=proxy-gen1");
 
+    // A watch opened before the rotations lives on the connections made before them.
+    let watch_log = d.join("watch.out");
+    let mut watcher = etcdctl_command(version, &proxy.endpoint(), Some(&client_tls), &["watch", "watched"])
+        .stdout(std::fs::File::create(&watch_log).expect("watch log"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("etcdctl watch");
+    std::thread::sleep(Duration::from_millis(500));
+
     let done = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(AtomicU64::new(0));
     let rotations_done = Arc::new(AtomicUsize::new(0));
@@ -399,6 +410,17 @@ fn rotation_under_load(version: EtcdVersion) {
         rotations_done.store(generation, Ordering::SeqCst);
     }
     let errors = load.join().expect("load thread");
+    assert_eq!(
+        etcdctl_ok(version, &proxy.endpoint(), Some(&client_tls), &["put", "watched", "after-rotations"]),
+        "OK\n"
+    );
+    let started = Instant::now();
+    while std::fs::read_to_string(&watch_log).unwrap_or_default() != "PUT\nwatched\nafter-rotations\n" {
+        assert!(started.elapsed() < Duration::from_secs(10), "watch output: {:?}", std::fs::read_to_string(&watch_log));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = watcher.kill();
+    let _ = watcher.wait();
     assert_eq!(failures.load(Ordering::SeqCst), 0, "failed requests: {errors:?}");
     assert_eq!(done.load(Ordering::SeqCst), REQUESTS);
 
@@ -416,6 +438,8 @@ fn rotation_under_load(version: EtcdVersion) {
     assert!(count.contains("\"Count\" : 10000"), "{count}");
     let text = metrics(&proxy);
     assert_eq!(metric(&text, "etcd_compat_proxy_upstream_redials_total{outcome=\"failed\"}"), Some(0.0));
+    // The watch's upstream stream was never cut: old connections drain instead of closing.
+    assert_eq!(metric(&text, "etcd_compat_proxy_streams_broken_total"), Some(0.0));
     assert!(text.contains("role=\"upstream-client\""), "{text}");
     assert!(text.contains("subject=\"CN=proxy-gen3\""), "{text}");
     eprintln!("etcd {version}: {REQUESTS} requests, 0 failures; reload latencies {reload_latencies:?}");
@@ -938,4 +962,35 @@ fn certificate_flags_have_environment_twins_and_are_validated() {
     let (code, stderr) = run(&[&legacy, "--legacy-client-expired-until=31.01.2030"]);
     assert_eq!(code, Some(2));
     assert!(stderr.contains("expected a date YYYY-MM-DD (UTC)"), "{stderr}");
+}
+
+/// SIGHUP reloads at once, without waiting for the (here hour-long) poll interval.
+#[test]
+fn sighup_reloads_immediately() {
+    let dir = TempDir::new().expect("tempdir");
+    let d = dir.path();
+    let ca = TestCa::new(d, "hup");
+    let (first, first_key) = ca.issue("first", "before-hup", Usage::Server, 20 * DAY, 0);
+    let (second, second_key) = ca.issue("second", "after-hup", Usage::Server, 20 * DAY, 0);
+    let (cert, key) = (d.join("listener.pem"), d.join("listener-key.pem"));
+    copy_over(&cert, &first);
+    copy_over(&key, &first_key);
+    let proxy = start_proxy(vec![
+        "--endpoints=127.0.0.1:1".to_owned(),
+        format!("--cert-file={}", text(&cert)),
+        format!("--key-file={}", text(&key)),
+        "--cert-reload-interval=1h".to_owned(),
+    ]);
+    let addr = proxy.listen_addr().to_string();
+    assert_eq!(served_line(&addr, "subject:"), "CN=before-hup");
+    copy_over(&key, &second_key);
+    copy_over(&cert, &second);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(served_line(&addr, "subject:"), "CN=before-hup", "not polled within the hour");
+    let status = Command::new("kill").args(["-HUP", &proxy.pid().to_string()]).status().expect("kill -HUP");
+    assert!(status.success());
+    let latency = wait_for_metric(&proxy, &reloads("listener", "applied"), 1.0);
+    assert_eq!(served_line(&addr, "subject:"), "CN=after-hup");
+    assert!(proxy.log_contents().contains("SIGHUP: reloading certificates"));
+    eprintln!("SIGHUP to reload observed: {latency:?}");
 }
