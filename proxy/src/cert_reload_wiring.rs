@@ -25,14 +25,15 @@ pub fn start(
             side: Side::Listener,
             paths: files.paths(),
             apply: Box::new(move || {
-                let built = crate::tls::build_listener(&files, &legacy_counter)?;
-                listener.replace(built.config);
-                Ok(built.certs)
+                let result = crate::tls::build_listener(&files, &legacy_counter).map(|built| {
+                    listener.replace(built.config);
+                    built.certs
+                });
+                Box::pin(async move { result.map_err(|error| error.to_string()) })
             }),
-            after_apply: None,
         });
     }
-    if let (Some(files), Some(tls)) = (config.upstream_tls.clone(), upstream.tls_config()) {
+    if let Some(files) = config.upstream_tls.clone().filter(|_| upstream.tls_config().is_some()) {
         registry.publish(Side::Upstream, crate::tls::build_upstream(&files)?.certs);
         let pool = Arc::clone(upstream);
         let counts = Arc::clone(registry);
@@ -40,19 +41,31 @@ pub fn start(
             side: Side::Upstream,
             paths: files.paths(),
             apply: Box::new(move || {
-                let built = crate::tls::build_upstream(&files)?;
-                tls.replace(built.config);
-                Ok(built.certs)
+                let built = crate::tls::build_upstream(&files);
+                let (pool, counts) = (Arc::clone(&pool), Arc::clone(&counts));
+                Box::pin(async move {
+                    let built = built.map_err(|error| error.to_string())?;
+                    match pool.adopt_tls_config(built.config).await {
+                        Ok(redials) => {
+                            counts.count_redials(redials.redialled, redials.failed);
+                            tracing::info!(
+                                redialled = redials.redialled,
+                                refused = redials.failed,
+                                "upstream connections re-dialled with the reloaded TLS material; old ones drain"
+                            );
+                            Ok(built.certs)
+                        }
+                        Err((redials, refusals)) => {
+                            counts.count_redials(redials.redialled, redials.failed);
+                            Err(format!(
+                                "every connected etcd member refused a connection with the new TLS material \
+                                 (check that etcd trusts the new client certificate's CA and that --cacert \
+                                 holds etcd's CA): {refusals}"
+                            ))
+                        }
+                    }
+                })
             }),
-            after_apply: Some(Box::new(move || {
-                let pool = Arc::clone(&pool);
-                let counts = Arc::clone(&counts);
-                tokio::spawn(async move {
-                    let (redialled, failed) = pool.redial_all().await;
-                    counts.count_redials(redialled, failed);
-                    tracing::info!(redialled, failed, "upstream connections re-dialled with the reloaded TLS material");
-                });
-            })),
         });
     }
     crate::reload::spawn(sides, Arc::clone(registry), config.cert_reload_interval, stop);

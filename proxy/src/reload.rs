@@ -5,8 +5,10 @@
 //! not load is logged and counted, and the previous config stays in use.
 
 use std::collections::hash_map::DefaultHasher;
+use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -14,7 +16,6 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::cert_status::{now_unix, CertRegistry, LoadedCert, Side};
-use crate::tls::TlsError;
 
 /// How long files must stay unchanged before a change is loaded: tools write a certificate and
 /// its key one after the other, and loading between the two would pair a new certificate with
@@ -51,10 +52,10 @@ impl<C> Reloadable<C> {
     }
 }
 
-/// Rebuilds and installs one side's config, returning the certificates now in use.
-pub type Apply = Box<dyn Fn() -> Result<Vec<LoadedCert>, TlsError> + Send + Sync>;
-/// Runs after a successful reload (e.g. re-dialling upstream connections).
-pub type AfterApply = Box<dyn Fn() + Send + Sync>;
+/// What reloading one side yields: the certificates now in use, or why the new material was refused.
+pub type ApplyResult = Result<Vec<LoadedCert>, String>;
+/// Rebuilds, checks and installs one side's config.
+pub type Apply = Box<dyn Fn() -> Pin<Box<dyn Future<Output = ApplyResult> + Send>> + Send + Sync>;
 
 /// One side's files and how to reload them.
 pub struct WatchedSide {
@@ -62,10 +63,8 @@ pub struct WatchedSide {
     pub side: Side,
     /// Every file the side is built from.
     pub paths: Vec<PathBuf>,
-    /// Rebuild and install.
+    /// Rebuild, check and install.
     pub apply: Apply,
-    /// Called after a successful `apply`.
-    pub after_apply: Option<AfterApply>,
 }
 
 /// Starts the reload loop: polls every `interval`, reloads on SIGHUP, repeats expiry warnings
@@ -79,8 +78,8 @@ pub fn spawn(sides: Vec<WatchedSide>, registry: Arc<CertRegistry>, interval: Dur
             None
         }
     };
+    let mut seen: Vec<u64> = sides.iter().map(|side| fingerprint(&side.paths)).collect();
     tokio::spawn(async move {
-        let mut seen: Vec<u64> = sides.iter().map(|side| fingerprint(&side.paths)).collect();
         registry.warn_expiring(now_unix(), None);
         let mut last_warning = Instant::now();
         let mut ticker = tokio::time::interval(interval);
@@ -108,7 +107,7 @@ pub fn spawn(sides: Vec<WatchedSide>, registry: Arc<CertRegistry>, interval: Dur
                 }
                 // Remembered even when the load fails, so a broken file is reported once, not every tick.
                 *last = now_seen;
-                reload_side(side, &registry);
+                reload_side(side, &registry).await;
             }
             if last_warning.elapsed() >= WARNING_REPEAT {
                 registry.warn_expiring(now_unix(), None);
@@ -118,9 +117,9 @@ pub fn spawn(sides: Vec<WatchedSide>, registry: Arc<CertRegistry>, interval: Dur
     });
 }
 
-fn reload_side(side: &WatchedSide, registry: &CertRegistry) {
+async fn reload_side(side: &WatchedSide, registry: &CertRegistry) {
     let started = Instant::now();
-    match (side.apply)() {
+    match (side.apply)().await {
         Ok(certs) => {
             for cert in &certs {
                 tracing::info!(
@@ -135,9 +134,6 @@ fn reload_side(side: &WatchedSide, registry: &CertRegistry) {
             tracing::info!(side = side.side.label(), took = ?started.elapsed(), "TLS material reloaded; new connections use it");
             registry.publish(side.side, certs);
             registry.count_reload(side.side, "applied");
-            if let Some(after) = &side.after_apply {
-                after();
-            }
             registry.warn_expiring(now_unix(), Some(side.side));
         }
         Err(error) => {

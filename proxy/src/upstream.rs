@@ -164,14 +164,22 @@ impl Upstream {
     }
 
     async fn dial(&self, member: &Member) -> Result<SendRequest<RequestBody>, UpstreamError> {
+        self.dial_with(member, self.tls.as_ref().map(|tls| tls.current())).await
+    }
+
+    async fn dial_with(
+        &self,
+        member: &Member,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<SendRequest<RequestBody>, UpstreamError> {
         let endpoint = &member.endpoint;
         let connect_error = |source: std::io::Error| UpstreamError::Connect { endpoint: endpoint.url(), source };
         let tcp = TcpStream::connect(endpoint.authority.as_str()).await.map_err(connect_error)?;
         // gRPC messages are small and latency-bound: never wait to coalesce them.
         tcp.set_nodelay(true).map_err(connect_error)?;
-        match &self.tls {
+        match tls {
             Some(tls) if endpoint.tls => {
-                let connector = tokio_rustls::TlsConnector::from(tls.current());
+                let connector = tokio_rustls::TlsConnector::from(tls);
                 let server_name = rustls::pki_types::ServerName::try_from(endpoint.host.clone())
                     .map_err(|_| UpstreamError::BadServerName { endpoint: endpoint.url() })?;
                 let stream = connector
@@ -189,36 +197,54 @@ impl Upstream {
         self.tls.clone()
     }
 
-    /// After a TLS reload: gives every member that has a connection a new one dialled with the
-    /// current config, so the new client certificate is in use before the old one expires. The
-    /// old connection is only dropped from the pool: calls and streams on it run to completion.
-    /// A member that cannot be dialled keeps its old connection. Returns (re-dialled, failed).
-    pub async fn redial_all(&self) -> (usize, usize) {
-        let (mut redialled, mut failed) = (0, 0);
+    /// Tries a reloaded upstream TLS config before adopting it: every member that has a
+    /// connection is dialled with `candidate` and health-checked over the new connection (a
+    /// client certificate etcd refuses only shows there, after the TLS 1.3 handshake). If any
+    /// member accepts it, or none is connected, it becomes the config of all later dials and each
+    /// accepting member's new connection replaces its old one, which is left to finish its calls
+    /// and streams; members that refused it keep their connection. If every connected member
+    /// refuses it, nothing changes and the refusals are returned.
+    pub async fn adopt_tls_config(
+        &self,
+        candidate: Arc<rustls::ClientConfig>,
+    ) -> Result<RedialCounts, (RedialCounts, String)> {
+        let Some(current) = &self.tls else {
+            return Err((
+                RedialCounts { redialled: 0, failed: 0 },
+                "the upstream connections do not use TLS".to_owned(),
+            ));
+        };
+        let mut accepted = Vec::new();
+        let mut refusals = Vec::new();
         for member in &self.members {
             if member.cached_connection().is_none() {
-                // The next request dials with the new config anyway.
+                // The next request dials with the adopted config anyway.
                 continue;
             }
-            let _dialing = member.dialing.lock().await;
-            match tokio::time::timeout(self.dial_timeout, self.dial(member)).await {
-                Ok(Ok(connection)) => {
-                    if let Ok(mut slot) = member.connection.lock() {
-                        *slot = Some(connection);
-                    }
-                    redialled += 1;
-                }
-                Ok(Err(error)) => {
-                    failed += 1;
-                    tracing::error!(member = %member.name, %error, "cannot connect with the reloaded TLS material; the existing connection stays in use");
-                }
-                Err(_) => {
-                    failed += 1;
-                    tracing::error!(member = %member.name, after = ?self.dial_timeout, "re-dial with the reloaded TLS material timed out; the existing connection stays in use");
-                }
+            let attempt = async {
+                let connection = self.dial_with(member, Some(Arc::clone(&candidate))).await?;
+                self.check_over(member, connection.clone()).await?;
+                Ok::<_, UpstreamError>(connection)
+            };
+            match tokio::time::timeout(self.dial_timeout.max(Duration::from_secs(2)), attempt).await {
+                Ok(Ok(connection)) => accepted.push((member, connection)),
+                Ok(Err(error)) => refusals.push(format!("{}: {error}", member.name)),
+                Err(_) => refusals.push(format!("{}: no answer within {:?}", member.name, self.dial_timeout)),
             }
         }
-        (redialled, failed)
+        if accepted.is_empty() && !refusals.is_empty() {
+            return Err((RedialCounts { redialled: 0, failed: refusals.len() }, refusals.join("; ")));
+        }
+        current.replace(candidate);
+        for (member, connection) in &accepted {
+            if let Ok(mut slot) = member.connection.lock() {
+                *slot = Some(connection.clone());
+            }
+        }
+        for refusal in &refusals {
+            tracing::error!(%refusal, "a member refused the reloaded TLS material; its existing connection stays in use");
+        }
+        Ok(RedialCounts { redialled: accepted.len(), failed: refusals.len() })
     }
 
     /// Marks a member unhealthy after a failed request or check, and moves the pin away from it.
@@ -279,7 +305,11 @@ impl Upstream {
 
     /// One gRPC health check (`grpc.health.v1.Health/Check`) over the member's shared connection.
     async fn check(&self, member: &Member) -> Result<(), UpstreamError> {
-        let mut connection = self.connection(member).await?;
+        let connection = self.connection(member).await?;
+        self.check_over(member, connection).await
+    }
+
+    async fn check_over(&self, member: &Member, mut connection: SendRequest<RequestBody>) -> Result<(), UpstreamError> {
         let failed = |why: String| UpstreamError::Unhealthy { endpoint: member.endpoint.url(), why };
         let request = Request::post(
             member
@@ -313,6 +343,15 @@ impl Upstream {
         }
         Ok(())
     }
+}
+
+/// Upstream connections replaced after a TLS reload, and members that refused the new material.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RedialCounts {
+    /// Members now on a new connection.
+    pub redialled: usize,
+    /// Members that refused the new material and keep their old connection.
+    pub failed: usize,
 }
 
 async fn handshake<T>(io: TokioIo<T>, endpoint: &Endpoint) -> Result<SendRequest<RequestBody>, UpstreamError>

@@ -528,9 +528,25 @@ fn broken_replacements_are_refused(version: EtcdVersion) {
     let expected = format!("certificate {} (CN=root) expired on {}", text(&upstream_cert), expiry_text(&expired_cert));
     assert!(proxy.log_contents().contains(&expected), "{expected}\n{}", proxy.log_contents());
     works("after-expired");
-    assert_eq!(metric(&metrics(&proxy), &reloads("listener", "applied")), None, "nothing was applied");
 
-    // 4. Putting the good files back is picked up.
+    // 4. A well-formed client certificate from a CA etcd does not trust: the files load, but
+    //    the trial connection is refused by etcd, so the old material stays.
+    let (stranger_cert, stranger_key) = proxy_ca.issue("stranger", "root", Usage::Client, 20 * DAY, 0);
+    copy_over(&upstream_key, &stranger_key);
+    copy_over(&upstream_cert, &stranger_cert);
+    wait_for_metric(&proxy, &reloads("upstream", "rejected"), 2.0);
+    assert!(
+        proxy.log_contents().contains("every connected etcd member refused a connection with the new TLS material"),
+        "{}",
+        proxy.log_contents()
+    );
+    works("after-stranger");
+    let exported = metrics(&proxy);
+    assert_eq!(metric(&exported, "etcd_compat_proxy_upstream_redials_total{outcome=\"failed\"}"), Some(1.0));
+    assert_eq!(metric(&exported, &reloads("listener", "applied")), None, "nothing was applied");
+    assert_eq!(metric(&exported, &reloads("upstream", "applied")), None, "nothing was applied");
+
+    // 5. Putting the good files back is picked up.
     copy_over(&listener_cert, &good_cert);
     copy_over(&upstream_cert, &cluster_pki.client_cert);
     copy_over(&upstream_key, &cluster_pki.client_key);
