@@ -214,6 +214,8 @@ impl Upstream {
                 "the upstream connections do not use TLS".to_owned(),
             ));
         };
+        // A trial is a dial plus one health check, so it gets a little more than a dial.
+        let trial_timeout = self.dial_timeout.max(Duration::from_secs(2));
         let mut accepted = Vec::new();
         let mut refusals = Vec::new();
         for member in &self.members {
@@ -226,10 +228,10 @@ impl Upstream {
                 self.check_over(member, connection.clone()).await?;
                 Ok::<_, UpstreamError>(connection)
             };
-            match tokio::time::timeout(self.dial_timeout.max(Duration::from_secs(2)), attempt).await {
+            match tokio::time::timeout(trial_timeout, attempt).await {
                 Ok(Ok(connection)) => accepted.push((member, connection)),
                 Ok(Err(error)) => refusals.push(format!("{}: {error}", member.name)),
-                Err(_) => refusals.push(format!("{}: no answer within {:?}", member.name, self.dial_timeout)),
+                Err(_) => refusals.push(format!("{}: no answer within {trial_timeout:?}", member.name)),
             }
         }
         if accepted.is_empty() && !refusals.is_empty() {
@@ -237,6 +239,8 @@ impl Upstream {
         }
         current.replace(candidate);
         for (member, connection) in &accepted {
+            // A dial still running with the old config must not overwrite the new connection.
+            let _dialing = member.dialing.lock().await;
             if let Ok(mut slot) = member.connection.lock() {
                 *slot = Some(connection.clone());
             }
