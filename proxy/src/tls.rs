@@ -145,7 +145,7 @@ fn client_verifier(
 /// Describes the first certificate of a file for expiry reporting.
 fn describe(role: &'static str, path: &Path, cert: &CertificateDer<'_>) -> Result<LoadedCert, TlsError> {
     let info = etcd_compat_certs::inspect(cert)
-        .map_err(|e| TlsError::BadCa { path: path.display().to_string(), reason: e.to_string() })?;
+        .map_err(|e| TlsError::Unreadable { path: path.display().to_string(), reason: e.to_string() })?;
     Ok(LoadedCert {
         role,
         path: path.display().to_string(),
@@ -252,6 +252,9 @@ pub enum TlsError {
     /// A certificate to present is past its end date.
     #[error("certificate {path} ({subject}) expired on {not_after}; renew it (e.g. `etcd-compat-proxy certs renew --cert {path} ...`) and replace the file")]
     Expired { path: String, subject: String, not_after: String },
+    /// A certificate's names or dates cannot be read.
+    #[error("cannot read the names and dates of a certificate in {path}: {reason}; re-export or reissue it")]
+    Unreadable { path: String, reason: String },
     /// A CA bundle entry is not a usable trust anchor.
     #[error("CA bundle {path} contains a certificate that cannot be a trust anchor: {reason}")]
     BadCa { path: String, reason: String },
