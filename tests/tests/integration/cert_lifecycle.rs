@@ -1010,3 +1010,60 @@ fn sighup_reloads_immediately() {
     assert!(proxy.log_contents().contains("SIGHUP: reloading certificates"));
     eprintln!("SIGHUP to reload observed: {latency:?}");
 }
+
+/// The client CRL keeps working and is reloaded like the rest: revoking a client certificate
+/// shuts out its new connections without a restart.
+#[test]
+fn client_crl_is_reloaded() {
+    let version = EtcdVersion::V3_5;
+    let dir = TempDir::new().expect("tempdir");
+    let d = dir.path();
+    let pki = DevPki::create(d, "crl").expect("pki");
+    let p = |name: &str| text(&d.join(name));
+    std::fs::write(d.join("index.txt"), "").unwrap();
+    std::fs::write(d.join("crlnumber"), "01\n").unwrap();
+    std::fs::write(
+        d.join("ca.cnf"),
+        format!(
+            "[ca]\ndefault_ca = own\n[own]\ndatabase = {}\ncrlnumber = {}\ndefault_md = sha256\ndefault_crl_days = 30\n",
+            p("index.txt"),
+            p("crlnumber")
+        ),
+    )
+    .unwrap();
+    let ca_args = ["-config", &*p("ca.cnf"), "-cert", &*text(&pki.ca_cert), "-keyfile", &*text(&pki.ca_key)];
+    let gencrl = |out: &str| {
+        let mut args = vec!["ca"];
+        args.extend(ca_args);
+        args.extend(["-gencrl", "-out", out]);
+        openssl(&args);
+    };
+    let crl = p("client.crl.pem");
+    gencrl(&crl);
+
+    let cluster = EtcdCluster::start(ClusterSpec::new(version, 1)).expect("cluster");
+    let proxy = start_proxy(vec![
+        format!("--endpoints={}", cluster.client_endpoints_csv()),
+        format!("--cert-file={}", text(&pki.server_cert)),
+        format!("--key-file={}", text(&pki.server_key)),
+        format!("--trusted-ca-file={}", text(&pki.ca_cert)),
+        format!("--client-crl-file={crl}"),
+    ]);
+    let client = ClientTls::from_dev_pki(&pki);
+    assert_eq!(etcdctl_ok(version, &proxy.endpoint(), Some(&client), &["put", "crl", "before"]), "OK\n");
+
+    let mut revoke = vec!["ca"];
+    revoke.extend(ca_args);
+    let client_cert = text(&pki.client_cert);
+    revoke.extend(["-revoke", &client_cert]);
+    openssl(&revoke);
+    let staged = p("staged.crl.pem");
+    gencrl(&staged);
+    std::fs::rename(&staged, &crl).unwrap();
+    wait_for_metric(&proxy, &reloads("listener", "applied"), 1.0);
+
+    let refused = etcdctl(version, &proxy.endpoint(), Some(&client), &["get", "crl", "--dial-timeout=2s"]);
+    assert!(!refused.status.success(), "a revoked client certificate must be refused");
+    let log = proxy.log_contents();
+    assert!(log.contains("client TLS handshake failed") && log.contains("invalid peer certificate: Revoked"), "{log}");
+}
