@@ -128,6 +128,16 @@ else
 fi
 stop_packaged_etcd_service
 
+# ---------------------------------------------------------------- openssl (apt)
+
+# Certificate tests make RSA, PKCS#1 and SEC1 keys and speak TLS 1.2 with the openssl CLI.
+if command -v openssl >/dev/null 2>&1; then
+    log "openssl already at $(command -v openssl)"
+else
+    log "installing openssl from apt"
+    apt_install openssl
+fi
+
 # ---------------------------------------------------------------- protoc (apt)
 
 # The etcd-client crate (a dev-dependency of the tests) runs protoc from its build
@@ -237,6 +247,12 @@ if command -v protoc >/dev/null 2>&1 && [ -f "$WELL_KNOWN_PROTO" ]; then
     log "ok: $(command -v protoc) ($(protoc --version)) with $WELL_KNOWN_PROTO"
 else
     printf '[install-deps] FAILED: protoc not on PATH or %s missing\n' "$WELL_KNOWN_PROTO" >&2
+    failures=$((failures + 1))
+fi
+if command -v openssl >/dev/null 2>&1; then
+    log "ok: $(command -v openssl) ($(openssl version))"
+else
+    printf '[install-deps] FAILED: openssl not on PATH\n' >&2
     failures=$((failures + 1))
 fi
 check_version "$VENV_DIR etcd3/grpcio/protobuf" "$py_versions" "0.12.0 1.62.3 3.20.3"

@@ -23,6 +23,10 @@ pub struct CertInfo {
     pub is_ca: bool,
     /// Serial number as colon-separated lowercase hex bytes, as `openssl x509 -text` prints it.
     pub serial: String,
+    /// The subject's first common name, if any (what pre-SAN clients matched host names against).
+    pub common_name: Option<String>,
+    /// Extended key usages by their OpenSSL short names (`serverAuth`, `clientAuth`, ...); empty when the extension is absent.
+    pub extended_key_usages: Vec<String>,
 }
 
 impl CertInfo {
@@ -49,6 +53,7 @@ pub fn inspect(der: &CertificateDer) -> Result<CertInfo, CertError> {
     let sans = san_extension
         .map(|extension| extension.value.general_names.iter().map(describe_san).collect())
         .unwrap_or_default();
+    let common_name = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_owned);
     Ok(CertInfo {
         subject: cert.subject().to_string(),
         issuer: cert.issuer().to_string(),
@@ -57,7 +62,29 @@ pub fn inspect(der: &CertificateDer) -> Result<CertInfo, CertError> {
         not_after: cert.validity().not_after.to_datetime(),
         is_ca: cert.is_ca(),
         serial: cert.raw_serial_as_string(),
+        common_name,
+        extended_key_usages: extended_key_usages(&cert)?,
     })
+}
+
+fn extended_key_usages(cert: &x509_parser::certificate::X509Certificate<'_>) -> Result<Vec<String>, CertError> {
+    let extension = cert
+        .extended_key_usage()
+        .map_err(|error| CertError::Parse { detail: format!("bad extendedKeyUsage extension: {error}") })?;
+    let Some(extension) = extension else {
+        return Ok(Vec::new());
+    };
+    let usage = extension.value;
+    let named = [
+        (usage.any, "anyExtendedKeyUsage"),
+        (usage.server_auth, "serverAuth"),
+        (usage.client_auth, "clientAuth"),
+        (usage.code_signing, "codeSigning"),
+        (usage.email_protection, "emailProtection"),
+        (usage.time_stamping, "timeStamping"),
+        (usage.ocsp_signing, "OCSPSigning"),
+    ];
+    Ok(named.iter().filter(|(present, _)| *present).map(|(_, name)| (*name).to_owned()).collect())
 }
 
 fn describe_san(name: &GeneralName) -> String {

@@ -3,11 +3,12 @@ use std::net::IpAddr;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
+    KeyUsagePurpose, SanType, SubjectPublicKeyInfo, PKCS_ECDSA_P256_SHA256,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use time::OffsetDateTime;
+use x509_parser::extensions::GeneralName;
 
 use crate::CertError;
 
@@ -148,6 +149,116 @@ impl Authority {
             .map_err(|error| generate_error(format!("sign certificate {:?}", spec.common_name), error))?;
         Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
+}
+
+impl Authority {
+    /// Signs a renewed certificate for the same public key, subject, SANs and extended key
+    /// usages as `cert_der`, valid from now for `validity`, and returns it as PEM. The leaf's
+    /// private key stays as it is (it is not needed); fails if `cert_der` was not issued by this CA.
+    pub fn renew(&self, cert_der: &CertificateDer, validity: std::time::Duration) -> Result<String, CertError> {
+        let (_, old) = x509_parser::parse_x509_certificate(cert_der)
+            .map_err(|error| CertError::Parse { detail: error.to_string() })?;
+        let ca_der = CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
+            .map_err(|error| invalid_ca(format!("no usable CERTIFICATE block in the CA certificate PEM ({error})")))?;
+        let (_, ca) = x509_parser::parse_x509_certificate(&ca_der)
+            .map_err(|error| invalid_ca(format!("CA certificate is not valid X.509: {error}")))?;
+        if old.issuer().as_raw() != ca.subject().as_raw() {
+            return Err(invalid_ca(format!(
+                "certificate {} was issued by {}, not by this CA ({}); renew it with the CA that issued it \
+                 or issue a new certificate from this CA",
+                old.subject(),
+                old.issuer(),
+                ca.subject()
+            )));
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name = copy_subject(&old)?;
+        params.subject_alt_names = copy_sans(&old)?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        let usages = crate::inspect(cert_der)?.extended_key_usages;
+        params.extended_key_usages = usages
+            .iter()
+            .filter_map(|usage| match usage.as_str() {
+                "serverAuth" => Some(ExtendedKeyUsagePurpose::ServerAuth),
+                "clientAuth" => Some(ExtendedKeyUsagePurpose::ClientAuth),
+                _ => None,
+            })
+            .collect();
+        params.use_authority_key_identifier_extension = true;
+        // rcgen derives the default serial from the public key, which a renewal keeps; a CA must
+        // never issue two certificates with one serial.
+        params.serial_number = Some(time_based_serial());
+        (params.not_before, params.not_after) = validity_window(None, validity)?;
+        let public_key = SubjectPublicKeyInfo::from_der(old.public_key().raw).map_err(|error| {
+            generate_error(
+                format!("reuse the public key of {} (only ECDSA, Ed25519 and RSA keys)", old.subject()),
+                error,
+            )
+        })?;
+        let cert = params
+            .signed_by(&public_key, &self.issuer)
+            .map_err(|error| generate_error(format!("sign renewed certificate {}", old.subject()), error))?;
+        Ok(cert.pem())
+    }
+}
+
+fn time_based_serial() -> rcgen::SerialNumber {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_nanos())
+        .unwrap_or_default();
+    // A leading 0x01 keeps the DER integer positive and the length fixed.
+    let mut bytes = vec![1u8];
+    bytes.extend_from_slice(&nanos.to_be_bytes());
+    rcgen::SerialNumber::from(bytes)
+}
+
+fn copy_subject(cert: &x509_parser::certificate::X509Certificate<'_>) -> Result<DistinguishedName, CertError> {
+    let mut name = DistinguishedName::new();
+    for attribute in cert.subject().iter_attributes() {
+        let oid: Vec<u64> = attribute.attr_type().iter().map(|arcs| arcs.collect()).unwrap_or_default();
+        let value = attribute.as_str().map_err(|error| CertError::Parse {
+            detail: format!(
+                "subject attribute {} of {} is not a string ({error})",
+                attribute.attr_type(),
+                cert.subject()
+            ),
+        })?;
+        name.push(DnType::from_oid(&oid), value);
+    }
+    Ok(name)
+}
+
+fn copy_sans(cert: &x509_parser::certificate::X509Certificate<'_>) -> Result<Vec<SanType>, CertError> {
+    let extension = cert
+        .subject_alternative_name()
+        .map_err(|error| CertError::Parse { detail: format!("bad subjectAltName extension: {error}") })?;
+    let Some(extension) = extension else {
+        return Ok(Vec::new());
+    };
+    let mut sans = Vec::new();
+    for name in &extension.value.general_names {
+        let san = match name {
+            GeneralName::DNSName(dns) => San::Dns((*dns).to_owned()),
+            GeneralName::IPAddress(bytes) => match <[u8; 4]>::try_from(*bytes) {
+                Ok(v4) => San::Ip(IpAddr::from(v4)),
+                Err(_) => San::Ip(IpAddr::from(<[u8; 16]>::try_from(*bytes).map_err(|_| CertError::Parse {
+                    detail: format!("IP SAN of {} has {} bytes", cert.subject(), bytes.len()),
+                })?)),
+            },
+            other => {
+                return Err(CertError::Parse {
+                    detail: format!(
+                        "SAN {other} of {} cannot be renewed (only DNS and IP SANs); issue a new certificate",
+                        cert.subject()
+                    ),
+                })
+            }
+        };
+        sans.push(to_rcgen_san(&san)?);
+    }
+    Ok(sans)
 }
 
 fn generate_key() -> Result<KeyPair, CertError> {

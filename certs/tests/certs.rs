@@ -14,6 +14,7 @@ use etcd_compat_certs::{
 use rustls::client::danger::ServerCertVerifier;
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{CertificateError, RootCertStore};
@@ -320,4 +321,41 @@ fn kind_of(key: &PrivateKeyDer) -> &'static str {
 
 fn path_str(path: &Path) -> &str {
     path.to_str().unwrap()
+}
+
+#[test]
+fn renewal_keeps_key_subject_sans_and_usages_with_a_new_validity() {
+    let ca = Authority::new("renew CA", 10 * DAY).unwrap();
+    let spec = LeafSpec {
+        common_name: "etcd-0".into(),
+        sans: vec![San::Dns("etcd-0.local".into()), San::Ip(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)))],
+        usage: Usage::Peer,
+        validity: DAY,
+        not_before_offset: Some(time::Duration::days(-2)),
+    };
+    let old = ca.issue(&spec).unwrap();
+    let old_der = CertificateDer::from_pem_slice(old.cert_pem.as_bytes()).unwrap();
+    assert!(inspect(&old_der).unwrap().is_expired(OffsetDateTime::now_utc()));
+
+    let renewed_pem = ca.renew(&old_der, 90 * DAY).unwrap();
+    let renewed_der = CertificateDer::from_pem_slice(renewed_pem.as_bytes()).unwrap();
+    let (before, after) = (inspect(&old_der).unwrap(), inspect(&renewed_der).unwrap());
+    assert_eq!(after.subject, "CN=etcd-0");
+    assert_eq!(after.sans, before.sans);
+    assert_eq!(after.extended_key_usages, ["serverAuth", "clientAuth"]);
+    assert_eq!(after.days_left(OffsetDateTime::now_utc()), 89);
+    assert_ne!(after.serial, before.serial);
+
+    // The old private key still goes with the renewed certificate.
+    let key = PrivateKeyDer::from_pem_slice(old.key_pem.as_bytes()).unwrap();
+    rustls::ServerConfig::builder_with_provider(ring())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![renewed_der], key)
+        .expect("renewed certificate matches the old key");
+
+    let other = Authority::new("other CA", DAY).unwrap();
+    let error = other.renew(&old_der, DAY).unwrap_err().to_string();
+    assert!(error.contains("was issued by CN=renew CA, not by this CA (CN=other CA)"), "{error}");
 }

@@ -80,10 +80,32 @@ impl Admin {
             })
             .collect();
         let reason = if healthy { String::new() } else { "no etcd member is reachable".to_owned() };
+        // Expiring certificates degrade health without failing it: the proxy still serves, and a
+        // 503 would only get it restarted, which does not renew anything.
+        let now = crate::cert_status::now_unix();
+        let critical_days = self.metrics.certificates.policy().critical_days;
+        let expiring: Vec<String> = self
+            .metrics
+            .certificates
+            .expiring_within(critical_days, now)
+            .iter()
+            .map(|cert| {
+                format!(
+                    "{{\"role\":{},\"path\":{},\"subject\":{},\"not_after\":{},\"days_left\":{}}}",
+                    json_string(cert.role),
+                    json_string(&cert.path),
+                    json_string(&cert.subject),
+                    json_string(&cert.expiry_text()),
+                    cert.days_left(now)
+                )
+            })
+            .collect();
         let body = format!(
-            "{{\"health\":\"{healthy}\",\"reason\":{},\"members\":[{}]}}\n",
+            "{{\"health\":\"{healthy}\",\"reason\":{},\"members\":[{}],\"degraded\":{},\"expiring_certificates\":[{}]}}\n",
             json_string(&reason),
-            members.join(",")
+            members.join(","),
+            !expiring.is_empty(),
+            expiring.join(",")
         );
         let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
         reply(status, "application/json", body)

@@ -30,6 +30,8 @@ pub struct Cli {
 pub enum Command {
     /// Start the proxy (flags compatible with `etcd grpc-proxy start`).
     Start(Box<StartArgs>),
+    /// Create, renew and inspect certificates for etcd and this proxy.
+    Certs(crate::certs_cli::CertsArgs),
 }
 
 /// Settings of `etcd-compat-proxy start`; every field is optional so that the sources can be merged.
@@ -65,9 +67,10 @@ pub struct StartArgs {
     #[arg(long, env = "ETCD_COMPAT_PROXY_KEY_FILE", value_name = "FILE")]
     pub key_file: Option<PathBuf>,
 
-    /// Client side: CA bundle (PEM) that client certificates must chain to; when set, clients must present a certificate.
-    #[arg(long, env = "ETCD_COMPAT_PROXY_TRUSTED_CA_FILE", value_name = "FILE")]
-    pub trusted_ca_file: Option<PathBuf>,
+    /// Client side: CA bundle (PEM) that client certificates must chain to; when set, clients must present a certificate. Repeatable or comma-separated to trust old and new CAs during a migration; reloaded on change.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_TRUSTED_CA_FILE", value_name = "FILE", value_delimiter = ',')]
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub trusted_ca_file: Option<Vec<PathBuf>>,
 
     /// Client side: certificate revocation list (PEM) checked against client certificates.
     #[arg(long, env = "ETCD_COMPAT_PROXY_CLIENT_CRL_FILE", value_name = "FILE")]
@@ -81,13 +84,38 @@ pub struct StartArgs {
     #[arg(long, env = "ETCD_COMPAT_PROXY_KEY", value_name = "FILE")]
     pub key: Option<PathBuf>,
 
-    /// Upstream: CA bundle (PEM) that etcd's server certificates must chain to; enables TLS to etcd.
-    #[arg(long, env = "ETCD_COMPAT_PROXY_CACERT", value_name = "FILE")]
-    pub cacert: Option<PathBuf>,
+    /// Upstream: CA bundle (PEM) that etcd's server certificates must chain to; enables TLS to etcd. Repeatable or comma-separated for several CAs; reloaded on change.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_CACERT", value_name = "FILE", value_delimiter = ',')]
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub cacert: Option<Vec<PathBuf>>,
 
     /// Upstream: do not verify etcd's server certificates (testing only).
     #[arg(long, env = "ETCD_COMPAT_PROXY_INSECURE_SKIP_TLS_VERIFY", num_args = 0..=1, default_missing_value = "true")]
     pub insecure_skip_tls_verify: Option<bool>,
+
+    /// Client side: CA (PEM) of legacy clients whose expired certificates are still let in until --legacy-client-expired-until (each such connection is logged and counted); certificates must otherwise verify against it.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_LEGACY_CLIENT_CA_FILE", value_name = "FILE")]
+    pub legacy_client_ca_file: Option<PathBuf>,
+
+    /// Client side: last day (YYYY-MM-DD, UTC, inclusive) on which --legacy-client-ca-file lets expired client certificates in; required with it.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_LEGACY_CLIENT_EXPIRED_UNTIL", value_name = "YYYY-MM-DD")]
+    pub legacy_client_expired_until: Option<String>,
+
+    /// Upstream: accept etcd server certificates that have no subjectAltName when their subject CN is this name (old certificates; chain and signatures are still verified).
+    #[arg(long, env = "ETCD_COMPAT_PROXY_UPSTREAM_SERVER_CN", value_name = "NAME")]
+    pub upstream_server_cn: Option<String>,
+
+    /// Log a warning for every loaded certificate that expires within this many days [default: 30].
+    #[arg(long, env = "ETCD_COMPAT_PROXY_CERT_EXPIRY_WARNING_DAYS", value_name = "DAYS")]
+    pub cert_expiry_warning_days: Option<u32>,
+
+    /// `/health` reports `"degraded":true` while a loaded certificate expires within this many days [default: 7].
+    #[arg(long, env = "ETCD_COMPAT_PROXY_CERT_EXPIRY_CRITICAL_DAYS", value_name = "DAYS")]
+    pub cert_expiry_critical_days: Option<u32>,
+
+    /// How often certificate, key, CA and CRL files are checked for changes, e.g. `1s` (SIGHUP reloads at once) [default: 1s].
+    #[arg(long, env = "ETCD_COMPAT_PROXY_CERT_RELOAD_INTERVAL", value_name = "DURATION")]
+    pub cert_reload_interval: Option<String>,
 
     /// Maximum concurrent streams each client connection may open [default: 4294967295].
     #[arg(long, env = "ETCD_COMPAT_PROXY_MAX_CONCURRENT_STREAMS")]
@@ -220,6 +248,12 @@ impl StartArgs {
             key,
             cacert,
             insecure_skip_tls_verify,
+            legacy_client_ca_file,
+            legacy_client_expired_until,
+            upstream_server_cn,
+            cert_expiry_warning_days,
+            cert_expiry_critical_days,
+            cert_reload_interval,
             max_concurrent_streams,
             debug,
             dial_timeout,
@@ -289,7 +323,13 @@ impl StartArgs {
             return Err(ConfigError::invalid("endpoints", "", "at least one etcd endpoint is required"));
         }
         let upstream_tls = if endpoints.iter().any(|e| e.tls) {
-            Some(UpstreamTlsFiles::new(self.cacert, self.cert, self.key, self.insecure_skip_tls_verify == Some(true))?)
+            Some(UpstreamTlsFiles::new(
+                self.cacert.unwrap_or_default(),
+                self.cert,
+                self.key,
+                self.insecure_skip_tls_verify == Some(true),
+                self.upstream_server_cn,
+            )?)
         } else {
             None
         };
@@ -298,8 +338,18 @@ impl StartArgs {
         let listen_addr = parse_socket_addr("listen-addr", &listen_raw)?;
         let advertise_client_url = self.advertise_client_url.unwrap_or_else(|| "127.0.0.1:23790".to_owned());
         let metrics_addr = self.metrics_addr.as_deref().map(parse_metrics_addr).transpose()?;
-        let listener_tls =
-            ListenerTlsFiles::new(self.cert_file, self.key_file, self.trusted_ca_file, self.client_crl_file)?;
+        let legacy = LegacyClientException::new(self.legacy_client_ca_file, self.legacy_client_expired_until)?;
+        let listener_tls = ListenerTlsFiles::new(
+            self.cert_file,
+            self.key_file,
+            self.trusted_ca_file.unwrap_or_default(),
+            self.client_crl_file,
+            legacy,
+        )?;
+        let cert_expiry = crate::cert_status::ExpiryPolicy {
+            warning_days: self.cert_expiry_warning_days.unwrap_or(30),
+            critical_days: self.cert_expiry_critical_days.unwrap_or(7),
+        };
 
         let mut ignored = Vec::new();
         let mut note_ignored = |flag: &'static str, set: bool, why: &'static str| {
@@ -367,6 +417,12 @@ impl StartArgs {
                 Duration::from_secs(10),
             )?,
             ignored_flags: ignored,
+            cert_expiry,
+            cert_reload_interval: parse_duration_setting(
+                "cert-reload-interval",
+                self.cert_reload_interval.as_deref(),
+                Duration::from_secs(1),
+            )?,
         })
     }
 }
@@ -407,6 +463,10 @@ pub struct Config {
     pub budget: crate::budget::BudgetPolicy,
     /// grpc-proxy flags that were set but have no effect here, to be logged once at startup.
     pub ignored_flags: Vec<IgnoredFlag>,
+    /// Certificate expiry warning and critical windows.
+    pub cert_expiry: crate::cert_status::ExpiryPolicy,
+    /// How often TLS files are checked for changes.
+    pub cert_reload_interval: Duration,
 }
 
 /// A grpc-proxy flag accepted for compatibility that has no effect in this proxy.
@@ -469,22 +529,109 @@ pub struct ListenerTlsFiles {
     pub cert: PathBuf,
     /// Its private key.
     pub key: PathBuf,
-    /// When set, clients must present a certificate chaining to this bundle.
-    pub client_ca: Option<PathBuf>,
+    /// When not empty, clients must present a certificate chaining to one of these bundles.
+    pub client_cas: Vec<PathBuf>,
     /// Optional CRL for client certificates.
     pub client_crl: Option<PathBuf>,
+    /// Opt-in exception for expired certificates of legacy clients.
+    pub legacy: Option<LegacyClientException>,
+}
+
+impl ListenerTlsFiles {
+    /// Every file the listener's TLS is built from, for change detection.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        let mut paths = vec![self.cert.clone(), self.key.clone()];
+        paths.extend(self.client_cas.iter().cloned());
+        paths.extend(self.client_crl.iter().cloned());
+        paths.extend(self.legacy.iter().map(|legacy| legacy.ca.clone()));
+        paths
+    }
+}
+
+/// Expired client certificates from one legacy CA let in until an end date.
+#[derive(Debug, Clone)]
+pub struct LegacyClientException {
+    /// The legacy clients' CA (PEM).
+    pub ca: PathBuf,
+    /// End of the exception: the last second of the configured day, unix seconds.
+    pub until_unix: i64,
+}
+
+impl LegacyClientException {
+    fn new(ca: Option<PathBuf>, until: Option<String>) -> Result<Option<Self>, ConfigError> {
+        match (ca, until) {
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(ConfigError::invalid(
+                "legacy-client-expired-until",
+                "",
+                "--legacy-client-ca-file needs an end date for the exception, e.g. --legacy-client-expired-until=2027-06-30",
+            )),
+            (None, Some(until)) => Err(ConfigError::invalid(
+                "legacy-client-ca-file",
+                &until,
+                "--legacy-client-expired-until needs --legacy-client-ca-file naming the legacy clients' CA",
+            )),
+            (Some(ca), Some(until)) => {
+                let day = parse_date(&until).ok_or_else(|| {
+                    ConfigError::invalid("legacy-client-expired-until", &until, "expected a date YYYY-MM-DD (UTC)")
+                })?;
+                let until_unix = day.midnight().assume_utc().unix_timestamp() + 86_399;
+                if until_unix < crate::cert_status::now_unix() {
+                    return Err(ConfigError::invalid(
+                        "legacy-client-expired-until",
+                        &until,
+                        "the date has passed, so the exception would let nobody in; remove both legacy flags or give a future date",
+                    ));
+                }
+                Ok(Some(LegacyClientException { ca, until_unix }))
+            }
+        }
+    }
+}
+
+fn parse_date(raw: &str) -> Option<time::Date> {
+    let mut parts = raw.trim().splitn(3, '-');
+    let year: i32 = parts.next()?.parse().ok()?;
+    let month: u8 = parts.next()?.parse().ok()?;
+    let day: u8 = parts.next()?.parse().ok()?;
+    time::Date::from_calendar_date(year, time::Month::try_from(month).ok()?, day).ok()
+}
+
+/// Accepts a TOML string or an array of strings for settings that may name several files.
+fn one_or_many<'de, D>(deserializer: D) -> Result<Option<Vec<PathBuf>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(Some(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(path) => vec![path],
+        OneOrMany::Many(paths) => paths,
+    }))
 }
 
 impl ListenerTlsFiles {
     fn new(
         cert: Option<PathBuf>,
         key: Option<PathBuf>,
-        client_ca: Option<PathBuf>,
+        client_cas: Vec<PathBuf>,
         client_crl: Option<PathBuf>,
+        legacy: Option<LegacyClientException>,
     ) -> Result<Option<Self>, ConfigError> {
+        if legacy.is_some() && client_cas.is_empty() {
+            return Err(ConfigError::invalid(
+                "legacy-client-ca-file",
+                "",
+                "the legacy exception applies to client certificate verification: also pass --trusted-ca-file",
+            ));
+        }
         match (cert, key) {
             (None, None) => {
-                if client_ca.is_some() || client_crl.is_some() {
+                if !client_cas.is_empty() || client_crl.is_some() || legacy.is_some() {
                     return Err(ConfigError::invalid("trusted-ca-file", "", "client certificate verification needs TLS on the listener: also pass --cert-file and --key-file"));
                 }
                 Ok(None)
@@ -492,7 +639,7 @@ impl ListenerTlsFiles {
             (Some(_), None) => Err(ConfigError::invalid("key-file", "", "--cert-file was given without --key-file")),
             (None, Some(_)) => Err(ConfigError::invalid("cert-file", "", "--key-file was given without --cert-file")),
             (Some(cert), Some(key)) => {
-                let files = ListenerTlsFiles { cert, key, client_ca, client_crl };
+                let files = ListenerTlsFiles { cert, key, client_cas, client_crl, legacy };
                 // Loading now is what makes a bad file fail before any port is bound.
                 crate::tls::server_config(&files).map_err(ConfigError::Tls)?;
                 Ok(Some(files))
@@ -504,20 +651,33 @@ impl ListenerTlsFiles {
 /// Upstream (proxy to etcd) TLS files.
 #[derive(Debug, Clone)]
 pub struct UpstreamTlsFiles {
-    /// CA bundle for etcd's server certificates; `None` uses no roots (only valid with `insecure_skip_verify`).
-    pub ca: Option<PathBuf>,
+    /// CA bundles for etcd's server certificates; empty uses no roots (only valid with `insecure_skip_verify`).
+    pub cas: Vec<PathBuf>,
     /// Client certificate and key presented to etcd.
     pub client_cert: Option<(PathBuf, PathBuf)>,
     /// Skip server certificate verification (testing only).
     pub insecure_skip_verify: bool,
+    /// Accept SAN-less server certificates with this subject CN.
+    pub server_cn: Option<String>,
 }
 
 impl UpstreamTlsFiles {
+    /// Every file the upstream TLS is built from, for change detection.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        let mut paths = self.cas.clone();
+        if let Some((cert, key)) = &self.client_cert {
+            paths.push(cert.clone());
+            paths.push(key.clone());
+        }
+        paths
+    }
+
     fn new(
-        ca: Option<PathBuf>,
+        cas: Vec<PathBuf>,
         cert: Option<PathBuf>,
         key: Option<PathBuf>,
         insecure_skip_verify: bool,
+        server_cn: Option<String>,
     ) -> Result<Self, ConfigError> {
         let client_cert = match (cert, key) {
             (None, None) => None,
@@ -525,10 +685,17 @@ impl UpstreamTlsFiles {
             (None, Some(_)) => return Err(ConfigError::invalid("cert", "", "--key was given without --cert")),
             (Some(cert), Some(key)) => Some((cert, key)),
         };
-        if ca.is_none() && !insecure_skip_verify {
+        if cas.is_empty() && !insecure_skip_verify {
             return Err(ConfigError::invalid("cacert", "", "an https endpoint needs --cacert with the CA that signed etcd's server certificates (or --insecure-skip-tls-verify for testing)"));
         }
-        let files = UpstreamTlsFiles { ca, client_cert, insecure_skip_verify };
+        if server_cn.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::invalid(
+                "upstream-server-cn",
+                "",
+                "name the CN etcd's old server certificates carry",
+            ));
+        }
+        let files = UpstreamTlsFiles { cas, client_cert, insecure_skip_verify, server_cn };
         crate::tls::client_config(&files).map_err(ConfigError::Tls)?;
         Ok(files)
     }
@@ -691,6 +858,34 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(err.to_string().starts_with("invalid --cacert"), "{err}");
+    }
+
+    #[test]
+    fn ca_files_are_one_or_many_in_toml_and_repeatable_as_flags() {
+        let one: StartArgs =
+            toml::from_str("trusted-ca-file = \"/pki/old.pem\"\ncacert = [\"/a.pem\", \"/b.pem\"]\n").unwrap();
+        assert_eq!(one.trusted_ca_file, Some(vec![PathBuf::from("/pki/old.pem")]));
+        assert_eq!(one.cacert, Some(vec![PathBuf::from("/a.pem"), PathBuf::from("/b.pem")]));
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "etcd-compat-proxy",
+            "start",
+            "--trusted-ca-file=/old.pem,/new.pem",
+            "--cacert=/a.pem",
+            "--cacert=/b.pem",
+        ])
+        .unwrap();
+        let Command::Start(args) = cli.command else { panic!("not start") };
+        assert_eq!(args.trusted_ca_file.unwrap().len(), 2);
+        assert_eq!(args.cacert.unwrap().len(), 2);
+    }
+
+    #[test]
+    fn legacy_exception_dates() {
+        assert_eq!(parse_date("2027-06-30"), time::Date::from_calendar_date(2027, time::Month::June, 30).ok());
+        assert_eq!(parse_date("2027-02-30"), None);
+        let exception = LegacyClientException::new(Some("/ca.pem".into()), Some("2999-01-01".into())).unwrap().unwrap();
+        // The whole named day is included.
+        assert_eq!(crate::cert_status::format_unix(exception.until_unix), "2999-01-01 23:59:59 UTC");
     }
 
     fn tempfile_dir() -> PathBuf {

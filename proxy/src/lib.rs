@@ -9,21 +9,28 @@
 //!   Ranges from clients with a message size limit are paged under [`budget`];
 //! - [`body`] relays etcd's answer and records the outcome in [`metrics`];
 //! - [`admin`] serves `/health` and `/metrics`; [`config`] and [`tls`] turn flags into all of this;
-//!   [`error`] is where the proxy's own failures become gRPC statuses.
+//!   [`error`] is where the proxy's own failures become gRPC statuses;
+//! - [`reload`] swaps TLS material when its files change or on SIGHUP ([`cert_reload_wiring`]),
+//!   [`verify`] holds the opt-in certificate exceptions, [`cert_status`] tracks expiry.
 
 pub mod admin;
 pub mod batched_writes;
 pub mod body;
 pub mod budget;
+pub mod cert_reload_wiring;
+pub mod cert_status;
+pub mod certs_cli;
 pub mod config;
 pub mod error;
 pub mod forward;
 pub mod grpc;
 pub mod legacy_authority;
 pub mod metrics;
+pub mod reload;
 pub mod server;
 pub mod tls;
 pub mod upstream;
+pub mod verify;
 
 use std::process::ExitCode;
 
@@ -38,6 +45,7 @@ pub fn install_crypto_provider() {
 /// Runs a parsed command line to completion and returns the process exit code.
 pub fn execute(cli: Cli) -> ExitCode {
     match cli.command {
+        Command::Certs(args) => certs_cli::run(args),
         Command::Start(args) => {
             let config = match args.merge_config_file().and_then(|args| args.validate()) {
                 Ok(config) => config,

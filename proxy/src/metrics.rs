@@ -54,6 +54,8 @@ pub struct Metrics {
     watch_splits: AtomicU64,
     /// Limited Range answers by (truncation prefix label, outcome); labels come from configuration.
     budget: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Certificates in use, their expiry and reload counters.
+    pub certificates: std::sync::Arc<crate::cert_status::CertRegistry>,
 }
 
 impl Default for Metrics {
@@ -65,6 +67,7 @@ impl Default for Metrics {
             authority_repairs: AtomicU64::new(0),
             watch_splits: AtomicU64::new(0),
             budget: Mutex::new(BTreeMap::new()),
+            certificates: std::sync::Arc::default(),
         }
     }
 }
@@ -184,6 +187,7 @@ impl Metrics {
         }
         out.push_str("# HELP etcd_compat_proxy_watch_responses_split_total Watch responses larger than a limited client's budget, split into several.\n# TYPE etcd_compat_proxy_watch_responses_split_total counter\n");
         let _ = writeln!(out, "etcd_compat_proxy_watch_responses_split_total {}", self.watch_splits.load(Relaxed));
+        self.certificates.render(&mut out);
         let per_member: [MemberSeries; 3] = [
             (
                 "upstream_healthy",

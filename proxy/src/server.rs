@@ -37,8 +37,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     for ignored in &config.ignored_flags {
         tracing::warn!(flag = ignored.flag, why = ignored.why, "grpc-proxy flag accepted but has no effect");
     }
+    let metrics = Arc::new(Metrics::default());
+    let certificates = Arc::clone(&metrics.certificates);
+    certificates.set_policy(config.cert_expiry);
     let listener_tls = match &config.listener_tls {
-        Some(files) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(files)?)),
+        Some(files) => {
+            let built = crate::tls::build_listener(files, &certificates.legacy_counter())?;
+            certificates.publish(crate::cert_status::Side::Listener, built.certs);
+            Some(Arc::new(crate::reload::Reloadable::new(built.config)))
+        }
         None => None,
     };
     let listener = TcpListener::bind(config.listen_addr).await.map_err(|source| RunError::Bind {
@@ -56,8 +63,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
 
     let stop = CancellationToken::new();
-    let metrics = Arc::new(Metrics::default());
     let upstream = Upstream::new(&config)?;
+    crate::cert_reload_wiring::start(&config, listener_tls.clone(), &upstream, &certificates, stop.clone())?;
     upstream.spawn_health_checks(config.health_interval, stop.clone());
     let forwarder = Forwarder::new(Arc::clone(&upstream), Arc::clone(&metrics), config.budget.clone(), stop.clone());
     if let Some(admin_listener) = admin_listener {
@@ -93,7 +100,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let forwarder = Arc::clone(&forwarder);
         let http2 = http2.clone();
         let watcher = graceful.watcher();
-        let tls = listener_tls.clone();
+        // Read per connection, so a reloaded certificate is used from the next handshake on.
+        let tls = listener_tls.as_ref().map(|tls| tokio_rustls::TlsAcceptor::from(tls.current()));
         let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| Arc::clone(&forwarder).serve(request));

@@ -93,7 +93,8 @@ impl Member {
 pub struct Upstream {
     members: Vec<Arc<Member>>,
     preferred: AtomicUsize,
-    tls: Option<tokio_rustls::TlsConnector>,
+    /// Replaced when the certificate files change (see `reload`); read at every dial.
+    tls: Option<Arc<crate::reload::Reloadable<rustls::ClientConfig>>>,
     dial_timeout: Duration,
 }
 
@@ -101,7 +102,7 @@ impl Upstream {
     /// Creates the pool; no connection is made until [`Upstream::spawn_health_checks`] or the first request.
     pub fn new(config: &Config) -> Result<Arc<Self>, crate::tls::TlsError> {
         let tls = match &config.upstream_tls {
-            Some(files) => Some(tokio_rustls::TlsConnector::from(crate::tls::client_config(files)?)),
+            Some(files) => Some(Arc::new(crate::reload::Reloadable::new(crate::tls::client_config(files)?))),
             None => None,
         };
         let members = config
@@ -165,13 +166,22 @@ impl Upstream {
     }
 
     async fn dial(&self, member: &Member) -> Result<SendRequest<RequestBody>, UpstreamError> {
+        self.dial_with(member, self.tls.as_ref().map(|tls| tls.current())).await
+    }
+
+    async fn dial_with(
+        &self,
+        member: &Member,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<SendRequest<RequestBody>, UpstreamError> {
         let endpoint = &member.endpoint;
         let connect_error = |source: std::io::Error| UpstreamError::Connect { endpoint: endpoint.url(), source };
         let tcp = TcpStream::connect(endpoint.authority.as_str()).await.map_err(connect_error)?;
         // gRPC messages are small and latency-bound: never wait to coalesce them.
         tcp.set_nodelay(true).map_err(connect_error)?;
-        match &self.tls {
-            Some(connector) if endpoint.tls => {
+        match tls {
+            Some(tls) if endpoint.tls => {
+                let connector = tokio_rustls::TlsConnector::from(tls);
                 let server_name = rustls::pki_types::ServerName::try_from(endpoint.host.clone())
                     .map_err(|_| UpstreamError::BadServerName { endpoint: endpoint.url() })?;
                 let stream = connector
@@ -182,6 +192,65 @@ impl Upstream {
             }
             _ => handshake(TokioIo::new(BatchedWrites(tcp)), endpoint).await,
         }
+    }
+
+    /// The upstream TLS config, for the certificate reloader.
+    pub fn tls_config(&self) -> Option<Arc<crate::reload::Reloadable<rustls::ClientConfig>>> {
+        self.tls.clone()
+    }
+
+    /// Tries a reloaded upstream TLS config before adopting it: every member that has a
+    /// connection is dialled with `candidate` and health-checked over the new connection (a
+    /// client certificate etcd refuses only shows there, after the TLS 1.3 handshake). If any
+    /// member accepts it, or none is connected, it becomes the config of all later dials and each
+    /// accepting member's new connection replaces its old one, which is left to finish its calls
+    /// and streams; members that refused it keep their connection. If every connected member
+    /// refuses it, nothing changes and the refusals are returned.
+    pub async fn adopt_tls_config(
+        &self,
+        candidate: Arc<rustls::ClientConfig>,
+    ) -> Result<RedialCounts, (RedialCounts, String)> {
+        let Some(current) = &self.tls else {
+            return Err((
+                RedialCounts { redialled: 0, failed: 0 },
+                "the upstream connections do not use TLS".to_owned(),
+            ));
+        };
+        // A trial is a dial plus one health check, so it gets a little more than a dial.
+        let trial_timeout = self.dial_timeout.max(Duration::from_secs(2));
+        let mut accepted = Vec::new();
+        let mut refusals = Vec::new();
+        for member in &self.members {
+            if member.cached_connection().is_none() {
+                // The next request dials with the adopted config anyway.
+                continue;
+            }
+            let attempt = async {
+                let connection = self.dial_with(member, Some(Arc::clone(&candidate))).await?;
+                self.check_over(member, connection.clone()).await?;
+                Ok::<_, UpstreamError>(connection)
+            };
+            match tokio::time::timeout(trial_timeout, attempt).await {
+                Ok(Ok(connection)) => accepted.push((member, connection)),
+                Ok(Err(error)) => refusals.push(format!("{}: {error}", member.name)),
+                Err(_) => refusals.push(format!("{}: no answer within {trial_timeout:?}", member.name)),
+            }
+        }
+        if accepted.is_empty() && !refusals.is_empty() {
+            return Err((RedialCounts { redialled: 0, failed: refusals.len() }, refusals.join("; ")));
+        }
+        current.replace(candidate);
+        for (member, connection) in &accepted {
+            // A dial still running with the old config must not overwrite the new connection.
+            let _dialing = member.dialing.lock().await;
+            if let Ok(mut slot) = member.connection.lock() {
+                *slot = Some(connection.clone());
+            }
+        }
+        for refusal in &refusals {
+            tracing::error!(%refusal, "a member refused the reloaded TLS material; its existing connection stays in use");
+        }
+        Ok(RedialCounts { redialled: accepted.len(), failed: refusals.len() })
     }
 
     /// Marks a member unhealthy after a failed request or check, and moves the pin away from it.
@@ -242,7 +311,11 @@ impl Upstream {
 
     /// One gRPC health check (`grpc.health.v1.Health/Check`) over the member's shared connection.
     async fn check(&self, member: &Member) -> Result<(), UpstreamError> {
-        let mut connection = self.connection(member).await?;
+        let connection = self.connection(member).await?;
+        self.check_over(member, connection).await
+    }
+
+    async fn check_over(&self, member: &Member, mut connection: SendRequest<RequestBody>) -> Result<(), UpstreamError> {
         let failed = |why: String| UpstreamError::Unhealthy { endpoint: member.endpoint.url(), why };
         let request = Request::post(
             member
@@ -276,6 +349,15 @@ impl Upstream {
         }
         Ok(())
     }
+}
+
+/// Upstream connections replaced after a TLS reload, and members that refused the new material.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RedialCounts {
+    /// Members now on a new connection.
+    pub redialled: usize,
+    /// Members that refused the new material and keep their old connection.
+    pub failed: usize,
 }
 
 async fn handshake<T>(io: TokioIo<T>, endpoint: &Endpoint) -> Result<SendRequest<RequestBody>, UpstreamError>
