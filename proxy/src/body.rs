@@ -27,6 +27,8 @@ pub enum RequestBody {
     Buffered(Option<Bytes>),
     /// A client stream (Watch, LeaseKeepAlive, unknown methods), forwarded frame by frame.
     Streaming(Incoming),
+    /// Messages written by the proxy (a Watch stream it relays), ended when the sender goes away.
+    Channel(tokio::sync::mpsc::UnboundedReceiver<Bytes>),
 }
 
 impl Body for RequestBody {
@@ -37,6 +39,7 @@ impl Body for RequestBody {
         match self.get_mut() {
             RequestBody::Buffered(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             RequestBody::Streaming(incoming) => Pin::new(incoming).poll_frame(cx),
+            RequestBody::Channel(receiver) => receiver.poll_recv(cx).map(|message| message.map(|m| Ok(Frame::data(m)))),
         }
     }
 
@@ -44,6 +47,7 @@ impl Body for RequestBody {
         match self {
             RequestBody::Buffered(bytes) => bytes.is_none(),
             RequestBody::Streaming(incoming) => incoming.is_end_stream(),
+            RequestBody::Channel(_) => false,
         }
     }
 
@@ -52,6 +56,7 @@ impl Body for RequestBody {
             RequestBody::Buffered(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             RequestBody::Buffered(None) => SizeHint::with_exact(0),
             RequestBody::Streaming(incoming) => incoming.size_hint(),
+            RequestBody::Channel(_) => SizeHint::default(),
         }
     }
 }
@@ -112,6 +117,8 @@ pub struct ResponseBody {
 enum State {
     /// Relaying etcd's response.
     Upstream(Incoming),
+    /// A Watch stream relayed by the proxy, which survives the loss of its upstream stream.
+    Watch(Box<crate::watch::WatchRelay>),
     /// A response the proxy holds in full: its data chunks in order, then trailers.
     Buffered { data: std::collections::VecDeque<Bytes>, trailers: Option<HeaderMap> },
     /// Nothing more to send.
@@ -153,6 +160,22 @@ impl ResponseBody {
         self
     }
 
+    /// The body of a Watch stream relayed by `relay`; ended with a status at shutdown.
+    pub fn watch(
+        relay: crate::watch::WatchRelay,
+        record: CallRecord,
+        shutdown: WaitForCancellationFutureOwned,
+    ) -> Self {
+        ResponseBody {
+            state: State::Watch(Box::new(relay)),
+            record: Some(record),
+            shutdown: Some(Box::pin(shutdown)),
+            member: Arc::from(""),
+            splitter: None,
+            guard: None,
+        }
+    }
+
     /// An empty body, for trailers-only responses produced by the proxy.
     pub fn empty(mut record: CallRecord, code: Code) -> Self {
         record.finish(code);
@@ -184,7 +207,7 @@ impl Body for ResponseBody {
         if let Some(shutdown) = this.shutdown.as_mut() {
             if shutdown.as_mut().poll(cx).is_ready() {
                 this.shutdown = None;
-                if matches!(this.state, State::Upstream(_)) {
+                if matches!(this.state, State::Upstream(_) | State::Watch(_)) {
                     // Dropping the upstream body resets the stream at etcd, which cancels its watches.
                     return this
                         .end_with(Code::Unavailable, "etcd-compat-proxy is shutting down; reconnect to continue");
@@ -201,45 +224,17 @@ impl Body for ResponseBody {
                 this.state = State::Done;
                 Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
             }
+            State::Watch(relay) => match relay.poll_frame(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(frame)) => this.deliver(frame),
+                Poll::Ready(None) => {
+                    this.state = State::Done;
+                    Poll::Ready(None)
+                }
+            },
             State::Upstream(incoming) => match Pin::new(incoming).poll_frame(cx) {
                 Poll::Pending => Poll::Pending,
-                Poll::Ready(Some(Ok(frame))) if frame.is_data() && this.splitter.is_some() => {
-                    let (Ok(data), Some(splitter)) = (frame.into_data(), this.splitter.as_mut()) else {
-                        return Poll::Ready(Some(Ok(Frame::data(Bytes::new()))));
-                    };
-                    let (out, split) = splitter.feed(data);
-                    if split > 0 {
-                        if let Some(record) = this.record.as_ref() {
-                            record.metrics().watch_responses_split(split);
-                        }
-                    }
-                    Poll::Ready(Some(Ok(Frame::data(out))))
-                }
-                Poll::Ready(Some(Ok(frame))) if frame.is_data() && this.guard.is_some() => {
-                    let budget = this.guard.take().unwrap_or(usize::MAX);
-                    let oversize = frame
-                        .data_ref()
-                        .and_then(|data| data.get(..5))
-                        .map(|header| u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize);
-                    match oversize {
-                        Some(length) if length > budget => {
-                            let message = format!(
-                                "etcd-compat-proxy: etcd's answer is a {length}-byte message, more than this client's limit of {budget} bytes per message; read large results with paged Range calls (`limit`) or raise the client's gRPC receive limit"
-                            );
-                            this.end_with(Code::ResourceExhausted, &message)
-                        }
-                        _ => Poll::Ready(Some(Ok(frame))),
-                    }
-                }
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(trailers) = frame.trailers_ref() {
-                        let code = Code::from_headers(trailers).unwrap_or(Code::Unknown);
-                        if let Some(record) = this.record.as_mut() {
-                            record.finish(code);
-                        }
-                    }
-                    Poll::Ready(Some(Ok(frame)))
-                }
+                Poll::Ready(Some(Ok(frame))) => this.deliver(frame),
                 Poll::Ready(Some(Err(error))) => {
                     if let Some(record) = this.record.as_ref() {
                         record.metrics().stream_broken();
@@ -263,6 +258,54 @@ impl Body for ResponseBody {
             // A trailers-only answer (an etcd error) must end with its HEADERS frame: gRPC
             // clients reject a stream that sends an empty DATA frame after such headers.
             State::Upstream(incoming) => incoming.is_end_stream(),
+            State::Watch(_) => false,
+        }
+    }
+}
+
+impl ResponseBody {
+    /// Passes one frame of etcd's answer on: splitting or refusing oversize messages for limited
+    /// clients, and recording the status carried by trailers.
+    fn deliver(&mut self, frame: Frame<Bytes>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self;
+        match frame {
+            frame if frame.is_data() && this.splitter.is_some() => {
+                let (Ok(data), Some(splitter)) = (frame.into_data(), this.splitter.as_mut()) else {
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::new()))));
+                };
+                let (out, split) = splitter.feed(data);
+                if split > 0 {
+                    if let Some(record) = this.record.as_ref() {
+                        record.metrics().watch_responses_split(split);
+                    }
+                }
+                Poll::Ready(Some(Ok(Frame::data(out))))
+            }
+            frame if frame.is_data() && this.guard.is_some() => {
+                let budget = this.guard.take().unwrap_or(usize::MAX);
+                let oversize = frame
+                    .data_ref()
+                    .and_then(|data| data.get(..5))
+                    .map(|header| u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize);
+                match oversize {
+                    Some(length) if length > budget => {
+                        let message = format!(
+                                "etcd-compat-proxy: etcd's answer is a {length}-byte message, more than this client's limit of {budget} bytes per message; read large results with paged Range calls (`limit`) or raise the client's gRPC receive limit"
+                            );
+                        this.end_with(Code::ResourceExhausted, &message)
+                    }
+                    _ => Poll::Ready(Some(Ok(frame))),
+                }
+            }
+            frame => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    let code = Code::from_headers(trailers).unwrap_or(Code::Unknown);
+                    if let Some(record) = this.record.as_mut() {
+                        record.finish(code);
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
         }
     }
 }
@@ -326,6 +369,14 @@ impl Buffered {
     /// The gRPC status, from the headers (trailers-only) or the trailers.
     pub fn code(&self) -> Option<Code> {
         Code::from_headers(&self.headers).or_else(|| self.trailers.as_ref().and_then(Code::from_headers))
+    }
+
+    /// The status message, from the headers (trailers-only) or the trailers.
+    pub fn status_message(&self) -> String {
+        match Code::from_headers(&self.headers) {
+            Some(_) => grpc::status_message(&self.headers),
+            None => self.trailers.as_ref().map(grpc::status_message).unwrap_or_default(),
+        }
     }
 
     /// The single uncompressed message of the answer, without its frame prefix.

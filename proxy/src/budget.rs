@@ -152,27 +152,12 @@ const RANGE_RESPONSE_KVS: u64 = 2;
 
 /// Byte ranges of every top-level length-delimited field numbered `wanted` in an encoded message.
 fn field_spans(message: &[u8], wanted: u64) -> Result<Vec<Range<usize>>, String> {
-    use prost::encoding::decode_varint;
-    let mut rest = message;
     let mut spans = Vec::new();
-    while !rest.is_empty() {
-        let start = message.len() - rest.len();
-        let key = decode_varint(&mut rest).map_err(|e| e.to_string())?;
-        let skip = match key & 7 {
-            0 => {
-                decode_varint(&mut rest).map_err(|e| e.to_string())?;
-                0
-            }
-            1 => 8,
-            2 => decode_varint(&mut rest).map_err(|e| e.to_string())? as usize,
-            5 => 4,
-            wire_type => return Err(format!("unexpected wire type {wire_type} at byte {start}")),
-        };
-        rest = rest.get(skip..).ok_or_else(|| format!("field at byte {start} runs past the message"))?;
-        if key >> 3 == wanted && key & 7 == 2 {
-            spans.push(start..message.len() - rest.len());
+    crate::grpc::for_each_field(message, |field, value, span| {
+        if field == wanted && matches!(value, crate::grpc::WireValue::Bytes(_)) {
+            spans.push(span);
         }
-    }
+    })?;
     Ok(spans)
 }
 

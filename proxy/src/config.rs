@@ -157,6 +157,27 @@ pub struct StartArgs {
     #[arg(long, env = "ETCD_COMPAT_PROXY_LIMIT_GO_WITHOUT_API_VERSION", value_name = "BOOL")]
     pub limit_go_without_api_version: Option<bool>,
 
+    /// etcd user that clients sending no token act as; its password comes from --password-file or the ETCD_COMPAT_PROXY_PASSWORD environment variable, never from the command line.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_USER", value_name = "NAME")]
+    pub user: Option<String>,
+
+    /// File holding the password of --user (a trailing newline is ignored).
+    #[arg(long, env = "ETCD_COMPAT_PROXY_PASSWORD_FILE", value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+
+    /// etcd identity for mTLS clients whose certificate has this CN and that send no token, as CN=USER:PASSWORD_FILE (repeatable).
+    #[arg(
+        long,
+        env = "ETCD_COMPAT_PROXY_CLIENT_CN_IDENTITY",
+        value_name = "CN=USER:PASSWORD_FILE",
+        value_delimiter = ','
+    )]
+    pub client_cn_identity: Option<Vec<String>>,
+
+    /// Tokens the proxy issued are forgotten after this long unused; clients then re-authenticate [default: 24h].
+    #[arg(long, env = "ETCD_COMPAT_PROXY_AUTH_SESSION_IDLE_TIMEOUT", value_name = "DURATION")]
+    pub auth_session_idle_timeout: Option<String>,
+
     // --- grpc-proxy flags that have no meaning here: accepted so unit files keep working. ---
     /// Accepted for grpc-proxy compatibility; the proxy keeps no persistent data.
     #[arg(long, env = "ETCD_COMPAT_PROXY_DATA_DIR", value_name = "DIR")]
@@ -264,6 +285,10 @@ impl StartArgs {
             limited_user_agent,
             unlimited_user_agent,
             limit_go_without_api_version,
+            user,
+            password_file,
+            client_cn_identity,
+            auth_session_idle_timeout,
             data_dir,
             enable_pprof,
             resolver_prefix,
@@ -395,7 +420,23 @@ impl StartArgs {
             truncate_prefixes: truncate_prefixes.into_iter().map(bytes::Bytes::from).collect(),
         };
 
+        let auth = crate::auth::AuthConfig {
+            default_identity: default_identity(self.user, self.password_file)?,
+            cn_identities: self
+                .client_cn_identity
+                .unwrap_or_default()
+                .iter()
+                .map(|raw| cn_identity(raw))
+                .collect::<Result<_, _>>()?,
+            session_idle_timeout: parse_duration_setting(
+                "auth-session-idle-timeout",
+                self.auth_session_idle_timeout.as_deref(),
+                Duration::from_secs(24 * 3600),
+            )?,
+        };
+
         Ok(Config {
+            auth,
             budget,
             endpoints,
             listen_addr,
@@ -425,6 +466,71 @@ impl StartArgs {
             )?,
         })
     }
+}
+
+/// The environment variable that may hold --user's password (kept off the command line, where
+/// every user of the machine can read it).
+const PASSWORD_ENV: &str = "ETCD_COMPAT_PROXY_PASSWORD";
+
+fn default_identity(
+    user: Option<String>,
+    password_file: Option<PathBuf>,
+) -> Result<Option<crate::auth::Credentials>, ConfigError> {
+    let env_password = std::env::var_os(PASSWORD_ENV).map(|p| p.into_encoded_bytes());
+    let Some(user) = user else {
+        if password_file.is_some() || env_password.is_some() {
+            return Err(ConfigError::invalid(
+                "user",
+                "",
+                "a password is set but no --user; name the etcd user that clients without a token act as",
+            ));
+        }
+        return Ok(None);
+    };
+    let password = match (password_file, env_password) {
+        (Some(path), _) => read_password_file("password-file", &path)?,
+        (None, Some(password)) if !password.is_empty() => password,
+        _ => {
+            return Err(ConfigError::invalid(
+                "user",
+                &user,
+                "needs a password: --password-file FILE or the ETCD_COMPAT_PROXY_PASSWORD environment variable",
+            ))
+        }
+    };
+    Ok(Some(crate::auth::Credentials { user, password: crate::auth::Secret::new(password) }))
+}
+
+fn cn_identity(raw: &str) -> Result<(String, crate::auth::Credentials), ConfigError> {
+    const FLAG: &str = "client-cn-identity";
+    let parsed = raw.split_once('=').and_then(|(cn, rest)| Some((cn, rest.split_once(':')?)));
+    let Some((cn, (user, file))) =
+        parsed.filter(|(cn, (user, file))| !cn.is_empty() && !user.is_empty() && !file.is_empty())
+    else {
+        return Err(ConfigError::invalid(
+            FLAG,
+            raw,
+            "expected CN=USER:PASSWORD_FILE, e.g. scheduler=jobs:/etc/etcd-proxy/jobs.password",
+        ));
+    };
+    let password = read_password_file(FLAG, std::path::Path::new(file))?;
+    Ok((
+        cn.to_owned(),
+        crate::auth::Credentials { user: user.to_owned(), password: crate::auth::Secret::new(password) },
+    ))
+}
+
+fn read_password_file(flag: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ConfigError> {
+    let shown = path.display().to_string();
+    let mut password = std::fs::read(path)
+        .map_err(|e| ConfigError::invalid(flag, &shown, &format!("cannot read the password file: {e}")))?;
+    while password.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        password.pop();
+    }
+    if password.is_empty() {
+        return Err(ConfigError::invalid(flag, &shown, "the password file is empty"));
+    }
+    Ok(password)
 }
 
 fn refuse_if_set<T>(flag: &'static str, value: Option<T>, why: &'static str) -> Result<(), ConfigError> {
@@ -461,6 +567,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Response-size budget rules.
     pub budget: crate::budget::BudgetPolicy,
+    /// Identities for clients that do not authenticate, and session expiry.
+    pub auth: crate::auth::AuthConfig,
     /// grpc-proxy flags that were set but have no effect here, to be logged once at startup.
     pub ignored_flags: Vec<IgnoredFlag>,
     /// Certificate expiry warning and critical windows.

@@ -11,17 +11,22 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use etcd_compat_proto::etcdserverpb::RangeRequest;
+use etcd_compat_proto::etcdserverpb::{AuthenticateRequest, AuthenticateResponse, RangeRequest};
 use prost::Message;
 
+use crate::auth::{
+    self, AuthSessions, Authenticated, ClientInfo, Credentials, Identity, Secret, Session, UpstreamToken,
+};
 use crate::body::{Buffered, CallRecord, RequestBody, ResponseBody};
 use crate::budget::{self, BudgetPolicy, ClientBudget, KeySizeEstimate, LimitedLog};
 use crate::error::{self, UpstreamError};
 use crate::grpc::{self, CallShape, Code, Route};
 use crate::metrics::Metrics;
 use crate::upstream::{Member, Upstream};
+use crate::watch::{OpenedStream, WatchRelay};
 
 /// Connection-specific headers: meaningless across hops, and forbidden in HTTP/2.
 const HOP_BY_HOP: [&str; 5] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"];
@@ -30,6 +35,7 @@ const HOP_BY_HOP: [&str; 5] = ["connection", "keep-alive", "proxy-connection", "
 pub struct Forwarder {
     upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,
+    auth: Arc<AuthSessions>,
     budget: BudgetPolicy,
     key_sizes: KeySizeEstimate,
     limited_log: LimitedLog,
@@ -41,6 +47,8 @@ pub struct Forwarder {
 enum PendingBody {
     Buffered(Bytes),
     Streaming(Option<Incoming>),
+    /// Messages the proxy writes itself (relayed Watch streams).
+    Channel(Option<mpsc::UnboundedReceiver<Bytes>>),
 }
 
 impl Forwarder {
@@ -49,11 +57,13 @@ impl Forwarder {
         upstream: Arc<Upstream>,
         metrics: Arc<Metrics>,
         budget: BudgetPolicy,
+        auth: Arc<AuthSessions>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Forwarder {
             upstream,
             metrics,
+            auth,
             budget,
             key_sizes: KeySizeEstimate::default(),
             limited_log: LimitedLog::default(),
@@ -85,6 +95,24 @@ impl Forwarder {
             },
         };
 
+        // Client tokens never go to etcd: the proxy's own session for the caller supplies one.
+        let identity = self.auth.identify(&headers, parts.extensions.get::<ClientInfo>());
+        headers.remove(auth::TOKEN_HEADER);
+        if route.index == grpc::authenticate_index() {
+            if let PendingBody::Buffered(message) = &body {
+                let client = parts.extensions.get::<ClientInfo>().and_then(|c| c.addr);
+                let answer = Box::pin(self.authenticate(&headers, &path_and_query, message, client)).await;
+                return Ok(answer.finish(record));
+            }
+        }
+        let session = match identity {
+            Identity::Session(session) => Some(session),
+            Identity::Anonymous => None,
+            Identity::UnknownToken => {
+                return Ok(status_response(record, Code::Unauthenticated, auth::INVALID_TOKEN_MESSAGE));
+            }
+        };
+
         // Only answers that grow with the data can outgrow a client's message size limit.
         let client_budget = match route.shape == CallShape::Unary || route.index == grpc::watch_index() {
             true => self.budget.classify(&headers),
@@ -93,10 +121,34 @@ impl Forwarder {
         if let (ClientBudget::Limited { bytes, rule }, PendingBody::Buffered(message)) = (&client_budget, &body) {
             if route.index == grpc::range_index() {
                 // Boxed: paging state is large and rare; inline it would be copied with every call's future.
-                let limited = Box::pin(self.limited_range(&headers, &path_and_query, message, *bytes, rule));
+                let limited =
+                    Box::pin(self.limited_range(&headers, &path_and_query, message, *bytes, rule, session.as_deref()));
                 if let Some(response) = limited.await {
                     return Ok(response.finish(record));
                 }
+            }
+        }
+        if route.index == grpc::watch_index() {
+            if let PendingBody::Streaming(Some(client)) = body {
+                // Relayed message by message so that its watches can move to another stream.
+                let mut relay = WatchRelay::start(Arc::clone(&self), session, headers, client);
+                let upstream_headers = match relay.first_response().await {
+                    Ok(headers) => headers,
+                    Err(status) => {
+                        let code = Code::from_headers(&status).unwrap_or(Code::Unknown);
+                        let mut response = Response::new(ResponseBody::empty(record, code));
+                        *response.headers_mut() = status;
+                        return Ok(response);
+                    }
+                };
+                let body = ResponseBody::watch(relay, record, self.shutdown.clone().cancelled_owned());
+                let body = match client_budget {
+                    ClientBudget::Limited { bytes, .. } => body.split_watch_responses(bytes),
+                    ClientBudget::Unlimited => body,
+                };
+                let mut response = Response::new(body);
+                *response.headers_mut() = upstream_headers;
+                return Ok(response);
             }
         }
         // Watch responses of limited clients are split when oversize. Other single answers (Txn
@@ -106,7 +158,7 @@ impl Forwarder {
             ClientBudget::Limited { bytes, .. } => Some(bytes),
             ClientBudget::Unlimited => None,
         };
-        match self.send(&route, &path_and_query, &headers, &mut body).await {
+        match self.send_as(session.as_deref(), &route, &path_and_query, &mut headers, &mut body).await {
             Ok((response, member)) => {
                 let relayed = self.relay(response, record, &route, member);
                 Ok(match limit {
@@ -118,6 +170,164 @@ impl Forwarder {
                 })
             }
             Err((code, message)) => Ok(status_response(record, code, &message)),
+        }
+    }
+
+    /// The process's metrics.
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Opens an upstream Watch stream as `session`'s user (renewing its token first if `rejected`
+    /// names the current one), with request messages from `receiver`.
+    pub(crate) async fn open_watch_stream(
+        &self,
+        session: Option<&Session>,
+        mut headers: HeaderMap,
+        receiver: mpsc::UnboundedReceiver<Bytes>,
+        rejected: Option<u64>,
+    ) -> Result<OpenedStream, (Code, String)> {
+        let token_generation = match session {
+            Some(session) => {
+                let token = self.session_token(session, rejected).await?;
+                Session::authorize(&token, &mut headers);
+                Some(token.generation())
+            }
+            None => None,
+        };
+        let path = http::uri::PathAndQuery::from_static(grpc::WATCH_PATH);
+        let route = grpc::route(grpc::WATCH_PATH);
+        let mut body = PendingBody::Channel(Some(receiver));
+        let (response, member) = self.send(&route, &path, &headers, &mut body).await?;
+        Ok(OpenedStream { response, member: member.name(), token_generation })
+    }
+
+    /// Sends a request as `session`'s etcd user (or as it came, without one); when etcd refuses
+    /// the token, renews it once for all concurrent callers and sends a replayable request again.
+    async fn send_as(
+        &self,
+        session: Option<&Session>,
+        route: &Route,
+        path_and_query: &http::uri::PathAndQuery,
+        headers: &mut HeaderMap,
+        body: &mut PendingBody,
+    ) -> Result<(Response<Incoming>, &Member), (Code, String)> {
+        let Some(session) = session else {
+            return self.send(route, path_and_query, headers, body).await;
+        };
+        let token = self.session_token(session, None).await?;
+        Session::authorize(&token, headers);
+        let (response, member) = self.send(route, path_and_query, headers, body).await?;
+        let rejected = Code::from_headers(response.headers())
+            .is_some_and(|code| auth::is_token_rejection(code, &grpc::status_message(response.headers())));
+        if !rejected || !matches!(body, PendingBody::Buffered(_)) {
+            return Ok((response, member));
+        }
+        self.metrics.auth_retried();
+        let renewed = self.session_token(session, Some(token.generation())).await?;
+        Session::authorize(&renewed, headers);
+        self.send(route, path_and_query, headers, body).await
+    }
+
+    /// The session's current etcd token, renewed first if due or if `rejected` names it.
+    async fn session_token(&self, session: &Session, rejected: Option<u64>) -> Result<UpstreamToken, (Code, String)> {
+        let renewed = session.token(rejected, |credentials| self.authenticate_upstream(credentials)).await;
+        renewed.map_err(|(code, message)| {
+            tracing::warn!(user = session.user(), code = code.name(), %message, "etcd refused to renew a session's token");
+            if session.issued_to_client() {
+                // The client authenticates again and then sees etcd's own answer to its credentials.
+                (Code::Unauthenticated, auth::INVALID_TOKEN_MESSAGE.to_owned())
+            } else {
+                (code, message)
+            }
+        })
+    }
+
+    /// Asks etcd for a token for `credentials` (sessions renewing theirs).
+    async fn authenticate_upstream(&self, credentials: Credentials) -> Authenticated {
+        self.metrics.auth_renewed();
+        let mut request = AuthenticateRequest {
+            name: credentials.user.clone(),
+            password: String::from_utf8_lossy(credentials.password.expose()).into_owned(),
+        };
+        let mut encoded = request.encode_to_vec();
+        zeroize::Zeroize::zeroize(&mut request.password);
+        let framed = grpc::frame(&encoded);
+        zeroize::Zeroize::zeroize(&mut encoded);
+        let mut headers = HeaderMap::with_capacity(2);
+        headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+        headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+        let path = http::uri::PathAndQuery::from_static(grpc::AUTHENTICATE_PATH);
+        let answer = self.call(&path, &headers, framed).await;
+        match answer.code() {
+            Some(Code::Ok) => match answer.message().and_then(|m| AuthenticateResponse::decode(m).ok()) {
+                Some(response) => Authenticated::Token(response.token),
+                None => Authenticated::Refused(
+                    Code::Internal,
+                    "etcd-compat-proxy: cannot decode etcd's Authenticate answer".to_owned(),
+                ),
+            },
+            code => Authenticated::Refused(code.unwrap_or(Code::Unknown), answer.status_message()),
+        }
+    }
+
+    /// A client's Authenticate: checked with etcd, answered with a proxy token standing for a new
+    /// session; etcd's refusals pass through unchanged, and repeated failures are slowed down.
+    async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        path_and_query: &http::uri::PathAndQuery,
+        message: &Bytes,
+        client: Option<std::net::IpAddr>,
+    ) -> Buffered {
+        let delay = self.auth.login_delay(client);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let request = match message.first() {
+            Some(0) if message.len() >= 5 => AuthenticateRequest::decode(&message[5..]).ok(),
+            _ => None,
+        };
+        let Some(mut request) = request else {
+            return Buffered::status((
+                Code::InvalidArgument,
+                "etcd-compat-proxy: the Authenticate request could not be decoded (compressed or malformed); send an uncompressed AuthenticateRequest".to_owned(),
+            ));
+        };
+        let answer = self.call(path_and_query, headers, message.clone()).await;
+        let password = Secret::new(std::mem::take(&mut request.password).into_bytes());
+        let credentials = Credentials { user: std::mem::take(&mut request.name), password };
+        if answer.code() != Some(Code::Ok) {
+            if answer.code() == Some(Code::InvalidArgument) {
+                self.auth.record_login(client, false);
+            }
+            return answer;
+        }
+        let Some(mut response) = answer.message().and_then(|m| AuthenticateResponse::decode(m).ok()) else {
+            return Buffered::status((
+                Code::Internal,
+                "etcd-compat-proxy: cannot decode etcd's Authenticate answer".to_owned(),
+            ));
+        };
+        self.auth.record_login(client, true);
+        let user = credentials.user.clone();
+        match self.auth.open(credentials, std::mem::take(&mut response.token)) {
+            Ok(proxy_token) => {
+                tracing::debug!(%user, "client authenticated; session opened");
+                response.token = proxy_token;
+                Buffered::message_ok(vec![grpc::frame_message(&response)])
+            }
+            Err(status) => Buffered::status(status),
+        }
+    }
+
+    /// A unary call made by the proxy itself, read in full.
+    async fn call(&self, path_and_query: &http::uri::PathAndQuery, headers: &HeaderMap, framed: Bytes) -> Buffered {
+        let route = grpc::route(path_and_query.path());
+        let mut body = PendingBody::Buffered(framed);
+        match self.send(&route, path_and_query, headers, &mut body).await {
+            Ok((response, _)) => Buffered::collect(response).await.unwrap_or_else(|failed| failed),
+            Err(status) => Buffered::status(status),
         }
     }
 
@@ -141,7 +351,8 @@ impl Forwarder {
                     if failure.is_member_fault() {
                         self.upstream.mark_failed(member, &failure);
                     }
-                    let retry = failure.allows_retry(route.replay) && !matches!(body, PendingBody::Streaming(None));
+                    let consumed = matches!(body, PendingBody::Streaming(None) | PendingBody::Channel(None));
+                    let retry = failure.allows_retry(route.replay) && !consumed;
                     if !retry {
                         return Err(error::outcome_unknown_status(&failure));
                     }
@@ -160,6 +371,7 @@ impl Forwarder {
         message: &Bytes,
         budget: usize,
         rule: &str,
+        session: Option<&Session>,
     ) -> Option<Buffered> {
         // Compressed (flag 1) or malformed frames are left for etcd to judge.
         let request = match message.first() {
@@ -173,9 +385,12 @@ impl Forwarder {
         let key = request.key.clone();
         let fetch = |page: RangeRequest| {
             let mut body = PendingBody::Buffered(grpc::frame(&page.encode_to_vec()));
+            let mut headers = headers.clone();
             async move {
-                let (response, _) =
-                    self.send(&route, path_and_query, headers, &mut body).await.map_err(Buffered::status)?;
+                let (response, _) = self
+                    .send_as(session, &route, path_and_query, &mut headers, &mut body)
+                    .await
+                    .map_err(Buffered::status)?;
                 let buffered = Buffered::collect(response).await?;
                 if buffered.code() != Some(Code::Ok) {
                     return Err(buffered);
@@ -235,11 +450,11 @@ impl Forwarder {
             PendingBody::Buffered(bytes) => RequestBody::Buffered(Some(bytes.clone())),
             PendingBody::Streaming(stream) => match stream.take() {
                 Some(stream) => RequestBody::Streaming(stream),
-                None => {
-                    return Err(UpstreamError::Request {
-                        why: "the client's stream was already sent to another member".to_owned(),
-                    })
-                }
+                None => return Err(already_sent()),
+            },
+            PendingBody::Channel(receiver) => match receiver.take() {
+                Some(receiver) => RequestBody::Channel(receiver),
+                None => return Err(already_sent()),
             },
         };
         let mut request = Request::new(upstream_body);
@@ -268,6 +483,10 @@ impl Forwarder {
         let shutdown = (route.shape != CallShape::Unary).then(|| self.shutdown.clone().cancelled_owned());
         response.map(|incoming| ResponseBody::upstream(incoming, record, status_in_headers, shutdown, member.name()))
     }
+}
+
+fn already_sent() -> UpstreamError {
+    UpstreamError::Request { why: "the client's stream was already sent to another member".to_owned() }
 }
 
 /// A trailers-only gRPC response carrying a status produced by the proxy.

@@ -174,10 +174,47 @@ pub fn range_index() -> usize {
     *RANGE
 }
 
+/// The path of etcd's Watch call.
+pub const WATCH_PATH: &str = "/etcdserverpb.Watch/Watch";
+
 /// Index of `/etcdserverpb.Watch/Watch` in the method table.
 pub fn watch_index() -> usize {
-    static WATCH: LazyLock<usize> = LazyLock::new(|| route("/etcdserverpb.Watch/Watch").index);
+    static WATCH: LazyLock<usize> = LazyLock::new(|| route(WATCH_PATH).index);
     *WATCH
+}
+
+/// Index of `/etcdserverpb.Auth/Authenticate` in the method table (answered with a proxy token).
+pub fn authenticate_index() -> usize {
+    static AUTHENTICATE: LazyLock<usize> = LazyLock::new(|| route(AUTHENTICATE_PATH).index);
+    *AUTHENTICATE
+}
+
+/// The path of etcd's Authenticate call.
+pub const AUTHENTICATE_PATH: &str = "/etcdserverpb.Auth/Authenticate";
+
+/// The decoded `grpc-message` of a status, empty when there is none.
+pub fn status_message(headers: &HeaderMap) -> String {
+    let Some(raw) = headers.get("grpc-message") else { return String::new() };
+    let raw = raw.as_bytes();
+    let mut decoded = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let hex = raw
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (raw[i], hex) {
+            (b'%', Some(byte)) => {
+                decoded.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                decoded.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
 }
 
 /// The 5-byte prefix of an uncompressed gRPC message of `length` bytes.
@@ -206,6 +243,50 @@ pub fn frame_message(message: &impl prost::Message) -> bytes::Bytes {
     // Encoding into a Vec with enough capacity cannot fail.
     let _ = message.encode(&mut framed);
     bytes::Bytes::from(framed)
+}
+
+/// One protobuf field's value as it is on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireValue<'a> {
+    /// Integers, booleans and enums.
+    Varint(u64),
+    /// Strings, bytes and embedded messages.
+    Bytes(&'a [u8]),
+    /// Fixed-width numbers, which etcd's messages do not use.
+    Fixed,
+}
+
+/// Walks the top-level fields of an encoded message without decoding it: `visit` gets each
+/// field's number, value and byte range (tag included). Used where the proxy needs a few facts
+/// from a message it forwards unchanged.
+pub fn for_each_field<'a>(
+    message: &'a [u8],
+    mut visit: impl FnMut(u64, WireValue<'a>, std::ops::Range<usize>),
+) -> Result<(), String> {
+    use prost::encoding::decode_varint;
+    let mut rest = message;
+    while !rest.is_empty() {
+        let start = message.len() - rest.len();
+        let key = decode_varint(&mut rest).map_err(|e| e.to_string())?;
+        let value = match key & 7 {
+            0 => WireValue::Varint(decode_varint(&mut rest).map_err(|e| e.to_string())?),
+            2 => {
+                let length = decode_varint(&mut rest).map_err(|e| e.to_string())? as usize;
+                let content =
+                    rest.get(..length).ok_or_else(|| format!("field at byte {start} runs past the message"))?;
+                rest = &rest[length..];
+                WireValue::Bytes(content)
+            }
+            wire_type @ (1 | 5) => {
+                let width = if wire_type == 1 { 8 } else { 4 };
+                rest = rest.get(width..).ok_or_else(|| format!("field at byte {start} runs past the message"))?;
+                WireValue::Fixed
+            }
+            wire_type => return Err(format!("unexpected wire type {wire_type} at byte {start}")),
+        };
+        visit(key >> 3, value, start..message.len() - rest.len());
+    }
+    Ok(())
 }
 
 /// Builds the headers of a trailers-only gRPC response carrying an error.
@@ -256,6 +337,8 @@ mod tests {
 
     #[test]
     fn grpc_message_encoding() {
+        let headers = status_headers(Code::Unavailable, "etcdserver: 100% done\né");
+        assert_eq!(status_message(&headers), "etcdserver: 100% done\né");
         assert_eq!(percent_encode("etcdserver: 100% done\n"), "etcdserver: 100%25 done%0A");
         assert_eq!(percent_encode("é"), "%C3%A9");
     }

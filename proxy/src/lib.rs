@@ -14,6 +14,7 @@
 //!   [`verify`] holds the opt-in certificate exceptions, [`cert_status`] tracks expiry.
 
 pub mod admin;
+pub mod auth;
 pub mod batched_writes;
 pub mod body;
 pub mod budget;
@@ -31,6 +32,7 @@ pub mod server;
 pub mod tls;
 pub mod upstream;
 pub mod verify;
+pub mod watch;
 
 use std::process::ExitCode;
 

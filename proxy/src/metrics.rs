@@ -52,6 +52,9 @@ pub struct Metrics {
     streams_broken: AtomicU64,
     authority_repairs: AtomicU64,
     watch_splits: AtomicU64,
+    auth_renewals: AtomicU64,
+    auth_retries: AtomicU64,
+    watch_recreations: AtomicU64,
     /// Limited Range answers by (truncation prefix label, outcome); labels come from configuration.
     budget: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// Certificates in use, their expiry and reload counters.
@@ -66,6 +69,9 @@ impl Default for Metrics {
             streams_broken: AtomicU64::new(0),
             authority_repairs: AtomicU64::new(0),
             watch_splits: AtomicU64::new(0),
+            auth_renewals: AtomicU64::new(0),
+            auth_retries: AtomicU64::new(0),
+            watch_recreations: AtomicU64::new(0),
             budget: Mutex::new(BTreeMap::new()),
             certificates: std::sync::Arc::default(),
         }
@@ -105,6 +111,21 @@ impl Metrics {
     /// Counts watch responses split for size-limited clients.
     pub fn watch_responses_split(&self, n: u64) {
         self.watch_splits.fetch_add(n, Relaxed);
+    }
+
+    /// Counts an Authenticate call the proxy made to etcd to renew a session's token.
+    pub fn auth_renewed(&self) {
+        self.auth_renewals.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a request sent again after etcd refused its token and the token was renewed.
+    pub fn auth_retried(&self) {
+        self.auth_retries.fetch_add(1, Relaxed);
+    }
+
+    /// Counts watches re-created upstream (after a token refusal or a lost member).
+    pub fn watches_recreated(&self, n: u64) {
+        self.watch_recreations.fetch_add(n, Relaxed);
     }
 
     /// Counts a Range answered under a size budget.
@@ -188,6 +209,29 @@ impl Metrics {
         out.push_str("# HELP etcd_compat_proxy_watch_responses_split_total Watch responses larger than a limited client's budget, split into several.\n# TYPE etcd_compat_proxy_watch_responses_split_total counter\n");
         let _ = writeln!(out, "etcd_compat_proxy_watch_responses_split_total {}", self.watch_splits.load(Relaxed));
         self.certificates.render(&mut out);
+        for (name, help, value) in [
+            (
+                "auth_renewals_total",
+                "Authenticate calls the proxy made to etcd to renew a session's token.",
+                &self.auth_renewals,
+            ),
+            (
+                "auth_retries_total",
+                "Requests sent again after etcd refused their token and it was renewed.",
+                &self.auth_retries,
+            ),
+            (
+                "watch_recreations_total",
+                "Watches re-created upstream after a token refusal or a lost member, from the next undelivered revision.",
+                &self.watch_recreations,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP etcd_compat_proxy_{name} {help}\n# TYPE etcd_compat_proxy_{name} counter\netcd_compat_proxy_{name} {}",
+                value.load(Relaxed)
+            );
+        }
         let per_member: [MemberSeries; 3] = [
             (
                 "upstream_healthy",

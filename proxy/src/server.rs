@@ -10,6 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
+use crate::auth::{AuthSessions, ClientInfo};
 use crate::batched_writes::BatchedWrites;
 use crate::config::Config;
 use crate::forward::Forwarder;
@@ -66,7 +67,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let upstream = Upstream::new(&config)?;
     crate::cert_reload_wiring::start(&config, listener_tls.clone(), &upstream, &certificates, stop.clone())?;
     upstream.spawn_health_checks(config.health_interval, stop.clone());
-    let forwarder = Forwarder::new(Arc::clone(&upstream), Arc::clone(&metrics), config.budget.clone(), stop.clone());
+    let auth = Arc::new(AuthSessions::new(config.auth.clone()));
+    tokio::spawn(expire_idle_sessions(Arc::clone(&auth), stop.clone()));
+    // The proxy's tokens live as long as the process: a restart makes clients authenticate again.
+    let forwarder = Forwarder::new(
+        Arc::clone(&upstream),
+        Arc::clone(&metrics),
+        config.budget.clone(),
+        Arc::clone(&auth),
+        stop.clone(),
+    );
     if let Some(admin_listener) = admin_listener {
         let admin = Arc::new(Admin { upstream: Arc::clone(&upstream), metrics: Arc::clone(&metrics) });
         tokio::spawn(admin.serve(admin_listener, stop.clone()));
@@ -104,16 +114,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let tls = listener_tls.as_ref().map(|tls| tokio_rustls::TlsAcceptor::from(tls.current()));
         let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| Arc::clone(&forwarder).serve(request));
+            // Auth sessions need to know who is calling: the address (to slow down password
+            // guessing) and, for mTLS clients, the certificate's CN (to pick a configured identity).
+            let service = |client: ClientInfo| {
+                hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(client.clone());
+                    Arc::clone(&forwarder).serve(request)
+                })
+            };
+            let mut client = ClientInfo { addr: Some(peer.ip()), common_name: None };
             let result = match tls {
                 None => {
                     let io = TokioIo::new(BatchedWrites(AuthorityRepair::new(stream, metrics)));
-                    watcher.watch(http2.serve_connection(io, service)).await
+                    watcher.watch(http2.serve_connection(io, service(client))).await
                 }
                 Some(acceptor) => match tls_accept(&acceptor, stream).await {
                     Ok(tls_stream) => {
+                        client.common_name = peer_common_name(&tls_stream);
                         let io = TokioIo::new(BatchedWrites(AuthorityRepair::new(tls_stream, metrics)));
-                        watcher.watch(http2.serve_connection(io, service)).await
+                        watcher.watch(http2.serve_connection(io, service(client))).await
                     }
                     Err(error) => {
                         tracing::info!(%peer, %error, "client TLS handshake failed");
@@ -134,6 +153,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::warn!("calls still running after the shutdown grace period were cut");
     }
     Ok(())
+}
+
+/// The CN of the client certificate a TLS client presented, if any.
+fn peer_common_name(stream: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<String> {
+    let certificate = stream.get_ref().1.peer_certificates()?.first()?;
+    etcd_compat_certs::inspect(certificate).ok()?.common_name
 }
 
 async fn tls_accept(
@@ -158,4 +183,15 @@ fn http2_server(config: &Config) -> hyper::server::conn::http2::Builder<TokioExe
         // Large responses leave as fast as the client reads them, not in 400 KiB steps.
         .max_send_buf_size(1024 * 1024);
     builder
+}
+
+/// Forgets idle proxy-token sessions once a minute.
+async fn expire_idle_sessions(auth: Arc<AuthSessions>, stop: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => auth.expire_idle(),
+        }
+    }
 }
