@@ -115,8 +115,8 @@ pub struct ResponseBody {
 }
 
 enum State {
-    /// Relaying etcd's response.
-    Upstream(Incoming),
+    /// Relaying etcd's response; `first` is a DATA chunk the proxy read before relaying.
+    Upstream { incoming: Incoming, first: Option<Bytes> },
     /// A Watch stream relayed by the proxy, which survives the loss of its upstream stream.
     Watch(Box<crate::watch::WatchRelay>),
     /// A response the proxy holds in full: its data chunks in order, then trailers.
@@ -129,6 +129,7 @@ impl ResponseBody {
     /// Relays an upstream response body. `status_in_headers` is the code of a trailers-only response.
     pub fn upstream(
         incoming: Incoming,
+        first: Option<Bytes>,
         mut record: CallRecord,
         status_in_headers: Option<Code>,
         shutdown: Option<WaitForCancellationFutureOwned>,
@@ -138,7 +139,7 @@ impl ResponseBody {
             record.finish(code);
         }
         ResponseBody {
-            state: State::Upstream(incoming),
+            state: State::Upstream { incoming, first },
             record: Some(record),
             shutdown: shutdown.map(Box::pin),
             member,
@@ -207,7 +208,7 @@ impl Body for ResponseBody {
         if let Some(shutdown) = this.shutdown.as_mut() {
             if shutdown.as_mut().poll(cx).is_ready() {
                 this.shutdown = None;
-                if matches!(this.state, State::Upstream(_) | State::Watch(_)) {
+                if matches!(this.state, State::Upstream { .. } | State::Watch(_)) {
                     // Dropping the upstream body resets the stream at etcd, which cancels its watches.
                     return this
                         .end_with(Code::Unavailable, "etcd-compat-proxy is shutting down; reconnect to continue");
@@ -232,7 +233,11 @@ impl Body for ResponseBody {
                     Poll::Ready(None)
                 }
             },
-            State::Upstream(incoming) => match Pin::new(incoming).poll_frame(cx) {
+            State::Upstream { first: first @ Some(_), .. } => {
+                let chunk = first.take().unwrap_or_default();
+                this.deliver(Frame::data(chunk))
+            }
+            State::Upstream { incoming, .. } => match Pin::new(incoming).poll_frame(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Some(Ok(frame))) => this.deliver(frame),
                 Poll::Ready(Some(Err(error))) => {
@@ -257,7 +262,7 @@ impl Body for ResponseBody {
             State::Buffered { data, trailers } => data.is_empty() && trailers.is_none(),
             // A trailers-only answer (an etcd error) must end with its HEADERS frame: gRPC
             // clients reject a stream that sends an empty DATA frame after such headers.
-            State::Upstream(incoming) => incoming.is_end_stream(),
+            State::Upstream { incoming, first } => first.is_none() && incoming.is_end_stream(),
             State::Watch(_) => false,
         }
     }
@@ -323,19 +328,17 @@ pub struct Buffered {
 impl Buffered {
     /// Reads an upstream response to the end into one contiguous buffer; a broken body becomes
     /// `Unavailable`.
-    pub async fn collect(response: http::Response<Incoming>) -> Result<Buffered, Buffered> {
+    pub async fn collect(response: http::Response<Incoming>, first: Option<Bytes>) -> Result<Buffered, Buffered> {
         let (parts, mut body) = response.into_parts();
         let mut whole = Contiguous::default();
+        if let Some(first) = first {
+            whole.push(first);
+        }
         let mut trailers = None;
         while let Some(frame) = body.frame().await {
             let frame = match frame {
                 Ok(frame) => frame,
-                Err(error) => {
-                    return Err(Buffered::status((
-                        Code::Unavailable,
-                        format!("etcd-compat-proxy: the connection to etcd broke while reading its answer ({error}); retry the call"),
-                    )))
-                }
+                Err(error) => return Err(Buffered::broken(&error)),
             };
             match frame.into_data() {
                 Ok(chunk) => whole.push(chunk),
@@ -345,6 +348,21 @@ impl Buffered {
         let data = whole.finish();
         let data = if data.is_empty() { Vec::new() } else { vec![data] };
         Ok(Buffered { status: parts.status, headers: parts.headers, data, trailers })
+    }
+
+    /// An answer that ended without data: etcd's headers and trailers.
+    pub fn ended(parts: http::response::Parts, trailers: Option<HeaderMap>) -> Buffered {
+        Buffered { status: parts.status, headers: parts.headers, data: Vec::new(), trailers }
+    }
+
+    /// The answer to a call whose upstream connection broke while etcd's answer was read.
+    pub fn broken(error: &hyper::Error) -> Buffered {
+        Buffered::status((
+            Code::Unavailable,
+            format!(
+                "etcd-compat-proxy: the connection to etcd broke while reading its answer ({error}); retry the call"
+            ),
+        ))
     }
 
     /// A trailers-only answer with a status of the proxy's own.

@@ -159,8 +159,9 @@ impl Forwarder {
             ClientBudget::Unlimited => None,
         };
         match self.send_as(session.as_deref(), &route, &path_and_query, &mut headers, &mut body).await {
-            Ok((response, member)) => {
-                let relayed = self.relay(response, record, &route, member);
+            Ok((Upstreamed::Ended(answer), _)) => Ok(answer.finish(record)),
+            Ok((Upstreamed::Streaming { response, first }, member)) => {
+                let relayed = self.relay(response, first, record, &route, member);
                 Ok(match limit {
                     Some(budget) if route.index == grpc::watch_index() => {
                         relayed.map(|body| body.split_watch_responses(budget))
@@ -211,22 +212,35 @@ impl Forwarder {
         path_and_query: &http::uri::PathAndQuery,
         headers: &mut HeaderMap,
         body: &mut PendingBody,
-    ) -> Result<(Response<Incoming>, &Member), (Code, String)> {
+    ) -> Result<(Upstreamed, &Member), (Code, String)> {
         let Some(session) = session else {
-            return self.send(route, path_and_query, headers, body).await;
+            let (response, member) = self.send(route, path_and_query, headers, body).await?;
+            return Ok((Upstreamed::Streaming { response, first: None }, member));
         };
-        let token = self.session_token(session, None).await?;
-        Session::authorize(&token, headers);
-        let (response, member) = self.send(route, path_and_query, headers, body).await?;
-        let rejected = Code::from_headers(response.headers())
-            .is_some_and(|code| auth::is_token_rejection(code, &grpc::status_message(response.headers())));
-        if !rejected || !matches!(body, PendingBody::Buffered(_)) {
-            return Ok((response, member));
+        let mut rejected = None;
+        loop {
+            let token = self.session_token(session, rejected).await?;
+            Session::authorize(&token, headers);
+            let (response, member) = self.send(route, path_and_query, headers, body).await?;
+            let retryable = rejected.is_none() && matches!(body, PendingBody::Buffered(_));
+            let answer = match Code::from_headers(response.headers()) {
+                Some(_) => Upstreamed::Ended(Buffered::collect(response, None).await.unwrap_or_else(|failed| failed)),
+                // etcd behind TLS sends a unary error as headers, then trailers: look at the first frame.
+                None if retryable && route.shape == CallShape::Unary => Upstreamed::peek(response).await,
+                None => Upstreamed::Streaming { response, first: None },
+            };
+            let refused_token = match &answer {
+                Upstreamed::Ended(ended) => {
+                    ended.code().is_some_and(|code| auth::is_token_rejection(code, &ended.status_message()))
+                }
+                Upstreamed::Streaming { .. } => false,
+            };
+            if !refused_token || !retryable {
+                return Ok((answer, member));
+            }
+            self.metrics.auth_retried();
+            rejected = Some(token.generation());
         }
-        self.metrics.auth_retried();
-        let renewed = self.session_token(session, Some(token.generation())).await?;
-        Session::authorize(&renewed, headers);
-        self.send(route, path_and_query, headers, body).await
     }
 
     /// The session's current etcd token, renewed first if due or if `rejected` names it.
@@ -326,7 +340,7 @@ impl Forwarder {
         let route = grpc::route(path_and_query.path());
         let mut body = PendingBody::Buffered(framed);
         match self.send(&route, path_and_query, headers, &mut body).await {
-            Ok((response, _)) => Buffered::collect(response).await.unwrap_or_else(|failed| failed),
+            Ok((response, _)) => Buffered::collect(response, None).await.unwrap_or_else(|failed| failed),
             Err(status) => Buffered::status(status),
         }
     }
@@ -387,11 +401,14 @@ impl Forwarder {
             let mut body = PendingBody::Buffered(grpc::frame(&page.encode_to_vec()));
             let mut headers = headers.clone();
             async move {
-                let (response, _) = self
+                let (answer, _) = self
                     .send_as(session, &route, path_and_query, &mut headers, &mut body)
                     .await
                     .map_err(Buffered::status)?;
-                let buffered = Buffered::collect(response).await?;
+                let buffered = match answer {
+                    Upstreamed::Ended(ended) => ended,
+                    Upstreamed::Streaming { response, first } => Buffered::collect(response, first).await?,
+                };
                 if buffered.code() != Some(Code::Ok) {
                     return Err(buffered);
                 }
@@ -474,6 +491,7 @@ impl Forwarder {
     fn relay(
         &self,
         response: Response<Incoming>,
+        first: Option<Bytes>,
         record: CallRecord,
         route: &Route,
         member: &Member,
@@ -481,7 +499,32 @@ impl Forwarder {
         let status_in_headers = Code::from_headers(response.headers());
         // Only streams need to hear about shutdown; unary calls finish on their own.
         let shutdown = (route.shape != CallShape::Unary).then(|| self.shutdown.clone().cancelled_owned());
-        response.map(|incoming| ResponseBody::upstream(incoming, record, status_in_headers, shutdown, member.name()))
+        response
+            .map(|incoming| ResponseBody::upstream(incoming, first, record, status_in_headers, shutdown, member.name()))
+    }
+}
+
+/// etcd's answer to a forwarded call.
+enum Upstreamed {
+    /// Still arriving; `first` is a DATA chunk already read from it.
+    Streaming { response: Response<Incoming>, first: Option<Bytes> },
+    /// Complete: a status without a message, read in full.
+    Ended(Buffered),
+}
+
+impl Upstreamed {
+    /// Reads the first frame of a response: a unary answer that starts with trailers is an
+    /// error, complete and small; one that starts with data goes on streaming.
+    async fn peek(response: Response<Incoming>) -> Upstreamed {
+        let (parts, mut body) = response.into_parts();
+        match body.frame().await {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => Upstreamed::Streaming { response: Response::from_parts(parts, body), first: Some(data) },
+                Err(frame) => Upstreamed::Ended(Buffered::ended(parts, frame.into_trailers().ok())),
+            },
+            Some(Err(error)) => Upstreamed::Ended(Buffered::broken(&error)),
+            None => Upstreamed::Ended(Buffered::ended(parts, None)),
+        }
     }
 }
 

@@ -36,8 +36,9 @@ use crate::grpc::{self, Code, WireValue};
 const RESUME_DEADLINE: Duration = Duration::from_secs(30);
 /// Pause between attempts when no member takes the stream.
 const RESUME_BACKOFF: Duration = Duration::from_millis(250);
-/// Cancel reasons of a refused create that a renewed token can fix (an expired token shows as
-/// `permission denied` in etcd 3.4 and as `invalid auth token` in 3.5).
+/// Endings of cancel reasons of a refused create that a renewed token can fix: an expired token
+/// reads `rpc error: code = Unauthenticated desc = etcdserver: invalid auth token` from etcd 3.4
+/// and `rpc error: code = PermissionDenied desc = etcdserver: permission denied` from 3.5.
 const TOKEN_CANCEL_REASONS: [&str; 3] =
     ["etcdserver: permission denied", "etcdserver: invalid auth token", "etcdserver: user name is empty"];
 
@@ -338,7 +339,7 @@ impl WatchRelay {
                 return;
             };
             if facts.canceled {
-                let token_refusal = TOKEN_CANCEL_REASONS.contains(&facts.cancel_reason.as_str());
+                let token_refusal = TOKEN_CANCEL_REASONS.iter().any(|reason| facts.cancel_reason.ends_with(reason));
                 if token_refusal && self.session.is_some() && !pending.token_renewed {
                     // The stream's token expired: renew it and create the watch on a new stream.
                     self.pending.push_front(PendingCreate { token_renewed: true, ..pending });

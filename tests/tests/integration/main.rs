@@ -1,5 +1,6 @@
 //! Integration tests against real etcd clusters and real clients; one module per area.
 
+mod auth_sessions;
 mod byte_fidelity;
 mod cert_lifecycle;
 mod errors;
