@@ -323,6 +323,13 @@ impl Buffered {
         Buffered { status: http::StatusCode::OK, headers, data: framed, trailers: Some(trailers) }
     }
 
+    /// The same answer with its message replaced by `framed` (a framed message): etcd's
+    /// headers and trailers are kept.
+    pub fn with_message(mut self, framed: Bytes) -> Buffered {
+        self.data = vec![framed];
+        self
+    }
+
     /// The gRPC status, from the headers (trailers-only) or the trailers.
     pub fn code(&self) -> Option<Code> {
         Code::from_headers(&self.headers).or_else(|| self.trailers.as_ref().and_then(Code::from_headers))

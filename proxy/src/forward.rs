@@ -18,6 +18,7 @@ use prost::Message;
 
 use crate::body::{Buffered, CallRecord, RequestBody, ResponseBody};
 use crate::budget::{self, BudgetPolicy, ClientBudget, KeySizeEstimate, LimitedLog};
+use crate::cluster;
 use crate::error::{self, UpstreamError};
 use crate::grpc::{self, CallShape, Code, Route};
 use crate::metrics::Metrics;
@@ -108,7 +109,10 @@ impl Forwarder {
         };
         match self.send(&route, &path_and_query, &headers, &mut body).await {
             Ok((response, member)) => {
-                let relayed = self.relay(response, record, &route, member);
+                if self.upstream.view.rewrites_member_list(&route, &headers) {
+                    return Ok(self.upstream.view.rewrite_member_list(response).await.finish(record));
+                }
+                let relayed = self.relay(response, record, &route, &member);
                 Ok(match limit {
                     Some(budget) if route.index == grpc::watch_index() => {
                         relayed.map(|body| body.split_watch_responses(budget))
@@ -128,18 +132,49 @@ impl Forwarder {
         path_and_query: &http::uri::PathAndQuery,
         headers: &HeaderMap,
         body: &mut PendingBody,
-    ) -> Result<(Response<Incoming>, &Member), (Code, String)> {
+    ) -> Result<(Response<Incoming>, Arc<Member>), (Code, String)> {
         let mut failures: Vec<UpstreamError> = Vec::new();
-        for member in self.upstream.attempt_order() {
-            if !failures.is_empty() {
+        let target = self.upstream.view.target(
+            route,
+            match &*body {
+                PendingBody::Buffered(message) => Some(message),
+                PendingBody::Streaming(_) => None,
+            },
+        );
+        let mut order = self.upstream.attempt_order_for(target).into_iter();
+        let mut rerouted = false;
+        let mut attempts = 0;
+        while let Some(member) = order.next() {
+            if attempts > 0 {
                 self.metrics.retried();
             }
-            match self.attempt(member, path_and_query, headers, body).await {
-                Ok(response) => return Ok((response, member)),
+            attempts += 1;
+            match self.attempt(&member, path_and_query, headers, body).await {
+                Ok(response) => {
+                    // etcd said the request went to the wrong member (a learner, not or no leader).
+                    if let Some(routing) = cluster::routing_error(response.headers()) {
+                        let replayable = !matches!(body, PendingBody::Streaming(None));
+                        if !rerouted && replayable && routing.allows_retry(route, target) {
+                            rerouted = true;
+                            self.upstream.reroute_after(&member, routing).await;
+                            let others: Vec<Arc<Member>> = self
+                                .upstream
+                                .attempt_order_for(target)
+                                .into_iter()
+                                .filter(|m| !Arc::ptr_eq(m, &member))
+                                .collect();
+                            order = others.into_iter();
+                            continue;
+                        }
+                        self.upstream.reroute_in_background(&member, routing);
+                    }
+                    return Ok((response, member));
+                }
                 Err(failure) => {
                     // A request the proxy could not build says nothing about the member's health.
                     if failure.is_member_fault() {
-                        self.upstream.mark_failed(member, &failure);
+                        self.upstream.mark_failed(&member, &failure);
+                        self.upstream.refresh_in_background();
                     }
                     let retry = failure.allows_retry(route.replay) && !matches!(body, PendingBody::Streaming(None));
                     if !retry {

@@ -15,6 +15,7 @@ pub mod admin;
 pub mod batched_writes;
 pub mod body;
 pub mod budget;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod forward;

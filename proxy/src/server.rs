@@ -59,6 +59,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let metrics = Arc::new(Metrics::default());
     let upstream = Upstream::new(&config)?;
     upstream.spawn_health_checks(config.health_interval, stop.clone());
+    upstream.spawn_view_refresh(stop.clone());
     let forwarder = Forwarder::new(Arc::clone(&upstream), Arc::clone(&metrics), config.budget.clone(), stop.clone());
     if let Some(admin_listener) = admin_listener {
         let admin = Arc::new(Admin { upstream: Arc::clone(&upstream), metrics: Arc::clone(&metrics) });
