@@ -21,6 +21,7 @@ use crate::budget::{self, BudgetPolicy, ClientBudget, KeySizeEstimate, LimitedLo
 use crate::cluster;
 use crate::error::{self, UpstreamError};
 use crate::grpc::{self, CallShape, Code, Route};
+use crate::keepalive;
 use crate::metrics::Metrics;
 use crate::upstream::{Member, Upstream};
 
@@ -73,6 +74,13 @@ impl Forwarder {
         }
         let path_and_query =
             parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+
+        // Keep-alive streams move to another member when theirs fails (see `keepalive`).
+        if keepalive::handles(path_and_query.path()) {
+            let shutdown = self.shutdown.clone();
+            let upstream = Arc::clone(&self.upstream);
+            return Ok(keepalive::serve(upstream, path_and_query, headers, body, record, shutdown).await);
+        }
 
         // Single-message requests are small; holding them is what makes a retry on another member possible.
         let mut body = match route.shape {

@@ -20,6 +20,7 @@ pub mod config;
 pub mod error;
 pub mod forward;
 pub mod grpc;
+pub mod keepalive;
 pub mod legacy_authority;
 pub mod metrics;
 pub mod server;
