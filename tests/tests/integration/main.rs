@@ -1,6 +1,7 @@
 //! Integration tests against real etcd clusters and real clients; one module per area.
 
 mod byte_fidelity;
+mod cluster_routing;
 mod errors;
 mod etcdctl_compat;
 mod failover;

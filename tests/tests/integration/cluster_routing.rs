@@ -1,0 +1,393 @@
+//! Cluster-aware routing (issue 5) against real 3-member clusters: member promotion goes to the
+//! leader, learners get no client requests, lease keep-alives and writes survive member loss,
+//! and `member list` / `endpoint status` through the proxy behave as the README says.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_compat_tests::{etcdctl, free_port, ClusterSpec, EtcdCluster, EtcdVersion, ProxyProcess};
+
+use crate::support::{metric, PROXY_BIN};
+
+const ROOT_PASSWORD: &str = "root-pw-5";
+
+fn start_proxy(cluster_urls: &[String], extra: &[&str]) -> ProxyProcess {
+    let mut args = vec![
+        "start".to_owned(),
+        format!("--endpoints={}", cluster_urls.join(",")),
+        "--health-interval=200ms".to_owned(),
+        "--cluster-refresh-interval=500ms".to_owned(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    ProxyProcess::start(Path::new(PROXY_BIN), args).expect("proxy starts")
+}
+
+fn proxy_endpoint(proxy: &ProxyProcess) -> String {
+    format!("http://{}", proxy.listen_addr())
+}
+
+/// Polls `/health` until `done` holds for its body; returns the last body.
+fn wait_for_health(proxy: &ProxyProcess, timeout: Duration, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (_, body) = proxy.http_get("/health");
+        if done(&body) || Instant::now() > deadline {
+            return body;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The `/health` entry of the member at `url`.
+fn health_entry<'a>(health: &'a str, url: &str) -> Option<&'a str> {
+    let start = health.find(&format!("{{\"endpoint\":\"{url}\""))?;
+    let end = health[start..].find('}')? + start + 1;
+    Some(&health[start..end])
+}
+
+fn stderr_of(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// etcd issue 14070: with auth on, a follower forwards `member promote` to the leader without
+/// the caller's user, and the call times out. Through the proxy it goes to the leader.
+fn promote_goes_to_the_leader(version: EtcdVersion) {
+    let mut cluster = EtcdCluster::start(ClusterSpec::new(version, 2)).expect("cluster");
+    let root = format!("--user=root:{ROOT_PASSWORD}");
+    cluster.etcdctl_ok(&["user", "add", "root", &format!("--new-user-password={ROOT_PASSWORD}")]);
+    cluster.etcdctl_ok(&["auth", "enable"]);
+    let learner = cluster.add_member(true, &[&root]).expect("learner joins");
+    let learner_id = format!("{:x}", cluster.member(learner).member_id.expect("learner id"));
+    let leader = cluster.leader_index().expect("leader");
+    let follower = 1 - leader;
+    let follower_url = cluster.member(follower).client_url;
+
+    // Only the follower is configured, so it is the pinned member; the leader and the learner
+    // are found in the member list.
+    let proxy = start_proxy(std::slice::from_ref(&follower_url), &[]);
+    let learner_url = cluster.member(learner).client_url;
+    let leader_url = cluster.member(leader).client_url;
+    let health = wait_for_health(&proxy, Duration::from_secs(10), |h| {
+        health_entry(h, &learner_url).is_some_and(|e| e.contains("\"learner\":true"))
+            && health_entry(h, &leader_url).is_some_and(|e| e.contains("\"leader\":true"))
+    });
+    assert!(health_entry(&health, &learner_url).is_some_and(|e| e.contains("\"learner\":true")), "{health}");
+    assert!(health_entry(&health, &leader_url).is_some_and(|e| e.contains("\"leader\":true")), "{health}");
+
+    // Directly to the follower: etcd's own timeout, and the learner stays a learner.
+    let direct = etcdctl(version, &follower_url, None, &["member", "promote", &learner_id, &root]);
+    assert!(!direct.status.success());
+    assert!(
+        stderr_of(&direct).lines().any(|line| line == "Error: etcdserver: request timed out"),
+        "{}",
+        stderr_of(&direct)
+    );
+
+    // Through the proxy: promoted (after the learner has caught up with the leader).
+    let proxy_url = proxy_endpoint(&proxy);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let promoted = loop {
+        let output = etcdctl(version, &proxy_url, None, &["member", "promote", &learner_id, &root]);
+        let stderr = stderr_of(&output);
+        let not_ready = stderr.contains("can only promote a learner member which is in sync with leader");
+        if output.status.success() || !not_ready || Instant::now() > deadline {
+            break output;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let stdout = String::from_utf8_lossy(&promoted.stdout);
+    assert!(promoted.status.success(), "promote through the proxy failed: {}", stderr_of(&promoted));
+    assert!(stdout.starts_with(&format!("Member {learner_id} promoted in cluster ")), "{stdout}");
+    cluster.mark_promoted(learner);
+
+    // The promoted member joins the pool.
+    let health = wait_for_health(&proxy, Duration::from_secs(5), |h| {
+        health_entry(h, &learner_url).is_some_and(|e| e.contains("\"learner\":false"))
+    });
+    let entry = health_entry(&health, &learner_url).expect("promoted member in /health");
+    assert!(entry.contains("\"learner\":false") && entry.contains("\"in_cluster\":true"), "{entry}");
+    let members = cluster.etcdctl_ok(&["member", "list", &root]);
+    let line = members.lines().find(|l| l.starts_with(&format!("{learner_id}, "))).expect("promoted member listed");
+    assert!(line.ends_with(", false"), "{line}");
+}
+
+#[test]
+fn promote_goes_to_the_leader_3_4() {
+    promote_goes_to_the_leader(EtcdVersion::V3_4);
+}
+
+#[test]
+fn promote_goes_to_the_leader_3_5() {
+    promote_goes_to_the_leader(EtcdVersion::V3_5);
+}
+
+/// A learner that is never promoted, listed first in `--endpoints`: 1000 mixed requests through
+/// the proxy see no learner error, the learner gets none of them, and the voting member left
+/// out of `--endpoints` is found from the member list.
+fn learner_gets_no_client_requests(version: EtcdVersion) {
+    let mut cluster = EtcdCluster::start(ClusterSpec::new(version, 2)).expect("cluster");
+    let learner = cluster.add_member(true, &[]).expect("learner joins");
+    let learner_url = cluster.member(learner).client_url;
+    let discovered_url = cluster.member(1).client_url;
+    let proxy = start_proxy(&[learner_url.clone(), cluster.member(0).client_url], &[]);
+    let health = wait_for_health(&proxy, Duration::from_secs(10), |h| {
+        health_entry(h, &learner_url).is_some_and(|e| e.contains("\"learner\":true"))
+            && health_entry(h, &discovered_url).is_some_and(|e| e.contains("\"healthy\":true"))
+    });
+    assert!(health_entry(&health, &learner_url).is_some_and(|e| e.contains("\"learner\":true")), "{health}");
+    let discovered = health_entry(&health, &discovered_url).expect("member 1 discovered from the member list");
+    assert!(discovered.contains("\"learner\":false") && discovered.contains("\"name\":\"m1\""), "{discovered}");
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let endpoint = proxy_endpoint(&proxy);
+    let failures: Vec<String> = runtime.block_on(async {
+        let mut client = Client::connect([endpoint.as_str()], None).await.expect("connect to the proxy");
+        let mut failures = Vec::new();
+        for i in 0..1000 {
+            let key = format!("/learner/{}", i % 50);
+            let result = match i % 8 {
+                0 => client.put(key.as_str(), format!("v{i}"), None).await.map(drop),
+                1 => client.get(key.as_str(), None).await.map(drop),
+                2 => client.get(key.as_str(), Some(GetOptions::new().with_serializable())).await.map(drop),
+                3 => {
+                    let txn = Txn::new()
+                        .when([Compare::version(key.as_str(), CompareOp::Greater, 0)])
+                        .and_then([TxnOp::put(key.as_str(), "txn", None)])
+                        .or_else([TxnOp::get(key.as_str(), None)]);
+                    client.txn(txn).await.map(drop)
+                }
+                4 => client.delete(key.as_str(), None).await.map(drop),
+                5 => match client.lease_grant(30, None).await {
+                    Ok(lease) => client.lease_revoke(lease.id()).await.map(drop),
+                    Err(error) => Err(error),
+                },
+                6 => client.status().await.map(drop),
+                _ => client.member_list().await.map(drop),
+            };
+            if let Err(error) = result {
+                failures.push(format!("request {i}: {error}"));
+            }
+        }
+        failures
+    });
+    assert_eq!(failures, Vec::<String>::new());
+    let (_, metrics) = proxy.http_get("/metrics");
+    let sent_to_learner =
+        metric(&metrics, &format!("etcd_compat_proxy_upstream_requests_total{{endpoint=\"{learner_url}\"}}"));
+    assert_eq!(sent_to_learner, Some(0.0), "{metrics}");
+}
+
+#[test]
+fn learner_gets_no_client_requests_3_4() {
+    learner_gets_no_client_requests(EtcdVersion::V3_4);
+}
+
+#[test]
+fn learner_gets_no_client_requests_3_5() {
+    learner_gets_no_client_requests(EtcdVersion::V3_5);
+}
+
+/// A lease kept alive through the proxy outlives the member its keep-alive stream was on.
+fn lease_survives_member_loss(version: EtcdVersion) {
+    let mut cluster = EtcdCluster::start(ClusterSpec::new(version, 3)).expect("cluster");
+    // The pinned member (first endpoint) is a follower: a leader change would refresh every
+    // lease by itself and hide a lost keep-alive.
+    let leader = cluster.leader_index().expect("leader");
+    let pinned = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    // Only the pinned member is configured; the others are found in the member list.
+    let proxy = start_proxy(&[cluster.member(pinned).client_url], &[]);
+    let others = [leader, other].map(|i| cluster.member(i).client_url);
+    let health = wait_for_health(&proxy, Duration::from_secs(10), |h| {
+        others.iter().all(|url| health_entry(h, url).is_some_and(|e| e.contains("\"healthy\":true")))
+    });
+    assert!(others.iter().all(|url| health_entry(&health, url).is_some()), "{health}");
+    let endpoint = proxy_endpoint(&proxy);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    const TTL: i64 = 3;
+
+    let (lease_id, keep_alive) = runtime.block_on(async {
+        let mut client = Client::connect([endpoint.as_str()], None).await.expect("connect to the proxy");
+        let lease = client.lease_grant(TTL, None).await.expect("lease grant").id();
+        let (mut keeper, mut answers) = client.lease_keep_alive(lease).await.expect("keep-alive stream");
+        // One keep-alive a second, as clients do (TTL/3); every answer must come back.
+        let task = tokio::spawn(async move {
+            let mut answered = Vec::new();
+            for _ in 0..14 {
+                keeper.keep_alive().await.map_err(|e| format!("sending a keep-alive failed: {e}"))?;
+                let answer = tokio::time::timeout(Duration::from_secs(5), answers.message())
+                    .await
+                    .map_err(|_| "a keep-alive got no answer within 5s".to_owned())?
+                    .map_err(|e| format!("the keep-alive stream failed: {e}"))?
+                    .ok_or_else(|| "the keep-alive stream ended".to_owned())?;
+                answered.push(answer.ttl());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Ok::<Vec<i64>, String>(answered)
+        });
+        (lease, task)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.kill(pinned).expect("kill the member holding the keep-alive stream");
+    let answered = runtime.block_on(keep_alive).expect("keep-alive task").expect("keep-alives kept working");
+    assert_eq!(answered.len(), 14);
+    assert!(answered.iter().all(|ttl| *ttl == TTL), "{answered:?}");
+
+    // More than three TTLs after the kill, the lease is alive (asked directly of a survivor).
+    let survivor = cluster.member(leader).client_url;
+    let output = etcdctl(version, &survivor, None, &["lease", "timetolive", &format!("{lease_id:x}")]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let remaining: i64 = stdout
+        .split("remaining(")
+        .nth(1)
+        .and_then(|rest| rest.split('s').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no remaining TTL in {stdout:?}"));
+    assert!(remaining > 0, "{stdout}");
+    assert!(proxy.log_contents().contains("lease keep-alive stream lost its member; moving it to another member"));
+}
+
+#[test]
+fn lease_survives_member_loss_3_4() {
+    lease_survives_member_loss(EtcdVersion::V3_4);
+}
+
+#[test]
+fn lease_survives_member_loss_3_5() {
+    lease_survives_member_loss(EtcdVersion::V3_5);
+}
+
+/// Writes through the proxy while the leader is killed, and later a follower: each write is
+/// acknowledged or fails with an error, and every acknowledged write is stored.
+fn writes_survive_leader_and_follower_loss(version: EtcdVersion) {
+    let mut cluster = EtcdCluster::start(ClusterSpec::new(version, 3)).expect("cluster");
+    let urls = cluster.client_urls();
+    let proxy = start_proxy(&urls, &[]);
+    let endpoint = proxy_endpoint(&proxy);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let mut client = runtime.block_on(Client::connect([endpoint.as_str()], None)).expect("connect");
+    let mut acknowledged: Vec<String> = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
+    let mut write = |client: &mut Client, from: usize, to: usize| {
+        runtime.block_on(async {
+            for i in from..to {
+                let key = format!("/ha/{i:05}");
+                match client.put(key.as_str(), "v", None).await {
+                    Ok(_) => acknowledged.push(key),
+                    Err(error) => failed.push(format!("{key}: {error}")),
+                }
+            }
+        })
+    };
+    write(&mut client, 0, 100);
+    let leader = cluster.leader_index().expect("leader");
+    cluster.kill(leader).expect("kill the leader");
+    write(&mut client, 100, 300);
+    cluster.restart(leader).expect("restart the old leader");
+    let leader = cluster.wait_for_leader(Duration::from_secs(10)).expect("leader");
+    let follower = (leader + 1) % 3;
+    cluster.kill(follower).expect("kill a follower");
+    write(&mut client, 300, 500);
+
+    for failure in &failed {
+        assert!(
+            failure.contains("may or may not have been applied")
+                || failure.contains("etcdserver: leader changed")
+                || failure.contains("etcdserver: no leader")
+                || failure.contains("etcdserver: request timed out"),
+            "unexpected failure: {failure}"
+        );
+    }
+    assert!(failed.len() <= 10, "too many failed writes: {failed:?}");
+    let stored: Vec<String> = runtime.block_on(async {
+        let response = client
+            .get("/ha/", Some(GetOptions::new().with_prefix().with_keys_only()))
+            .await
+            .expect("read back through the proxy");
+        response.kvs().iter().map(|kv| kv.key_str().expect("utf8").to_owned()).collect()
+    });
+    for key in &acknowledged {
+        assert!(stored.contains(key), "acknowledged write {key} is missing");
+    }
+    assert_eq!(acknowledged.len() + failed.len(), 500);
+}
+
+#[test]
+fn writes_survive_leader_and_follower_loss_3_4() {
+    writes_survive_leader_and_follower_loss(EtcdVersion::V3_4);
+}
+
+#[test]
+fn writes_survive_leader_and_follower_loss_3_5() {
+    writes_survive_leader_and_follower_loss(EtcdVersion::V3_5);
+}
+
+/// `member list` through a proxy started with `--advertise-client-url` shows the members' ids,
+/// names and peer URLs with the proxy as every client URL; `endpoint status` shows the pinned
+/// member; `--member-list=real` shows etcd's own list.
+fn member_list_and_endpoint_status(version: EtcdVersion) {
+    let mut cluster = EtcdCluster::start(ClusterSpec::new(version, 3)).expect("cluster");
+    let urls = cluster.client_urls();
+    let listen = format!("127.0.0.1:{}", free_port().expect("port"));
+    let proxy = start_proxy(&urls, &[&format!("--listen-addr={listen}"), &format!("--advertise-client-url={listen}")]);
+    let proxy_url = proxy_endpoint(&proxy);
+    assert_eq!(proxy_url, format!("http://{listen}"));
+    let leader = cluster.leader_index().expect("leader");
+
+    let listed = etcdctl(version, &proxy_url, None, &["member", "list"]);
+    let stdout = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success(), "{}", stderr_of(&listed));
+    assert_eq!(stdout.lines().count(), 3, "{stdout}");
+    for i in 0..3 {
+        let member = cluster.member(i);
+        let line = format!(
+            "{:x}, started, {}, {}, {}, false",
+            member.member_id.expect("id"),
+            member.name,
+            member.peer_url,
+            proxy_url
+        );
+        assert!(stdout.lines().any(|l| l == line), "missing {line:?} in\n{stdout}");
+    }
+
+    // endpoint status: the pinned member (the first endpoint) answers for the proxy's address.
+    let status = etcdctl(version, &proxy_url, None, &["endpoint", "status"]);
+    let stdout = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{}", stderr_of(&status));
+    let fields: Vec<&str> = stdout.trim().split(", ").collect();
+    assert_eq!(fields[0], proxy_url, "{stdout}");
+    let pinned_id = fields[1].to_owned();
+    let pinned = (0..3)
+        .find(|i| cluster.member(*i).member_id.map(|id| format!("{id:x}")) == Some(pinned_id.clone()))
+        .unwrap_or_else(|| panic!("{pinned_id} is not a member id: {stdout}"));
+    assert_eq!(fields[4], if leader == pinned { "true" } else { "false" }, "{stdout}");
+    // With --cluster, etcdctl reads the (rewritten) member list: every line is the proxy.
+    let status = etcdctl(version, &proxy_url, None, &["endpoint", "status", "--cluster"]);
+    let stdout = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{}", stderr_of(&status));
+    assert_eq!(stdout.lines().count(), 3, "{stdout}");
+    assert!(stdout.lines().all(|l| l.starts_with(&format!("{proxy_url}, {pinned_id}, "))), "{stdout}");
+
+    // --member-list=real: etcd's own client URLs.
+    let real = start_proxy(&urls, &["--advertise-client-url=127.0.0.1:1", "--member-list=real"]);
+    let listed = etcdctl(version, &proxy_endpoint(&real), None, &["member", "list"]);
+    let stdout = String::from_utf8_lossy(&listed.stdout);
+    for i in 0..3 {
+        let member = cluster.member(i);
+        assert!(
+            stdout.contains(&format!(", {}, {}, {}, false", member.name, member.peer_url, member.client_url)),
+            "{stdout}"
+        );
+    }
+}
+
+#[test]
+fn member_list_and_endpoint_status_3_4() {
+    member_list_and_endpoint_status(EtcdVersion::V3_4);
+}
+
+#[test]
+fn member_list_and_endpoint_status_3_5() {
+    member_list_and_endpoint_status(EtcdVersion::V3_5);
+}
