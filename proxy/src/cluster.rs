@@ -499,6 +499,27 @@ impl Upstream {
         self.refresh_view().await;
     }
 
+    /// Looks at an answer from `member`: if it is a routing error that may be retried
+    /// (`may_retry`, and [`RoutingError::allows_retry`]), refreshes the view and returns the
+    /// other members to try, in order; otherwise `None`, and a routing error only updates the
+    /// view in the background while etcd's answer goes to the client.
+    pub async fn reroute(
+        self: &Arc<Self>,
+        member: &Arc<Member>,
+        headers: &HeaderMap,
+        route: &Route,
+        target: Target,
+        may_retry: bool,
+    ) -> Option<Vec<Arc<Member>>> {
+        let routing = routing_error(headers)?;
+        if !(may_retry && routing.allows_retry(route, target)) {
+            self.reroute_in_background(member, routing);
+            return None;
+        }
+        self.reroute_after(member, routing).await;
+        Some(self.attempt_order_for(target).into_iter().filter(|m| !Arc::ptr_eq(m, member)).collect())
+    }
+
     /// Starts a refresh without waiting for it (after a connection failure).
     pub fn refresh_in_background(self: &Arc<Self>) {
         let upstream = Arc::clone(self);

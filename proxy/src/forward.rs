@@ -18,7 +18,6 @@ use prost::Message;
 
 use crate::body::{Buffered, CallRecord, RequestBody, ResponseBody};
 use crate::budget::{self, BudgetPolicy, ClientBudget, KeySizeEstimate, LimitedLog};
-use crate::cluster;
 use crate::error::{self, UpstreamError};
 use crate::grpc::{self, CallShape, Code, Route};
 use crate::keepalive;
@@ -43,6 +42,16 @@ pub struct Forwarder {
 enum PendingBody {
     Buffered(Bytes),
     Streaming(Option<Incoming>),
+}
+
+impl PendingBody {
+    /// The buffered request message, if the body is one.
+    fn message(&self) -> Option<&Bytes> {
+        match self {
+            PendingBody::Buffered(message) => Some(message),
+            PendingBody::Streaming(_) => None,
+        }
+    }
 }
 
 impl Forwarder {
@@ -142,13 +151,7 @@ impl Forwarder {
         body: &mut PendingBody,
     ) -> Result<(Response<Incoming>, Arc<Member>), (Code, String)> {
         let mut failures: Vec<UpstreamError> = Vec::new();
-        let target = self.upstream.view.target(
-            route,
-            match &*body {
-                PendingBody::Buffered(message) => Some(message),
-                PendingBody::Streaming(_) => None,
-            },
-        );
+        let target = self.upstream.view.target(route, body.message());
         let mut order = self.upstream.attempt_order_for(target).into_iter();
         let mut rerouted = false;
         let mut attempts = 0;
@@ -159,22 +162,14 @@ impl Forwarder {
             attempts += 1;
             match self.attempt(&member, path_and_query, headers, body).await {
                 Ok(response) => {
-                    // etcd said the request went to the wrong member (a learner, not or no leader).
-                    if let Some(routing) = cluster::routing_error(response.headers()) {
-                        let replayable = !matches!(body, PendingBody::Streaming(None));
-                        if !rerouted && replayable && routing.allows_retry(route, target) {
-                            rerouted = true;
-                            self.upstream.reroute_after(&member, routing).await;
-                            let others: Vec<Arc<Member>> = self
-                                .upstream
-                                .attempt_order_for(target)
-                                .into_iter()
-                                .filter(|m| !Arc::ptr_eq(m, &member))
-                                .collect();
-                            order = others.into_iter();
-                            continue;
-                        }
-                        self.upstream.reroute_in_background(&member, routing);
+                    // etcd's routing errors (learner, not or no leader) get one retry elsewhere when safe.
+                    let may_retry = !rerouted && !matches!(body, PendingBody::Streaming(None));
+                    if let Some(next) =
+                        self.upstream.reroute(&member, response.headers(), route, target, may_retry).await
+                    {
+                        rerouted = true;
+                        order = next.into_iter();
+                        continue;
                     }
                     return Ok((response, member));
                 }
