@@ -5,8 +5,14 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_compat_proto::etcdserverpb::MemberListResponse;
 use etcd_compat_tests::{etcdctl, free_port, ClusterSpec, EtcdCluster, EtcdVersion, ProxyProcess};
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prost::Message;
 
 use crate::support::{metric, PROXY_BIN};
 
@@ -369,6 +375,24 @@ fn member_list_and_endpoint_status(version: EtcdVersion) {
     assert_eq!(stdout.lines().count(), 3, "{stdout}");
     assert!(stdout.lines().all(|l| l.starts_with(&format!("{proxy_url}, {pinned_id}, "))), "{stdout}");
 
+    // An admin tool asking for the real list with the metadata gets etcd's own client URLs.
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (direct, proxied, real) = runtime.block_on(async {
+        let direct = member_list_call(cluster.client_addrs()[0], None).await;
+        let proxied = member_list_call(proxy.listen_addr(), None).await;
+        let real = member_list_call(proxy.listen_addr(), Some("real")).await;
+        (direct, proxied, real)
+    });
+    assert_eq!(
+        direct.members.iter().map(|m| (m.id, m.name.clone(), m.peer_ur_ls.clone())).collect::<Vec<_>>(),
+        proxied.members.iter().map(|m| (m.id, m.name.clone(), m.peer_ur_ls.clone())).collect::<Vec<_>>()
+    );
+    assert!(proxied.members.iter().all(|m| m.client_ur_ls == [proxy_url.clone()]), "{proxied:?}");
+    assert_eq!(
+        real.members.iter().map(|m| m.client_ur_ls.clone()).collect::<Vec<_>>(),
+        direct.members.iter().map(|m| m.client_ur_ls.clone()).collect::<Vec<_>>()
+    );
+
     // --member-list=real: etcd's own client URLs.
     let real = start_proxy(&urls, &["--advertise-client-url=127.0.0.1:1", "--member-list=real"]);
     let listed = etcdctl(version, &proxy_endpoint(&real), None, &["member", "list"]);
@@ -380,6 +404,26 @@ fn member_list_and_endpoint_status(version: EtcdVersion) {
             "{stdout}"
         );
     }
+}
+
+/// A raw `MemberList` call, optionally with the `etcd-compat-proxy-member-list` metadata.
+async fn member_list_call(addr: std::net::SocketAddr, member_list: Option<&str>) -> MemberListResponse {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, Full<Bytes>>(TokioIo::new(tcp))
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(connection);
+    let mut request = Request::post(format!("http://{addr}/etcdserverpb.Cluster/MemberList"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(value) = member_list {
+        request = request.header("etcd-compat-proxy-member-list", value);
+    }
+    let framed = Bytes::from_static(&[0, 0, 0, 0, 0]);
+    let response = sender.send_request(request.body(Full::new(framed)).expect("request")).await.expect("response");
+    let body = response.into_body().collect().await.expect("body").to_bytes();
+    MemberListResponse::decode(&body[5..]).expect("a MemberListResponse")
 }
 
 #[test]
