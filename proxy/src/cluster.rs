@@ -113,7 +113,7 @@ pub struct MemberState {
 pub enum Target {
     /// Voting members, the pinned one first.
     Voter,
-    /// The leader first, then the voting members (MemberAdd/Remove/Update/Promote, MoveLeader).
+    /// The leader first, then the voting members (MemberAdd/Remove/Update/Promote, MoveLeader, Status).
     Leader,
     /// Voting members, then learners (serializable Ranges with `--learner-serializable-reads`).
     VoterThenLearner,
@@ -159,7 +159,10 @@ pub fn target_for(route: &Route, request: Option<&Bytes>, learner_serializable_r
         | "/etcdserverpb.Maintenance/MoveLeader"
         | "/etcdserverpb.Cluster/MemberAdd"
         | "/etcdserverpb.Cluster/MemberRemove"
-        | "/etcdserverpb.Cluster/MemberUpdate" => Target::Leader,
+        | "/etcdserverpb.Cluster/MemberUpdate"
+        // The leader's status, so that `etcdctl move-leader` (which looks for the endpoint whose
+        // status says it leads) works through the proxy, and `endpoint status` shows the leader.
+        | "/etcdserverpb.Maintenance/Status" => Target::Leader,
         "/etcdserverpb.KV/Range" if learner_serializable_reads && request.is_some_and(is_serializable_range) => {
             Target::VoterThenLearner
         }
@@ -726,6 +729,7 @@ mod tests {
             "/etcdserverpb.Cluster/MemberAdd",
             "/etcdserverpb.Cluster/MemberRemove",
             "/etcdserverpb.Cluster/MemberUpdate",
+            "/etcdserverpb.Maintenance/Status",
         ] {
             assert_eq!(target_for(&route(path), None, false), Target::Leader, "{path}");
         }

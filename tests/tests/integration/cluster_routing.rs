@@ -357,23 +357,34 @@ fn member_list_and_endpoint_status(version: EtcdVersion) {
         assert!(stdout.lines().any(|l| l == line), "missing {line:?} in\n{stdout}");
     }
 
-    // endpoint status: the pinned member (the first endpoint) answers for the proxy's address.
+    // endpoint status: the leader answers for the proxy's address.
     let status = etcdctl(version, &proxy_url, None, &["endpoint", "status"]);
     let stdout = String::from_utf8_lossy(&status.stdout);
     assert!(status.status.success(), "{}", stderr_of(&status));
+    let leader_id = format!("{:x}", cluster.member(leader).member_id.expect("id"));
     let fields: Vec<&str> = stdout.trim().split(", ").collect();
-    assert_eq!(fields[0], proxy_url, "{stdout}");
-    let pinned_id = fields[1].to_owned();
-    let pinned = (0..3)
-        .find(|i| cluster.member(*i).member_id.map(|id| format!("{id:x}")) == Some(pinned_id.clone()))
-        .unwrap_or_else(|| panic!("{pinned_id} is not a member id: {stdout}"));
-    assert_eq!(fields[4], if leader == pinned { "true" } else { "false" }, "{stdout}");
+    assert_eq!((fields[0], fields[1], fields[4]), (proxy_url.as_str(), leader_id.as_str(), "true"), "{stdout}");
     // With --cluster, etcdctl reads the (rewritten) member list: every line is the proxy.
     let status = etcdctl(version, &proxy_url, None, &["endpoint", "status", "--cluster"]);
     let stdout = String::from_utf8_lossy(&status.stdout);
     assert!(status.status.success(), "{}", stderr_of(&status));
     assert_eq!(stdout.lines().count(), 3, "{stdout}");
-    assert!(stdout.lines().all(|l| l.starts_with(&format!("{proxy_url}, {pinned_id}, "))), "{stdout}");
+    assert!(stdout.lines().all(|l| l.starts_with(&format!("{proxy_url}, {leader_id}, "))), "{stdout}");
+
+    // move-leader looks for the endpoint whose status says it leads: through the proxy, that works.
+    let transferee = (leader + 1) % 3;
+    let transferee_id = format!("{:x}", cluster.member(transferee).member_id.expect("id"));
+    let moved = etcdctl(version, &proxy_url, None, &["move-leader", &transferee_id]);
+    assert!(moved.status.success(), "{}", stderr_of(&moved));
+    assert_eq!(
+        String::from_utf8_lossy(&moved.stdout),
+        format!("Leadership transferred from {leader_id} to {transferee_id}\n")
+    );
+    assert_eq!(cluster.wait_for_leader(Duration::from_secs(10)).expect("leader"), transferee);
+    // Directly to a follower, etcdctl refuses before sending anything.
+    let follower_url = cluster.member((transferee + 1) % 3).client_url;
+    let direct = etcdctl(version, &follower_url, None, &["move-leader", &leader_id]);
+    assert!(stderr_of(&direct).contains("no leader endpoint given at"), "{}", stderr_of(&direct));
 
     // An admin tool asking for the real list with the metadata gets etcd's own client URLs.
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
