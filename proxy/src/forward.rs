@@ -153,7 +153,8 @@ impl Forwarder {
         let mut failures: Vec<UpstreamError> = Vec::new();
         let target = self.upstream.view.target(route, body.message());
         let mut order = self.upstream.attempt_order_for(target).into_iter();
-        let mut rerouted = false;
+        // etcd's routing error, kept to answer with if the retry finds no other member.
+        let mut refused: Option<(Response<Incoming>, Arc<Member>)> = None;
         let mut attempts = 0;
         while let Some(member) = order.next() {
             if attempts > 0 {
@@ -163,12 +164,12 @@ impl Forwarder {
             match self.attempt(&member, path_and_query, headers, body).await {
                 Ok(response) => {
                     // etcd's routing errors (learner, not or no leader) get one retry elsewhere when safe.
-                    let may_retry = !rerouted && !matches!(body, PendingBody::Streaming(None));
+                    let may_retry = refused.is_none() && !matches!(body, PendingBody::Streaming(None));
                     if let Some(next) =
                         self.upstream.reroute(&member, response.headers(), route, target, may_retry).await
                     {
-                        rerouted = true;
                         order = next.into_iter();
+                        refused = Some((response, member));
                         continue;
                     }
                     return Ok((response, member));
@@ -187,7 +188,7 @@ impl Forwarder {
                 }
             }
         }
-        Err(error::no_member_status(&failures))
+        refused.ok_or_else(|| error::no_member_status(&failures))
     }
 
     /// A Range from a client with a size budget; `None` when it is simply forwarded.

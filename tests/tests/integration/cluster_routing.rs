@@ -419,22 +419,42 @@ fn member_list_and_endpoint_status(version: EtcdVersion) {
 
 /// A raw `MemberList` call, optionally with the `etcd-compat-proxy-member-list` metadata.
 async fn member_list_call(addr: std::net::SocketAddr, member_list: Option<&str>) -> MemberListResponse {
+    let metadata: Vec<(&str, &str)> = member_list.map(|v| ("etcd-compat-proxy-member-list", v)).into_iter().collect();
+    let (_, body) = raw_unary(addr, "/etcdserverpb.Cluster/MemberList", &[], &metadata).await;
+    MemberListResponse::decode(&body[5..]).expect("a MemberListResponse")
+}
+
+/// A raw unary gRPC call with extra metadata; returns the response headers (trailers-only
+/// answers carry their status there) merged with any trailers, and the body.
+async fn raw_unary(
+    addr: std::net::SocketAddr,
+    path: &str,
+    message: &[u8],
+    metadata: &[(&str, &str)],
+) -> (http::HeaderMap, Bytes) {
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .handshake::<_, Full<Bytes>>(TokioIo::new(tcp))
         .await
         .expect("h2 handshake");
     tokio::spawn(connection);
-    let mut request = Request::post(format!("http://{addr}/etcdserverpb.Cluster/MemberList"))
+    let mut request = Request::post(format!("http://{addr}{path}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers");
-    if let Some(value) = member_list {
-        request = request.header("etcd-compat-proxy-member-list", value);
+    for (name, value) in metadata {
+        request = request.header(*name, *value);
     }
-    let framed = Bytes::from_static(&[0, 0, 0, 0, 0]);
-    let response = sender.send_request(request.body(Full::new(framed)).expect("request")).await.expect("response");
-    let body = response.into_body().collect().await.expect("body").to_bytes();
-    MemberListResponse::decode(&body[5..]).expect("a MemberListResponse")
+    let mut framed = vec![0];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    let response =
+        sender.send_request(request.body(Full::new(Bytes::from(framed))).expect("request")).await.expect("response");
+    let mut headers = response.headers().clone();
+    let collected = response.into_body().collect().await.expect("body");
+    if let Some(trailers) = collected.trailers() {
+        headers.extend(trailers.clone());
+    }
+    (headers, collected.to_bytes())
 }
 
 #[test]
@@ -445,4 +465,50 @@ fn member_list_and_endpoint_status_3_4() {
 #[test]
 fn member_list_and_endpoint_status_3_5() {
     member_list_and_endpoint_status(EtcdVersion::V3_5);
+}
+
+/// `hasleader` keeps etcd's semantics: with quorum lost, a request requiring a leader gets
+/// etcd's own `etcdserver: no leader` through the proxy, code and message as directly.
+fn hasleader_without_quorum(version: EtcdVersion) {
+    let mut cluster = EtcdCluster::start(ClusterSpec::new(version, 3)).expect("cluster");
+    let proxy = start_proxy(&cluster.client_urls(), &[]);
+    let range =
+        etcd_compat_proto::etcdserverpb::RangeRequest { key: b"/hasleader".to_vec().into(), ..Default::default() }
+            .encode_to_vec();
+    let require_leader = [("hasleader", "true")];
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let status = |headers: &http::HeaderMap| {
+        let text = |name: &str| headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        (text("grpc-status"), text("grpc-message"))
+    };
+    let (through_proxy, _) =
+        runtime.block_on(raw_unary(proxy.listen_addr(), "/etcdserverpb.KV/Range", &range, &require_leader));
+    assert_eq!(status(&through_proxy).0.as_deref(), Some("0"));
+
+    cluster.kill(1).expect("kill member 1");
+    cluster.kill(2).expect("kill member 2");
+    let survivor = cluster.client_addrs()[0];
+    let no_leader = (Some("14".to_owned()), Some("etcdserver: no leader".to_owned()));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let direct = loop {
+        let (headers, _) = runtime.block_on(raw_unary(survivor, "/etcdserverpb.KV/Range", &range, &require_leader));
+        if status(&headers) == no_leader || Instant::now() > deadline {
+            break status(&headers);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(direct, no_leader);
+    let (through_proxy, _) =
+        runtime.block_on(raw_unary(proxy.listen_addr(), "/etcdserverpb.KV/Range", &range, &require_leader));
+    assert_eq!(status(&through_proxy), no_leader);
+}
+
+#[test]
+fn hasleader_without_quorum_3_4() {
+    hasleader_without_quorum(EtcdVersion::V3_4);
+}
+
+#[test]
+fn hasleader_without_quorum_3_5() {
+    hasleader_without_quorum(EtcdVersion::V3_5);
 }
