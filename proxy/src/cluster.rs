@@ -813,6 +813,38 @@ mod tests {
     }
 
     #[test]
+    fn member_list_updates_the_pool() {
+        let args = crate::config::StartArgs {
+            endpoints: Some(vec!["http://127.0.0.1:2001".into(), "http://127.0.0.1:2002".into()]),
+            ..Default::default()
+        };
+        let upstream = Upstream::new(&args.validate().unwrap()).unwrap();
+        let seeds = upstream.members();
+        // Status answers named the seeds' ids; the first seed is pinned.
+        seeds[0].role.id.store(1, Relaxed);
+        seeds[1].role.id.store(2, Relaxed);
+        // Member 1 was removed, member 2 is a learner, member 3 is new.
+        let list = vec![listed(2, &["http://127.0.0.1:2002"], true), listed(3, &["http://127.0.0.1:2003"], false)];
+        upstream.apply_member_list(&list);
+        let members = upstream.members();
+        assert_eq!(members.len(), 3);
+        assert!(members[0].role.is_departed());
+        assert!(members[1].role.is_learner() && !members[1].role.is_departed());
+        assert_eq!(members[1].role.name().as_deref(), Some("m2"));
+        assert_eq!(members[2].endpoint.url(), "http://127.0.0.1:2003");
+        assert_eq!((members[2].role.id(), members[2].role.is_learner()), (3, false));
+        // Neither the departed seed nor the learner may stay pinned.
+        assert_eq!(upstream.pinned_index(), 0, "no member is healthy yet, so the pin cannot move");
+        assert!(upstream.attempt_order().iter().all(|m| m.role.id() == 3));
+        // The learner's promotion puts it back into the pool; listing again adds nothing.
+        let list = vec![listed(2, &["http://127.0.0.1:2002"], false), listed(3, &["http://127.0.0.1:2003"], false)];
+        upstream.apply_member_list(&list);
+        let ids: Vec<u64> = upstream.attempt_order().iter().map(|m| m.role.id()).collect();
+        assert_eq!(ids, vec![2, 3]);
+        assert_eq!(upstream.members().len(), 3);
+    }
+
+    #[test]
     fn member_list_rewrite_replaces_only_client_urls() {
         let header =
             etcd_compat_proto::etcdserverpb::ResponseHeader { cluster_id: 5, member_id: 1, revision: 0, raft_term: 3 };

@@ -63,17 +63,17 @@ fn promote_goes_to_the_leader(version: EtcdVersion) {
     let root = format!("--user=root:{ROOT_PASSWORD}");
     cluster.etcdctl_ok(&["user", "add", "root", &format!("--new-user-password={ROOT_PASSWORD}")]);
     cluster.etcdctl_ok(&["auth", "enable"]);
-    let learner = cluster.add_member(true, &[&root]).expect("learner joins");
-    let learner_id = format!("{:x}", cluster.member(learner).member_id.expect("learner id"));
     let leader = cluster.leader_index().expect("leader");
     let follower = 1 - leader;
     let follower_url = cluster.member(follower).client_url;
-
-    // Only the follower is configured, so it is the pinned member; the leader and the learner
-    // are found in the member list.
-    let proxy = start_proxy(std::slice::from_ref(&follower_url), &[]);
-    let learner_url = cluster.member(learner).client_url;
     let leader_url = cluster.member(leader).client_url;
+
+    // Only the follower is configured, so it is the pinned member; the leader is found in the
+    // member list, and so is the learner, added while the proxy runs.
+    let proxy = start_proxy(std::slice::from_ref(&follower_url), &[]);
+    let learner = cluster.add_member(true, &[&root]).expect("learner joins");
+    let learner_id = format!("{:x}", cluster.member(learner).member_id.expect("learner id"));
+    let learner_url = cluster.member(learner).client_url;
     let health = wait_for_health(&proxy, Duration::from_secs(10), |h| {
         health_entry(h, &learner_url).is_some_and(|e| e.contains("\"learner\":true"))
             && health_entry(h, &leader_url).is_some_and(|e| e.contains("\"leader\":true"))
