@@ -62,6 +62,8 @@ pub async fn serve(
         unanswered: Vec::new(),
         to_client: frames_tx,
         head: Some(head_tx),
+        refusals: 0,
+        last_refusal: None,
     };
     tokio::spawn(stream.run());
     match head_rx.await {
@@ -93,6 +95,9 @@ enum Ended {
     Done,
     /// The member failed; move the stream to another one.
     MemberFailed(String),
+    /// The member refused the stream with a routing error (learner, no leader): try another
+    /// one, and pass etcd's status on if every member refuses.
+    Refused(HeaderMap),
 }
 
 struct KeepAliveStream {
@@ -108,6 +113,10 @@ struct KeepAliveStream {
     to_client: mpsc::Sender<Frame<Bytes>>,
     /// Taken when the client's response headers are sent.
     head: Option<oneshot::Sender<Head>>,
+    /// Routing refusals since the stream last delivered an answer.
+    refusals: usize,
+    /// etcd's status of the last refusal, the answer for a stream no member takes.
+    last_refusal: Option<HeaderMap>,
 }
 
 impl KeepAliveStream {
@@ -133,12 +142,23 @@ impl KeepAliveStream {
                     tracing::info!(member = %member.name(), why, leases = self.unanswered.len(), "lease keep-alive stream lost its member; moving it to another member");
                     self.upstream.refresh_in_background();
                 }
+                Ok(Ended::Refused(status)) => {
+                    self.refusals += 1;
+                    if self.refusals >= order.len().max(1) {
+                        self.pass_on(status).await;
+                        return;
+                    }
+                    self.last_refusal = Some(status);
+                }
                 Err(failure) => {
                     if failure.is_member_fault() {
                         self.upstream.mark_failed(&member, &failure);
                         self.upstream.refresh_in_background();
                     }
-                    failures.push(failure);
+                    // Only needed to explain a stream that never started.
+                    if self.head.is_some() {
+                        failures.push(failure);
+                    }
                     let tried_all = failures.len() >= order.len().max(1);
                     if tried_all && self.give_up_before_start(&failures) {
                         return;
@@ -156,13 +176,28 @@ impl KeepAliveStream {
         }
     }
 
+    /// Ends the client's call with etcd's `status`.
+    async fn pass_on(&mut self, status: HeaderMap) {
+        match self.head.take() {
+            Some(head) => {
+                let _ = head.send(Err(status));
+            }
+            None => {
+                let _ = self.to_client.send(Frame::trailers(status)).await;
+            }
+        }
+    }
+
     /// Before the client has its response headers, a stream no member takes fails as any call
     /// would; afterwards the proxy keeps trying, since ending the stream is what it must avoid.
     fn give_up_before_start(&mut self, failures: &[UpstreamError]) -> bool {
         match self.head.take() {
             Some(head) => {
-                let (code, message) = error::no_member_status(failures);
-                let _ = head.send(Err(grpc::status_headers(code, &message)));
+                let status = self.last_refusal.take().unwrap_or_else(|| {
+                    let (code, message) = error::no_member_status(failures);
+                    grpc::status_headers(code, &message)
+                });
+                let _ = head.send(Err(status));
                 true
             }
             None => false,
@@ -212,7 +247,7 @@ impl KeepAliveStream {
                 head = &mut response, if answers.is_none() => match head {
                     Ok(head) => {
                         if let Some(status) = self.trailers_only(&head) {
-                            return Ok(self.finish_or_move(member, status));
+                            return Ok(self.finish_or_move(member, status).await);
                         }
                         if let Some(client_head) = self.head.take() {
                             let _ = client_head.send(Ok(head.headers().clone()));
@@ -234,6 +269,7 @@ impl KeepAliveStream {
                             answer_partial.extend_from_slice(&data);
                             while let Some(message) = take_message(&mut answer_partial) {
                                 self.answered(&message);
+                                self.refusals = 0;
                                 if self.to_client.send(Frame::data(message)).await.is_err() {
                                     return Ok(Ended::Done);
                                 }
@@ -241,7 +277,7 @@ impl KeepAliveStream {
                         }
                         Err(frame) => {
                             let trailers = frame.into_trailers().unwrap_or_default();
-                            return Ok(self.finish_or_move(member, trailers));
+                            return Ok(self.finish_or_move(member, trailers).await);
                         }
                     },
                     Some(Err(error)) => {
@@ -263,19 +299,13 @@ impl KeepAliveStream {
 
     /// etcd ended the stream with `status`: a routing error (learner, no leader) moves the
     /// stream; anything else is the call's answer and goes to the client.
-    fn finish_or_move(&mut self, member: &Arc<Member>, status: HeaderMap) -> Ended {
+    async fn finish_or_move(&mut self, member: &Arc<Member>, status: HeaderMap) -> Ended {
         if let Some(routing) = cluster::routing_error(&status) {
             self.upstream.reroute_in_background(member, routing);
-            return Ended::MemberFailed(routing.message().to_owned());
+            tracing::info!(member = %member.name(), error = routing.message(), "lease keep-alive stream refused; trying another member");
+            return Ended::Refused(status);
         }
-        match self.head.take() {
-            Some(head) => {
-                let _ = head.send(Err(status));
-            }
-            None => {
-                let _ = self.to_client.try_send(Frame::trailers(status));
-            }
-        }
+        self.pass_on(status).await;
         Ended::Done
     }
 

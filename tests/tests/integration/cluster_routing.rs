@@ -501,6 +501,13 @@ fn hasleader_without_quorum(version: EtcdVersion) {
     let (through_proxy, _) =
         runtime.block_on(raw_unary(proxy.listen_addr(), "/etcdserverpb.KV/Range", &range, &require_leader));
     assert_eq!(status(&through_proxy), no_leader);
+    // A keep-alive stream requiring a leader is refused the same way, after the proxy tried the others.
+    let keep_alive = etcd_compat_proto::etcdserverpb::LeaseKeepAliveRequest { id: 1 }.encode_to_vec();
+    let path = "/etcdserverpb.Lease/LeaseKeepAlive";
+    let (direct, _) = runtime.block_on(raw_unary(survivor, path, &keep_alive, &require_leader));
+    assert_eq!(status(&direct), no_leader);
+    let (through_proxy, _) = runtime.block_on(raw_unary(proxy.listen_addr(), path, &keep_alive, &require_leader));
+    assert_eq!(status(&through_proxy), no_leader);
 }
 
 #[test]
