@@ -539,7 +539,7 @@ impl Upstream {
     async fn refresh_once(self: &Arc<Self>) {
         let members = self.members();
         let call_timeout = self.dial_timeout().min(Duration::from_secs(2));
-        let statuses = futures_util::future::join_all(members.iter().filter(|m| !m.role.is_departed()).map(|member| {
+        let statuses = futures_util::future::join_all(members.iter().map(|member| {
             let member = Arc::clone(member);
             async move {
                 let status = tokio::time::timeout(
@@ -573,10 +573,10 @@ impl Upstream {
         }
 
         // The leader's list is the most current; any voting member that answered will do
-        // (learners refuse MemberList).
+        // (learners refuse MemberList; a member that left has a stale one).
         answered.sort_by_key(|m| m.role.id() != leader || leader == 0);
         let mut listed = None;
-        for source in answered.iter().filter(|m| !m.role.is_learner()) {
+        for source in answered.iter().filter(|m| m.role.serves_clients()) {
             let request = MemberListRequest { linearizable: false };
             match tokio::time::timeout(
                 call_timeout,
