@@ -184,6 +184,47 @@ fn learner_gets_no_client_requests(version: EtcdVersion) {
     let sent_to_learner =
         metric(&metrics, &format!("etcd_compat_proxy_upstream_requests_total{{endpoint=\"{learner_url}\"}}"));
     assert_eq!(sent_to_learner, Some(0.0), "{metrics}");
+
+    // With --learner-serializable-reads, a serializable Range no voting member can serve is
+    // answered by the learner; without it, it fails.
+    let seeds = [learner_url.clone(), cluster.member(0).client_url];
+    let with_flag = start_proxy(&seeds, &["--learner-serializable-reads"]);
+    let health = wait_for_health(&with_flag, Duration::from_secs(10), |h| {
+        health_entry(h, &learner_url).is_some_and(|e| e.contains("\"learner\":true"))
+    });
+    assert!(health_entry(&health, &learner_url).is_some_and(|e| e.contains("\"learner\":true")), "{health}");
+    runtime.block_on(async {
+        let mut client = Client::connect([endpoint.as_str()], None).await.expect("connect to the proxy");
+        client.put("/learner/serializable", "seen", None).await.expect("put");
+    });
+    // The learner has applied the write once its own serializable read sees it.
+    let learner_addr = cluster.client_addrs()[learner];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let seen = runtime.block_on(async {
+            let mut direct = Client::connect([learner_addr.to_string()], None).await.expect("connect to the learner");
+            let response = direct.get("/learner/serializable", Some(GetOptions::new().with_serializable())).await;
+            response.is_ok_and(|r| r.kvs().len() == 1)
+        });
+        if seen {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cluster.kill(0).expect("kill member 0");
+    cluster.kill(1).expect("kill member 1");
+    let (served, refused) = runtime.block_on(async {
+        let serializable = || Some(GetOptions::new().with_serializable());
+        let mut flagged = Client::connect([proxy_endpoint(&with_flag)], None).await.expect("connect");
+        let served = flagged.get("/learner/serializable", serializable()).await;
+        let mut plain = Client::connect([endpoint.as_str()], None).await.expect("connect");
+        let refused = plain.get("/learner/serializable", serializable()).await;
+        (served, refused)
+    });
+    let served = served.expect("the learner serves a serializable Range");
+    assert_eq!(served.kvs().first().map(|kv| kv.value()), Some(&b"seen"[..]));
+    let refused = refused.expect_err("without the flag no member can serve it").to_string();
+    assert!(refused.contains("etcd-compat-proxy: no etcd member could serve the request"), "{refused}");
 }
 
 #[test]
