@@ -314,7 +314,7 @@ impl Upstream {
         });
     }
 
-    /// The health-check timeout bound also used for the cluster view's calls.
+    /// `--dial-timeout`, which also bounds the cluster view's own calls.
     pub(crate) fn dial_timeout(&self) -> Duration {
         self.dial_timeout
     }
