@@ -66,16 +66,18 @@ impl Admin {
     /// etcd's `/health` shape (`health`, `reason`) plus the proxy's view of each member.
     fn health(&self) -> Response<Full<Bytes>> {
         let healthy = self.upstream.any_healthy();
+        let leader = self.upstream.view.leader();
         let members: Vec<String> = self
             .upstream
             .members()
             .iter()
             .map(|m| {
                 format!(
-                    "{{\"endpoint\":{},\"healthy\":{},\"error\":{}}}",
+                    "{{\"endpoint\":{},\"healthy\":{},\"error\":{},{}}}",
                     json_string(&m.endpoint.url()),
                     m.is_healthy(),
-                    m.last_error().filter(|_| !m.is_healthy()).map_or("null".to_owned(), |e| json_string(&e))
+                    m.last_error().filter(|_| !m.is_healthy()).map_or("null".to_owned(), |e| json_string(&e)),
+                    cluster_fields(m, leader)
                 )
             })
             .collect();
@@ -110,6 +112,20 @@ impl Admin {
         let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
         reply(status, "application/json", body)
     }
+}
+
+/// The cluster view's facts about a member: etcd's id (hex, as etcdctl prints it) and name,
+/// whether it is a learner, the leader, or no longer in the member list.
+fn cluster_fields(member: &crate::upstream::Member, leader: u64) -> String {
+    let id = member.role.id();
+    format!(
+        "\"id\":{},\"name\":{},\"learner\":{},\"leader\":{},\"in_cluster\":{}",
+        if id == 0 { "null".to_owned() } else { format!("\"{id:x}\"") },
+        member.role.name().map_or("null".to_owned(), |n| json_string(&n)),
+        member.role.is_learner(),
+        id != 0 && id == leader,
+        !member.role.is_departed()
+    )
 }
 
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {

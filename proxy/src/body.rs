@@ -27,7 +27,8 @@ pub enum RequestBody {
     Buffered(Option<Bytes>),
     /// A client stream (Watch, LeaseKeepAlive, unknown methods), forwarded frame by frame.
     Streaming(Incoming),
-    /// Messages written by the proxy (a Watch stream it relays), ended when the sender goes away.
+    /// Messages the proxy writes itself (a relayed Watch stream, a keep-alive stream re-opened on
+    /// another member), ended when the sender goes away.
     Channel(tokio::sync::mpsc::UnboundedReceiver<Bytes>),
 }
 
@@ -39,7 +40,7 @@ impl Body for RequestBody {
         match self.get_mut() {
             RequestBody::Buffered(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             RequestBody::Streaming(incoming) => Pin::new(incoming).poll_frame(cx),
-            RequestBody::Channel(receiver) => receiver.poll_recv(cx).map(|message| message.map(|m| Ok(Frame::data(m)))),
+            RequestBody::Channel(messages) => messages.poll_recv(cx).map(|m| m.map(|m| Ok(Frame::data(m)))),
         }
     }
 
@@ -119,6 +120,9 @@ enum State {
     Upstream { incoming: Incoming, first: Option<Bytes> },
     /// A Watch stream relayed by the proxy, which survives the loss of its upstream stream.
     Watch(Box<crate::watch::WatchRelay>),
+    /// Frames written by a task of the proxy (a keep-alive stream that moves between members);
+    /// ends after a trailers frame.
+    Channel(tokio::sync::mpsc::Receiver<Frame<Bytes>>),
     /// A response the proxy holds in full: its data chunks in order, then trailers.
     Buffered { data: std::collections::VecDeque<Bytes>, trailers: Option<HeaderMap> },
     /// Nothing more to send.
@@ -143,6 +147,22 @@ impl ResponseBody {
             record: Some(record),
             shutdown: shutdown.map(Box::pin),
             member,
+            splitter: None,
+            guard: None,
+        }
+    }
+
+    /// A stream whose frames a proxy task sends on `frames`; it must end with trailers.
+    pub fn from_channel(
+        frames: tokio::sync::mpsc::Receiver<Frame<Bytes>>,
+        record: CallRecord,
+        shutdown: WaitForCancellationFutureOwned,
+    ) -> Self {
+        ResponseBody {
+            state: State::Channel(frames),
+            record: Some(record),
+            shutdown: Some(Box::pin(shutdown)),
+            member: Arc::from(""),
             splitter: None,
             guard: None,
         }
@@ -208,7 +228,7 @@ impl Body for ResponseBody {
         if let Some(shutdown) = this.shutdown.as_mut() {
             if shutdown.as_mut().poll(cx).is_ready() {
                 this.shutdown = None;
-                if matches!(this.state, State::Upstream { .. } | State::Watch(_)) {
+                if matches!(this.state, State::Upstream { .. } | State::Watch(_) | State::Channel(_)) {
                     // Dropping the upstream body resets the stream at etcd, which cancels its watches.
                     return this
                         .end_with(Code::Unavailable, "etcd-compat-proxy is shutting down; reconnect to continue");
@@ -217,6 +237,23 @@ impl Body for ResponseBody {
         }
         match &mut this.state {
             State::Done => Poll::Ready(None),
+            State::Channel(frames) => match frames.poll_recv(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(frame)) => {
+                    if let Some(trailers) = frame.trailers_ref() {
+                        let code = Code::from_headers(trailers).unwrap_or(Code::Unknown);
+                        if let Some(record) = this.record.as_mut() {
+                            record.finish(code);
+                        }
+                        this.state = State::Done;
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(None) => this.end_with(
+                    Code::Unavailable,
+                    "etcd-compat-proxy: the stream ended inside the proxy without a status; retry the call",
+                ),
+            },
             State::Buffered { data, trailers } => {
                 if let Some(chunk) = data.pop_front() {
                     return Poll::Ready(Some(Ok(Frame::data(chunk))));
@@ -260,6 +297,7 @@ impl Body for ResponseBody {
         match &self.state {
             State::Done => true,
             State::Buffered { data, trailers } => data.is_empty() && trailers.is_none(),
+            State::Channel(_) => false,
             // A trailers-only answer (an etcd error) must end with its HEADERS frame: gRPC
             // clients reject a stream that sends an empty DATA frame after such headers.
             State::Upstream { incoming, first } => first.is_none() && incoming.is_end_stream(),
@@ -382,6 +420,13 @@ impl Buffered {
         let mut trailers = HeaderMap::with_capacity(2);
         trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
         Buffered { status: http::StatusCode::OK, headers, data: framed, trailers: Some(trailers) }
+    }
+
+    /// The same answer with its message replaced by `framed` (a framed message): etcd's
+    /// headers and trailers are kept.
+    pub fn with_message(mut self, framed: Bytes) -> Buffered {
+        self.data = vec![framed];
+        self
     }
 
     /// The gRPC status, from the headers (trailers-only) or the trailers.

@@ -51,9 +51,21 @@ pub struct StartArgs {
     #[arg(long, env = "ETCD_COMPAT_PROXY_LISTEN_ADDR", value_name = "HOST:PORT")]
     pub listen_addr: Option<String>,
 
-    /// Address clients should use to reach this proxy, for member lists handed to clients [default: 127.0.0.1:23790].
+    /// Address(es) clients should use to reach this proxy, comma-separated; when given, `MemberList` answers list them as every member's client URLs (see `--member-list`) [default: 127.0.0.1:23790, member lists unchanged].
     #[arg(long, env = "ETCD_COMPAT_PROXY_ADVERTISE_CLIENT_URL", value_name = "URL")]
     pub advertise_client_url: Option<String>,
+
+    /// `MemberList` answers: `proxy` lists the `--advertise-client-url`s as every member's client URLs (clients that sync endpoints keep using the proxy), `real` passes etcd's list unchanged [default: proxy].
+    #[arg(long, env = "ETCD_COMPAT_PROXY_MEMBER_LIST", value_name = "proxy|real")]
+    pub member_list: Option<String>,
+
+    /// How often the cluster view (members, learners, leader) is refreshed; routing errors refresh it at once [default: 5s].
+    #[arg(long, env = "ETCD_COMPAT_PROXY_CLUSTER_REFRESH_INTERVAL", value_name = "DURATION")]
+    pub cluster_refresh_interval: Option<String>,
+
+    /// Let learners serve serializable Range requests (after every voting member); otherwise learners get no client requests [default: false].
+    #[arg(long, env = "ETCD_COMPAT_PROXY_LEARNER_SERIALIZABLE_READS", num_args = 0..=1, default_missing_value = "true")]
+    pub learner_serializable_reads: Option<bool>,
 
     /// Serve `/metrics` and `/health` over HTTP on this URL, e.g. `http://127.0.0.1:6633`.
     #[arg(long, env = "ETCD_COMPAT_PROXY_METRICS_ADDR", value_name = "URL")]
@@ -260,6 +272,9 @@ impl StartArgs {
             endpoints,
             listen_addr,
             advertise_client_url,
+            member_list,
+            cluster_refresh_interval,
+            learner_serializable_reads,
             metrics_addr,
             cert_file,
             key_file,
@@ -361,7 +376,17 @@ impl StartArgs {
 
         let listen_raw = self.listen_addr.unwrap_or_else(|| "127.0.0.1:23790".to_owned());
         let listen_addr = parse_socket_addr("listen-addr", &listen_raw)?;
+        let advertised_client_urls = self
+            .advertise_client_url
+            .as_deref()
+            .map(|raw| advertised_urls(raw, self.cert_file.is_some()))
+            .transpose()?;
         let advertise_client_url = self.advertise_client_url.unwrap_or_else(|| "127.0.0.1:23790".to_owned());
+        let member_list = match self.member_list.as_deref() {
+            None | Some("proxy") => MemberListMode::Proxy,
+            Some("real") => MemberListMode::Real,
+            Some(other) => return Err(ConfigError::invalid("member-list", other, "expected proxy or real")),
+        };
         let metrics_addr = self.metrics_addr.as_deref().map(parse_metrics_addr).transpose()?;
         let legacy = LegacyClientException::new(self.legacy_client_ca_file, self.legacy_client_expired_until)?;
         let listener_tls = ListenerTlsFiles::new(
@@ -441,6 +466,14 @@ impl StartArgs {
             endpoints,
             listen_addr,
             advertise_client_url,
+            advertised_client_urls,
+            member_list,
+            cluster_refresh_interval: parse_duration_setting(
+                "cluster-refresh-interval",
+                self.cluster_refresh_interval.as_deref(),
+                Duration::from_secs(5),
+            )?,
+            learner_serializable_reads: self.learner_serializable_reads.unwrap_or(false),
             metrics_addr,
             listener_tls,
             upstream_tls,
@@ -549,6 +582,14 @@ pub struct Config {
     pub listen_addr: SocketAddr,
     /// The address clients should use to reach the proxy.
     pub advertise_client_url: String,
+    /// `--advertise-client-url` as URLs, only when it was given: what `MemberList` answers list.
+    pub advertised_client_urls: Option<Vec<String>>,
+    /// Whether `MemberList` answers are rewritten with `advertised_client_urls`.
+    pub member_list: MemberListMode,
+    /// Period of the cluster view refresh.
+    pub cluster_refresh_interval: Duration,
+    /// Whether learners may serve serializable Ranges.
+    pub learner_serializable_reads: bool,
     /// Where the admin HTTP server binds, if anywhere.
     pub metrics_addr: Option<SocketAddr>,
     /// Client-facing TLS; `None` means plaintext (h2c).
@@ -575,6 +616,35 @@ pub struct Config {
     pub cert_expiry: crate::cert_status::ExpiryPolicy,
     /// How often TLS files are checked for changes.
     pub cert_reload_interval: Duration,
+}
+
+/// What `MemberList` answers list as members' client URLs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberListMode {
+    /// The proxy's advertised URLs (when `--advertise-client-url` is given).
+    Proxy,
+    /// etcd's own URLs, unchanged.
+    Real,
+}
+
+/// Parses `--advertise-client-url`: comma-separated `host:port` or `http(s)://host:port`; a bare
+/// `host:port` gets the listener's scheme.
+fn advertised_urls(raw: &str, listener_tls: bool) -> Result<Vec<String>, ConfigError> {
+    let urls = raw
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            let endpoint = Endpoint::parse(u, listener_tls).map_err(|_| {
+                ConfigError::invalid("advertise-client-url", u, "expected host:port or http(s)://host:port")
+            })?;
+            Ok(endpoint.url())
+        })
+        .collect::<Result<Vec<_>, ConfigError>>()?;
+    if urls.is_empty() {
+        return Err(ConfigError::invalid("advertise-client-url", raw, "at least one URL is required"));
+    }
+    Ok(urls)
 }
 
 /// A grpc-proxy flag accepted for compatibility that has no effect in this proxy.
@@ -958,6 +1028,27 @@ mod tests {
             StartArgs { truncate_oversize_prefix: Some(vec!["/jobs/".into(), String::new()]), ..Default::default() };
         let err = args.validate().unwrap_err().to_string();
         assert!(err.starts_with("invalid --truncate-oversize-prefix \"\": an empty prefix"), "{err}");
+    }
+
+    #[test]
+    fn advertised_urls_and_member_list_mode() {
+        let config = StartArgs::default().validate().unwrap();
+        assert_eq!((config.advertised_client_urls, config.member_list), (None, MemberListMode::Proxy));
+        assert_eq!(config.cluster_refresh_interval, Duration::from_secs(5));
+        assert!(!config.learner_serializable_reads);
+        let args = StartArgs {
+            advertise_client_url: Some("10.0.0.9:23790, https://proxy.example:443".into()),
+            member_list: Some("real".into()),
+            ..Default::default()
+        };
+        let config = args.validate().unwrap();
+        assert_eq!(
+            config.advertised_client_urls,
+            Some(vec!["http://10.0.0.9:23790".to_owned(), "https://proxy.example:443".to_owned()])
+        );
+        assert_eq!(config.member_list, MemberListMode::Real);
+        let err = StartArgs { member_list: Some("fake".into()), ..Default::default() }.validate().unwrap_err();
+        assert_eq!(err.to_string(), "invalid --member-list \"fake\": expected proxy or real");
     }
 
     #[test]

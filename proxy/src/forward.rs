@@ -24,6 +24,7 @@ use crate::body::{Buffered, CallRecord, RequestBody, ResponseBody};
 use crate::budget::{self, BudgetPolicy, ClientBudget, KeySizeEstimate, LimitedLog};
 use crate::error::{self, UpstreamError};
 use crate::grpc::{self, CallShape, Code, Route};
+use crate::keepalive;
 use crate::metrics::Metrics;
 use crate::upstream::{Member, Upstream};
 use crate::watch::{OpenedStream, WatchRelay};
@@ -49,6 +50,16 @@ enum PendingBody {
     Streaming(Option<Incoming>),
     /// Messages the proxy writes itself (relayed Watch streams).
     Channel(Option<mpsc::UnboundedReceiver<Bytes>>),
+}
+
+impl PendingBody {
+    /// The buffered request message, if the body is one.
+    fn message(&self) -> Option<&Bytes> {
+        match self {
+            PendingBody::Buffered(message) => Some(message),
+            PendingBody::Streaming(_) | PendingBody::Channel(_) => None,
+        }
+    }
 }
 
 impl Forwarder {
@@ -113,6 +124,24 @@ impl Forwarder {
             }
         };
 
+        // Keep-alive streams move to another member when theirs fails (see `keepalive`). etcd
+        // checks no token on them, so the one they open with may expire without harm.
+        let keepalive_client = match &mut body {
+            PendingBody::Streaming(client) if keepalive::handles(path_and_query.path()) => client.take(),
+            _ => None,
+        };
+        if let Some(client) = keepalive_client {
+            if let Some(session) = session.as_deref() {
+                match self.session_token(session, None).await {
+                    Ok(token) => Session::authorize(&token, &mut headers),
+                    Err((code, message)) => return Ok(status_response(record, code, &message)),
+                }
+            }
+            let shutdown = self.shutdown.clone();
+            let upstream = Arc::clone(&self.upstream);
+            return Ok(keepalive::serve(upstream, path_and_query, headers, client, record, shutdown).await);
+        }
+
         // Only answers that grow with the data can outgrow a client's message size limit.
         let client_budget = match route.shape == CallShape::Unary || route.index == grpc::watch_index() {
             true => self.budget.classify(&headers),
@@ -161,7 +190,10 @@ impl Forwarder {
         match self.send_as(session.as_deref(), &route, &path_and_query, &mut headers, &mut body).await {
             Ok((Upstreamed::Ended(answer), _)) => Ok(answer.finish(record)),
             Ok((Upstreamed::Streaming { response, first }, member)) => {
-                let relayed = self.relay(response, first, record, &route, member);
+                if self.upstream.view.rewrites_member_list(&route, &headers) {
+                    return Ok(self.upstream.view.rewrite_member_list(response, first).await.finish(record));
+                }
+                let relayed = self.relay(response, first, record, &route, &member);
                 Ok(match limit {
                     Some(budget) if route.index == grpc::watch_index() => {
                         relayed.map(|body| body.split_watch_responses(budget))
@@ -212,7 +244,7 @@ impl Forwarder {
         path_and_query: &http::uri::PathAndQuery,
         headers: &mut HeaderMap,
         body: &mut PendingBody,
-    ) -> Result<(Upstreamed, &Member), (Code, String)> {
+    ) -> Result<(Upstreamed, Arc<Member>), (Code, String)> {
         let Some(session) = session else {
             let (response, member) = self.send(route, path_and_query, headers, body).await?;
             return Ok((Upstreamed::Streaming { response, first: None }, member));
@@ -352,18 +384,36 @@ impl Forwarder {
         path_and_query: &http::uri::PathAndQuery,
         headers: &HeaderMap,
         body: &mut PendingBody,
-    ) -> Result<(Response<Incoming>, &Member), (Code, String)> {
+    ) -> Result<(Response<Incoming>, Arc<Member>), (Code, String)> {
         let mut failures: Vec<UpstreamError> = Vec::new();
-        for member in self.upstream.attempt_order() {
-            if !failures.is_empty() {
+        let target = self.upstream.view.target(route, body.message());
+        let mut order = self.upstream.attempt_order_for(target).into_iter();
+        // etcd's routing error, kept to answer with if the retry finds no other member.
+        let mut refused: Option<(Response<Incoming>, Arc<Member>)> = None;
+        let mut attempts = 0;
+        while let Some(member) = order.next() {
+            if attempts > 0 {
                 self.metrics.retried();
             }
-            match self.attempt(member, path_and_query, headers, body).await {
-                Ok(response) => return Ok((response, member)),
+            attempts += 1;
+            match self.attempt(&member, path_and_query, headers, body).await {
+                Ok(response) => {
+                    // etcd's routing errors (learner, not or no leader) get one retry elsewhere when safe.
+                    let may_retry = refused.is_none() && !matches!(body, PendingBody::Streaming(None));
+                    if let Some(next) =
+                        self.upstream.reroute(&member, response.headers(), route, target, may_retry).await
+                    {
+                        order = next.into_iter();
+                        refused = Some((response, member));
+                        continue;
+                    }
+                    return Ok((response, member));
+                }
                 Err(failure) => {
                     // A request the proxy could not build says nothing about the member's health.
                     if failure.is_member_fault() {
-                        self.upstream.mark_failed(member, &failure);
+                        self.upstream.mark_failed(&member, &failure);
+                        self.upstream.refresh_in_background();
                     }
                     let consumed = matches!(body, PendingBody::Streaming(None) | PendingBody::Channel(None));
                     let retry = failure.allows_retry(route.replay) && !consumed;
@@ -374,7 +424,7 @@ impl Forwarder {
                 }
             }
         }
-        Err(error::no_member_status(&failures))
+        refused.ok_or_else(|| error::no_member_status(&failures))
     }
 
     /// A Range from a client with a size budget; `None` when it is simply forwarded.

@@ -4,9 +4,11 @@
 //! A call's path, in the order it is taken:
 //! - [`server`] accepts the client connection (plaintext or TLS) and speaks HTTP/2, after
 //!   [`legacy_authority`] has repaired header blocks that old clients get wrong;
-//! - [`forward`] classifies the call by its method ([`grpc`]), picks a member from the cluster
-//!   view ([`upstream`]) and forwards the bytes, retrying on another member only when safe;
-//!   Ranges from clients with a message size limit are paged under [`budget`];
+//! - [`forward`] classifies the call by its method ([`grpc`]), picks a member from the pool
+//!   ([`upstream`]) by the routing rules of the cluster view ([`cluster`]: leader, learners,
+//!   discovered members) and forwards the bytes, retrying on another member only when safe;
+//!   Ranges from clients with a message size limit are paged under [`budget`]; lease
+//!   keep-alive streams move between members ([`keepalive`]);
 //! - [`body`] relays etcd's answer and records the outcome in [`metrics`];
 //! - [`admin`] serves `/health` and `/metrics`; [`config`] and [`tls`] turn flags into all of this;
 //!   [`error`] is where the proxy's own failures become gRPC statuses;
@@ -21,10 +23,12 @@ pub mod budget;
 pub mod cert_reload_wiring;
 pub mod cert_status;
 pub mod certs_cli;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod forward;
 pub mod grpc;
+pub mod keepalive;
 pub mod legacy_authority;
 pub mod metrics;
 pub mod reload;

@@ -251,7 +251,7 @@ impl Metrics {
         ];
         for (name, kind, help, value) in per_member {
             let _ = writeln!(out, "# HELP etcd_compat_proxy_{name} {help}\n# TYPE etcd_compat_proxy_{name} {kind}");
-            for member in upstream.members() {
+            for member in upstream.members().iter() {
                 let _ = writeln!(
                     out,
                     "etcd_compat_proxy_{name}{{endpoint=\"{}\"}} {}",

@@ -67,6 +67,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let upstream = Upstream::new(&config)?;
     crate::cert_reload_wiring::start(&config, listener_tls.clone(), &upstream, &certificates, stop.clone())?;
     upstream.spawn_health_checks(config.health_interval, stop.clone());
+    upstream.spawn_view_refresh(stop.clone());
     let auth = Arc::new(AuthSessions::new(config.auth.clone()));
     tokio::spawn(expire_idle_sessions(Arc::clone(&auth), stop.clone()));
     // The proxy's tokens live as long as the process: a restart makes clients authenticate again.

@@ -5,7 +5,7 @@
 //! serializable reads keep seeing one member's history; the pin moves when that member fails.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
@@ -55,6 +55,8 @@ pub struct Member {
     last_error: Mutex<Option<String>>,
     /// Counters for `/metrics`.
     pub stats: MemberStats,
+    /// What the cluster view knows about this endpoint's member (id, learner, still in the cluster).
+    pub role: crate::cluster::MemberRole,
 }
 
 impl Member {
@@ -83,6 +85,21 @@ impl Member {
             .build()
     }
 
+    /// The member's position in the pool.
+    pub(crate) fn index(&self) -> usize {
+        self.index
+    }
+
+    /// What routing needs to know about the member, read once per request.
+    pub fn state(&self) -> crate::cluster::MemberState {
+        crate::cluster::MemberState {
+            healthy: self.is_healthy(),
+            learner: self.role.is_learner(),
+            departed: self.role.is_departed(),
+            id: self.role.id(),
+        }
+    }
+
     fn cached_connection(&self) -> Option<SendRequest<RequestBody>> {
         let guard = self.connection.lock().ok()?;
         guard.as_ref().filter(|c| !c.is_closed()).cloned()
@@ -91,11 +108,17 @@ impl Member {
 
 /// The set of members and how to reach them.
 pub struct Upstream {
-    members: Vec<Arc<Member>>,
+    /// Append-only (a member's `index` is its position); replaced as a whole when the cluster
+    /// view discovers a member, so a request only pays for one read lock and an `Arc` clone.
+    members: RwLock<Arc<Vec<Arc<Member>>>>,
     preferred: AtomicUsize,
     /// Replaced when the certificate files change (see `reload`); read at every dial.
     tls: Option<Arc<crate::reload::Reloadable<rustls::ClientConfig>>>,
     dial_timeout: Duration,
+    /// Health-check period and stop signal, kept so that discovered members get checked too.
+    health_checks: Mutex<Option<(Duration, CancellationToken)>>,
+    /// Leader, learners, discovery and routing rules (see [`crate::cluster`]).
+    pub view: crate::cluster::ClusterView,
 }
 
 impl Upstream {
@@ -109,40 +132,71 @@ impl Upstream {
             .endpoints
             .iter()
             .enumerate()
-            .map(|(index, endpoint)| {
-                Arc::new(Member {
-                    name: Arc::from(endpoint.url()),
-                    scheme: if endpoint.tls { http::uri::Scheme::HTTPS } else { http::uri::Scheme::HTTP },
-                    endpoint: endpoint.clone(),
-                    index,
-                    healthy: AtomicBool::new(false),
-                    connection: Mutex::new(None),
-                    dialing: tokio::sync::Mutex::new(()),
-                    last_error: Mutex::new(None),
-                    stats: MemberStats::default(),
-                })
-            })
+            .map(|(index, endpoint)| Arc::new(new_member(endpoint, index)))
             .collect();
-        Ok(Arc::new(Upstream { members, preferred: AtomicUsize::new(0), tls, dial_timeout: config.dial_timeout }))
+        Ok(Arc::new(Upstream {
+            members: RwLock::new(Arc::new(members)),
+            preferred: AtomicUsize::new(0),
+            tls,
+            dial_timeout: config.dial_timeout,
+            health_checks: Mutex::new(None),
+            view: crate::cluster::ClusterView::new(config),
+        }))
     }
 
-    /// All members in configuration order.
-    pub fn members(&self) -> &[Arc<Member>] {
-        &self.members
+    /// All members: the `--endpoints` seeds in configuration order, then discovered ones.
+    pub fn members(&self) -> Arc<Vec<Arc<Member>>> {
+        match self.members.read() {
+            Ok(members) => Arc::clone(&members),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Adds a member discovered from the cluster's member list and starts checking its health;
+    /// returns the existing one if the endpoint is already known.
+    pub fn add_member(self: &Arc<Self>, endpoint: &Endpoint) -> Arc<Member> {
+        let added = {
+            let mut guard = match self.members.write() {
+                Ok(guard) => guard,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if let Some(known) = guard.iter().find(|m| m.endpoint == *endpoint) {
+                return Arc::clone(known);
+            }
+            let member = Arc::new(new_member(endpoint, guard.len()));
+            let mut members = Vec::clone(&guard);
+            members.push(Arc::clone(&member));
+            *guard = Arc::new(members);
+            member
+        };
+        tracing::info!(member = %added.name, "etcd member discovered from the member list; sending it requests once healthy");
+        let checks = self.health_checks.lock().ok().and_then(|c| c.clone());
+        if let Some((interval, stop)) = checks {
+            self.spawn_health_check(Arc::clone(&added), interval, stop);
+        }
+        added
     }
 
     /// Members in the order a request should try them: healthy ones from the preferred one on,
     /// then the unhealthy ones (health information may be stale; trying beats failing).
-    pub fn attempt_order(&self) -> impl Iterator<Item = &Arc<Member>> {
-        let n = self.members.len();
-        let start = self.preferred.load(Relaxed) % n.max(1);
-        let rotated = move || (0..n).map(move |i| &self.members[(start + i) % n]);
-        rotated().filter(|m| m.is_healthy()).chain(rotated().filter(|m| !m.is_healthy()))
+    /// Learners and members that left the cluster are left out.
+    pub fn attempt_order(&self) -> Vec<Arc<Member>> {
+        self.attempt_order_for(crate::cluster::Target::Voter)
+    }
+
+    /// Members in the order a request for `target` should try them (see [`crate::cluster::Target`]).
+    pub fn attempt_order_for(&self, target: crate::cluster::Target) -> Vec<Arc<Member>> {
+        let members = self.members();
+        let states: Vec<crate::cluster::MemberState> = members.iter().map(|m| m.state()).collect();
+        crate::cluster::attempt_order(&states, self.preferred.load(Relaxed), self.view.leader(), target)
+            .into_iter()
+            .map(|i| Arc::clone(&members[i]))
+            .collect()
     }
 
     /// Whether any member is currently healthy.
     pub fn any_healthy(&self) -> bool {
-        self.members.iter().any(|m| m.is_healthy())
+        self.members().iter().any(|m| m.is_healthy() && m.role.serves_clients())
     }
 
     /// Returns a ready connection to `member`, dialing if there is none.
@@ -220,7 +274,8 @@ impl Upstream {
         let trial_timeout = self.dial_timeout.max(Duration::from_secs(2));
         let mut accepted = Vec::new();
         let mut refusals = Vec::new();
-        for member in &self.members {
+        let members = self.members();
+        for member in members.iter() {
             if member.cached_connection().is_none() {
                 // The next request dials with the adopted config anyway.
                 continue;
@@ -263,10 +318,22 @@ impl Upstream {
             tracing::warn!(member = %member.endpoint.url(), %error, "etcd member is unhealthy; sending requests to the others");
         }
         if self.preferred.load(Relaxed) == member.index {
-            let n = self.members.len();
-            if let Some(next) = (1..n).map(|i| (member.index + i) % n).find(|i| self.members[*i].is_healthy()) {
-                self.preferred.store(next, Relaxed);
-            }
+            self.move_pin_from(member.index);
+        }
+    }
+
+    /// Position of the pinned member in the pool.
+    pub(crate) fn pinned_index(&self) -> usize {
+        self.preferred.load(Relaxed)
+    }
+
+    /// Moves the pin to the next healthy member that serves clients (learners never hold it).
+    pub(crate) fn move_pin_from(&self, index: usize) {
+        let members = self.members();
+        let n = members.len();
+        let usable = |m: &Member| m.is_healthy() && m.role.serves_clients();
+        if let Some(next) = (1..n).map(|i| (index + i) % n).find(|i| usable(&members[*i])) {
+            self.preferred.store(next, Relaxed);
         }
     }
 
@@ -274,39 +341,52 @@ impl Upstream {
         if !member.healthy.swap(true, Relaxed) {
             tracing::info!(member = %member.endpoint.url(), "etcd member is healthy");
             // Prefer the first healthy member in configuration order when the pinned one is down.
-            if !self.members[self.preferred.load(Relaxed) % self.members.len()].is_healthy() {
+            let members = self.members();
+            let pinned_usable = members
+                .get(self.preferred.load(Relaxed) % members.len().max(1))
+                .is_some_and(|m| m.is_healthy() && m.role.serves_clients());
+            if !pinned_usable && member.role.serves_clients() {
                 self.preferred.store(member.index, Relaxed);
             }
         }
     }
 
-    /// Starts one health-check loop per member; they stop when `stop` is cancelled.
+    /// Starts one health-check loop per member, including members discovered later; they stop
+    /// when `stop` is cancelled.
     pub fn spawn_health_checks(self: &Arc<Self>, interval: Duration, stop: CancellationToken) {
-        for member in &self.members {
-            let upstream = Arc::clone(self);
-            let member = Arc::clone(member);
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let mut ticker = tokio::time::interval(interval);
-                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = ticker.tick() => {}
-                    }
-                    // A check must finish within the interval, or it is a failure: a member that
-                    // answers too slowly is as bad as one that does not answer.
-                    let timeout = interval.max(Duration::from_millis(500));
-                    match tokio::time::timeout(timeout, upstream.check(&member)).await {
-                        Ok(Ok(())) => upstream.mark_healthy(&member),
-                        Ok(Err(error)) => upstream.mark_failed(&member, &error),
-                        Err(_) => {
-                            upstream.mark_failed(&member, &format!("health check got no answer within {timeout:?}"))
-                        }
-                    }
-                }
-            });
+        if let Ok(mut checks) = self.health_checks.lock() {
+            *checks = Some((interval, stop.clone()));
         }
+        for member in self.members().iter() {
+            self.spawn_health_check(Arc::clone(member), interval, stop.clone());
+        }
+    }
+
+    fn spawn_health_check(self: &Arc<Self>, member: Arc<Member>, interval: Duration, stop: CancellationToken) {
+        let upstream = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = ticker.tick() => {}
+                }
+                // A check must finish within the interval, or it is a failure: a member that
+                // answers too slowly is as bad as one that does not answer.
+                let timeout = interval.max(Duration::from_millis(500));
+                match tokio::time::timeout(timeout, upstream.check(&member)).await {
+                    Ok(Ok(())) => upstream.mark_healthy(&member),
+                    Ok(Err(error)) => upstream.mark_failed(&member, &error),
+                    Err(_) => upstream.mark_failed(&member, &format!("health check got no answer within {timeout:?}")),
+                }
+            }
+        });
+    }
+
+    /// `--dial-timeout`, which also bounds the cluster view's own calls.
+    pub(crate) fn dial_timeout(&self) -> Duration {
+        self.dial_timeout
     }
 
     /// One gRPC health check (`grpc.health.v1.Health/Check`) over the member's shared connection.
@@ -358,6 +438,21 @@ pub struct RedialCounts {
     pub redialled: usize,
     /// Members that refused the new material and keep their old connection.
     pub failed: usize,
+}
+
+fn new_member(endpoint: &Endpoint, index: usize) -> Member {
+    Member {
+        name: Arc::from(endpoint.url()),
+        scheme: if endpoint.tls { http::uri::Scheme::HTTPS } else { http::uri::Scheme::HTTP },
+        endpoint: endpoint.clone(),
+        index,
+        healthy: AtomicBool::new(false),
+        connection: Mutex::new(None),
+        dialing: tokio::sync::Mutex::new(()),
+        last_error: Mutex::new(None),
+        stats: MemberStats::default(),
+        role: crate::cluster::MemberRole::default(),
+    }
 }
 
 async fn handshake<T>(io: TokioIo<T>, endpoint: &Endpoint) -> Result<SendRequest<RequestBody>, UpstreamError>

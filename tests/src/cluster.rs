@@ -130,6 +130,11 @@ struct Member {
     log_path: PathBuf,
     process: Option<Child>,
     member_id: Option<u64>,
+    /// Added with `member add` after the cluster started: its first run joins an existing cluster.
+    joined_later: bool,
+    /// Added as a learner and not promoted through [`EtcdCluster::mark_promoted`]: kept out of
+    /// the endpoints the etcdctl helpers use, since learners refuse most requests.
+    learner: bool,
 }
 
 /// A running etcd cluster on loopback. Dropping it kills every member and deletes the
@@ -194,6 +199,8 @@ impl EtcdCluster {
                 peer_port: free_port().context("picking a peer port")?,
                 process: None,
                 member_id: None,
+                joined_later: false,
+                learner: false,
             });
         }
         Ok(EtcdCluster { spec, members, _data_root: data_root, log_root, startup_time: Duration::ZERO })
@@ -241,6 +248,8 @@ impl EtcdCluster {
             .args(RAFT_TIMING_ARGS);
         if let Some(token) = cluster_token {
             command.arg("--initial-cluster-state=new").arg(format!("--initial-cluster-token={token}"));
+        } else if member.joined_later && !member.data_dir.exists() {
+            command.arg("--initial-cluster-state=existing");
         }
         if let Some(tls) = &self.spec.tls {
             command
@@ -576,7 +585,93 @@ impl EtcdCluster {
     }
 
     fn running_endpoints_csv(&self) -> String {
-        self.running_indices().into_iter().map(|index| self.client_url(index)).collect::<Vec<_>>().join(",")
+        self.running_indices()
+            .into_iter()
+            .filter(|&index| !self.members[index].learner)
+            .map(|index| self.client_url(index))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Adds a member with `etcdctl member add` (as a learner if `learner`; `auth_args` such as
+    /// `--user=root:pw` go to that etcdctl call), starts it joining the running cluster, and
+    /// waits (up to 20 s) until it names the same leader as the others. Returns its index.
+    pub fn add_member(&mut self, learner: bool, auth_args: &[&str]) -> anyhow::Result<usize> {
+        if self.members.len() >= MAX_MEMBERS {
+            bail!("a test cluster has at most {MAX_MEMBERS} members");
+        }
+        let index = self.members.len();
+        let name = format!("m{index}");
+        let data_root = self.members[0].data_dir.parent().map(Path::to_path_buf).context("data root")?;
+        let member = Member {
+            data_dir: data_root.join(&name),
+            log_path: self.log_root.path().join(format!("{name}.log")),
+            name: name.clone(),
+            client_port: free_port().context("picking a client port")?,
+            peer_port: free_port().context("picking a peer port")?,
+            process: None,
+            member_id: None,
+            joined_later: true,
+            learner,
+        };
+        let peer_url = format!("{}://127.0.0.1:{}", self.scheme(), member.peer_port);
+        self.members.push(member);
+        let mut args = vec!["member".to_owned(), "add".to_owned(), name.clone(), format!("--peer-urls={peer_url}")];
+        if learner {
+            args.push("--learner".to_owned());
+        }
+        args.extend(auth_args.iter().map(|a| a.to_string()));
+        let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        // etcd refuses reconfiguration until its members have been connected for 5 s.
+        let add_deadline = Instant::now() + READY_TIMEOUT;
+        let output = loop {
+            let output = self.etcdctl(&arg_refs);
+            let too_early = String::from_utf8_lossy(&output.stderr).contains("etcdserver: unhealthy cluster");
+            if output.status.success() || !too_early || Instant::now() >= add_deadline {
+                break output;
+            }
+            thread::sleep(Duration::from_millis(250));
+        };
+        if !output.status.success() {
+            self.members.pop();
+            bail!(
+                "etcdctl member add {name} failed: {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        self.spawn_member(index, None)?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.reap_if_exited(index)? {
+                bail!(
+                    "etcd member {name} exited with {status} while joining\n{}",
+                    file_tail(&self.members[index].log_path)
+                );
+            }
+            let joined = self.endpoint_status(index).ok().filter(|(_, leader)| *leader != 0);
+            let leader = self.leader_index().ok().and_then(|leader| self.members[leader].member_id);
+            if let (Some((member_id, reported)), Some(leader)) = (joined, leader) {
+                if reported == leader {
+                    self.members[index].member_id = Some(member_id);
+                    return Ok(index);
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "etcd member {name} did not join within {READY_TIMEOUT:?}\n{}",
+                    file_tail(&self.members[index].log_path)
+                );
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Records that learner `index` was promoted, so the etcdctl helpers may use it again.
+    pub fn mark_promoted(&mut self, index: usize) {
+        if let Some(member) = self.members.get_mut(index) {
+            member.learner = false;
+        }
     }
 }
 

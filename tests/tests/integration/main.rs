@@ -3,6 +3,7 @@
 mod auth_sessions;
 mod byte_fidelity;
 mod cert_lifecycle;
+mod cluster_routing;
 mod errors;
 mod etcdctl_compat;
 mod failover;
