@@ -112,3 +112,129 @@ fn member_dies_under_load_3_4() {
 fn member_dies_under_load_3_5() {
     member_dies_under_load(EtcdVersion::V3_5);
 }
+
+/// Requests each member received, by client URL, from `/metrics`.
+fn requests_by_member(deployment: &Deployment) -> Vec<f64> {
+    let (_, metrics) = deployment.proxy.http_get("/metrics");
+    (0..deployment.cluster.len())
+        .map(|i| {
+            let url = deployment.cluster.member(i).client_url;
+            metric(&metrics, &format!("etcd_compat_proxy_upstream_requests_total{{endpoint=\"{url}\"}}")).unwrap_or(0.0)
+        })
+        .collect()
+}
+
+/// A client writes and watches through the proxy while the member its watch stream is on is
+/// killed, first as leader, then as follower: no acknowledged write is lost, and the watch,
+/// never interrupted, sees every committed write exactly once, in revision order.
+fn watch_resumes_after_member_loss(version: EtcdVersion) {
+    let mut deployment = Deployment::start(version, 3, Wire::Plain, &["--health-interval=200ms"]);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let endpoint = deployment.endpoint.clone();
+
+    let (events, acknowledged, failed) = runtime.block_on(async {
+        let mut watcher = Client::connect([endpoint.as_str()], None).await.expect("connect");
+        let mut writer = Client::connect([endpoint.as_str()], None).await.expect("connect");
+        let mut stream = watcher
+            .watch("/wf/", Some(etcd_client::WatchOptions::new().with_prefix()))
+            .await
+            .expect("watch through the proxy");
+        let first = stream.message().await.expect("created").expect("open");
+        assert!(first.created());
+        let collector = tokio::spawn(async move {
+            let mut events: Vec<(String, i64)> = Vec::new();
+            loop {
+                match tokio::time::timeout(Duration::from_secs(8), stream.message()).await {
+                    Ok(Ok(Some(message))) => {
+                        assert!(!message.canceled(), "the watch was canceled: {message:?}");
+                        for event in message.events() {
+                            let kv = event.kv().expect("kv");
+                            events.push((kv.key_str().expect("utf8").to_owned(), kv.mod_revision()));
+                        }
+                    }
+                    Ok(other) => panic!("the watch stream ended: {other:?}"),
+                    // Quiet for 8 s after the last write: everything has arrived.
+                    Err(_) => return events,
+                }
+            }
+        });
+        let mut acknowledged: Vec<(String, i64)> = Vec::new();
+        let mut failed: Vec<String> = Vec::new();
+        let mut next = 0;
+        let mut write = |count: usize| {
+            let range = next..next + count;
+            next += count;
+            range
+        };
+        for phase in 0..3 {
+            for i in write(100) {
+                let key = format!("/wf/{i:05}");
+                match writer.put(key.as_str(), "v", None).await {
+                    Ok(put) => acknowledged.push((key, put.header().expect("header").revision())),
+                    Err(error) => failed.push(format!("{key}: {error}")),
+                }
+            }
+            if phase == 2 {
+                break;
+            }
+            // The member serving the proxy's requests (and the watch) is the one whose count grows.
+            let before = requests_by_member(&deployment);
+            for _ in 0..20 {
+                writer.get("/wf/00000", None).await.expect("get");
+            }
+            let after = requests_by_member(&deployment);
+            let pinned =
+                (0..3).max_by(|a, b| (after[*a] - before[*a]).total_cmp(&(after[*b] - before[*b]))).expect("member");
+            // The first loss is the leader's, the second a follower's: move leadership to or away
+            // from the pinned member first.
+            let leader = deployment.cluster.wait_for_leader(Duration::from_secs(10)).expect("leader");
+            let transferee = match phase {
+                0 if leader != pinned => Some(pinned),
+                1 if leader == pinned => (0..3).find(|i| *i != pinned && deployment.cluster.is_running(*i)),
+                _ => None,
+            };
+            if let Some(transferee) = transferee {
+                let id = format!("{:x}", deployment.cluster.member(transferee).member_id.expect("id"));
+                deployment.cluster.etcdctl_ok(&["move-leader", &id]);
+                let leader = deployment.cluster.wait_for_leader(Duration::from_secs(10)).expect("leader");
+                assert_eq!(leader == pinned, phase == 0, "leadership moved as intended");
+            }
+            deployment.cluster.kill(pinned).expect("kill the member the watch is on");
+            if phase == 0 {
+                // Back to three, so that the follower's loss keeps a quorum.
+                deployment.cluster.restart(pinned).expect("restart");
+            }
+        }
+        let events = collector.await.expect("collector");
+        (events, acknowledged, failed)
+    });
+
+    for failure in &failed {
+        assert!(
+            failure.contains("may or may not have been applied") || failure.contains("etcdserver: leader changed"),
+            "unexpected failure: {failure}"
+        );
+    }
+    assert!(failed.len() <= 10, "too many failed writes: {failed:?}");
+    // Every event once, in revision order; every acknowledged write among them at its revision.
+    let revisions: Vec<i64> = events.iter().map(|(_, r)| *r).collect();
+    assert!(revisions.windows(2).all(|w| w[0] < w[1]), "events out of order or repeated: {revisions:?}");
+    for write in &acknowledged {
+        assert!(events.contains(write), "acknowledged write {write:?} was not seen by the watch");
+    }
+    let unacknowledged = events.len() - acknowledged.len();
+    assert!(unacknowledged <= failed.len(), "{unacknowledged} events for writes that were never made");
+    let (_, metrics) = deployment.proxy.http_get("/metrics");
+    let recreated = metric(&metrics, "etcd_compat_proxy_watch_recreations_total").expect("metric");
+    assert!(recreated >= 2.0, "the watch moved twice: {metrics}");
+}
+
+#[test]
+fn watch_resumes_after_member_loss_3_4() {
+    watch_resumes_after_member_loss(EtcdVersion::V3_4);
+}
+
+#[test]
+fn watch_resumes_after_member_loss_3_5() {
+    watch_resumes_after_member_loss(EtcdVersion::V3_5);
+}
