@@ -29,6 +29,11 @@ use crate::metrics::Metrics;
 use crate::upstream::{Member, Upstream};
 use crate::watch::{OpenedStream, WatchRelay};
 
+/// Further attempts of an Authenticate the proxy makes for a session, when etcd is unavailable.
+const AUTHENTICATE_RETRIES: usize = 3;
+/// Pause before each of them: about one election.
+const AUTHENTICATE_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// Connection-specific headers: meaningless across hops, and forbidden in HTTP/2.
 const HOP_BY_HOP: [&str; 5] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"];
 
@@ -280,7 +285,10 @@ impl Forwarder {
         let renewed = session.token(rejected, |credentials| self.authenticate_upstream(credentials)).await;
         renewed.map_err(|(code, message)| {
             tracing::warn!(user = session.user(), code = code.name(), %message, "etcd refused to renew a session's token");
-            if session.issued_to_client() {
+            // Only a refusal of the credentials themselves is worth a new login; a cluster that is
+            // briefly unavailable is reported as such, and the client retries.
+            let credentials_refused = matches!(code, Code::InvalidArgument | Code::PermissionDenied | Code::NotFound);
+            if session.issued_to_client() && credentials_refused {
                 // The client authenticates again and then sees etcd's own answer to its credentials.
                 (Code::Unauthenticated, auth::INVALID_TOKEN_MESSAGE.to_owned())
             } else {
@@ -304,7 +312,16 @@ impl Forwarder {
         headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
         headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
         let path = http::uri::PathAndQuery::from_static(grpc::AUTHENTICATE_PATH);
-        let answer = self.call(&path, &headers, framed).await;
+        // Authenticating again is harmless (at worst etcd issues two tokens), so a cluster busy
+        // electing a leader is given a few tries.
+        let mut answer = self.call(&path, &headers, framed.clone()).await;
+        for _ in 0..AUTHENTICATE_RETRIES {
+            if answer.code() != Some(Code::Unavailable) {
+                break;
+            }
+            tokio::time::sleep(AUTHENTICATE_RETRY_PAUSE).await;
+            answer = self.call(&path, &headers, framed.clone()).await;
+        }
         match answer.code() {
             Some(Code::Ok) => match answer.message().and_then(|m| AuthenticateResponse::decode(m).ok()) {
                 Some(response) => Authenticated::Token(response.token),

@@ -392,3 +392,59 @@ fn failed_logins_are_slowed_down() {
         assert!(started.elapsed() >= Duration::from_millis(400), "still slowed down: {:?}", started.elapsed());
     });
 }
+
+/// A member joins after the client authenticated through the proxy, and the members that were
+/// there are removed one by one: the client's requests, now all on the new member, succeed.
+fn joined_member_serves_old_sessions(version: EtcdVersion) {
+    let spec = ClusterSpec::new(version, 3).with_extra_args([format!("--auth-token-ttl={}", TOKEN_TTL.as_secs())]);
+    let mut deployment =
+        Deployment::start_with(spec, Wire::Plain, &["--cluster-refresh-interval=500ms", "--health-interval=200ms"]);
+    let ctl = |deployment: &Deployment, args: &[&str]| deployment.cluster.etcdctl_ok(args);
+    ctl(&deployment, &["user", "add", ROOT]);
+    ctl(&deployment, &["role", "add", "app"]);
+    ctl(&deployment, &["role", "grant-permission", "app", "--prefix=true", "readwrite", "/app/"]);
+    ctl(&deployment, &["user", "add", &format!("app:{APP_PASSWORD}")]);
+    ctl(&deployment, &["user", "grant-role", "app", "app"]);
+    ctl(&deployment, &["auth", "enable"]);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let mut client = runtime.block_on(app_client(&deployment.endpoint));
+    runtime.block_on(client.put("/app/before", "1", None)).expect("put before the join");
+
+    let root = format!("--user={ROOT}");
+    let joined = deployment.cluster.add_member(false, &[&root]).expect("add a member");
+    for old in 0..3 {
+        let id = format!("{:x}", deployment.cluster.member(old).member_id.expect("member id"));
+        // Reconfiguration is refused while the cluster settles (`unhealthy cluster`, `leader changed`).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let removed = deployment.cluster.etcdctl(&[&root, "member", "remove", &id]);
+            let stderr = String::from_utf8_lossy(&removed.stderr).into_owned();
+            if removed.status.success() || stderr.contains("member not found") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "member remove {id}: {stderr}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let _ = deployment.cluster.stop(old);
+    }
+    let joined_url = deployment.cluster.member(joined).client_url;
+    deployment.cluster.wait_for_leader(Duration::from_secs(10)).expect("the joined member leads");
+    runtime.block_on(async {
+        client.put("/app/after", "2", None).await.expect("put on the joined member");
+        let got = client.get("/app/before", None).await.expect("get on the joined member");
+        assert_eq!(got.kvs()[0].value(), b"1");
+    });
+    let (_, metrics) = deployment.proxy.http_get("/metrics");
+    let served = metric(&metrics, &format!("etcd_compat_proxy_upstream_requests_total{{endpoint=\"{joined_url}\"}}"));
+    assert!(served.is_some_and(|n| n >= 2.0), "the joined member served the requests: {metrics}");
+}
+
+#[test]
+fn joined_member_serves_old_sessions_3_5() {
+    joined_member_serves_old_sessions(EtcdVersion::V3_5);
+}
+
+#[test]
+fn joined_member_serves_old_sessions_3_4() {
+    joined_member_serves_old_sessions(EtcdVersion::V3_4);
+}
