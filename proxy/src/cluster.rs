@@ -17,9 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
-use http::{HeaderMap, HeaderValue, Request};
-use http_body_util::BodyExt;
+use bytes::Bytes;
+use http::HeaderMap;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 
@@ -27,7 +26,7 @@ use etcd_compat_proto::etcdserverpb::{
     MemberListRequest, MemberListResponse, RangeRequest, StatusRequest, StatusResponse,
 };
 
-use crate::body::{Buffered, RequestBody};
+use crate::body::Buffered;
 use crate::config::{Config, Endpoint, MemberListMode};
 use crate::error::UpstreamError;
 use crate::grpc::{self, Code, Replay, Route};
@@ -646,30 +645,8 @@ impl Upstream {
         path: &'static str,
         request: &impl Message,
     ) -> Result<T, UpstreamError> {
-        let failed = |why: String| UpstreamError::Unhealthy { endpoint: member.endpoint.url(), why };
-        let mut connection = self.connection(member).await?;
-        let request =
-            Request::post(member.uri(http::uri::PathAndQuery::from_static(path)).map_err(|e| failed(e.to_string()))?)
-                .header(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"))
-                .header(http::header::TE, HeaderValue::from_static("trailers"))
-                .body(RequestBody::Buffered(Some(grpc::frame(&request.encode_to_vec()))))
-                .map_err(|e| failed(e.to_string()))?;
-        let response = connection
-            .send_request(request)
-            .await
-            .map_err(|source| UpstreamError::Send { endpoint: member.endpoint.url(), source })?;
-        let header_code = Code::from_headers(response.headers());
-        let collected = response.into_body().collect().await.map_err(|e| failed(e.to_string()))?;
-        let code = header_code.or_else(|| collected.trailers().and_then(Code::from_headers));
-        if code != Some(Code::Ok) {
-            return Err(failed(format!("{path} answered {code:?}")));
-        }
-        let mut bytes = collected.to_bytes();
-        if bytes.len() < 5 {
-            return Err(failed(format!("{path} answered with no message")));
-        }
-        bytes.advance(5);
-        T::decode(bytes).map_err(|e| failed(format!("cannot decode the answer to {path}: {e}")))
+        let connection = self.connection(member).await?;
+        crate::upstream::control_call(member, connection, path, request).await
     }
 }
 

@@ -22,6 +22,7 @@ use crate::auth::{
 };
 use crate::body::{Buffered, CallRecord, RequestBody, ResponseBody};
 use crate::budget::{self, BudgetPolicy, ClientBudget, KeySizeEstimate, LimitedLog};
+use crate::cluster;
 use crate::error::{self, UpstreamError};
 use crate::grpc::{self, CallShape, Code, Route};
 use crate::keepalive;
@@ -137,14 +138,15 @@ impl Forwarder {
         };
         if let Some(client) = keepalive_client {
             if let Some(session) = session.as_deref() {
-                match self.session_token(session, None).await {
+                match Box::pin(self.session_token(session, None)).await {
                     Ok(token) => Session::authorize(&token, &mut headers),
                     Err((code, message)) => return Ok(status_response(record, code, &message)),
                 }
             }
             let shutdown = self.shutdown.clone();
             let upstream = Arc::clone(&self.upstream);
-            return Ok(keepalive::serve(upstream, path_and_query, headers, client, record, shutdown).await);
+            // Boxed: rare, and its state would otherwise be copied with every call's future.
+            return Ok(Box::pin(keepalive::serve(upstream, path_and_query, headers, client, record, shutdown)).await);
         }
 
         // Only answers that grow with the data can outgrow a client's message size limit.
@@ -164,25 +166,11 @@ impl Forwarder {
         }
         if route.index == grpc::watch_index() {
             if let PendingBody::Streaming(Some(client)) = body {
-                // Relayed message by message so that its watches can move to another stream.
-                let mut relay = WatchRelay::start(Arc::clone(&self), session, headers, client);
-                let upstream_headers = match relay.first_response().await {
-                    Ok(headers) => headers,
-                    Err(status) => {
-                        let code = Code::from_headers(&status).unwrap_or(Code::Unknown);
-                        let mut response = Response::new(ResponseBody::empty(record, code));
-                        *response.headers_mut() = status;
-                        return Ok(response);
-                    }
+                let limit = match client_budget {
+                    ClientBudget::Limited { bytes, .. } => Some(bytes),
+                    ClientBudget::Unlimited => None,
                 };
-                let body = ResponseBody::watch(relay, record, self.shutdown.clone().cancelled_owned());
-                let body = match client_budget {
-                    ClientBudget::Limited { bytes, .. } => body.split_watch_responses(bytes),
-                    ClientBudget::Unlimited => body,
-                };
-                let mut response = Response::new(body);
-                *response.headers_mut() = upstream_headers;
-                return Ok(response);
+                return Ok(Box::pin(Arc::clone(&self).serve_watch(session, headers, client, record, limit)).await);
             }
         }
         // Watch responses of limited clients are split when oversize. Other single answers (Txn
@@ -209,6 +197,37 @@ impl Forwarder {
             }
             Err((code, message)) => Ok(status_response(record, code, &message)),
         }
+    }
+
+    /// A Watch call: relayed message by message so that its watches can move to another stream.
+    /// The client is answered once etcd answered (see [`WatchRelay::first_response`]).
+    async fn serve_watch(
+        self: Arc<Self>,
+        session: Option<Arc<Session>>,
+        headers: HeaderMap,
+        client: Incoming,
+        record: CallRecord,
+        limit: Option<usize>,
+    ) -> Response<ResponseBody> {
+        let shutdown = self.shutdown.clone().cancelled_owned();
+        let mut relay = WatchRelay::start(self, session, headers, client);
+        let upstream_headers = match relay.first_response().await {
+            Ok(headers) => headers,
+            Err(status) => {
+                let code = Code::from_headers(&status).unwrap_or(Code::Unknown);
+                let mut response = Response::new(ResponseBody::empty(record, code));
+                *response.headers_mut() = status;
+                return response;
+            }
+        };
+        let body = ResponseBody::watch(relay, record, shutdown);
+        let body = match limit {
+            Some(budget) => body.split_watch_responses(budget),
+            None => body,
+        };
+        let mut response = Response::new(body);
+        *response.headers_mut() = upstream_headers;
+        response
     }
 
     /// The process's metrics.
@@ -254,6 +273,19 @@ impl Forwarder {
             let (response, member) = self.send(route, path_and_query, headers, body).await?;
             return Ok((Upstreamed::Streaming { response, first: None }, member));
         };
+        // Boxed: renewals and retries make this path's state large; inline it would be copied
+        // with every call's future, authenticated or not.
+        Box::pin(self.send_with_session(session, route, path_and_query, headers, body)).await
+    }
+
+    async fn send_with_session(
+        &self,
+        session: &Session,
+        route: &Route,
+        path_and_query: &http::uri::PathAndQuery,
+        headers: &mut HeaderMap,
+        body: &mut PendingBody,
+    ) -> Result<(Upstreamed, Arc<Member>), (Code, String)> {
         let mut rejected = None;
         loop {
             let token = self.session_token(session, rejected).await?;
@@ -417,9 +449,14 @@ impl Forwarder {
                 Ok(response) => {
                     // etcd's routing errors (learner, not or no leader) get one retry elsewhere when safe.
                     let may_retry = refused.is_none() && !matches!(body, PendingBody::Streaming(None));
-                    if let Some(next) =
-                        self.upstream.reroute(&member, response.headers(), route, target, may_retry).await
-                    {
+                    // Boxed: refreshing the view is rare and its state large.
+                    let rerouted = match cluster::routing_error(response.headers()) {
+                        Some(_) => {
+                            Box::pin(self.upstream.reroute(&member, response.headers(), route, target, may_retry)).await
+                        }
+                        None => None,
+                    };
+                    if let Some(next) = rerouted {
                         order = next.into_iter();
                         refused = Some((response, member));
                         continue;

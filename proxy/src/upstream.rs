@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Buf;
 use http::{HeaderValue, Request};
 use http_body_util::BodyExt;
 use hyper::client::conn::http2::SendRequest;
@@ -395,40 +395,51 @@ impl Upstream {
         self.check_over(member, connection).await
     }
 
-    async fn check_over(&self, member: &Member, mut connection: SendRequest<RequestBody>) -> Result<(), UpstreamError> {
-        let failed = |why: String| UpstreamError::Unhealthy { endpoint: member.endpoint.url(), why };
-        let request = Request::post(
-            member
-                .uri(http::uri::PathAndQuery::from_static("/grpc.health.v1.Health/Check"))
-                .map_err(|e| failed(e.to_string()))?,
-        )
-        .header(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"))
-        .header(http::header::TE, HeaderValue::from_static("trailers"))
-        // An empty HealthCheckRequest: no compression flag, zero length.
-        .body(RequestBody::Buffered(Some(Bytes::from_static(&[0, 0, 0, 0, 0]))))
-        .map_err(|e| failed(e.to_string()))?;
-        let response = connection
-            .send_request(request)
-            .await
-            .map_err(|source| UpstreamError::Send { endpoint: member.endpoint.url(), source })?;
-        let header_code = Code::from_headers(response.headers());
-        let collected = response.into_body().collect().await.map_err(|e| failed(e.to_string()))?;
-        let code = header_code.or_else(|| collected.trailers().and_then(Code::from_headers));
-        if code != Some(Code::Ok) {
-            return Err(failed(format!("health check answered {code:?}")));
-        }
-        let mut bytes = collected.to_bytes();
-        if bytes.len() < 5 {
-            return Err(failed("health check answered with no message".to_owned()));
-        }
-        bytes.advance(5);
-        let answer =
-            etcd_compat_proto::health::HealthCheckResponse::decode(bytes).map_err(|e| failed(e.to_string()))?;
-        if answer.status != etcd_compat_proto::health::health_check_response::ServingStatus::Serving as i32 {
-            return Err(failed(format!("member reports health status {}", answer.status)));
+    async fn check_over(&self, member: &Member, connection: SendRequest<RequestBody>) -> Result<(), UpstreamError> {
+        use etcd_compat_proto::health::{
+            health_check_response::ServingStatus, HealthCheckRequest, HealthCheckResponse,
+        };
+        let answer: HealthCheckResponse =
+            control_call(member, connection, "/grpc.health.v1.Health/Check", &HealthCheckRequest::default()).await?;
+        if answer.status != ServingStatus::Serving as i32 {
+            let why = format!("member reports health status {}", answer.status);
+            return Err(UpstreamError::Unhealthy { endpoint: member.endpoint.url(), why });
         }
         Ok(())
     }
+}
+
+/// One unary call made by the proxy itself over `connection` (health checks, the cluster view),
+/// without client credentials: the calls it makes need none.
+pub(crate) async fn control_call<T: Message + Default>(
+    member: &Member,
+    mut connection: SendRequest<RequestBody>,
+    path: &'static str,
+    request: &impl Message,
+) -> Result<T, UpstreamError> {
+    let failed = |why: String| UpstreamError::Unhealthy { endpoint: member.endpoint.url(), why };
+    let request =
+        Request::post(member.uri(http::uri::PathAndQuery::from_static(path)).map_err(|e| failed(e.to_string()))?)
+            .header(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"))
+            .header(http::header::TE, HeaderValue::from_static("trailers"))
+            .body(RequestBody::Buffered(Some(crate::grpc::frame(&request.encode_to_vec()))))
+            .map_err(|e| failed(e.to_string()))?;
+    let response = connection
+        .send_request(request)
+        .await
+        .map_err(|source| UpstreamError::Send { endpoint: member.endpoint.url(), source })?;
+    let header_code = Code::from_headers(response.headers());
+    let collected = response.into_body().collect().await.map_err(|e| failed(e.to_string()))?;
+    let code = header_code.or_else(|| collected.trailers().and_then(Code::from_headers));
+    if code != Some(Code::Ok) {
+        return Err(failed(format!("{path} answered {code:?}")));
+    }
+    let mut bytes = collected.to_bytes();
+    if bytes.len() < 5 {
+        return Err(failed(format!("{path} answered with no message")));
+    }
+    bytes.advance(5);
+    T::decode(bytes).map_err(|e| failed(format!("cannot decode the answer to {path}: {e}")))
 }
 
 /// Upstream connections replaced after a TLS reload, and members that refused the new material.
