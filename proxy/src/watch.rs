@@ -119,7 +119,6 @@ pub struct WatchRelay {
     finished: bool,
     /// When the current search for a member began.
     resuming_since: Option<Instant>,
-    last_failure: String,
     /// etcd's response headers of the first upstream stream, until they are sent to the client.
     first_headers: Option<HeaderMap>,
     /// Whether the client has been sent response headers.
@@ -155,7 +154,6 @@ impl WatchRelay {
             trailers: None,
             finished: false,
             resuming_since: None,
-            last_failure: String::new(),
             first_headers: None,
             answered: false,
         }
@@ -289,7 +287,6 @@ impl WatchRelay {
                     true
                 }
                 Poll::Ready(Err((code, message))) => {
-                    self.last_failure = message.clone();
                     self.retry_or_end(code, message);
                     true
                 }
@@ -309,10 +306,7 @@ impl WatchRelay {
                     true
                 }
                 Poll::Ready(Some(Err(error))) => {
-                    let failure = format!("the stream from etcd member {member} broke ({error})");
                     tracing::warn!(%member, %error, watches = self.watches.len(), "upstream watch stream broke; re-creating its watches on another member");
-                    self.forwarder.metrics().stream_broken();
-                    self.last_failure = failure;
                     self.reopen(None);
                     true
                 }
@@ -392,7 +386,6 @@ impl WatchRelay {
         };
         // Before the client was answered there is nothing to resume: it gets etcd's status.
         if self.client.is_some() && member_going_away && self.answered {
-            self.last_failure = trailers.as_ref().map(grpc::status_message).unwrap_or_default();
             self.reopen(None);
             return;
         }
