@@ -440,6 +440,18 @@ mod tests {
     }
 
     #[test]
+    fn idle_sessions_are_forgotten() {
+        let sessions = AuthSessions::new(AuthConfig { session_idle_timeout: Duration::ZERO, ..AuthConfig::default() });
+        let token = sessions.open(credentials("alice"), "simple.1".to_owned()).unwrap();
+        assert_eq!(sessions.session_count(), 1);
+        sessions.expire_idle();
+        assert_eq!(sessions.session_count(), 0);
+        let mut headers = HeaderMap::new();
+        headers.insert(TOKEN_HEADER, token.parse().unwrap());
+        assert!(matches!(sessions.identify(&headers, None), Identity::UnknownToken));
+    }
+
+    #[test]
     fn failed_logins_slow_down() {
         let sessions = AuthSessions::new(AuthConfig::default());
         let addr = Some(IpAddr::from([127, 0, 0, 9]));
