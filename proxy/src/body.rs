@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use prost::Message;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use crate::grpc::{self, Code};
+use crate::grpc::{self, Code, MessageReader};
 use crate::metrics::Metrics;
 
 /// A request body sent to etcd: either a single buffered message (replayable) or the client's live stream.
@@ -177,7 +177,7 @@ impl ResponseBody {
 
     /// Splits watch responses larger than `budget` bytes (for clients with a message size limit).
     pub fn split_watch_responses(mut self, budget: usize) -> Self {
-        self.splitter = Some(WatchSplitter { budget, pending: BytesMut::new() });
+        self.splitter = Some(WatchSplitter { budget, pending: MessageReader::default() });
         self
     }
 
@@ -326,10 +326,7 @@ impl ResponseBody {
             }
             frame if frame.is_data() && this.guard.is_some() => {
                 let budget = this.guard.take().unwrap_or(usize::MAX);
-                let oversize = frame
-                    .data_ref()
-                    .and_then(|data| data.get(..5))
-                    .map(|header| u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize);
+                let oversize = frame.data_ref().and_then(|data| grpc::framed_length(data)).map(|length| length - 5);
                 match oversize {
                     Some(length) if length > budget => {
                         let message = format!(
@@ -445,9 +442,7 @@ impl Buffered {
     /// The single uncompressed message of the answer, without its frame prefix.
     pub fn message(&self) -> Option<Bytes> {
         let [data] = self.data.as_slice() else { return None };
-        let header = data.get(..5)?;
-        let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        (header[0] == 0 && data.len() == 5 + length).then(|| data.slice(5..))
+        (data.first() == Some(&0) && grpc::framed_length(data) == Some(data.len())).then(|| data.slice(5..))
     }
 
     /// Turns it into the client's response, recording the call's status.
@@ -503,10 +498,7 @@ impl Contiguous {
             self.first = Some(chunk);
             return;
         };
-        let expected = match first.get(..5) {
-            Some(prefix) => 5 + u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize,
-            None => 0,
-        };
+        let expected = grpc::framed_length(&first).unwrap_or(0);
         let mut joined = BytesMut::with_capacity(expected.min(Self::MAX_RESERVE).max(first.len() + chunk.len()));
         joined.extend_from_slice(&first);
         joined.extend_from_slice(&chunk);
@@ -526,7 +518,7 @@ impl Contiguous {
 struct WatchSplitter {
     budget: usize,
     /// Bytes of an incomplete message.
-    pending: BytesMut,
+    pending: MessageReader,
 }
 
 impl WatchSplitter {
@@ -535,17 +527,11 @@ impl WatchSplitter {
         if self.pending.is_empty() && self.whole_messages_within_budget(&data) {
             return (data, 0);
         }
-        self.pending.extend_from_slice(&data);
+        self.pending.push(&data);
         let mut out = BytesMut::new();
         let mut split = 0;
-        while self.pending.len() >= 5 {
-            let length =
-                u32::from_be_bytes([self.pending[1], self.pending[2], self.pending[3], self.pending[4]]) as usize;
-            if self.pending.len() < 5 + length {
-                break;
-            }
-            let message = self.pending.split_to(5 + length);
-            let parts = (message[0] == 0 && length > self.budget)
+        while let Some(message) = self.pending.next_message() {
+            let parts = (message[0] == 0 && message.len() - 5 > self.budget)
                 .then(|| etcd_compat_proto::etcdserverpb::WatchResponse::decode(&message[5..]).ok())
                 .flatten();
             match parts {
@@ -565,14 +551,10 @@ impl WatchSplitter {
     fn whole_messages_within_budget(&self, data: &[u8]) -> bool {
         let mut rest = data;
         while !rest.is_empty() {
-            if rest.len() < 5 {
-                return false;
+            match grpc::framed_length(rest) {
+                Some(length) if length - 5 <= self.budget && rest.len() >= length => rest = &rest[length..],
+                _ => return false,
             }
-            let length = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-            if length > self.budget || rest.len() < 5 + length {
-                return false;
-            }
-            rest = &rest[5 + length..];
         }
         true
     }

@@ -217,6 +217,43 @@ pub fn status_message(headers: &HeaderMap) -> String {
     String::from_utf8_lossy(&decoded).into_owned()
 }
 
+/// The whole length (5-byte prefix included) of the gRPC message at the start of `data`, once its
+/// prefix is there.
+pub fn framed_length(data: &[u8]) -> Option<usize> {
+    let prefix = data.get(..5)?;
+    Some(5 + u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize)
+}
+
+/// Reassembles whole gRPC messages (prefix included) from a stream's DATA chunks, which cut
+/// messages anywhere.
+#[derive(Default)]
+pub struct MessageReader {
+    buffer: bytes::BytesMut,
+}
+
+impl MessageReader {
+    /// Adds the next chunk.
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.buffer.extend_from_slice(chunk);
+    }
+
+    /// Whether no partial message is held.
+    pub fn is_empty(&self) -> bool {
+        self.buffer.is_empty()
+    }
+
+    /// The next complete message, if one is there.
+    pub fn next_message(&mut self) -> Option<bytes::Bytes> {
+        let length = framed_length(&self.buffer).filter(|length| self.buffer.len() >= *length)?;
+        let message = self.buffer.split_to(length).freeze();
+        if self.buffer.is_empty() {
+            // Release the allocation between bursts instead of keeping the largest ever seen.
+            self.buffer = bytes::BytesMut::new();
+        }
+        Some(message)
+    }
+}
+
 /// The 5-byte prefix of an uncompressed gRPC message of `length` bytes.
 pub fn frame_prefix(length: usize) -> bytes::Bytes {
     let mut prefix = Vec::with_capacity(5);
@@ -333,6 +370,21 @@ mod tests {
         for path in READ_ONLY {
             assert!(ROUTES.contains_key(path), "{path} is not in the protos");
         }
+    }
+
+    #[test]
+    fn messages_are_reassembled_across_chunks() {
+        let first = frame(b"hello");
+        let second = frame(b"");
+        let joined = [first.clone(), second.clone()].concat();
+        let mut reader = MessageReader::default();
+        reader.push(&joined[..3]);
+        assert_eq!(reader.next_message(), None);
+        reader.push(&joined[3..]);
+        assert_eq!(reader.next_message(), Some(first));
+        assert_eq!(reader.next_message(), Some(second));
+        assert_eq!(reader.next_message(), None);
+        assert!(reader.is_empty());
     }
 
     #[test]

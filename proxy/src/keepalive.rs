@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body::Frame;
 use http_body_util::BodyExt;
@@ -23,7 +23,7 @@ use etcd_compat_proto::etcdserverpb::{LeaseKeepAliveRequest, LeaseKeepAliveRespo
 use crate::body::{CallRecord, RequestBody, ResponseBody};
 use crate::cluster::{self, Target};
 use crate::error::{self, UpstreamError};
-use crate::grpc::{self, Code};
+use crate::grpc::{self, Code, MessageReader};
 use crate::upstream::{Member, Upstream};
 
 /// The keep-alive method's path.
@@ -58,7 +58,7 @@ pub async fn serve(
         headers,
         client,
         client_done: false,
-        client_partial: BytesMut::new(),
+        client_partial: MessageReader::default(),
         unanswered: Vec::new(),
         to_client: frames_tx,
         head: Some(head_tx),
@@ -107,7 +107,7 @@ struct KeepAliveStream {
     client: Incoming,
     client_done: bool,
     /// Bytes of a client message not complete yet.
-    client_partial: BytesMut,
+    client_partial: MessageReader,
     /// The latest unanswered request of each lease, sent again when the stream moves.
     unanswered: Vec<(i64, Bytes)>,
     to_client: mpsc::Sender<Frame<Bytes>>,
@@ -224,7 +224,7 @@ impl KeepAliveStream {
 
         let mut response = Box::pin(connection.send_request(request));
         let mut answers: Option<Incoming> = None;
-        let mut answer_partial = BytesMut::new();
+        let mut answer_partial = MessageReader::default();
         loop {
             tokio::select! {
                 frame = self.client.frame(), if !self.client_done => match frame {
@@ -266,8 +266,8 @@ impl KeepAliveStream {
                 frame = next_frame(&mut answers), if answers.is_some() => match frame {
                     Some(Ok(frame)) => match frame.into_data() {
                         Ok(data) => {
-                            answer_partial.extend_from_slice(&data);
-                            while let Some(message) = take_message(&mut answer_partial) {
+                            answer_partial.push(&data);
+                            while let Some(message) = answer_partial.next_message() {
                                 self.answered(&message);
                                 self.refusals = 0;
                                 if self.to_client.send(Frame::data(message)).await.is_err() {
@@ -311,9 +311,9 @@ impl KeepAliveStream {
 
     /// Splits client data into whole messages and remembers each lease's latest request.
     fn client_messages(&mut self, data: Bytes) -> Vec<Bytes> {
-        self.client_partial.extend_from_slice(&data);
+        self.client_partial.push(&data);
         let mut messages = Vec::new();
-        while let Some(message) = take_message(&mut self.client_partial) {
+        while let Some(message) = self.client_partial.next_message() {
             if let Some(id) = lease_of_request(&message) {
                 match self.unanswered.iter_mut().find(|(lease, _)| *lease == id) {
                     Some(entry) => entry.1 = message.clone(),
@@ -339,13 +339,6 @@ async fn next_frame(body: &mut Option<Incoming>) -> Option<Result<Frame<Bytes>, 
     }
 }
 
-/// Takes one whole gRPC message (prefix included) off the front of `buffer`, if complete.
-fn take_message(buffer: &mut BytesMut) -> Option<Bytes> {
-    let header = buffer.get(..5)?;
-    let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    (buffer.len() >= 5 + length).then(|| buffer.split_to(5 + length).freeze())
-}
-
 /// The lease a framed, uncompressed keep-alive request is for.
 fn lease_of_request(framed: &[u8]) -> Option<i64> {
     (framed.first() == Some(&0)).then(|| LeaseKeepAliveRequest::decode(framed.get(5..)?).ok().map(|r| r.id)).flatten()
@@ -361,17 +354,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn messages_are_cut_whole_from_split_data() {
-        let first = grpc::frame(&LeaseKeepAliveRequest { id: 7 }.encode_to_vec());
-        let second = grpc::frame(&LeaseKeepAliveRequest { id: 9 }.encode_to_vec());
-        let mut joined = BytesMut::new();
-        joined.extend_from_slice(&first);
-        joined.extend_from_slice(&second[..3]);
-        assert_eq!(take_message(&mut joined), Some(first.clone()));
-        assert_eq!(take_message(&mut joined), None);
-        joined.extend_from_slice(&second[3..]);
-        assert_eq!(take_message(&mut joined).as_deref().and_then(lease_of_request), Some(9));
-        assert!(joined.is_empty());
+    fn requests_name_their_lease() {
+        let request = grpc::frame(&LeaseKeepAliveRequest { id: 9 }.encode_to_vec());
+        assert_eq!(lease_of_request(&request), Some(9));
         assert_eq!(lease_of_request(&[1, 0, 0, 0, 0]), None);
     }
 

@@ -81,7 +81,7 @@ pub fn execute(cli: Cli) -> ExitCode {
 }
 
 fn init_logging(debug: bool) {
-    let default = if debug { "debug,h2=info,hyper=info,rustls=info" } else { "info" };
+    let default = if debug { "debug,h2=info,hyper=info,rustls=info,loona_hpack=info" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ =

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use etcd_compat_proto::etcdserverpb::{watch_request, WatchCreateRequest, WatchRequest};
 use http::HeaderMap;
 use http_body::{Body, Frame};
@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::Session;
 use crate::forward::Forwarder;
-use crate::grpc::{self, Code, WireValue};
+use crate::grpc::{self, Code, MessageReader, WireValue};
 
 /// How long the relay keeps trying to find a member before ending the client's stream.
 const RESUME_DEADLINE: Duration = Duration::from_secs(30);
@@ -209,7 +209,7 @@ impl WatchRelay {
             Poll::Pending => false,
             Poll::Ready(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
-                    self.client_messages.push(data);
+                    self.client_messages.push(&data);
                     while let Some(message) = self.client_messages.next_message() {
                         self.on_client_message(message);
                     }
@@ -296,7 +296,7 @@ impl WatchRelay {
                 Poll::Ready(Some(Ok(frame))) => {
                     match frame.into_data() {
                         Ok(data) => {
-                            self.upstream_messages.push(data);
+                            self.upstream_messages.push(&data);
                             while let Some(message) = self.upstream_messages.next_message() {
                                 self.on_upstream_message(message);
                             }
@@ -491,32 +491,6 @@ fn read_facts(message: &[u8]) -> Result<ResponseFacts, String> {
     Ok(facts)
 }
 
-/// Reassembles whole gRPC messages (prefix included) from DATA chunks.
-#[derive(Default)]
-struct MessageReader {
-    buffer: BytesMut,
-}
-
-impl MessageReader {
-    fn push(&mut self, chunk: Bytes) {
-        self.buffer.extend_from_slice(&chunk);
-    }
-
-    fn next_message(&mut self) -> Option<Bytes> {
-        let header = self.buffer.get(..5)?;
-        let length = 5 + u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        if self.buffer.len() < length {
-            return None;
-        }
-        let message = self.buffer.split_to(length).freeze();
-        if self.buffer.is_empty() {
-            // Release the allocation between bursts instead of keeping the largest ever seen.
-            self.buffer = BytesMut::new();
-        }
-        Some(message)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -556,19 +530,5 @@ mod tests {
         let facts = read_facts(&canceled.encode_to_vec()).unwrap();
         assert_eq!((facts.watch_id, facts.created, facts.canceled), (-1, true, true));
         assert_eq!(facts.cancel_reason, "etcdserver: permission denied");
-    }
-
-    #[test]
-    fn messages_are_reassembled_across_chunks() {
-        let first = grpc::frame(b"hello");
-        let second = grpc::frame(b"");
-        let joined = [first.clone(), second.clone()].concat();
-        let mut reader = MessageReader::default();
-        reader.push(Bytes::copy_from_slice(&joined[..3]));
-        assert_eq!(reader.next_message(), None);
-        reader.push(Bytes::copy_from_slice(&joined[3..]));
-        assert_eq!(reader.next_message(), Some(first));
-        assert_eq!(reader.next_message(), Some(second));
-        assert_eq!(reader.next_message(), None);
     }
 }
