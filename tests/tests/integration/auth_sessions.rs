@@ -313,6 +313,23 @@ fn revoked_permission_is_denied(version: EtcdVersion) {
         let mut fresh_direct = app_client(&direct).await;
         assert_eq!(status(fresh_direct.put("/app/r", "2", None).await), denied, "put directly");
 
+        // A watch refused for a revoked permission reaches the client as etcd sends it, after the
+        // proxy's one renewal: created and canceled, with etcd's reason.
+        let mut proxied_watch = client.watch("/app/w", None).await.expect("watch through the proxy");
+        let mut direct_watch = fresh_direct.watch("/app/w", None).await.expect("watch directly");
+        let proxied = tokio::time::timeout(Duration::from_secs(10), proxied_watch.message())
+            .await
+            .expect("the refusal reaches the client")
+            .expect("answer")
+            .expect("open");
+        let direct = direct_watch.message().await.expect("answer").expect("open");
+        assert!(direct.created() && direct.canceled(), "{direct:?}");
+        assert!(direct.cancel_reason().ends_with("etcdserver: permission denied"), "{direct:?}");
+        assert_eq!(
+            (proxied.created(), proxied.canceled(), proxied.cancel_reason()),
+            (direct.created(), direct.canceled(), direct.cancel_reason())
+        );
+
         // A token this proxy never issued (or issued before a restart) is etcd's token error.
         let mut python_raw = Command::new(etcd3_python());
         let script = "import sys, etcd3, grpc\nfrom etcd3.etcdrpc import rpc_pb2\nc = etcd3.client(host=sys.argv[1], port=int(sys.argv[2]))\ntry:\n    c.kvstub.Range(rpc_pb2.RangeRequest(key=b'/app/r'), metadata=[('token', sys.argv[3])], timeout=5)\n    print('OK')\nexcept grpc.RpcError as e:\n    print(e.code().name, e.details())\n";
