@@ -5,14 +5,13 @@ use std::io::Write;
 use std::net::{IpAddr, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use etcd_compat_certs::{Authority, LeafSpec, San, Usage};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use time::OffsetDateTime;
 
 const DAY: Duration = Duration::from_secs(86_400);
@@ -301,7 +300,7 @@ fn fetch_served_chain(
     };
     let server_name =
         ServerName::try_from(host.to_owned()).map_err(|_| format!("{endpoint}: {host:?} is not a valid host name"))?;
-    let recorder = Arc::new(RecordingVerifier { chain: Mutex::new(Vec::new()), provider: crate::tls::provider() });
+    let recorder = Arc::new(crate::tls::AnyServerCertificate::new());
     let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| e.to_string())?
@@ -333,7 +332,7 @@ fn fetch_served_chain(
             break;
         }
     }
-    let chain = recorder.chain.lock().map(|chain| chain.clone()).unwrap_or_default();
+    let chain = recorder.served_chain();
     if chain.is_empty() {
         let reason = handshake_error.map_or_else(|| "no certificate served".to_owned(), |e| e.to_string());
         return Err(format!("{endpoint}: TLS handshake failed before a certificate was seen: {reason}"));
@@ -357,52 +356,6 @@ fn verify_chain(chain: &[CertificateDer<'static>], ca: &Path, server_name: &Serv
         Ok(_) => "yes".to_owned(),
         Err(error) => format!("NO: {error}"),
     })
-}
-
-/// Accepts any server certificate and keeps the chain: `inspect` shows what is served, even
-/// when it would not verify.
-#[derive(Debug)]
-struct RecordingVerifier {
-    chain: Mutex<Vec<CertificateDer<'static>>>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for RecordingVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if let Ok(mut chain) = self.chain.lock() {
-            *chain = std::iter::once(end_entity).chain(intermediates).map(|c| c.clone().into_owned()).collect();
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 fn load_authority(cert: &Path, key: &Path) -> Result<Authority, String> {

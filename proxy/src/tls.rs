@@ -97,7 +97,7 @@ pub fn build_upstream(files: &UpstreamTlsFiles) -> Result<Built<ClientConfig>, T
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(TlsError::Rustls)?;
     let builder = if files.insecure_skip_verify {
-        builder.dangerous().with_custom_certificate_verifier(Arc::new(SkipServerVerification(provider())))
+        builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyServerCertificate::new()))
     } else {
         let (roots, ca_certs) = if files.cas.is_empty() {
             (RootCertStore::empty(), Vec::new())
@@ -201,19 +201,38 @@ fn load_crls(path: &std::path::Path) -> Result<Vec<CertificateRevocationListDer<
     Ok(crls)
 }
 
-/// Accepts any server certificate but still checks handshake signatures (`--insecure-skip-tls-verify`).
+/// Accepts any server certificate but still checks handshake signatures, and keeps the chain it
+/// was shown: for `--insecure-skip-tls-verify`, and for `certs inspect`, which shows what an
+/// endpoint serves even when it would not verify.
 #[derive(Debug)]
-struct SkipServerVerification(Arc<CryptoProvider>);
+pub(crate) struct AnyServerCertificate {
+    provider: Arc<CryptoProvider>,
+    served: std::sync::Mutex<Vec<CertificateDer<'static>>>,
+}
 
-impl ServerCertVerifier for SkipServerVerification {
+impl AnyServerCertificate {
+    pub(crate) fn new() -> Self {
+        AnyServerCertificate { provider: provider(), served: std::sync::Mutex::new(Vec::new()) }
+    }
+
+    /// The chain the last server presented, leaf first.
+    pub(crate) fn served_chain(&self) -> Vec<CertificateDer<'static>> {
+        self.served.lock().map(|chain| chain.clone()).unwrap_or_default()
+    }
+}
+
+impl ServerCertVerifier for AnyServerCertificate {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Ok(mut chain) = self.served.lock() {
+            *chain = std::iter::once(end_entity).chain(intermediates).map(|c| c.clone().into_owned()).collect();
+        }
         Ok(ServerCertVerified::assertion())
     }
 
@@ -223,7 +242,7 @@ impl ServerCertVerifier for SkipServerVerification {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -232,11 +251,11 @@ impl ServerCertVerifier for SkipServerVerification {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
