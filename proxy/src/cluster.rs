@@ -826,6 +826,35 @@ mod tests {
     }
 
     #[test]
+    fn attempts_try_the_pinned_member_first_then_the_rest_in_order() {
+        let args = crate::config::StartArgs {
+            endpoints: Some((1..=3).map(|i| format!("http://127.0.0.1:300{i}")).collect()),
+            ..Default::default()
+        };
+        let upstream = Upstream::new(&args.validate().unwrap()).unwrap();
+        let members = upstream.members();
+        for (i, member) in members.iter().enumerate() {
+            member.role.id.store(i as u64 + 1, Relaxed);
+        }
+        let ids = |order: Vec<Arc<Member>>| order.iter().map(|m| m.role.id()).collect::<Vec<u64>>();
+        // Nobody healthy: no shortcut, the full order.
+        assert_eq!(ids(upstream.attempts(Target::Voter).collect()), ids(upstream.attempt_order()));
+        upstream.mark_healthy(&members[1]);
+        upstream.mark_healthy(&members[2]);
+        let pinned = upstream.pinned_index();
+        let mut attempts = upstream.attempts(Target::Voter);
+        assert_eq!(attempts.next().map(|m| m.index()), Some(pinned));
+        let rest: Vec<Arc<Member>> = attempts.collect();
+        assert!(rest.iter().all(|m| m.index() != pinned));
+        let mut expected = ids(upstream.attempt_order());
+        expected.retain(|id| *id != pinned as u64 + 1);
+        assert_eq!(ids(rest), expected);
+        for target in [Target::Leader, Target::VoterThenLearner] {
+            assert_eq!(ids(upstream.attempts(target).collect()), ids(upstream.attempt_order_for(target)));
+        }
+    }
+
+    #[test]
     fn member_list_rewrite_replaces_only_client_urls() {
         let header =
             etcd_compat_proto::etcdserverpb::ResponseHeader { cluster_id: 5, member_id: 1, revision: 0, raft_term: 3 };

@@ -436,7 +436,7 @@ impl Forwarder {
     ) -> Result<(Response<Incoming>, Arc<Member>), (Code, String)> {
         let mut failures: Vec<UpstreamError> = Vec::new();
         let target = self.upstream.view.target(route, body.message());
-        let mut order = self.upstream.attempt_order_for(target).into_iter();
+        let mut order = self.upstream.attempts(target);
         // etcd's routing error, kept to answer with if the retry finds no other member.
         let mut refused: Option<(Response<Incoming>, Arc<Member>)> = None;
         let mut attempts = 0;
@@ -457,7 +457,7 @@ impl Forwarder {
                         None => None,
                     };
                     if let Some(next) = rerouted {
-                        order = next.into_iter();
+                        order.restart_with(next);
                         refused = Some((response, member));
                         continue;
                     }

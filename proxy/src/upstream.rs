@@ -194,6 +194,26 @@ impl Upstream {
             .collect()
     }
 
+    /// The members a request for `target` tries, in the order of [`Upstream::attempt_order_for`];
+    /// when the pinned member serves the request, as it usually does, nothing else is computed
+    /// unless it fails.
+    pub fn attempts(&self, target: crate::cluster::Target) -> AttemptOrder<'_> {
+        let first = match target {
+            crate::cluster::Target::Voter => self.pinned_voter(),
+            _ => None,
+        };
+        AttemptOrder { upstream: self, target, first, tried: None, rest: None }
+    }
+
+    /// The pinned member, if it is a healthy voting member of the cluster: the first member of
+    /// every ordinary request's attempt order.
+    fn pinned_voter(&self) -> Option<Arc<Member>> {
+        let members = self.members();
+        let member = members.get(self.preferred.load(Relaxed))?;
+        let state = member.state();
+        (state.healthy && !state.learner && !state.departed).then(|| Arc::clone(member))
+    }
+
     /// Whether any member is currently healthy.
     pub fn any_healthy(&self) -> bool {
         self.members().iter().any(|m| m.is_healthy() && m.role.serves_clients())
@@ -337,7 +357,7 @@ impl Upstream {
         }
     }
 
-    fn mark_healthy(&self, member: &Member) {
+    pub(crate) fn mark_healthy(&self, member: &Member) {
         if !member.healthy.swap(true, Relaxed) {
             tracing::info!(member = %member.endpoint.url(), "etcd member is healthy");
             // Prefer the first healthy member in configuration order when the pinned one is down.
@@ -440,6 +460,45 @@ pub(crate) async fn control_call<T: Message + Default>(
     }
     bytes.advance(5);
     T::decode(bytes).map_err(|e| failed(format!("cannot decode the answer to {path}: {e}")))
+}
+
+/// The members one request tries, in order (see [`Upstream::attempts`]).
+pub struct AttemptOrder<'a> {
+    upstream: &'a Upstream,
+    target: crate::cluster::Target,
+    /// The pinned member, not yet tried.
+    first: Option<Arc<Member>>,
+    /// The pinned member once tried, left out of the rest.
+    tried: Option<Arc<Member>>,
+    rest: Option<std::vec::IntoIter<Arc<Member>>>,
+}
+
+impl AttemptOrder<'_> {
+    /// Goes on with `members` instead (after a routing error, once the view was refreshed).
+    pub fn restart_with(&mut self, members: Vec<Arc<Member>>) {
+        self.first = None;
+        self.rest = Some(members.into_iter());
+    }
+}
+
+impl Iterator for AttemptOrder<'_> {
+    type Item = Arc<Member>;
+
+    fn next(&mut self) -> Option<Arc<Member>> {
+        if let Some(first) = self.first.take() {
+            self.tried = Some(Arc::clone(&first));
+            return Some(first);
+        }
+        let (upstream, target, tried) = (self.upstream, self.target, self.tried.take());
+        let rest = self.rest.get_or_insert_with(|| {
+            let mut order = upstream.attempt_order_for(target);
+            if let Some(tried) = tried {
+                order.retain(|member| !Arc::ptr_eq(member, &tried));
+            }
+            order.into_iter()
+        });
+        rest.next()
+    }
 }
 
 /// Upstream connections replaced after a TLS reload, and members that refused the new material.
