@@ -129,6 +129,14 @@ fn idle_clients_keep_working(version: EtcdVersion, tokens: Tokens) {
         let event = watch.message().await.expect("event").expect("stream open");
         assert_eq!(event.events().len(), 1);
         assert_eq!(event.events()[0].kv().expect("kv").value(), b"event");
+
+        // Lease keep-alive streams opened after the token expired work too.
+        tokio::time::sleep(IDLE).await;
+        let lease = proxied.lease_grant(10, None).await.expect("lease grant after idling").id();
+        let (mut keeper, mut answers) = proxied.lease_keep_alive(lease).await.expect("keep-alive stream");
+        keeper.keep_alive().await.expect("send a keep-alive");
+        let answer = answers.message().await.expect("keep-alive answer").expect("stream open");
+        assert_eq!((answer.id(), answer.ttl()), (lease, 10));
     });
 
     // The legacy Python client: one Authenticate when it is made, then idle.

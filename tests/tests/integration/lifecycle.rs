@@ -186,3 +186,42 @@ fn sigterm_ends_streams_with_a_status_and_exits_cleanly() {
     let exit = deployment.proxy.wait_exit(Duration::from_secs(10)).expect("proxy exits");
     assert!(exit.success(), "proxy exited with {exit}");
 }
+
+/// `--insecure-skip-tls-verify` reaches a member whose CA the proxy was not given (and still
+/// presents its client certificate); verifying against another CA, the member is reported
+/// unhealthy with the reason.
+#[test]
+fn insecure_skip_tls_verify_accepts_an_unknown_ca() {
+    let pki_dir = tempfile::tempdir().expect("pki dir");
+    let pki = etcd_compat_certs::DevPki::create(pki_dir.path(), "cluster").expect("pki");
+    let spec = etcd_compat_tests::ClusterSpec::new(EtcdVersion::V3_5, 1)
+        .with_tls(etcd_compat_tests::TlsSpec::from_dev_pki(&pki));
+    let cluster = etcd_compat_tests::EtcdCluster::start(spec).expect("cluster");
+    let other = etcd_compat_certs::DevPki::create(pki_dir.path(), "other").expect("other pki");
+    let start = |skip: bool| {
+        let mut args = vec![
+            "start".to_owned(),
+            format!("--endpoints={}", cluster.client_urls()[0]),
+            format!("--cert={}", pki.client_cert.display()),
+            format!("--key={}", pki.client_key.display()),
+            "--health-interval=200ms".to_owned(),
+        ];
+        args.push(match skip {
+            true => "--insecure-skip-tls-verify".to_owned(),
+            false => format!("--cacert={}", other.ca_cert.display()),
+        });
+        ProxyProcess::start(Path::new(PROXY_BIN), args).expect("proxy starts")
+    };
+    let skipping = start(true);
+    let endpoint = skipping.endpoint();
+    etcd_compat_tests::etcdctl_ok(EtcdVersion::V3_5, &endpoint, None, &["put", "/skip", "1"]);
+    let got =
+        etcd_compat_tests::etcdctl_ok(EtcdVersion::V3_5, &endpoint, None, &["get", "/skip", "--print-value-only"]);
+    assert_eq!(got.trim(), "1");
+
+    let verifying = start(false);
+    std::thread::sleep(Duration::from_millis(600));
+    let (code, health) = verifying.http_get("/health");
+    assert_eq!(code, 503, "{health}");
+    assert!(health.contains("UnknownIssuer"), "{health}");
+}
