@@ -18,7 +18,7 @@ use etcd_compat_tests::{workspace_root, EtcdVersion};
 
 use crate::report::{RunInfo, TargetRow, WorkloadResult};
 use crate::stats::{format_latency, format_mib, format_rate};
-use crate::targets::{TargetKind, Targets};
+use crate::targets::Targets;
 use crate::workloads::{RunContext, Workload};
 
 /// Set by scripts/bench.sh to the command the user typed, for the report.
@@ -61,6 +61,10 @@ struct Args {
     /// The etcd-compat-proxy binary [default: next to this binary].
     #[arg(long, value_name = "FILE")]
     proxy_bin: Option<PathBuf>,
+    /// Another etcd-compat-proxy binary (e.g. main's build) measured as target `baseline` in
+    /// the same rounds, so a change is compared under the same machine load.
+    #[arg(long, value_name = "FILE")]
+    baseline_bin: Option<PathBuf>,
 }
 
 /// Timing of every run, after --quick is applied.
@@ -110,6 +114,9 @@ fn run(args: Args) -> Result<()> {
         "{} not found: build it (cargo build --release -p etcd-compat-proxy) or pass --proxy-bin",
         proxy_bin.display()
     );
+    if let Some(baseline) = &args.baseline_bin {
+        ensure!(baseline.is_file(), "--baseline-bin {}: no such file", baseline.display());
+    }
     if cfg!(debug_assertions) {
         eprintln!("warning: this is a debug build of the load generator; scripts/bench.sh builds --release");
     }
@@ -125,8 +132,8 @@ fn run(args: Args) -> Result<()> {
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
-    eprintln!("starting etcd {} and both proxies", info.etcd_version);
-    let mut targets = Targets::start(&proxy_bin)?;
+    eprintln!("starting etcd {} and the proxies", info.etcd_version);
+    let mut targets = Targets::start(&proxy_bin, args.baseline_bin.as_deref())?;
     let data_dir = targets.etcd_data_dir();
     let medium = if data_dir.starts_with("/dev/shm") { "tmpfs" } else { "disk" };
     info.etcd_data_dir = format!("on {medium} ({})", data_dir.display());
@@ -197,7 +204,7 @@ async fn bench(
     let mut results = Vec::new();
     let mut notes = Vec::new();
     for workload in selected {
-        let mut rows: Vec<TargetRow> = TargetKind::ALL.iter().map(|&kind| TargetRow::new(kind)).collect();
+        let mut rows: Vec<TargetRow> = targets.kinds().into_iter().map(TargetRow::new).collect();
         for round in 1..=settings.rounds {
             for row in rows.iter_mut().filter(|row| row.failure.is_none()) {
                 let label = row.kind.label();

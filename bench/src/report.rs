@@ -147,14 +147,17 @@ pub fn render(
     let _ = writeln!(out, "- etcd: {}, one member, data dir {}", info.etcd_version, info.etcd_data_dir);
     let _ = writeln!(out, "- etcd-compat-proxy: {}", info.proxy_revision);
     let _ = writeln!(out, "- Command: `{}`", info.command);
+    let order: Vec<&str> =
+        results.first().map(|result| result.rows.iter().map(|row| row.kind.label()).collect()).unwrap_or_default();
     let _ = writeln!(
         out,
         "- Method: {} round(s); per round each target gets {:.1} s warm-up and a {:.1} s window, targets alternating \
-         (direct, grpc-proxy, etcd-compat-proxy) within every round; each row is the round with the median \
+         ({}) within every round; each row is the round with the median \
          throughput, \"rounds\" lists all of them. Total run time {:.0} s.",
         info.rounds,
         info.warmup.as_secs_f64(),
         info.window.as_secs_f64(),
+        order.join(", "),
         total.as_secs_f64()
     );
     let paged = workloads.iter().any(Workload::needs_huge_data);

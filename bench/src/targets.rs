@@ -1,4 +1,5 @@
-//! The three targets: one etcd member, `etcd grpc-proxy` and etcd-compat-proxy in front of it.
+//! The targets: one etcd member, `etcd grpc-proxy` and etcd-compat-proxy in front of it, and
+//! optionally a second etcd-compat-proxy build to compare a change against.
 //!
 //! Every process is owned by a harness type that kills it when dropped, so nothing outlives
 //! the bench, whether it returns, fails or panics.
@@ -26,11 +27,14 @@ pub enum TargetKind {
     GrpcProxy,
     /// This repository's proxy.
     CompatProxy,
+    /// Another build of this repository's proxy (`--baseline-bin`), to measure a change.
+    Baseline,
 }
 
 impl TargetKind {
     /// Every target, in the order each round visits them.
-    pub const ALL: [TargetKind; 3] = [TargetKind::Direct, TargetKind::GrpcProxy, TargetKind::CompatProxy];
+    pub const ALL: [TargetKind; 4] =
+        [TargetKind::Direct, TargetKind::GrpcProxy, TargetKind::CompatProxy, TargetKind::Baseline];
 
     /// Name used in the table.
     pub fn label(self) -> &'static str {
@@ -38,6 +42,7 @@ impl TargetKind {
             TargetKind::Direct => "direct",
             TargetKind::GrpcProxy => "grpc-proxy",
             TargetKind::CompatProxy => "etcd-compat-proxy",
+            TargetKind::Baseline => "baseline",
         }
     }
 }
@@ -71,19 +76,20 @@ impl ManagedProxy {
     }
 }
 
-/// The etcd member and both proxies in front of it.
+/// The etcd member and the proxies in front of it.
 pub struct Targets {
     // Proxies are declared first so they are dropped (killed) before etcd.
     grpc_proxy: ManagedProxy,
     compat_proxy: ManagedProxy,
+    baseline: Option<ManagedProxy>,
     cluster: EtcdCluster,
     /// `--data-dir` of grpc-proxy, so it never writes into the working directory.
     _grpc_proxy_dir: TempDir,
 }
 
 impl Targets {
-    /// Starts etcd 3.4 (one member) and both proxies; blocks until each accepts connections.
-    pub fn start(compat_proxy_bin: &Path) -> Result<Targets> {
+    /// Starts etcd 3.4 (one member) and the proxies; blocks until each accepts connections.
+    pub fn start(compat_proxy_bin: &Path, baseline_bin: Option<&Path>) -> Result<Targets> {
         // The opt-in 1 GiB workload would come close to etcd's default 2 GiB backend quota (and
         // raise a NOSPACE alarm with history); the quota is only a limit, nothing is allocated
         // for it, so every run gets the 8 GiB etcd documents as its recommended maximum.
@@ -106,12 +112,11 @@ impl Targets {
                 format!("--data-dir={}", grpc_proxy_dir.path().display()),
             ],
         )?;
-        let compat_proxy = ManagedProxy::start(
-            TargetKind::CompatProxy,
-            compat_proxy_bin,
-            vec!["start".to_owned(), format!("--endpoints={member}")],
-        )?;
-        Ok(Targets { grpc_proxy, compat_proxy, cluster, _grpc_proxy_dir: grpc_proxy_dir })
+        let compat_args = vec!["start".to_owned(), format!("--endpoints={member}")];
+        let compat_proxy = ManagedProxy::start(TargetKind::CompatProxy, compat_proxy_bin, compat_args.clone())?;
+        let baseline =
+            baseline_bin.map(|bin| ManagedProxy::start(TargetKind::Baseline, bin, compat_args)).transpose()?;
+        Ok(Targets { grpc_proxy, compat_proxy, baseline, cluster, _grpc_proxy_dir: grpc_proxy_dir })
     }
 
     /// Data directory of the etcd member.
@@ -129,7 +134,13 @@ impl Targets {
             TargetKind::Direct => None,
             TargetKind::GrpcProxy => Some(&mut self.grpc_proxy),
             TargetKind::CompatProxy => Some(&mut self.compat_proxy),
+            TargetKind::Baseline => self.baseline.as_mut(),
         }
+    }
+
+    /// The targets of this run, in the order each round visits them.
+    pub fn kinds(&self) -> Vec<TargetKind> {
+        TargetKind::ALL.into_iter().filter(|&kind| kind != TargetKind::Baseline || self.baseline.is_some()).collect()
     }
 
     /// Checks that etcd still runs (fatal if not) and restarts the proxy of `kind` if it died;
@@ -152,9 +163,9 @@ impl Targets {
         Ok((endpoint, pids, note))
     }
 
-    /// Waits until both proxies answer a real Range, not just accept TCP.
+    /// Waits until every proxy answers a real Range, not just accept TCP.
     pub async fn wait_ready(&mut self) -> Result<()> {
-        for kind in [TargetKind::GrpcProxy, TargetKind::CompatProxy] {
+        for kind in self.kinds().into_iter().filter(|&kind| kind != TargetKind::Direct) {
             let (endpoint, _, _) = self.prepare(kind).await?;
             wait_grpc_ready(kind, &endpoint).await?;
         }
