@@ -15,6 +15,8 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+
+use crate::connection::UpstreamBody;
 use prost::Message;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
@@ -117,7 +119,7 @@ pub struct ResponseBody {
 
 enum State {
     /// Relaying etcd's response; `first` is a DATA chunk the proxy read before relaying.
-    Upstream { incoming: Incoming, first: Option<Bytes> },
+    Upstream { incoming: UpstreamBody, first: Option<Bytes> },
     /// A Watch stream relayed by the proxy, which survives the loss of its upstream stream.
     Watch(Box<crate::watch::WatchRelay>),
     /// Frames written by a task of the proxy (a keep-alive stream that moves between members);
@@ -132,7 +134,7 @@ enum State {
 impl ResponseBody {
     /// Relays an upstream response body. `status_in_headers` is the code of a trailers-only response.
     pub fn upstream(
-        incoming: Incoming,
+        incoming: UpstreamBody,
         first: Option<Bytes>,
         mut record: CallRecord,
         status_in_headers: Option<Code>,
@@ -363,7 +365,7 @@ pub struct Buffered {
 impl Buffered {
     /// Reads an upstream response to the end into one contiguous buffer; a broken body becomes
     /// `Unavailable`.
-    pub async fn collect(response: http::Response<Incoming>, first: Option<Bytes>) -> Result<Buffered, Buffered> {
+    pub async fn collect(response: http::Response<UpstreamBody>, first: Option<Bytes>) -> Result<Buffered, Buffered> {
         let (parts, mut body) = response.into_parts();
         let mut whole = Contiguous::default();
         if let Some(first) = first {
@@ -391,7 +393,7 @@ impl Buffered {
     }
 
     /// The answer to a call whose upstream connection broke while etcd's answer was read.
-    pub fn broken(error: &hyper::Error) -> Buffered {
+    pub fn broken(error: &h2::Error) -> Buffered {
         Buffered::status((
             Code::Unavailable,
             format!(

@@ -25,10 +25,13 @@ pub enum UpstreamError {
     BadServerName { endpoint: String },
     /// The HTTP/2 handshake failed (the port is not an etcd client port, or speaks TLS when plaintext was expected).
     #[error("HTTP/2 handshake with {endpoint} failed: {source}")]
-    Handshake { endpoint: String, source: hyper::Error },
+    Handshake { endpoint: String, source: h2::Error },
+    /// The connection could not take the request (it is closed or failed): etcd never saw it.
+    #[error("request to {endpoint} could not be sent: {}", chain(source))]
+    NotSent { endpoint: String, source: h2::Error },
     /// Sending the request or receiving the response headers failed.
     #[error("request to {endpoint} failed: {}", chain(source))]
-    Send { endpoint: String, source: hyper::Error },
+    Send { endpoint: String, source: h2::Error },
     /// The member answered its health check with a failure.
     #[error("{endpoint} is unhealthy: {why}")]
     Unhealthy { endpoint: String, why: String },
@@ -45,8 +48,9 @@ impl UpstreamError {
             | UpstreamError::DialTimeout { .. }
             | UpstreamError::Tls { .. }
             | UpstreamError::BadServerName { .. }
-            | UpstreamError::Handshake { .. } => true,
-            UpstreamError::Send { source, .. } => source.is_canceled() || refused_stream(source),
+            | UpstreamError::Handshake { .. }
+            | UpstreamError::NotSent { .. } => true,
+            UpstreamError::Send { source, .. } => never_processed(source),
             UpstreamError::Unhealthy { .. } => false,
             UpstreamError::Request { .. } => true,
         }
@@ -68,16 +72,9 @@ impl UpstreamError {
     }
 }
 
-/// An HTTP/2 stream refused by the server (REFUSED_STREAM, or beyond a GOAWAY) was never processed.
-fn refused_stream(error: &hyper::Error) -> bool {
-    let mut source: Option<&(dyn StdError + 'static)> = error.source();
-    while let Some(cause) = source {
-        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
-        }
-        source = cause.source();
-    }
-    false
+/// A stream etcd refused (REFUSED_STREAM) or that was beyond its GOAWAY was never processed.
+fn never_processed(error: &h2::Error) -> bool {
+    error.reason() == Some(h2::Reason::REFUSED_STREAM) || (error.is_go_away() && error.is_remote())
 }
 
 /// Formats an error and all its causes, `outer: inner: innermost`.

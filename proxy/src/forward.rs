@@ -11,6 +11,8 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+
+use crate::connection::UpstreamBody;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -433,12 +435,12 @@ impl Forwarder {
         path_and_query: &http::uri::PathAndQuery,
         headers: &HeaderMap,
         body: &mut PendingBody,
-    ) -> Result<(Response<Incoming>, Arc<Member>), (Code, String)> {
+    ) -> Result<(Response<UpstreamBody>, Arc<Member>), (Code, String)> {
         let mut failures: Vec<UpstreamError> = Vec::new();
         let target = self.upstream.view.target(route, body.message());
         let mut order = self.upstream.attempts(target);
         // etcd's routing error, kept to answer with if the retry finds no other member.
-        let mut refused: Option<(Response<Incoming>, Arc<Member>)> = None;
+        let mut refused: Option<(Response<UpstreamBody>, Arc<Member>)> = None;
         let mut attempts = 0;
         while let Some(member) = order.next() {
             if attempts > 0 {
@@ -563,10 +565,13 @@ impl Forwarder {
         path_and_query: &http::uri::PathAndQuery,
         headers: &HeaderMap,
         body: &mut PendingBody,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let mut connection = self.upstream.connection(member).await?;
         // Waiting for capacity before taking the body keeps a client stream usable for the next member.
-        connection.ready().await.map_err(|source| UpstreamError::Send { endpoint: member.endpoint.url(), source })?;
+        connection
+            .ready()
+            .await
+            .map_err(|source| UpstreamError::NotSent { endpoint: member.endpoint.url(), source })?;
         let upstream_body = match body {
             PendingBody::Buffered(bytes) => RequestBody::Buffered(Some(bytes.clone())),
             PendingBody::Streaming(stream) => match stream.take() {
@@ -594,7 +599,7 @@ impl Forwarder {
     /// Wraps etcd's response for the client, headers untouched.
     fn relay(
         &self,
-        response: Response<Incoming>,
+        response: Response<UpstreamBody>,
         first: Option<Bytes>,
         record: CallRecord,
         route: &Route,
@@ -611,7 +616,7 @@ impl Forwarder {
 /// etcd's answer to a forwarded call.
 enum Upstreamed {
     /// Still arriving; `first` is a DATA chunk already read from it.
-    Streaming { response: Response<Incoming>, first: Option<Bytes> },
+    Streaming { response: Response<UpstreamBody>, first: Option<Bytes> },
     /// Complete: a status without a message, read in full.
     Ended(Buffered),
 }
@@ -619,7 +624,7 @@ enum Upstreamed {
 impl Upstreamed {
     /// Reads the first frame of a response: a unary answer that starts with trailers is an
     /// error, complete and small; one that starts with data goes on streaming.
-    async fn peek(response: Response<Incoming>) -> Upstreamed {
+    async fn peek(response: Response<UpstreamBody>) -> Upstreamed {
         let (parts, mut body) = response.into_parts();
         match body.frame().await {
             Some(Ok(frame)) => match frame.into_data() {

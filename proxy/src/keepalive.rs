@@ -14,6 +14,8 @@ use http::{HeaderMap, Request, Response};
 use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+
+use crate::connection::UpstreamBody;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -208,7 +210,10 @@ impl KeepAliveStream {
     /// stream could not even be opened.
     async fn serve_on(&mut self, member: &Arc<Member>) -> Result<Ended, UpstreamError> {
         let mut connection = self.upstream.connection(member).await?;
-        connection.ready().await.map_err(|source| UpstreamError::Send { endpoint: member.endpoint.url(), source })?;
+        connection
+            .ready()
+            .await
+            .map_err(|source| UpstreamError::NotSent { endpoint: member.endpoint.url(), source })?;
         let (to_member, messages) = mpsc::unbounded_channel();
         for (_, request) in &self.unanswered {
             let _ = to_member.send(request.clone());
@@ -223,7 +228,7 @@ impl KeepAliveStream {
         member.stats.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 
         let mut response = Box::pin(connection.send_request(request));
-        let mut answers: Option<Incoming> = None;
+        let mut answers: Option<UpstreamBody> = None;
         let mut answer_partial = MessageReader::default();
         loop {
             tokio::select! {
@@ -293,7 +298,7 @@ impl KeepAliveStream {
     }
 
     /// The status of a response that has nothing but headers, if that is what `head` is.
-    fn trailers_only(&self, head: &Response<Incoming>) -> Option<HeaderMap> {
+    fn trailers_only(&self, head: &Response<UpstreamBody>) -> Option<HeaderMap> {
         Code::from_headers(head.headers()).map(|_| head.headers().clone())
     }
 
@@ -332,7 +337,7 @@ impl KeepAliveStream {
     }
 }
 
-async fn next_frame(body: &mut Option<Incoming>) -> Option<Result<Frame<Bytes>, hyper::Error>> {
+async fn next_frame(body: &mut Option<UpstreamBody>) -> Option<Result<Frame<Bytes>, h2::Error>> {
     match body {
         Some(body) => body.frame().await,
         None => std::future::pending().await,

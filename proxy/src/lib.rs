@@ -25,6 +25,7 @@ pub mod cert_status;
 pub mod certs_cli;
 pub mod cluster;
 pub mod config;
+pub mod connection;
 pub mod error;
 pub mod forward;
 pub mod grpc;

@@ -11,8 +11,6 @@ use std::time::Duration;
 use bytes::Buf;
 use http::{HeaderValue, Request};
 use http_body_util::BodyExt;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prost::Message;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::batched_writes::BatchedWrites;
 use crate::body::RequestBody;
 use crate::config::{Config, Endpoint};
+use crate::connection::Connection;
 use crate::error::UpstreamError;
 use crate::grpc::Code;
 
@@ -48,7 +47,7 @@ pub struct Member {
     index: usize,
     healthy: AtomicBool,
     /// The live connection, cloned per request (cheap: a handle to the connection task).
-    connection: Mutex<Option<SendRequest<RequestBody>>>,
+    connection: Mutex<Option<Connection>>,
     /// Serialises dialing so a burst of requests to a dead connection dials once.
     dialing: tokio::sync::Mutex<()>,
     /// Last failure, for `/health` and error messages.
@@ -100,7 +99,7 @@ impl Member {
         }
     }
 
-    fn cached_connection(&self) -> Option<SendRequest<RequestBody>> {
+    fn cached_connection(&self) -> Option<Connection> {
         let guard = self.connection.lock().ok()?;
         guard.as_ref().filter(|c| !c.is_closed()).cloned()
     }
@@ -220,7 +219,7 @@ impl Upstream {
     }
 
     /// Returns a ready connection to `member`, dialing if there is none.
-    pub async fn connection(&self, member: &Member) -> Result<SendRequest<RequestBody>, UpstreamError> {
+    pub async fn connection(&self, member: &Member) -> Result<Connection, UpstreamError> {
         if let Some(connection) = member.cached_connection() {
             return Ok(connection);
         }
@@ -239,7 +238,7 @@ impl Upstream {
         Ok(connection)
     }
 
-    async fn dial(&self, member: &Member) -> Result<SendRequest<RequestBody>, UpstreamError> {
+    async fn dial(&self, member: &Member) -> Result<Connection, UpstreamError> {
         self.dial_with(member, self.tls.as_ref().map(|tls| tls.current())).await
     }
 
@@ -247,7 +246,7 @@ impl Upstream {
         &self,
         member: &Member,
         tls: Option<Arc<rustls::ClientConfig>>,
-    ) -> Result<SendRequest<RequestBody>, UpstreamError> {
+    ) -> Result<Connection, UpstreamError> {
         let endpoint = &member.endpoint;
         let connect_error = |source: std::io::Error| UpstreamError::Connect { endpoint: endpoint.url(), source };
         let tcp = TcpStream::connect(endpoint.authority.as_str()).await.map_err(connect_error)?;
@@ -262,9 +261,9 @@ impl Upstream {
                     .connect(server_name, tcp)
                     .await
                     .map_err(|source| UpstreamError::Tls { endpoint: endpoint.url(), source })?;
-                handshake(TokioIo::new(BatchedWrites(stream)), endpoint).await
+                handshake(BatchedWrites(stream), member).await
             }
-            _ => handshake(TokioIo::new(BatchedWrites(tcp)), endpoint).await,
+            _ => handshake(BatchedWrites(tcp), member).await,
         }
     }
 
@@ -415,7 +414,7 @@ impl Upstream {
         self.check_over(member, connection).await
     }
 
-    async fn check_over(&self, member: &Member, connection: SendRequest<RequestBody>) -> Result<(), UpstreamError> {
+    async fn check_over(&self, member: &Member, connection: Connection) -> Result<(), UpstreamError> {
         use etcd_compat_proto::health::{
             health_check_response::ServingStatus, HealthCheckRequest, HealthCheckResponse,
         };
@@ -433,7 +432,7 @@ impl Upstream {
 /// without client credentials: the calls it makes need none.
 pub(crate) async fn control_call<T: Message + Default>(
     member: &Member,
-    mut connection: SendRequest<RequestBody>,
+    mut connection: Connection,
     path: &'static str,
     request: &impl Message,
 ) -> Result<T, UpstreamError> {
@@ -444,6 +443,7 @@ pub(crate) async fn control_call<T: Message + Default>(
             .header(http::header::TE, HeaderValue::from_static("trailers"))
             .body(RequestBody::Buffered(Some(crate::grpc::frame(&request.encode_to_vec()))))
             .map_err(|e| failed(e.to_string()))?;
+    connection.ready().await.map_err(|source| UpstreamError::NotSent { endpoint: member.endpoint.url(), source })?;
     let response = connection
         .send_request(request)
         .await
@@ -525,29 +525,11 @@ fn new_member(endpoint: &Endpoint, index: usize) -> Member {
     }
 }
 
-async fn handshake<T>(io: TokioIo<T>, endpoint: &Endpoint) -> Result<SendRequest<RequestBody>, UpstreamError>
+async fn handshake<T>(io: T, member: &Member) -> Result<Connection, UpstreamError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(1024 * 1024)
-        // Pings notice a member that vanished without closing the TCP connection (VM migration,
-        // network partition) long before the kernel would.
-        .keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .max_concurrent_reset_streams(10_000)
-        .handshake(io)
+    Connection::handshake(io, member.name())
         .await
-        .map_err(|source| UpstreamError::Handshake { endpoint: endpoint.url(), source })?;
-    let url = endpoint.url();
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(member = %url, %error, "connection to etcd member closed");
-        }
-    });
-    Ok(sender)
+        .map_err(|source| UpstreamError::Handshake { endpoint: member.endpoint.url(), source })
 }

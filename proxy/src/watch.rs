@@ -25,6 +25,8 @@ use etcd_compat_proto::etcdserverpb::{watch_request, WatchCreateRequest, WatchRe
 use http::HeaderMap;
 use http_body::{Body, Frame};
 use hyper::body::Incoming;
+
+use crate::connection::UpstreamBody;
 use prost::Message;
 use tokio::sync::mpsc;
 
@@ -48,7 +50,7 @@ type Opening = Pin<Box<dyn Future<Output = Result<OpenedStream, (Code, String)>>
 /// An upstream Watch stream etcd accepted.
 pub struct OpenedStream {
     /// etcd's response, whose body carries the watch responses.
-    pub response: http::Response<Incoming>,
+    pub response: http::Response<UpstreamBody>,
     /// The member it is on, for logs.
     pub member: Arc<str>,
     /// The session token generation it was opened with.
@@ -58,7 +60,7 @@ pub struct OpenedStream {
 enum Upstream {
     Opening(Opening),
     Open {
-        body: Incoming,
+        body: UpstreamBody,
         member: Arc<str>,
     },
     /// Waiting before the next attempt to find a member.
