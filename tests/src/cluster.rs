@@ -494,7 +494,7 @@ impl EtcdCluster {
         self.checked_index(index)?;
         let member = &mut self.members[index];
         let mut process = member.process.take().ok_or_else(|| anyhow!("member {} is not running", member.name))?;
-        send_sigterm(process.id())?;
+        send_signal(process.id(), "TERM")?;
         let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
             if let Some(status) = process.try_wait()? {
@@ -508,6 +508,24 @@ impl EtcdCluster {
             }
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// SIGSTOPs member `index`: its TCP connections stay open but nothing answers, as with a
+    /// VM paused or a host cut off without a reset.
+    pub fn freeze(&mut self, index: usize) -> anyhow::Result<()> {
+        self.signal_running(index, "STOP")
+    }
+
+    /// SIGCONTs a member [`EtcdCluster::freeze`] stopped.
+    pub fn thaw(&mut self, index: usize) -> anyhow::Result<()> {
+        self.signal_running(index, "CONT")
+    }
+
+    fn signal_running(&mut self, index: usize, signal: &str) -> anyhow::Result<()> {
+        self.checked_index(index)?;
+        let member = &self.members[index];
+        let process = member.process.as_ref().ok_or_else(|| anyhow!("member {} is not running", member.name))?;
+        send_signal(process.id(), signal)
     }
 
     /// Starts a killed or stopped member again with its data directory and ports, then
@@ -694,10 +712,11 @@ impl Drop for EtcdCluster {
     }
 }
 
-fn send_sigterm(pid: u32) -> anyhow::Result<()> {
-    let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().context("running kill -TERM")?;
+fn send_signal(pid: u32, signal: &str) -> anyhow::Result<()> {
+    let flag = format!("-{signal}");
+    let status = Command::new("kill").args([&flag, &pid.to_string()]).status().context("running kill")?;
     if !status.success() {
-        bail!("kill -TERM {pid} exited with {status}");
+        bail!("kill {flag} {pid} exited with {status}");
     }
     Ok(())
 }

@@ -238,3 +238,97 @@ fn watch_resumes_after_member_loss_3_4() {
 fn watch_resumes_after_member_loss_3_5() {
     watch_resumes_after_member_loss(EtcdVersion::V3_5);
 }
+
+/// A member stops answering without closing its connections (SIGSTOP: a paused VM, a host cut
+/// off without a reset). The proxy's pings notice: writes go on through the other members, and
+/// the watch stream that was on the frozen member moves and sees every write once, in order.
+/// Without pings nothing would ever break that watch's TCP connection.
+fn frozen_member_is_left_behind(version: EtcdVersion) {
+    let mut deployment = Deployment::start(version, 3, Wire::Plain, &["--health-interval=200ms"]);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let endpoint = deployment.endpoint.clone();
+    let mut writer = runtime.block_on(Client::connect([endpoint.as_str()], None)).expect("connect");
+    let mut watcher = runtime.block_on(Client::connect([endpoint.as_str()], None)).expect("connect");
+
+    // The member the proxy pins, and so the one the watch will be on.
+    let before = requests_by_member(&deployment);
+    runtime.block_on(async {
+        for _ in 0..20 {
+            writer.get("/fz/none", None).await.expect("get");
+        }
+    });
+    let after = requests_by_member(&deployment);
+    let pinned = (0..3).max_by(|a, b| (after[*a] - before[*a]).total_cmp(&(after[*b] - before[*b]))).expect("member");
+    // Leadership elsewhere, so the cluster itself does not stall on an election.
+    let leader = deployment.cluster.wait_for_leader(Duration::from_secs(10)).expect("leader");
+    if leader == pinned {
+        let other = (pinned + 1) % 3;
+        let id = format!("{:x}", deployment.cluster.member(other).member_id.expect("id"));
+        deployment.cluster.etcdctl_ok(&["move-leader", &id]);
+        assert_ne!(deployment.cluster.wait_for_leader(Duration::from_secs(10)).expect("leader"), pinned);
+    }
+
+    let (events, acknowledged, failed, last_event_after) = runtime.block_on(async {
+        let mut stream = watcher
+            .watch("/fz/", Some(etcd_client::WatchOptions::new().with_prefix()))
+            .await
+            .expect("watch through the proxy");
+        assert!(stream.message().await.expect("created").expect("open").created());
+        let mut acknowledged: Vec<(String, i64)> = Vec::new();
+        let mut failed: Vec<String> = Vec::new();
+        for i in 0..40 {
+            if i == 10 {
+                deployment.cluster.freeze(pinned).expect("freeze the member the watch is on");
+            }
+            let key = format!("/fz/{i:03}");
+            // Bounded, so that a call stuck on the frozen member fails the test instead of hanging it.
+            match tokio::time::timeout(Duration::from_secs(20), writer.put(key.as_str(), "v", None)).await {
+                Ok(Ok(put)) => acknowledged.push((key, put.header().expect("header").revision())),
+                Ok(Err(error)) => failed.push(format!("{key}: {error}")),
+                Err(_) => failed.push(format!("{key}: no answer within 20 s")),
+            }
+        }
+        let frozen_at = Instant::now();
+        let mut events: Vec<(String, i64)> = Vec::new();
+        let deadline = frozen_at + Duration::from_secs(30);
+        while !acknowledged.iter().all(|write| events.contains(write)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, stream.message()).await {
+                Ok(Ok(Some(message))) => {
+                    assert!(!message.canceled(), "the watch was canceled: {message:?}");
+                    for event in message.events() {
+                        let kv = event.kv().expect("kv");
+                        events.push((kv.key_str().expect("utf8").to_owned(), kv.mod_revision()));
+                    }
+                }
+                Ok(other) => panic!("the watch stream ended: {other:?}"),
+                Err(_) => break,
+            }
+        }
+        (events, acknowledged, failed, frozen_at.elapsed())
+    });
+    deployment.cluster.thaw(pinned).expect("thaw");
+
+    for failure in &failed {
+        // A write in flight on the frozen member may or may not have been applied.
+        assert!(failure.contains("may or may not have been applied"), "unexpected failure: {failure}");
+    }
+    assert!(failed.len() <= 2, "writes went on failing after the member froze: {failed:?}");
+    let missing: Vec<_> = acknowledged.iter().filter(|write| !events.contains(write)).collect();
+    assert!(missing.is_empty(), "the watch never saw {missing:?} ({last_event_after:?} after the writes)");
+    let revisions: Vec<i64> = events.iter().map(|(_, r)| *r).collect();
+    assert!(revisions.windows(2).all(|w| w[0] < w[1]), "events out of order or repeated: {revisions:?}");
+    let (_, metrics) = deployment.proxy.http_get("/metrics");
+    let recreated = metric(&metrics, "etcd_compat_proxy_watch_recreations_total").expect("metric");
+    assert!(recreated >= 1.0, "the watch moved off the frozen member: {metrics}");
+}
+
+#[test]
+fn frozen_member_is_left_behind_3_4() {
+    frozen_member_is_left_behind(EtcdVersion::V3_4);
+}
+
+#[test]
+fn frozen_member_is_left_behind_3_5() {
+    frozen_member_is_left_behind(EtcdVersion::V3_5);
+}
