@@ -15,12 +15,11 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-
-use crate::connection::UpstreamBody;
 use prost::Message;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::grpc::{self, Code, MessageReader};
+use crate::h2_stream::RecvBody;
 use crate::metrics::Metrics;
 
 /// A request body sent to etcd: either a single buffered message (replayable) or the client's live stream.
@@ -119,7 +118,7 @@ pub struct ResponseBody {
 
 enum State {
     /// Relaying etcd's response; `first` is a DATA chunk the proxy read before relaying.
-    Upstream { incoming: UpstreamBody, first: Option<Bytes> },
+    Upstream { incoming: RecvBody, first: Option<Bytes> },
     /// A Watch stream relayed by the proxy, which survives the loss of its upstream stream.
     Watch(Box<crate::watch::WatchRelay>),
     /// Frames written by a task of the proxy (a keep-alive stream that moves between members);
@@ -134,7 +133,7 @@ enum State {
 impl ResponseBody {
     /// Relays an upstream response body. `status_in_headers` is the code of a trailers-only response.
     pub fn upstream(
-        incoming: UpstreamBody,
+        incoming: RecvBody,
         first: Option<Bytes>,
         mut record: CallRecord,
         status_in_headers: Option<Code>,
@@ -365,7 +364,7 @@ pub struct Buffered {
 impl Buffered {
     /// Reads an upstream response to the end into one contiguous buffer; a broken body becomes
     /// `Unavailable`.
-    pub async fn collect(response: http::Response<UpstreamBody>, first: Option<Bytes>) -> Result<Buffered, Buffered> {
+    pub async fn collect(response: http::Response<RecvBody>, first: Option<Bytes>) -> Result<Buffered, Buffered> {
         let (parts, mut body) = response.into_parts();
         let mut whole = Contiguous::default();
         if let Some(first) = first {

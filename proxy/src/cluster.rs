@@ -283,7 +283,7 @@ impl ClusterView {
     /// else (errors, unparsable answers) passes unchanged.
     pub async fn rewrite_member_list(
         &self,
-        response: http::Response<crate::connection::UpstreamBody>,
+        response: http::Response<crate::h2_stream::RecvBody>,
         first: Option<bytes::Bytes>,
     ) -> Buffered {
         let buffered = match Buffered::collect(response, first).await {

@@ -2,8 +2,9 @@
 //!
 //! hyper's client sends every request through a channel to its connection task and spawns a
 //! task per request to wait for the answer; here the calling task opens the stream itself and
-//! polls its answer, so a forwarded unary call costs no spawn and no channel hop upstream. Only
-//! client streams (Watch, LeaseKeepAlive) get a task, which copies their messages up.
+//! polls its answer, so a forwarded unary call costs no spawn and no channel hop upstream. A
+//! stream's body is either written by its owner ([`Connection::open`]: keep-alives) or copied up
+//! by a task ([`Connection::send_request`]: Watch streams, unknown streaming methods).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,11 +15,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::body::RequestBody;
+use crate::h2_stream::RecvBody;
 use crate::upstream::{CONNECTION_WINDOW, STREAM_WINDOW};
 
 /// How often an idle or busy connection is pinged, and how long a ping may go unanswered: pings
@@ -85,18 +85,13 @@ impl Connection {
     /// Opens a stream for `request` (call [`Connection::ready`] first) and sends its body: a
     /// buffered message at once, a stream by a task that copies it up as it arrives.
     pub fn send_request(&mut self, request: Request<RequestBody>) -> ResponseFuture {
-        let (mut head, mut body) = request.into_parts();
-        // HTTP/2 allows only `te: trailers`; h2 refuses any other value rather than drop it.
-        if head.headers.get(http::header::TE).is_some_and(|te| te != "trailers") {
-            head.headers.remove(http::header::TE);
-        }
-        let head = Request::from_parts(head, ());
+        let (head, mut body) = request.into_parts();
         let message = match &mut body {
             RequestBody::Buffered(message) => Some(message.take().unwrap_or_default()),
             RequestBody::Streaming(_) | RequestBody::Channel(_) => None,
         };
         let end_of_stream = message.as_ref().is_some_and(Bytes::is_empty);
-        let (response, mut stream) = match self.sender.send_request(head, end_of_stream) {
+        let (response, mut stream) = match self.open_with(Request::from_parts(head, ()), end_of_stream) {
             Ok(opened) => opened,
             Err(error) => return ResponseFuture { state: Err(Some(error)) },
         };
@@ -113,7 +108,26 @@ impl Connection {
                 tokio::spawn(copy_up(body, stream));
             }
         }
-        ResponseFuture { state: Ok(response) }
+        response
+    }
+
+    /// Opens a stream for `request` (call [`Connection::ready`] first) whose body the caller
+    /// writes itself, message by message.
+    pub fn open(&mut self, request: Request<()>) -> Result<(ResponseFuture, h2::SendStream<Bytes>), h2::Error> {
+        self.open_with(request, false)
+    }
+
+    fn open_with(
+        &mut self,
+        mut request: Request<()>,
+        end_of_stream: bool,
+    ) -> Result<(ResponseFuture, h2::SendStream<Bytes>), h2::Error> {
+        // HTTP/2 allows only `te: trailers`; h2 refuses any other value rather than drop it.
+        if request.headers().get(http::header::TE).is_some_and(|te| te != "trailers") {
+            request.headers_mut().remove(http::header::TE);
+        }
+        let (response, stream) = self.sender.send_request(request, end_of_stream)?;
+        Ok((ResponseFuture { state: Ok(response) }, stream))
     }
 }
 
@@ -123,109 +137,23 @@ pub struct ResponseFuture {
 }
 
 impl Future for ResponseFuture {
-    type Output = Result<Response<UpstreamBody>, h2::Error>;
+    type Output = Result<Response<RecvBody>, h2::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.get_mut().state {
             Ok(response) => {
                 let response = ready!(Pin::new(response).poll(cx))?;
-                Poll::Ready(Ok(response.map(|recv| UpstreamBody { recv, data_done: false })))
+                Poll::Ready(Ok(response.map(RecvBody::new)))
             }
             Err(error) => Poll::Ready(Err(error.take().unwrap_or_else(|| h2::Error::from(h2::Reason::INTERNAL_ERROR)))),
         }
     }
 }
 
-/// The body of etcd's answer: DATA frames as they arrive, then trailers.
-pub struct UpstreamBody {
-    recv: h2::RecvStream,
-    data_done: bool,
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = h2::Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        let this = &mut *self;
-        if !this.data_done {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    // The bytes are handed on at once; the window reopens for etcd's next ones.
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(error)) => return Poll::Ready(Some(Err(error))),
-                None => this.data_done = true,
-            }
-        }
-        match ready!(this.recv.poll_trailers(cx)) {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-            Ok(None) => Poll::Ready(None),
-            Err(error) => Poll::Ready(Some(Err(error))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
-}
-
-/// Copies a client stream (or the proxy's own messages) up to etcd, respecting its flow
-/// control, until the body ends or etcd resets the stream.
-async fn copy_up(mut body: RequestBody, mut stream: h2::SendStream<Bytes>) {
-    loop {
-        let frame = tokio::select! {
-            // etcd ended the call (or the proxy dropped the answer): stop reading the client.
-            _ = std::future::poll_fn(|cx| stream.poll_reset(cx)) => return,
-            frame = body.frame() => frame,
-        };
-        match frame {
-            None => {
-                let _ = stream.send_data(Bytes::new(), true);
-                return;
-            }
-            Some(Err(_)) => {
-                stream.send_reset(h2::Reason::CANCEL);
-                return;
-            }
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => {
-                    if send_within_window(&mut stream, data).await.is_err() {
-                        return;
-                    }
-                }
-                Err(frame) => {
-                    if let Ok(trailers) = frame.into_trailers() {
-                        let _ = stream.send_trailers(trailers);
-                    }
-                    return;
-                }
-            },
-        }
-    }
-}
-
-/// Sends `data` in pieces the peer's window has room for, so a fast client cannot make the
-/// proxy queue without bound.
-async fn send_within_window(stream: &mut h2::SendStream<Bytes>, mut data: Bytes) -> Result<(), h2::Error> {
-    while !data.is_empty() {
-        stream.reserve_capacity(data.len());
-        let granted = match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
-            Some(granted) => granted?,
-            None => return Err(h2::Error::from(h2::Reason::CANCEL)),
-        };
-        if granted == 0 {
-            continue;
-        }
-        let piece = data.split_to(granted.min(data.len()));
-        stream.send_data(piece, false)?;
-    }
-    Ok(())
+/// Copies a client stream (or the proxy's own messages) up to etcd until it ends or etcd
+/// resets the stream.
+async fn copy_up(body: RequestBody, mut stream: h2::SendStream<Bytes>) {
+    let _ = crate::h2_stream::pipe(body, &mut stream).await;
 }
 
 /// Pings the member until a ping goes unanswered; returns why.

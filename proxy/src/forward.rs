@@ -11,8 +11,6 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-
-use crate::connection::UpstreamBody;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +25,7 @@ use crate::budget::{self, BudgetPolicy, ClientBudget, KeySizeEstimate, LimitedLo
 use crate::cluster;
 use crate::error::{self, UpstreamError};
 use crate::grpc::{self, CallShape, Code, Route};
+use crate::h2_stream::RecvBody;
 use crate::keepalive;
 use crate::metrics::Metrics;
 use crate::upstream::{Member, Upstream};
@@ -435,12 +434,12 @@ impl Forwarder {
         path_and_query: &http::uri::PathAndQuery,
         headers: &HeaderMap,
         body: &mut PendingBody,
-    ) -> Result<(Response<UpstreamBody>, Arc<Member>), (Code, String)> {
+    ) -> Result<(Response<RecvBody>, Arc<Member>), (Code, String)> {
         let mut failures: Vec<UpstreamError> = Vec::new();
         let target = self.upstream.view.target(route, body.message());
         let mut order = self.upstream.attempts(target);
         // etcd's routing error, kept to answer with if the retry finds no other member.
-        let mut refused: Option<(Response<UpstreamBody>, Arc<Member>)> = None;
+        let mut refused: Option<(Response<RecvBody>, Arc<Member>)> = None;
         let mut attempts = 0;
         while let Some(member) = order.next() {
             if attempts > 0 {
@@ -565,7 +564,7 @@ impl Forwarder {
         path_and_query: &http::uri::PathAndQuery,
         headers: &HeaderMap,
         body: &mut PendingBody,
-    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+    ) -> Result<Response<RecvBody>, UpstreamError> {
         let mut connection = self.upstream.connection(member).await?;
         // Waiting for capacity before taking the body keeps a client stream usable for the next member.
         connection
@@ -599,7 +598,7 @@ impl Forwarder {
     /// Wraps etcd's response for the client, headers untouched.
     fn relay(
         &self,
-        response: Response<UpstreamBody>,
+        response: Response<RecvBody>,
         first: Option<Bytes>,
         record: CallRecord,
         route: &Route,
@@ -616,7 +615,7 @@ impl Forwarder {
 /// etcd's answer to a forwarded call.
 enum Upstreamed {
     /// Still arriving; `first` is a DATA chunk already read from it.
-    Streaming { response: Response<UpstreamBody>, first: Option<Bytes> },
+    Streaming { response: Response<RecvBody>, first: Option<Bytes> },
     /// Complete: a status without a message, read in full.
     Ended(Buffered),
 }
@@ -624,7 +623,7 @@ enum Upstreamed {
 impl Upstreamed {
     /// Reads the first frame of a response: a unary answer that starts with trailers is an
     /// error, complete and small; one that starts with data goes on streaming.
-    async fn peek(response: Response<UpstreamBody>) -> Upstreamed {
+    async fn peek(response: Response<RecvBody>) -> Upstreamed {
         let (parts, mut body) = response.into_parts();
         match body.frame().await {
             Some(Ok(frame)) => match frame.into_data() {

@@ -14,18 +14,17 @@ use http::{HeaderMap, Request, Response};
 use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-
-use crate::connection::UpstreamBody;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use etcd_compat_proto::etcdserverpb::{LeaseKeepAliveRequest, LeaseKeepAliveResponse};
 
-use crate::body::{CallRecord, RequestBody, ResponseBody};
+use crate::body::{CallRecord, ResponseBody};
 use crate::cluster::{self, Target};
 use crate::error::{self, UpstreamError};
 use crate::grpc::{self, Code, MessageReader};
+use crate::h2_stream::RecvBody;
 use crate::upstream::{Member, Upstream};
 
 /// The keep-alive method's path.
@@ -214,21 +213,27 @@ impl KeepAliveStream {
             .ready()
             .await
             .map_err(|source| UpstreamError::NotSent { endpoint: member.endpoint.url(), source })?;
-        let (to_member, messages) = mpsc::unbounded_channel();
-        for (_, request) in &self.unanswered {
-            let _ = to_member.send(request.clone());
-        }
-        let mut to_member = (!self.client_done).then_some(to_member);
-        let mut request = Request::new(RequestBody::Channel(messages));
+        let mut request = Request::new(());
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = member
             .uri(self.path_and_query.clone())
             .map_err(|e| UpstreamError::Request { why: format!("cannot address {}: {e}", self.path_and_query) })?;
         *request.headers_mut() = self.headers.clone();
         member.stats.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-
-        let mut response = Box::pin(connection.send_request(request));
-        let mut answers: Option<UpstreamBody> = None;
+        // This task writes the stream itself: a keep-alive is a few bytes, and a copy task
+        // between here and etcd would cost a wake-up per keep-alive.
+        let (response, mut to_member) = connection
+            .open(request)
+            .map_err(|source| UpstreamError::NotSent { endpoint: member.endpoint.url(), source })?;
+        for (_, request) in &self.unanswered {
+            let _ = to_member.send_data(request.clone(), false);
+        }
+        if self.client_done {
+            let _ = to_member.send_data(Bytes::new(), true);
+        }
+        let mut to_member = (!self.client_done).then_some(to_member);
+        let mut response = Box::pin(response);
+        let mut answers: Option<RecvBody> = None;
         let mut answer_partial = MessageReader::default();
         loop {
             tokio::select! {
@@ -236,8 +241,8 @@ impl KeepAliveStream {
                     Some(Ok(frame)) => {
                         if let Ok(data) = frame.into_data() {
                             for message in self.client_messages(data) {
-                                if let Some(to_member) = &to_member {
-                                    let _ = to_member.send(message);
+                                if let Some(to_member) = to_member.as_mut() {
+                                    let _ = to_member.send_data(message, false);
                                 }
                             }
                         }
@@ -245,7 +250,9 @@ impl KeepAliveStream {
                     // The client closed its side: so does the proxy, and etcd then ends the call.
                     None => {
                         self.client_done = true;
-                        to_member = None;
+                        if let Some(mut to_member) = to_member.take() {
+                            let _ = to_member.send_data(Bytes::new(), true);
+                        }
                     }
                     Some(Err(_)) => return Ok(Ended::Done),
                 },
@@ -298,7 +305,7 @@ impl KeepAliveStream {
     }
 
     /// The status of a response that has nothing but headers, if that is what `head` is.
-    fn trailers_only(&self, head: &Response<UpstreamBody>) -> Option<HeaderMap> {
+    fn trailers_only(&self, head: &Response<RecvBody>) -> Option<HeaderMap> {
         Code::from_headers(head.headers()).map(|_| head.headers().clone())
     }
 
@@ -337,7 +344,7 @@ impl KeepAliveStream {
     }
 }
 
-async fn next_frame(body: &mut Option<UpstreamBody>) -> Option<Result<Frame<Bytes>, h2::Error>> {
+async fn next_frame(body: &mut Option<RecvBody>) -> Option<Result<Frame<Bytes>, h2::Error>> {
     match body {
         Some(body) => body.frame().await,
         None => std::future::pending().await,

@@ -9,7 +9,8 @@
 //!   discovered members) and forwards the bytes, retrying on another member only when safe;
 //!   Ranges from clients with a message size limit are paged under [`budget`]; lease
 //!   keep-alive streams move between members ([`keepalive`]);
-//! - [`body`] relays etcd's answer and records the outcome in [`metrics`];
+//!   each member has one HTTP/2 [`connection`], on which the calling task sends directly;
+//! - [`body`] relays etcd's answer ([`h2_stream`]) and records the outcome in [`metrics`];
 //! - [`admin`] serves `/health` and `/metrics`; [`config`] and [`tls`] turn flags into all of this;
 //!   [`error`] is where the proxy's own failures become gRPC statuses;
 //! - [`reload`] swaps TLS material when its files change or on SIGHUP ([`cert_reload_wiring`]),
@@ -29,6 +30,7 @@ pub mod connection;
 pub mod error;
 pub mod forward;
 pub mod grpc;
+pub mod h2_stream;
 pub mod keepalive;
 pub mod legacy_authority;
 pub mod metrics;

@@ -25,14 +25,13 @@ use etcd_compat_proto::etcdserverpb::{watch_request, WatchCreateRequest, WatchRe
 use http::HeaderMap;
 use http_body::{Body, Frame};
 use hyper::body::Incoming;
-
-use crate::connection::UpstreamBody;
 use prost::Message;
 use tokio::sync::mpsc;
 
 use crate::auth::Session;
 use crate::forward::Forwarder;
 use crate::grpc::{self, Code, MessageReader, WireValue};
+use crate::h2_stream::RecvBody;
 
 /// How long the relay keeps trying to find a member before ending the client's stream.
 const RESUME_DEADLINE: Duration = Duration::from_secs(30);
@@ -50,7 +49,7 @@ type Opening = Pin<Box<dyn Future<Output = Result<OpenedStream, (Code, String)>>
 /// An upstream Watch stream etcd accepted.
 pub struct OpenedStream {
     /// etcd's response, whose body carries the watch responses.
-    pub response: http::Response<UpstreamBody>,
+    pub response: http::Response<RecvBody>,
     /// The member it is on, for logs.
     pub member: Arc<str>,
     /// The session token generation it was opened with.
@@ -60,7 +59,7 @@ pub struct OpenedStream {
 enum Upstream {
     Opening(Opening),
     Open {
-        body: UpstreamBody,
+        body: RecvBody,
         member: Arc<str>,
     },
     /// Waiting before the next attempt to find a member.
