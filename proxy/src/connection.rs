@@ -77,9 +77,15 @@ impl Connection {
         self.closed.load(Relaxed)
     }
 
-    /// Waits until the connection can open another stream.
+    /// Waits until the connection can open another stream. A connection that cannot (it failed)
+    /// counts as closed from then on, so that the next request dials a new one instead of
+    /// finding this one again until its task has wound down.
     pub async fn ready(&mut self) -> Result<(), h2::Error> {
-        std::future::poll_fn(|cx| self.sender.poll_ready(cx)).await
+        let result = std::future::poll_fn(|cx| self.sender.poll_ready(cx)).await;
+        if result.is_err() {
+            self.closed.store(true, Relaxed);
+        }
+        result
     }
 
     /// Opens a stream for `request` (call [`Connection::ready`] first) and sends its body: a
