@@ -1,6 +1,8 @@
 //! A member of three dies during a load run: the proxy keeps serving through the others,
 //! nothing acknowledged is lost, and `/health` and `/metrics` show which member is down.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::Client;
@@ -339,4 +341,101 @@ fn frozen_member_is_left_behind_3_4() {
 #[test]
 fn frozen_member_is_left_behind_3_5() {
     frozen_member_is_left_behind(EtcdVersion::V3_5);
+}
+
+/// A rolling restart, as an upgrade does it: each member of three in turn stopped with SIGTERM
+/// (etcd hands leadership over and closes its connections with GOAWAY) and started again, while
+/// a client writes and reads through the proxy. Reads never fail with an error of the proxy's,
+/// writes fail at most with "may or may not have been applied" or etcd's own election errors,
+/// nothing acknowledged is lost, and each member is healthy again after its restart.
+fn rolling_restart(version: EtcdVersion) {
+    let mut deployment = Deployment::start(version, 3, Wire::Plain, &["--health-interval=200ms"]);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let endpoint = deployment.endpoint.clone();
+    let running = Arc::new(AtomicBool::new(true));
+    // Eight callers, so that some calls are in flight on the member whenever it stops.
+    let loads: Vec<_> = (0..8)
+        .map(|worker| {
+            let (running, endpoint) = (Arc::clone(&running), endpoint.clone());
+            runtime.spawn(async move {
+                let mut client = Client::connect([endpoint.as_str()], None).await.expect("connect");
+                let (mut acknowledged, mut failed_writes, mut failed_reads) = (Vec::new(), Vec::new(), Vec::new());
+                let mut i = 0;
+                while running.load(Ordering::Relaxed) {
+                    let key = format!("/rr/{worker}/{i:05}");
+                    i += 1;
+                    // Bounded, so that a call stuck on a stopped member fails the test instead of hanging it.
+                    match tokio::time::timeout(Duration::from_secs(20), client.put(key.as_str(), "v", None)).await {
+                        Ok(Ok(_)) => acknowledged.push(key.clone()),
+                        Ok(Err(error)) => failed_writes.push(format!("{key}: {error}")),
+                        Err(_) => failed_writes.push(format!("{key}: no answer within 20 s")),
+                    }
+                    match tokio::time::timeout(Duration::from_secs(20), client.get(key.as_str(), None)).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(error)) => failed_reads.push(format!("read after {key}: {error}")),
+                        Err(_) => failed_reads.push(format!("read after {key}: no answer within 20 s")),
+                    }
+                }
+                (acknowledged, failed_writes, failed_reads)
+            })
+        })
+        .collect();
+    for member in 0..3 {
+        std::thread::sleep(Duration::from_millis(500));
+        deployment.cluster.stop(member).expect("SIGTERM stops the member");
+        deployment.cluster.restart(member).expect("the member starts again");
+        let url = deployment.cluster.member(member).client_url;
+        let healthy = format!("{{\"endpoint\":\"{url}\",\"healthy\":true");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !deployment.proxy.http_get("/health").1.contains(&healthy) {
+            assert!(Instant::now() < deadline, "member {member} not healthy again in /health");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    running.store(false, Ordering::Relaxed);
+    let (mut acknowledged, mut failed_writes, mut failed_reads) = (Vec::new(), Vec::new(), Vec::new());
+    for load in loads {
+        let (acked, writes, reads) = runtime.block_on(load).expect("load");
+        acknowledged.extend(acked);
+        failed_writes.extend(writes);
+        failed_reads.extend(reads);
+    }
+
+    // etcd's own answers while leadership moves are what a direct client would get too.
+    let etcd_election_error = |failure: &String| {
+        ["etcdserver: leader changed", "etcdserver: no leader", "etcdserver: request timed out"]
+            .iter()
+            .any(|text| failure.contains(text))
+    };
+    assert!(failed_reads.iter().all(etcd_election_error), "reads failed in the proxy: {failed_reads:?}");
+    for failure in &failed_writes {
+        assert!(
+            failure.contains("may or may not have been applied") || etcd_election_error(failure),
+            "unexpected failure: {failure}"
+        );
+    }
+    assert!(failed_writes.len() + failed_reads.len() <= 40, "{failed_writes:?} {failed_reads:?}");
+    assert!(acknowledged.len() >= 50, "too few writes went through: {}", acknowledged.len());
+    let stored: Vec<String> = runtime.block_on(async {
+        let mut client = Client::connect([deployment.endpoint.as_str()], None).await.expect("connect");
+        let response = client
+            .get("/rr/", Some(etcd_client::GetOptions::new().with_prefix().with_keys_only()))
+            .await
+            .expect("read back");
+        response.kvs().iter().map(|kv| kv.key_str().expect("utf8").to_owned()).collect()
+    });
+    for key in &acknowledged {
+        assert!(stored.contains(key), "acknowledged write {key} is missing");
+    }
+}
+
+#[test]
+fn rolling_restart_3_4() {
+    rolling_restart(EtcdVersion::V3_4);
+}
+
+#[test]
+fn rolling_restart_3_5() {
+    rolling_restart(EtcdVersion::V3_5);
 }
