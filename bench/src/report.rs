@@ -131,6 +131,13 @@ fn command_line(program: &str, args: &[&str], dir: Option<&Path>) -> String {
     }
 }
 
+/// The targets each round visits, in order, as the method line names them.
+fn target_order(results: &[WorkloadResult]) -> String {
+    let labels: Vec<&str> =
+        results.first().map(|result| result.rows.iter().map(|row| row.kind.label()).collect()).unwrap_or_default();
+    labels.join(", ")
+}
+
 /// Renders the whole report.
 pub fn render(
     info: &RunInfo,
@@ -147,8 +154,6 @@ pub fn render(
     let _ = writeln!(out, "- etcd: {}, one member, data dir {}", info.etcd_version, info.etcd_data_dir);
     let _ = writeln!(out, "- etcd-compat-proxy: {}", info.proxy_revision);
     let _ = writeln!(out, "- Command: `{}`", info.command);
-    let order: Vec<&str> =
-        results.first().map(|result| result.rows.iter().map(|row| row.kind.label()).collect()).unwrap_or_default();
     let _ = writeln!(
         out,
         "- Method: {} round(s); per round each target gets {:.1} s warm-up and a {:.1} s window, targets alternating \
@@ -157,7 +162,7 @@ pub fn render(
         info.rounds,
         info.warmup.as_secs_f64(),
         info.window.as_secs_f64(),
-        order.join(", "),
+        target_order(results),
         total.as_secs_f64()
     );
     let paged = workloads.iter().any(Workload::needs_huge_data);
@@ -452,6 +457,19 @@ mod tests {
             row,
             "| w | etcd-compat-proxy | 900 ops/s | 0.90x | 500 µs | 2.00 ms | 55.6 µs | 111.1 µs | 10.0 MiB | 900 / 1,000 / 800 |"
         );
+    }
+
+    #[test]
+    fn a_baseline_build_is_a_target_of_its_own() {
+        let row = |kind| TargetRow { kind, rounds: vec![measurement(1000)], failure: None };
+        let result = WorkloadResult {
+            name: "w",
+            unit: "ops/s",
+            rows: vec![row(TargetKind::Direct), row(TargetKind::CompatProxy), row(TargetKind::Baseline)],
+        };
+        assert_eq!(target_order(std::slice::from_ref(&result)), "direct, etcd-compat-proxy, baseline");
+        let line = table_row(&result, &result.rows[2], Some(1000.0));
+        assert!(line.starts_with("| w | baseline | 1,000 ops/s | 1.00x |"), "{line}");
     }
 
     #[test]
