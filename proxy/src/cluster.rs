@@ -152,20 +152,15 @@ pub fn attempt_order(members: &[MemberState], preferred: usize, leader: u64, tar
 
 /// Where a call should go: by method, and for Ranges by whether the request is serializable.
 pub fn target_for(route: &Route, request: Option<&Bytes>, learner_serializable_reads: bool) -> Target {
-    let path = etcd_compat_proto::METHODS.get(route.index).map(|m| m.path).unwrap_or("");
-    match path {
-        "/etcdserverpb.Cluster/MemberPromote"
-        | "/etcdserverpb.Maintenance/MoveLeader"
-        | "/etcdserverpb.Cluster/MemberAdd"
-        | "/etcdserverpb.Cluster/MemberRemove"
-        | "/etcdserverpb.Cluster/MemberUpdate"
-        // The leader's status, so that `etcdctl move-leader` (which looks for the endpoint whose
-        // status says it leads) works through the proxy, and `endpoint status` shows the leader.
-        | "/etcdserverpb.Maintenance/Status" => Target::Leader,
-        "/etcdserverpb.KV/Range" if learner_serializable_reads && request.is_some_and(is_serializable_range) => {
-            Target::VoterThenLearner
-        }
-        _ => Target::Voter,
+    if route.leader_first {
+        Target::Leader
+    } else if learner_serializable_reads
+        && route.index == grpc::range_index()
+        && request.is_some_and(is_serializable_range)
+    {
+        Target::VoterThenLearner
+    } else {
+        Target::Voter
     }
 }
 

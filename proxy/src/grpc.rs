@@ -113,6 +113,8 @@ pub struct Route {
     pub shape: CallShape,
     /// Retry rule.
     pub replay: Replay,
+    /// Whether the leader should serve it (see [`LEADER_FIRST`]).
+    pub leader_first: bool,
 }
 
 /// Methods that never change etcd's state, so a retry on another member is harmless.
@@ -137,6 +139,18 @@ const READ_ONLY: &[&str] = &[
     "/grpc.health.v1.Health/Watch",
 ];
 
+/// Methods sent to the leader first: member changes and leader transfer are refused or slow
+/// elsewhere, and the leader's Status is what `etcdctl move-leader` (which looks for the endpoint
+/// whose status says it leads) and `endpoint status` need to see through the proxy.
+const LEADER_FIRST: &[&str] = &[
+    "/etcdserverpb.Cluster/MemberAdd",
+    "/etcdserverpb.Cluster/MemberRemove",
+    "/etcdserverpb.Cluster/MemberUpdate",
+    "/etcdserverpb.Cluster/MemberPromote",
+    "/etcdserverpb.Maintenance/MoveLeader",
+    "/etcdserverpb.Maintenance/Status",
+];
+
 static ROUTES: LazyLock<HashMap<&'static str, Route>> = LazyLock::new(|| {
     etcd_compat_proto::METHODS
         .iter()
@@ -154,7 +168,8 @@ static ROUTES: LazyLock<HashMap<&'static str, Route>> = LazyLock::new(|| {
             } else {
                 Replay::IfNotSent
             };
-            (m.path, Route { index, shape, replay })
+            let leader_first = LEADER_FIRST.contains(&m.path);
+            (m.path, Route { index, shape, replay, leader_first })
         })
         .collect()
 });
@@ -165,6 +180,7 @@ pub fn route(path: &str) -> Route {
         index: etcd_compat_proto::METHODS.len(),
         shape: CallShape::ClientStreaming,
         replay: Replay::Never,
+        leader_first: false,
     })
 }
 
