@@ -190,6 +190,35 @@ pub struct StartArgs {
     #[arg(long, env = "ETCD_COMPAT_PROXY_AUTH_SESSION_IDLE_TIMEOUT", value_name = "DURATION")]
     pub auth_session_idle_timeout: Option<String>,
 
+    /// Longest delay of an Authenticate call from an address whose recent logins failed; the delay doubles from 100ms after 3 failures, and that address's logins are answered one at a time [default: 5s].
+    #[arg(long, env = "ETCD_COMPAT_PROXY_MAX_LOGIN_DELAY", value_name = "DURATION")]
+    pub max_login_delay: Option<String>,
+
+    // --- Limits that keep one client from costing the others (see README, "Limits"). ---
+    /// etcd's `--max-request-bytes` on the cluster: request messages larger than this plus gRPC's 512 KiB allowance are refused as etcd refuses them, before they are read [default: 1572864].
+    #[arg(long, env = "ETCD_COMPAT_PROXY_MAX_REQUEST_BYTES", value_name = "BYTES")]
+    pub max_request_bytes: Option<u64>,
+
+    /// Largest header block a client may send (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE, counted as decoded) [default: 16384].
+    #[arg(long, env = "ETCD_COMPAT_PROXY_MAX_HEADER_LIST_BYTES", value_name = "BYTES")]
+    pub max_header_list_bytes: Option<u32>,
+
+    /// etcd data held for one client call or stream that is not reading: unary answers up to this size are read whole from etcd, and a Watch or keep-alive stream whose client falls this far behind is paused upstream and resumed from its next undelivered revision [default: 4194304].
+    #[arg(long, env = "ETCD_COMPAT_PROXY_MAX_BUFFERED_RESPONSE_BYTES", value_name = "BYTES")]
+    pub max_buffered_response_bytes: Option<u64>,
+
+    /// Time a new client connection has to complete its TLS handshake and send the HTTP/2 preface and SETTINGS [default: 10s].
+    #[arg(long, env = "ETCD_COMPAT_PROXY_HANDSHAKE_TIMEOUT", value_name = "DURATION")]
+    pub handshake_timeout: Option<String>,
+
+    /// After this long with nothing received on a client connection, the proxy pings it, and closes it if the ping is not answered within the same time (at most 20s); `0s` turns this off [default: 3m].
+    #[arg(long, env = "ETCD_COMPAT_PROXY_IDLE_CONNECTION_TIMEOUT", value_name = "DURATION")]
+    pub idle_connection_timeout: Option<String>,
+
+    /// Longest pause allowed while a request message is incomplete; the call then ends with DeadlineExceeded [default: 10s].
+    #[arg(long, env = "ETCD_COMPAT_PROXY_REQUEST_BODY_TIMEOUT", value_name = "DURATION")]
+    pub request_body_timeout: Option<String>,
+
     // --- grpc-proxy flags that have no meaning here: accepted so unit files keep working. ---
     /// Accepted for grpc-proxy compatibility; the proxy keeps no persistent data.
     #[arg(long, env = "ETCD_COMPAT_PROXY_DATA_DIR", value_name = "DIR")]
@@ -207,11 +236,11 @@ pub struct StartArgs {
     #[arg(long, env = "ETCD_COMPAT_PROXY_RESOLVER_TTL")]
     pub resolver_ttl: Option<i64>,
 
-    /// Accepted for grpc-proxy compatibility; messages are forwarded without a size limit.
+    /// Accepted for grpc-proxy compatibility; request messages are limited by `--max-request-bytes`.
     #[arg(long, env = "ETCD_COMPAT_PROXY_MAX_SEND_BYTES")]
     pub max_send_bytes: Option<u64>,
 
-    /// Accepted for grpc-proxy compatibility; messages are forwarded without a size limit.
+    /// Accepted for grpc-proxy compatibility; answers from etcd are forwarded without a size limit.
     #[arg(long, env = "ETCD_COMPAT_PROXY_MAX_RECV_BYTES")]
     pub max_recv_bytes: Option<u64>,
 
@@ -304,6 +333,13 @@ impl StartArgs {
             password_file,
             client_cn_identity,
             auth_session_idle_timeout,
+            max_login_delay,
+            max_request_bytes,
+            max_header_list_bytes,
+            max_buffered_response_bytes,
+            handshake_timeout,
+            idle_connection_timeout,
+            request_body_timeout,
             data_dir,
             enable_pprof,
             resolver_prefix,
@@ -351,6 +387,16 @@ impl StartArgs {
         )?;
         refuse_if_set("auto-tls", self.auto_tls.filter(|b| *b), "generated listener certificates are not supported yet; create them with openssl or cfssl and pass --cert-file/--key-file")?;
         refuse_if_set("listen-cipher-suites", self.listen_cipher_suites.as_ref().filter(|v| !v.is_empty()), "cipher suite selection is not supported yet; the listener offers TLS 1.3 and TLS 1.2 ECDHE-AES-GCM/CHACHA20 suites")?;
+
+        let max_concurrent_streams = self.max_concurrent_streams.unwrap_or(u32::MAX);
+        if max_concurrent_streams == 0 {
+            return Err(ConfigError::invalid(
+                "max-concurrent-streams",
+                "0",
+                "must be at least 1; with 0 a client could open no call at all",
+            ));
+        }
+        let limits = ClientLimits::new(&self)?;
 
         let endpoints = self.endpoints.unwrap_or_else(|| vec!["127.0.0.1:2379".to_owned()]);
         let upstream_tls_requested = self.cacert.is_some()
@@ -411,8 +457,16 @@ impl StartArgs {
         note_ignored("enable-pprof", self.enable_pprof == Some(true), "no profiling endpoint is served");
         note_ignored("resolver-prefix", self.resolver_prefix.is_some(), "the proxy does not register itself in etcd");
         note_ignored("resolver-ttl", self.resolver_ttl.is_some(), "the proxy does not register itself in etcd");
-        note_ignored("max-send-bytes", self.max_send_bytes.is_some(), "messages are forwarded without a size limit");
-        note_ignored("max-recv-bytes", self.max_recv_bytes.is_some(), "messages are forwarded without a size limit");
+        note_ignored(
+            "max-send-bytes",
+            self.max_send_bytes.is_some(),
+            "request messages are limited by --max-request-bytes",
+        );
+        note_ignored(
+            "max-recv-bytes",
+            self.max_recv_bytes.is_some(),
+            "answers from etcd are forwarded without a size limit",
+        );
         note_ignored(
             "experimental-serializable-ordering",
             self.experimental_serializable_ordering == Some(true),
@@ -458,6 +512,11 @@ impl StartArgs {
                 self.auth_session_idle_timeout.as_deref(),
                 Duration::from_secs(24 * 3600),
             )?,
+            max_login_delay: parse_duration_setting(
+                "max-login-delay",
+                self.max_login_delay.as_deref(),
+                crate::auth::DEFAULT_MAX_LOGIN_DELAY,
+            )?,
         };
 
         Ok(Config {
@@ -477,7 +536,8 @@ impl StartArgs {
             metrics_addr,
             listener_tls,
             upstream_tls,
-            max_concurrent_streams: self.max_concurrent_streams.unwrap_or(u32::MAX),
+            max_concurrent_streams,
+            limits,
             debug: self.debug.unwrap_or(false),
             dial_timeout: parse_duration_setting("dial-timeout", self.dial_timeout.as_deref(), Duration::from_secs(2))?,
             health_interval: parse_duration_setting(
@@ -598,6 +658,8 @@ pub struct Config {
     pub upstream_tls: Option<UpstreamTlsFiles>,
     /// HTTP/2 concurrent stream limit per client connection.
     pub max_concurrent_streams: u32,
+    /// What one client connection or call may cost the proxy.
+    pub limits: ClientLimits,
     /// Debug-level logging.
     pub debug: bool,
     /// Timeout for TCP connect plus TLS and HTTP/2 handshakes to a member.
@@ -616,6 +678,106 @@ pub struct Config {
     pub cert_expiry: crate::cert_status::ExpiryPolicy,
     /// How often TLS files are checked for changes.
     pub cert_reload_interval: Duration,
+}
+
+/// Bounds on what one client connection or call may make the proxy hold or wait for, so that
+/// no client, however broken or hostile, costs the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// Largest request message accepted, in bytes: etcd's `--max-request-bytes` plus the
+    /// allowance etcd's gRPC server adds, so that the proxy refuses exactly what etcd would.
+    pub max_request_message: usize,
+    /// Largest header block a client may send, decoded.
+    pub max_header_list: u32,
+    /// etcd data held for one call or stream whose client is not reading.
+    pub max_buffered_response: usize,
+    /// TLS handshake plus HTTP/2 preface and SETTINGS.
+    pub handshake_timeout: Duration,
+    /// Silence after which a client connection is pinged; `None`: never.
+    pub idle_connection_timeout: Option<Duration>,
+    /// Longest pause inside an incomplete request message.
+    pub request_body_timeout: Duration,
+}
+
+impl ClientLimits {
+    /// Allowance etcd's gRPC server adds to `--max-request-bytes` for its receive limit
+    /// (`grpcOverheadBytes` in etcd's server setup).
+    pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+    /// etcd's default `--max-request-bytes`.
+    pub const DEFAULT_MAX_REQUEST_BYTES: u64 = 1536 * 1024;
+    /// hyper's default, which no etcd client comes near (their headers are a few hundred bytes).
+    pub const DEFAULT_MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+    /// One answer at the legacy clients' gRPC limit.
+    pub const DEFAULT_MAX_BUFFERED_RESPONSE_BYTES: u64 = 4 * 1024 * 1024;
+
+    fn new(args: &StartArgs) -> Result<Self, ConfigError> {
+        let max_request_bytes = args.max_request_bytes.unwrap_or(Self::DEFAULT_MAX_REQUEST_BYTES);
+        if max_request_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                "max-request-bytes",
+                &max_request_bytes.to_string(),
+                "must be at least 1024; set it to the cluster's etcd --max-request-bytes (1572864 by default)",
+            ));
+        }
+        let max_request_message = usize::try_from(max_request_bytes)
+            .ok()
+            .and_then(|bytes| bytes.checked_add(Self::GRPC_OVERHEAD_BYTES))
+            .filter(|bytes| *bytes <= u32::MAX as usize)
+            .ok_or_else(|| {
+                ConfigError::invalid(
+                    "max-request-bytes",
+                    &max_request_bytes.to_string(),
+                    "too large: a gRPC message is at most 4 GiB",
+                )
+            })?;
+        let max_header_list = args.max_header_list_bytes.unwrap_or(Self::DEFAULT_MAX_HEADER_LIST_BYTES);
+        if max_header_list < 1024 {
+            return Err(ConfigError::invalid(
+                "max-header-list-bytes",
+                &max_header_list.to_string(),
+                "must be at least 1024; etcd clients send a few hundred bytes of headers, tokens included",
+            ));
+        }
+        let max_buffered_response =
+            args.max_buffered_response_bytes.unwrap_or(Self::DEFAULT_MAX_BUFFERED_RESPONSE_BYTES);
+        if max_buffered_response < 64 * 1024 {
+            return Err(ConfigError::invalid(
+                "max-buffered-response-bytes",
+                &max_buffered_response.to_string(),
+                "must be at least 65536; smaller values pause watches of clients that are only a little behind",
+            ));
+        }
+        let idle_connection_timeout = match args.idle_connection_timeout.as_deref() {
+            None => Some(Duration::from_secs(180)),
+            Some(raw) => match parse_duration(raw) {
+                Some(duration) if duration.is_zero() => None,
+                Some(duration) => Some(duration),
+                None => {
+                    return Err(ConfigError::invalid(
+                        "idle-connection-timeout",
+                        raw,
+                        "expected a duration such as 30s or 3m, or 0s to never ping idle clients",
+                    ))
+                }
+            },
+        };
+        Ok(ClientLimits {
+            max_request_message,
+            max_header_list,
+            max_buffered_response: usize::try_from(max_buffered_response).unwrap_or(usize::MAX),
+            handshake_timeout: parse_duration_setting(
+                "handshake-timeout",
+                args.handshake_timeout.as_deref(),
+                Duration::from_secs(10),
+            )?,
+            idle_connection_timeout,
+            request_body_timeout: parse_duration_setting(
+                "request-body-timeout",
+                args.request_body_timeout.as_deref(),
+                Duration::from_secs(10),
+            )?,
+        })
+    }
 }
 
 /// What `MemberList` answers list as members' client URLs.
@@ -680,6 +842,13 @@ impl Endpoint {
         } else {
             (tls_by_default, trimmed)
         };
+        let port_out_of_range = rest
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse::<u64>().ok())
+            .is_some_and(|port| port == 0 || port > u64::from(u16::MAX));
+        if port_out_of_range {
+            return Err(ConfigError::invalid("endpoints", raw, "the port must be a number from 1 to 65535"));
+        }
         let authority: http::uri::Authority = rest
             .parse()
             .map_err(|_| ConfigError::invalid("endpoints", raw, "expected host:port, e.g. 127.0.0.1:2379"))?;
@@ -970,6 +1139,45 @@ mod tests {
         let err = Endpoint::parse("127.0.0.1", false).unwrap_err().to_string();
         assert_eq!(err, "invalid --endpoints \"127.0.0.1\": the port is missing; etcd's client port is usually 2379");
         assert!(Endpoint::parse("unix:///tmp/etcd.sock", false).is_err());
+    }
+
+    #[test]
+    fn endpoint_ports_out_of_range_are_named() {
+        for raw in ["127.0.0.1:99999", "127.0.0.1:0", "http://etcd:65536"] {
+            let err = Endpoint::parse(raw, false).unwrap_err().to_string();
+            assert_eq!(err, format!("invalid --endpoints {raw:?}: the port must be a number from 1 to 65535"));
+        }
+        assert_eq!(Endpoint::parse("127.0.0.1:65535", false).unwrap().authority.port_u16(), Some(65535));
+    }
+
+    #[test]
+    fn client_limits() {
+        let defaults = StartArgs::default().validate().unwrap().limits;
+        assert_eq!(
+            defaults,
+            ClientLimits {
+                max_request_message: 2 * 1024 * 1024,
+                max_header_list: 16384,
+                max_buffered_response: 4 * 1024 * 1024,
+                handshake_timeout: Duration::from_secs(10),
+                idle_connection_timeout: Some(Duration::from_secs(180)),
+                request_body_timeout: Duration::from_secs(10),
+            }
+        );
+        let off = StartArgs { idle_connection_timeout: Some("0s".into()), ..StartArgs::default() };
+        assert_eq!(off.validate().unwrap().limits.idle_connection_timeout, None);
+        let zero_streams = StartArgs { max_concurrent_streams: Some(0), ..StartArgs::default() };
+        assert!(zero_streams
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("invalid --max-concurrent-streams \"0\": must be at least 1"));
+        let tiny = StartArgs { max_request_bytes: Some(10), ..StartArgs::default() };
+        assert!(tiny
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("invalid --max-request-bytes \"10\": must be at least 1024"));
     }
 
     #[test]

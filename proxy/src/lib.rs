@@ -76,7 +76,9 @@ pub fn execute(cli: Cli) -> ExitCode {
                 Err(error) => {
                     tracing::error!("{error}");
                     eprintln!("etcd-compat-proxy: {error}");
-                    ExitCode::FAILURE
+                    // A port in use or TLS material that cannot be loaded is a setup problem, as
+                    // invalid flags are: the same exit code, so that unit files treat them alike.
+                    ExitCode::from(2)
                 }
             }
         }
