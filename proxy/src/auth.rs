@@ -26,6 +26,8 @@ use crate::grpc::Code;
 
 /// The metadata key etcd reads a token from.
 pub const TOKEN_HEADER: &str = "token";
+/// The other key etcd reads a token from when `token` is absent (its HTTP gateway's spelling).
+pub const AUTHORIZATION_HEADER: &str = "authorization";
 /// Prefix of the tokens this proxy issues, so that an etcd token sent by mistake is recognised.
 const PROXY_TOKEN_PREFIX: &str = "ecp.";
 /// Random bytes per proxy token (256 bits).
@@ -34,10 +36,15 @@ const PROXY_TOKEN_BYTES: usize = 32;
 pub const INVALID_TOKEN_MESSAGE: &str = "etcdserver: invalid auth token";
 /// Failed logins from one address allowed before answers are delayed.
 const FREE_LOGIN_FAILURES: u32 = 3;
-/// Longest delay of a failed login.
-const MAX_LOGIN_DELAY: Duration = Duration::from_secs(5);
+/// Delay of the first login beyond the free ones; each further one doubles it.
+const FIRST_LOGIN_DELAY: Duration = Duration::from_millis(100);
+/// Default of `--max-login-delay`: the longest delay of a login from an address that keeps failing.
+pub const DEFAULT_MAX_LOGIN_DELAY: Duration = Duration::from_secs(5);
 /// Failures older than this are forgotten.
 const LOGIN_FAILURE_MEMORY: Duration = Duration::from_secs(300);
+/// Authenticate calls checked by etcd at once, from all addresses together: each costs etcd a
+/// bcrypt comparison, and a flood of them would slow every other request.
+const MAX_CONCURRENT_LOGINS: usize = 16;
 
 /// A password held in memory only, overwritten when dropped, never printed.
 #[derive(Clone)]
@@ -254,6 +261,8 @@ pub struct AuthConfig {
     pub cn_identities: Vec<(String, Credentials)>,
     /// Proxy tokens unused for this long are forgotten.
     pub session_idle_timeout: Duration,
+    /// Longest delay of a login from an address whose logins keep failing.
+    pub max_login_delay: Duration,
 }
 
 /// Every session of the process, by proxy token, plus the configured identities.
@@ -263,7 +272,7 @@ pub struct AuthSessions {
     cn_identities: HashMap<String, Arc<Session>>,
     idle_timeout: Duration,
     started: Instant,
-    login_failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    logins: LoginThrottle,
     random: SystemRandom,
 }
 
@@ -280,7 +289,7 @@ impl AuthSessions {
                 .collect(),
             idle_timeout: config.session_idle_timeout,
             started: Instant::now(),
-            login_failures: Mutex::new(HashMap::new()),
+            logins: LoginThrottle::new(config.max_login_delay),
             random: SystemRandom::new(),
         }
     }
@@ -292,7 +301,8 @@ impl AuthSessions {
     /// Decides who a request acts as: its proxy token, else its certificate's CN, else the
     /// default identity, else nobody.
     pub fn identify(&self, headers: &HeaderMap, client: Option<&ClientInfo>) -> Identity {
-        if let Some(token) = headers.get(TOKEN_HEADER) {
+        // etcd reads `authorization` when `token` is absent: both are the client's token.
+        if let Some(token) = headers.get(TOKEN_HEADER).or_else(|| headers.get(AUTHORIZATION_HEADER)) {
             let found = token.to_str().ok().and_then(|token| self.by_token.lock().ok()?.get(token).cloned());
             return match found {
                 Some(session) => {
@@ -328,32 +338,9 @@ impl AuthSessions {
         Ok(proxy_token)
     }
 
-    /// How long to wait before answering a login from `addr`: nothing for the first few
-    /// failures, then doubling up to [`MAX_LOGIN_DELAY`], so that password guessing is slow.
-    pub fn login_delay(&self, addr: Option<IpAddr>) -> Duration {
-        let Some(addr) = addr else { return Duration::ZERO };
-        let Ok(failures) = self.login_failures.lock() else { return Duration::ZERO };
-        match failures.get(&addr) {
-            Some(&(count, at)) if count >= FREE_LOGIN_FAILURES && at.elapsed() < LOGIN_FAILURE_MEMORY => {
-                let doublings = (count - FREE_LOGIN_FAILURES).min(6);
-                (Duration::from_millis(100) * (1 << doublings)).min(MAX_LOGIN_DELAY)
-            }
-            _ => Duration::ZERO,
-        }
-    }
-
-    /// Records the outcome of a login from `addr`.
-    pub fn record_login(&self, addr: Option<IpAddr>, succeeded: bool) {
-        let (Some(addr), Ok(mut failures)) = (addr, self.login_failures.lock()) else { return };
-        if succeeded {
-            failures.remove(&addr);
-            return;
-        }
-        let entry = failures.entry(addr).or_insert((0, Instant::now()));
-        if entry.1.elapsed() >= LOGIN_FAILURE_MEMORY {
-            entry.0 = 0;
-        }
-        *entry = (entry.0 + 1, Instant::now());
+    /// Waits until a login from `addr` may be checked with etcd (see [`LoginThrottle`]).
+    pub async fn admit_login(&self, addr: Option<IpAddr>) -> LoginTurn<'_> {
+        self.logins.admit(addr).await
     }
 
     /// Forgets sessions idle for longer than the configured timeout and old login failures.
@@ -363,14 +350,144 @@ impl AuthSessions {
         if let Ok(mut sessions) = self.by_token.lock() {
             sessions.retain(|_, session| now.saturating_sub(session.last_used.load(Relaxed)) < idle);
         }
-        if let Ok(mut failures) = self.login_failures.lock() {
-            failures.retain(|_, (_, at)| at.elapsed() < LOGIN_FAILURE_MEMORY);
-        }
+        self.logins.forget_old();
     }
 
     /// Number of live proxy-token sessions.
     pub fn session_count(&self) -> usize {
         self.by_token.lock().map(|s| s.len()).unwrap_or(0)
+    }
+}
+
+/// Slows password guessing down: after [`FREE_LOGIN_FAILURES`] failures from an address, its
+/// logins are answered one at a time, each after a delay that doubles from
+/// [`FIRST_LOGIN_DELAY`] up to `--max-login-delay`. Logins still being checked count as failures
+/// when a new one takes its place in line, so thirty guesses sent at once wait as long as thirty
+/// sent one after the other. Across all addresses, at most [`MAX_CONCURRENT_LOGINS`] are checked
+/// by etcd at a time.
+struct LoginThrottle {
+    by_addr: Mutex<HashMap<IpAddr, AddrLogins>>,
+    etcd_checks: tokio::sync::Semaphore,
+    max_delay: Duration,
+}
+
+/// One address's recent logins.
+struct AddrLogins {
+    failures: u32,
+    last_failure: Instant,
+    /// Logins admitted and not finished yet.
+    in_flight: u32,
+    /// Held by the login whose turn it is, once the address has to wait.
+    turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl LoginThrottle {
+    fn new(max_delay: Duration) -> Self {
+        LoginThrottle {
+            by_addr: Mutex::new(HashMap::new()),
+            etcd_checks: tokio::sync::Semaphore::new(MAX_CONCURRENT_LOGINS),
+            max_delay,
+        }
+    }
+
+    /// The delay of the login at `position` among an address's failed or running logins.
+    fn delay(&self, position: u32) -> Duration {
+        match position.checked_sub(FREE_LOGIN_FAILURES) {
+            None => Duration::ZERO,
+            Some(doublings) => (FIRST_LOGIN_DELAY * (1 << doublings.min(16))).min(self.max_delay),
+        }
+    }
+
+    async fn admit(&self, addr: Option<IpAddr>) -> LoginTurn<'_> {
+        // Where the address stands, counting logins not yet finished as failures.
+        let ticket = addr.and_then(|addr| {
+            let mut logins = self.by_addr.lock().ok()?;
+            let entry = logins.entry(addr).or_insert_with(|| AddrLogins {
+                failures: 0,
+                last_failure: Instant::now(),
+                in_flight: 0,
+                turn: Arc::new(tokio::sync::Mutex::new(())),
+            });
+            if entry.last_failure.elapsed() >= LOGIN_FAILURE_MEMORY {
+                entry.failures = 0;
+            }
+            let position = entry.failures + entry.in_flight;
+            entry.in_flight += 1;
+            Some((position, Arc::clone(&entry.turn)))
+        });
+        let mut turn = LoginTurn { throttle: self, addr, _line: None, _check: None, finished: false };
+        if let Some((position, line)) = ticket {
+            let delay = self.delay(position);
+            if !delay.is_zero() {
+                // One at a time, in arrival order (tokio's mutex is fair), each after its delay.
+                turn._line = Some(line.lock_owned().await);
+                tokio::time::sleep(delay).await;
+            }
+        }
+        turn._check = self.etcd_checks.acquire().await.ok();
+        turn
+    }
+
+    fn finish(&self, addr: IpAddr, succeeded: bool) {
+        let Ok(mut logins) = self.by_addr.lock() else { return };
+        let Some(entry) = logins.get_mut(&addr) else { return };
+        entry.in_flight = entry.in_flight.saturating_sub(1);
+        match succeeded {
+            true => entry.failures = 0,
+            false => {
+                entry.failures = entry.failures.saturating_add(1);
+                entry.last_failure = Instant::now();
+            }
+        }
+    }
+
+    fn forget_old(&self) {
+        if let Ok(mut logins) = self.by_addr.lock() {
+            logins.retain(|_, entry| entry.in_flight > 0 || entry.last_failure.elapsed() < LOGIN_FAILURE_MEMORY);
+        }
+    }
+}
+
+/// A login's turn to be checked by etcd; say how it went with [`LoginTurn::finish`]. Dropped
+/// unfinished (the client went away), it counts as neither success nor failure.
+pub struct LoginTurn<'a> {
+    throttle: &'a LoginThrottle,
+    addr: Option<IpAddr>,
+    _line: Option<tokio::sync::OwnedMutexGuard<()>>,
+    _check: Option<tokio::sync::SemaphorePermit<'a>>,
+    finished: bool,
+}
+
+impl LoginTurn<'_> {
+    /// Records whether etcd accepted the credentials; `None` when etcd did not judge them
+    /// (unavailable, or another error), which counts as neither.
+    pub fn finish(mut self, accepted: Option<bool>) {
+        self.finished = true;
+        if let Some(addr) = self.addr {
+            match accepted {
+                Some(accepted) => self.throttle.finish(addr, accepted),
+                None => self.throttle.release(addr),
+            }
+        }
+    }
+}
+
+impl Drop for LoginTurn<'_> {
+    fn drop(&mut self) {
+        if let (false, Some(addr)) = (self.finished, self.addr) {
+            self.throttle.release(addr);
+        }
+    }
+}
+
+impl LoginThrottle {
+    /// A login that ended without a verdict on its credentials.
+    fn release(&self, addr: IpAddr) {
+        if let Ok(mut logins) = self.by_addr.lock() {
+            if let Some(entry) = logins.get_mut(&addr) {
+                entry.in_flight = entry.in_flight.saturating_sub(1);
+            }
+        }
     }
 }
 
@@ -425,6 +542,7 @@ mod tests {
             default_identity: Some(credentials("default")),
             cn_identities: vec![("client-a".to_owned(), credentials("a"))],
             session_idle_timeout: Duration::from_secs(60),
+            max_login_delay: DEFAULT_MAX_LOGIN_DELAY,
         });
         let token = sessions.open(credentials("alice"), "simple.1".to_owned()).unwrap();
         assert!(token.starts_with("ecp.") && token.len() == 4 + 64, "{token}");
@@ -433,6 +551,11 @@ mod tests {
         assert!(matches!(sessions.identify(&headers, None), Identity::Session(s) if s.user() == "alice"));
         headers.insert(TOKEN_HEADER, "etcd-token.5".parse().unwrap());
         assert!(matches!(sessions.identify(&headers, None), Identity::UnknownToken));
+        let mut authorization = HeaderMap::new();
+        authorization.insert(AUTHORIZATION_HEADER, token.parse().unwrap());
+        assert!(matches!(sessions.identify(&authorization, None), Identity::Session(s) if s.user() == "alice"));
+        authorization.insert(AUTHORIZATION_HEADER, "etcd-token.5".parse().unwrap());
+        assert!(matches!(sessions.identify(&authorization, None), Identity::UnknownToken));
         let mtls = ClientInfo { addr: None, common_name: Some("client-a".into()) };
         assert!(matches!(sessions.identify(&HeaderMap::new(), Some(&mtls)), Identity::Session(s) if s.user() == "a"));
         assert!(matches!(sessions.identify(&HeaderMap::new(), None), Identity::Session(s) if s.user() == "default"));
@@ -451,19 +574,57 @@ mod tests {
         assert!(matches!(sessions.identify(&headers, None), Identity::UnknownToken));
     }
 
-    #[test]
-    fn failed_logins_slow_down() {
-        let sessions = AuthSessions::new(AuthConfig::default());
+    #[tokio::test(start_paused = true)]
+    async fn failed_logins_slow_down() {
+        let sessions =
+            AuthSessions::new(AuthConfig { max_login_delay: Duration::from_secs(5), ..AuthConfig::default() });
         let addr = Some(IpAddr::from([127, 0, 0, 9]));
-        for _ in 0..FREE_LOGIN_FAILURES {
-            assert_eq!(sessions.login_delay(addr), Duration::ZERO);
-            sessions.record_login(addr, false);
+        let mut delays = Vec::new();
+        for _ in 0..FREE_LOGIN_FAILURES + 2 {
+            let started = tokio::time::Instant::now();
+            let turn = sessions.admit_login(addr).await;
+            delays.push(started.elapsed().as_millis());
+            turn.finish(Some(false));
         }
-        assert_eq!(sessions.login_delay(addr), Duration::from_millis(100));
-        sessions.record_login(addr, false);
-        assert_eq!(sessions.login_delay(addr), Duration::from_millis(200));
-        sessions.record_login(addr, true);
-        assert_eq!(sessions.login_delay(addr), Duration::ZERO);
+        assert_eq!(delays, vec![0, 0, 0, 100, 200]);
+        sessions.admit_login(addr).await.finish(Some(true));
+        let started = tokio::time::Instant::now();
+        sessions.admit_login(addr).await.finish(Some(false));
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn parallel_logins_wait_as_long_as_serial_ones() {
+        let sessions = Arc::new(AuthSessions::new(AuthConfig {
+            max_login_delay: Duration::from_millis(200),
+            ..AuthConfig::default()
+        }));
+        let addr = Some(IpAddr::from([127, 0, 0, 9]));
+        let started = tokio::time::Instant::now();
+        let tasks: Vec<_> = (0..10)
+            .map(|_| {
+                let sessions = Arc::clone(&sessions);
+                tokio::spawn(async move { sessions.admit_login(addr).await.finish(Some(false)) })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        // Positions 3..9 wait 100 ms, then 200 ms each (capped), one after the other.
+        assert_eq!(started.elapsed(), Duration::from_millis(100 + 6 * 200));
+    }
+
+    #[tokio::test]
+    async fn abandoned_logins_count_as_nothing() {
+        let sessions =
+            AuthSessions::new(AuthConfig { max_login_delay: Duration::from_secs(5), ..AuthConfig::default() });
+        let addr = Some(IpAddr::from([127, 0, 0, 9]));
+        for _ in 0..10 {
+            drop(sessions.admit_login(addr).await);
+        }
+        let started = std::time::Instant::now();
+        sessions.admit_login(addr).await.finish(None);
+        assert!(started.elapsed() < Duration::from_millis(50));
     }
 
     #[test]

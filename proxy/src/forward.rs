@@ -116,6 +116,7 @@ impl Forwarder {
         // Client tokens never go to etcd: the proxy's own session for the caller supplies one.
         let identity = self.auth.identify(&headers, parts.extensions.get::<ClientInfo>());
         headers.remove(auth::TOKEN_HEADER);
+        headers.remove(auth::AUTHORIZATION_HEADER);
         if route.index == grpc::authenticate_index() {
             if let PendingBody::Buffered(message) = &body {
                 let client = parts.extensions.get::<ClientInfo>().and_then(|c| c.addr);
@@ -376,10 +377,6 @@ impl Forwarder {
         message: &Bytes,
         client: Option<std::net::IpAddr>,
     ) -> Buffered {
-        let delay = self.auth.login_delay(client);
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
         let request = match message.first() {
             Some(0) if message.len() >= 5 => AuthenticateRequest::decode(&message[5..]).ok(),
             _ => None,
@@ -390,13 +387,17 @@ impl Forwarder {
                 "etcd-compat-proxy: the Authenticate request could not be decoded (compressed or malformed); send an uncompressed AuthenticateRequest".to_owned(),
             ));
         };
+        let turn = self.auth.admit_login(client).await;
         let answer = self.call(path_and_query, headers, message.clone()).await;
         let password = Secret::new(std::mem::take(&mut request.password).into_bytes());
         let credentials = Credentials { user: std::mem::take(&mut request.name), password };
+        // etcd answers wrong credentials with InvalidArgument; anything else says nothing about them.
+        turn.finish(match answer.code() {
+            Some(Code::Ok) => Some(true),
+            Some(Code::InvalidArgument) => Some(false),
+            _ => None,
+        });
         if answer.code() != Some(Code::Ok) {
-            if answer.code() == Some(Code::InvalidArgument) {
-                self.auth.record_login(client, false);
-            }
             return answer;
         }
         let Some(mut response) = answer.message().and_then(|m| AuthenticateResponse::decode(m).ok()) else {
@@ -405,7 +406,6 @@ impl Forwarder {
                 "etcd-compat-proxy: cannot decode etcd's Authenticate answer".to_owned(),
             ));
         };
-        self.auth.record_login(client, true);
         let user = credentials.user.clone();
         match self.auth.open(credentials, std::mem::take(&mut response.token)) {
             Ok(proxy_token) => {
