@@ -11,6 +11,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::accept::AcceptBackoff;
 use crate::metrics::Metrics;
 use crate::upstream::Upstream;
 
@@ -25,13 +26,17 @@ pub struct Admin {
 impl Admin {
     /// Serves admin requests on `listener` until `stop` is cancelled.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+        let mut accept_errors = AcceptBackoff::new("--metrics-addr");
         loop {
             let stream = tokio::select! {
                 _ = stop.cancelled() => return,
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
+                    Ok((stream, _)) => {
+                        accept_errors.succeeded();
+                        stream
+                    }
                     Err(error) => {
-                        tracing::warn!(%error, "admin listener accept failed");
+                        accept_errors.failed(&error).await;
                         continue;
                     }
                 },

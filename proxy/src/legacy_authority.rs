@@ -14,9 +14,19 @@
 //! client's table) and re-encoded without the dynamic table (plain literals), which the server
 //! can read whatever its own table holds. Frames other than HEADERS and CONTINUATION pass through
 //! byte for byte, and the server-to-client direction is untouched.
+//!
+//! These are the first bytes a client controls, read before the HTTP/2 server checks anything,
+//! so this layer is no looser than the server: a first block larger than the server's header list
+//! limit (raw or decoded), spread over more CONTINUATION frames than the server accepts, or
+//! asking for a bigger HPACK table than the server advertised, is not examined at all: it goes
+//! to the server as it came, which refuses it. Nothing here grows with what the client sends.
+//!
+//! It also reports when the client has sent the connection preface and its first SETTINGS
+//! frame, so that the listener can close connections that never get that far.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -28,6 +38,7 @@ use crate::metrics::Metrics;
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER_LEN: usize = 9;
 const HEADERS: u8 = 0x1;
+const SETTINGS: u8 = 0x4;
 const CONTINUATION: u8 = 0x9;
 const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
@@ -35,6 +46,14 @@ const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
 /// The smallest SETTINGS_MAX_FRAME_SIZE a peer may have; re-encoded blocks are cut to it.
 const MIN_MAX_FRAME_SIZE: usize = 16_384;
+/// The HPACK table size the server advertises (HTTP/2's default, which the server keeps): a
+/// client may not ask for more.
+const SERVER_HEADER_TABLE_SIZE: usize = 4096;
+/// CONTINUATION frames the server accepts in one block before it calls the client abusive (h2's
+/// rule for a header list limit smaller than a frame).
+const MAX_CONTINUATIONS: usize = 5;
+/// What HPACK counts per header on top of name and value (RFC 7541, 4.1).
+const HEADER_ENTRY_OVERHEAD: usize = 32;
 
 /// A client connection whose incoming header blocks are repaired before the HTTP/2 server reads them.
 pub struct AuthorityRepair<S> {
@@ -49,6 +68,12 @@ pub struct AuthorityRepair<S> {
     /// Set after the first malformed `:authority`: blocks are re-encoded from then on.
     reencode: bool,
     metrics: Arc<Metrics>,
+    /// The server's header list limit, which bounds what is buffered and decoded here.
+    max_header_list: usize,
+    /// Set once the preface and the first SETTINGS frame have arrived.
+    handshake: Arc<AtomicBool>,
+    /// The type of the first frame after the preface while it is still arriving.
+    first_frame: Option<u8>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -68,11 +93,15 @@ struct HeaderBlock {
     fragments: Vec<u8>,
     /// The frames as received, forwarded as they are while no repair is needed.
     original: BytesMut,
+    continuations: usize,
 }
 
 impl<S> AuthorityRepair<S> {
-    /// Wraps a client connection.
-    pub fn new(inner: S, metrics: Arc<Metrics>) -> Self {
+    /// Wraps a client connection whose server accepts header lists up to `max_header_list`
+    /// bytes; `handshake` is set once the client has sent the preface and its SETTINGS.
+    pub fn new(inner: S, metrics: Arc<Metrics>, max_header_list: u32, handshake: Arc<AtomicBool>) -> Self {
+        let mut decoder = loona_hpack::Decoder::new();
+        decoder.set_max_allowed_table_size(SERVER_HEADER_TABLE_SIZE);
         AuthorityRepair {
             inner,
             raw: BytesMut::with_capacity(16 * 1024),
@@ -80,9 +109,30 @@ impl<S> AuthorityRepair<S> {
             state: State::Preface,
             passthrough: 0,
             block: None,
-            decoder: loona_hpack::Decoder::new(),
+            decoder,
             reencode: false,
             metrics,
+            max_header_list: max_header_list as usize,
+            handshake,
+            first_frame: None,
+        }
+    }
+
+    /// Hands everything held so far to the server unexamined, and all later bytes too: for
+    /// anything the server must judge (and refuse) itself.
+    fn give_up(&mut self) {
+        if let Some(block) = self.block.take() {
+            self.ready.unsplit(block.original);
+        }
+        let rest = self.raw.split();
+        self.ready.unsplit(rest);
+        self.state = State::Transparent;
+    }
+
+    /// Notes the end of the first frame after the preface.
+    fn first_frame_done(&mut self) {
+        if self.first_frame.take() == Some(SETTINGS) {
+            self.handshake.store(true, Relaxed);
         }
     }
 
@@ -116,6 +166,9 @@ impl<S> AuthorityRepair<S> {
                         let bytes = self.raw.split_to(n);
                         self.ready.unsplit(bytes);
                         self.passthrough -= n;
+                        if self.passthrough == 0 {
+                            self.first_frame_done();
+                        }
                         continue;
                     }
                     if self.raw.len() < FRAME_HEADER_LEN {
@@ -123,25 +176,46 @@ impl<S> AuthorityRepair<S> {
                     }
                     let length = u32::from_be_bytes([0, self.raw[0], self.raw[1], self.raw[2]]) as usize;
                     let kind = self.raw[3];
+                    if !self.handshake.load(Relaxed) && self.first_frame.is_none() {
+                        self.first_frame = Some(kind);
+                    }
                     if kind != HEADERS && kind != CONTINUATION {
                         let header = self.raw.split_to(FRAME_HEADER_LEN);
                         self.ready.unsplit(header);
                         self.passthrough = length;
+                        if length == 0 {
+                            self.first_frame_done();
+                        }
                         continue;
+                    }
+                    self.first_frame = None;
+                    let held = self.block.as_ref().map_or(0, |block| block.original.len());
+                    if held + FRAME_HEADER_LEN + length > self.max_block_bytes() {
+                        self.give_up();
+                        return;
                     }
                     if self.raw.len() < FRAME_HEADER_LEN + length {
                         self.raw.reserve(FRAME_HEADER_LEN + length - self.raw.len());
                         return;
                     }
                     let frame = self.raw.split_to(FRAME_HEADER_LEN + length);
-                    if let Err(original) = self.header_frame(frame) {
+                    if let Err(frame) = self.header_frame(frame) {
                         // Something the server must reject anyway: give it the bytes as they came.
-                        self.ready.unsplit(original);
-                        self.state = State::Transparent;
+                        if let Some(block) = self.block.take() {
+                            self.ready.unsplit(block.original);
+                        }
+                        self.ready.unsplit(frame);
+                        self.give_up();
                     }
                 }
             }
         }
+    }
+
+    /// The most raw bytes (frame headers included) one header block may take here: the
+    /// server's decoded limit, which a compressed block does not exceed, plus its frame headers.
+    fn max_block_bytes(&self) -> usize {
+        self.max_header_list + (1 + MAX_CONTINUATIONS) * FRAME_HEADER_LEN
     }
 
     /// Collects a HEADERS or CONTINUATION frame; on END_HEADERS checks (and maybe re-encodes) the block.
@@ -172,13 +246,19 @@ impl<S> AuthorityRepair<S> {
                 return Err(frame);
             }
             let fragments = payload[start..end].to_vec();
-            self.block =
-                Some(HeaderBlock { stream_id, end_stream: flags & END_STREAM != 0, fragments, original: frame });
+            self.block = Some(HeaderBlock {
+                stream_id,
+                end_stream: flags & END_STREAM != 0,
+                fragments,
+                original: frame,
+                continuations: 0,
+            });
         } else {
             match self.block.as_mut() {
-                Some(block) if block.stream_id == stream_id => {
+                Some(block) if block.stream_id == stream_id && block.continuations < MAX_CONTINUATIONS => {
                     block.fragments.extend_from_slice(payload);
                     block.original.unsplit(frame);
+                    block.continuations += 1;
                 }
                 _ => return Err(frame),
             }
@@ -190,14 +270,22 @@ impl<S> AuthorityRepair<S> {
         let reencoding = self.reencode;
         let mut kept: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut malformed = false;
+        // Counted as the server counts its limit; references to the HPACK table make a small
+        // block decode into a large list, so nothing is kept past the limit.
+        let mut decoded_size = 0;
+        let limit = self.max_header_list;
         let decoded = self.decoder.decode_with_cb(&block.fragments, |name, value| {
+            decoded_size += name.len() + value.len() + HEADER_ENTRY_OVERHEAD;
+            if decoded_size > limit {
+                return;
+            }
             let bad = name.as_ref() == b":authority" && http::uri::Authority::try_from(value.as_ref()).is_err();
             malformed |= bad;
             if !bad {
                 kept.push((name.into_owned(), value.into_owned()));
             }
         });
-        if decoded.is_err() {
+        if decoded.is_err() || decoded_size > limit {
             return Err(block.original);
         }
         if malformed {
@@ -388,7 +476,7 @@ mod tests {
     }
 
     async fn repair(input: Vec<u8>) -> Vec<u8> {
-        let mut repaired = AuthorityRepair::new(&input[..], Arc::new(Metrics::default()));
+        let mut repaired = AuthorityRepair::new(&input[..], Arc::new(Metrics::default()), 16384, Arc::default());
         let mut output = Vec::new();
         repaired.read_to_end(&mut output).await.expect("read");
         output
@@ -447,6 +535,111 @@ mod tests {
             input.extend_from_slice(&frame(0x0, END_STREAM, stream, &[0, 0, 0, 0, 0]));
         }
         assert_eq!(repair(input.clone()).await, input);
+    }
+
+    /// Runs `input` through the layer in `chunk`-byte reads, returning the output and the most
+    /// bytes the layer held at any time.
+    async fn repair_in_chunks(input: &[u8], chunk: usize) -> (Vec<u8>, usize) {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut repaired = AuthorityRepair::new(server, Arc::new(Metrics::default()), 16384, Arc::default());
+        let input = input.to_vec();
+        let writer = tokio::spawn(async move {
+            for piece in input.chunks(chunk) {
+                tokio::io::AsyncWriteExt::write_all(&mut client, piece).await.unwrap();
+            }
+        });
+        let mut output = Vec::new();
+        let mut held = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = repaired.read(&mut buf).await.unwrap();
+            held = held.max(repaired.raw.len() + repaired.block.as_ref().map_or(0, |b| b.original.len()));
+            if n == 0 {
+                break;
+            }
+            output.extend_from_slice(&buf[..n]);
+        }
+        writer.await.unwrap();
+        (output, held)
+    }
+
+    fn literal_block(headers: usize, value_len: usize) -> Vec<u8> {
+        let mut block = Vec::new();
+        for i in 0..headers {
+            encode_literal(&mut block, format!("x-h{i}").as_bytes(), &vec![b'v'; value_len]);
+        }
+        block
+    }
+
+    #[tokio::test]
+    async fn an_oversize_first_block_goes_to_the_server_unexamined_and_unbuffered() {
+        // 1 MiB of headers over 16 KiB frames: far over the 16 KiB limit.
+        let block = literal_block(64, 16 * 1024);
+        let mut input = PREFACE.to_vec();
+        let mut frames = block.chunks(16 * 1024).peekable();
+        let mut first = true;
+        while let Some(piece) = frames.next() {
+            let flags = if frames.peek().is_none() { END_HEADERS } else { 0 };
+            input.extend_from_slice(&frame(if first { HEADERS } else { CONTINUATION }, flags, 1, piece));
+            first = false;
+        }
+        let (output, held) = repair_in_chunks(&input, 4096).await;
+        assert_eq!(output, input);
+        assert!(held <= 16384 + 6 * FRAME_HEADER_LEN + 4096, "held {held} bytes");
+    }
+
+    #[tokio::test]
+    async fn a_continuation_flood_is_not_collected() {
+        let mut input = PREFACE.to_vec();
+        input.extend_from_slice(&frame(HEADERS, 0, 1, &[0x82]));
+        for _ in 0..1000 {
+            input.extend_from_slice(&frame(CONTINUATION, 0, 1, &[]));
+        }
+        let (output, held) = repair_in_chunks(&input, 512).await;
+        assert_eq!(output, input);
+        assert!(held < 1024, "held {held} bytes");
+    }
+
+    #[tokio::test]
+    async fn a_table_size_beyond_the_servers_or_a_block_that_decodes_too_large_is_not_examined() {
+        // A size update to 2 MiB, which the server never allowed.
+        let mut oversize_table = vec![0x3f];
+        let mut rest = Vec::new();
+        encode_integer(&mut rest, 2 * 1024 * 1024 - 31, 0, 0);
+        oversize_table.extend_from_slice(&rest[1..]);
+        oversize_table.extend_from_slice(&literal_block(1, 10));
+        // One 3 KiB entry added to the table, then referenced 4000 times: 4 KiB on the wire
+        // decoding to 12 MiB.
+        let mut amplified = vec![0x40];
+        encode_string(&mut amplified, b"x-big");
+        encode_string(&mut amplified, &[b'v'; 3000]);
+        amplified.extend(std::iter::repeat_n(0xbe, 4000));
+        for mut block in [oversize_table, amplified] {
+            // A malformed authority, which would make the layer re-encode a block it examined.
+            encode_literal(&mut block, b":authority", b"http://127.0.0.1:2379");
+            let mut input = PREFACE.to_vec();
+            input.extend_from_slice(&frame(HEADERS, END_HEADERS, 1, &block));
+            let (output, _) = repair_in_chunks(&input, 1024).await;
+            assert_eq!(output, input);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_handshake_is_done_once_the_first_settings_frame_arrived() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let handshake = Arc::new(AtomicBool::new(false));
+        let mut repaired = AuthorityRepair::new(server, Arc::new(Metrics::default()), 16384, Arc::clone(&handshake));
+        let mut buf = [0u8; 128];
+        let settings = frame(SETTINGS, 0, 0, &[0, 3, 0, 0, 0, 100]);
+        tokio::io::AsyncWriteExt::write_all(&mut client, &PREFACE[..10]).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut client, &PREFACE[10..]).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut client, &settings[..12]).await.unwrap();
+        let n = repaired.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        assert!(!handshake.load(Relaxed), "half a SETTINGS frame is not a handshake");
+        tokio::io::AsyncWriteExt::write_all(&mut client, &settings[12..]).await.unwrap();
+        let _ = repaired.read(&mut buf).await.unwrap();
+        assert!(handshake.load(Relaxed));
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! - [`reload`] swaps TLS material when its files change or on SIGHUP ([`cert_reload_wiring`]),
 //!   [`verify`] holds the opt-in certificate exceptions, [`cert_status`] tracks expiry.
 
+pub mod accept;
 pub mod admin;
 pub mod auth;
 pub mod batched_writes;

@@ -55,6 +55,12 @@ pub struct Metrics {
     auth_renewals: AtomicU64,
     auth_retries: AtomicU64,
     watch_recreations: AtomicU64,
+    client_connections: AtomicU64,
+    /// Client connections the proxy closed, by [`ClosedBecause`].
+    connections_closed: [AtomicU64; 2],
+    /// Client requests the proxy refused itself, by [`Refusal`].
+    refusals: [AtomicU64; 4],
+    stream_pauses: AtomicU64,
     /// Limited Range answers by (truncation prefix label, outcome); labels come from configuration.
     budget: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// Certificates in use, their expiry and reload counters.
@@ -72,13 +78,77 @@ impl Default for Metrics {
             auth_renewals: AtomicU64::new(0),
             auth_retries: AtomicU64::new(0),
             watch_recreations: AtomicU64::new(0),
+            client_connections: AtomicU64::new(0),
+            connections_closed: Default::default(),
+            refusals: Default::default(),
+            stream_pauses: AtomicU64::new(0),
             budget: Mutex::new(BTreeMap::new()),
             certificates: std::sync::Arc::default(),
         }
     }
 }
 
+/// Why the proxy closed a client connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClosedBecause {
+    /// No TLS handshake, HTTP/2 preface and SETTINGS within `--handshake-timeout`.
+    Handshake = 0,
+    /// Silent for `--idle-connection-timeout`, then no answer to a ping.
+    NoPingAnswer = 1,
+}
+
+impl ClosedBecause {
+    const LABELS: [&'static str; 2] = ["handshake_timeout", "ping_timeout"];
+}
+
+/// Why the proxy refused a client's request itself, without sending it to etcd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not a gRPC request (method, content-type, `grpc-timeout`): reset as etcd resets it.
+    Malformed = 0,
+    /// A request message over etcd's receive limit.
+    TooLarge = 1,
+    /// A request message that stopped arriving (`--request-body-timeout`).
+    Stalled = 2,
+    /// The call's `grpc-timeout` passed.
+    Deadline = 3,
+}
+
+impl Refusal {
+    const LABELS: [&'static str; 4] = ["malformed", "too_large", "stalled", "deadline"];
+}
+
+/// Keeps a client connection counted as open until dropped.
+pub struct OpenConnection<'a>(&'a AtomicU64);
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
 impl Metrics {
+    /// Counts a client connection as open until the returned guard is dropped.
+    pub fn client_connection_opened(&self) -> OpenConnection<'_> {
+        self.client_connections.fetch_add(1, Relaxed);
+        OpenConnection(&self.client_connections)
+    }
+
+    /// Counts a client connection the proxy closed.
+    pub fn client_connection_closed(&self, why: ClosedBecause) {
+        self.connections_closed[why as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Counts a request the proxy refused itself.
+    pub fn refused(&self, why: Refusal) {
+        self.refusals[why as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Counts a stream paused upstream because its client stopped reading.
+    pub fn stream_paused(&self) {
+        self.stream_pauses.fetch_add(1, Relaxed);
+    }
+
     /// Counts a call as started.
     pub fn started(&self, method: usize) {
         self.methods[method].started.fetch_add(1, Relaxed);
@@ -208,6 +278,20 @@ impl Metrics {
         }
         out.push_str("# HELP etcd_compat_proxy_watch_responses_split_total Watch responses larger than a limited client's budget, split into several.\n# TYPE etcd_compat_proxy_watch_responses_split_total counter\n");
         let _ = writeln!(out, "etcd_compat_proxy_watch_responses_split_total {}", self.watch_splits.load(Relaxed));
+        out.push_str("# HELP etcd_compat_proxy_client_connections Client connections open now.\n# TYPE etcd_compat_proxy_client_connections gauge\n");
+        let _ = writeln!(out, "etcd_compat_proxy_client_connections {}", self.client_connections.load(Relaxed));
+        out.push_str("# HELP etcd_compat_proxy_client_connections_closed_total Client connections the proxy closed: no handshake in time (--handshake-timeout), or silent and no answer to a ping (--idle-connection-timeout).\n# TYPE etcd_compat_proxy_client_connections_closed_total counter\n");
+        for (label, n) in ClosedBecause::LABELS.iter().zip(&self.connections_closed) {
+            let _ = writeln!(
+                out,
+                "etcd_compat_proxy_client_connections_closed_total{{reason=\"{label}\"}} {}",
+                n.load(Relaxed)
+            );
+        }
+        out.push_str("# HELP etcd_compat_proxy_requests_refused_total Client requests the proxy answered itself without sending them to etcd: malformed (not gRPC), too_large (over etcd's receive limit), stalled (--request-body-timeout), deadline (grpc-timeout passed).\n# TYPE etcd_compat_proxy_requests_refused_total counter\n");
+        for (label, n) in Refusal::LABELS.iter().zip(&self.refusals) {
+            let _ = writeln!(out, "etcd_compat_proxy_requests_refused_total{{reason=\"{label}\"}} {}", n.load(Relaxed));
+        }
         self.certificates.render(&mut out);
         for (name, help, value) in [
             (
@@ -219,6 +303,11 @@ impl Metrics {
                 "auth_retries_total",
                 "Requests sent again after etcd refused their token and it was renewed.",
                 &self.auth_retries,
+            ),
+            (
+                "stream_pauses_total",
+                "Watch and keep-alive streams paused upstream because their client stopped reading (--max-buffered-response-bytes); resumed from the next undelivered revision.",
+                &self.stream_pauses,
             ),
             (
                 "watch_recreations_total",
