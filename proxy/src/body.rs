@@ -6,11 +6,13 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::task::AtomicWaker;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -18,6 +20,7 @@ use hyper::body::Incoming;
 use prost::Message;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
+use crate::client_queue::QueueReceiver;
 use crate::grpc::{self, Code, MessageReader};
 use crate::h2_stream::RecvBody;
 use crate::metrics::Metrics;
@@ -28,9 +31,74 @@ pub enum RequestBody {
     Buffered(Option<Bytes>),
     /// A client stream (Watch, LeaseKeepAlive, unknown methods), forwarded frame by frame.
     Streaming(Incoming),
-    /// Messages the proxy writes itself (a relayed Watch stream, a keep-alive stream re-opened on
-    /// another member), ended when the sender goes away.
-    Channel(tokio::sync::mpsc::UnboundedReceiver<Bytes>),
+    /// Messages the proxy writes itself (a relayed Watch stream), ended when the sender goes away.
+    Channel(FeedReceiver),
+}
+
+/// Messages a stream task writes into an upstream stream, counted until they leave for etcd so
+/// that the task can stop taking its client's messages while etcd is not reading them.
+pub fn feed() -> (FeedSender, FeedReceiver) {
+    let (messages, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let state = Arc::new(FeedState { queued: AtomicUsize::new(0), writer: AtomicWaker::new() });
+    (FeedSender { messages, state: Arc::clone(&state) }, FeedReceiver { messages: receiver, state })
+}
+
+struct FeedState {
+    /// Bytes sent and not yet taken by the upstream stream.
+    queued: AtomicUsize,
+    /// The task waiting for room.
+    writer: AtomicWaker,
+}
+
+/// The writing end of a [`feed`].
+pub struct FeedSender {
+    messages: tokio::sync::mpsc::UnboundedSender<Bytes>,
+    state: Arc<FeedState>,
+}
+
+impl FeedSender {
+    /// A sender whose messages go nowhere (the upstream side was closed).
+    pub fn closed() -> FeedSender {
+        feed().0
+    }
+
+    /// Queues a message for etcd; dropped if the stream is gone.
+    pub fn send(&self, message: Bytes) {
+        let length = message.len();
+        if self.messages.send(message).is_ok() {
+            self.state.queued.fetch_add(length, Relaxed);
+        }
+    }
+
+    /// Ready while fewer than `limit` bytes wait for etcd; otherwise the task is woken when
+    /// they leave.
+    pub fn poll_room(&self, cx: &mut Context<'_>, limit: usize) -> Poll<()> {
+        if self.state.queued.load(Relaxed) < limit || self.messages.is_closed() {
+            return Poll::Ready(());
+        }
+        self.state.writer.register(cx.waker());
+        match self.state.queued.load(Relaxed) < limit {
+            true => Poll::Ready(()),
+            false => Poll::Pending,
+        }
+    }
+}
+
+/// The reading end of a [`feed`], the body of the upstream request.
+pub struct FeedReceiver {
+    messages: tokio::sync::mpsc::UnboundedReceiver<Bytes>,
+    state: Arc<FeedState>,
+}
+
+impl FeedReceiver {
+    fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        let message = std::task::ready!(self.messages.poll_recv(cx));
+        if let Some(message) = &message {
+            self.state.queued.fetch_sub(message.len(), Relaxed);
+            self.state.writer.wake();
+        }
+        Poll::Ready(message)
+    }
 }
 
 impl Body for RequestBody {
@@ -41,7 +109,7 @@ impl Body for RequestBody {
         match self.get_mut() {
             RequestBody::Buffered(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             RequestBody::Streaming(incoming) => Pin::new(incoming).poll_frame(cx),
-            RequestBody::Channel(messages) => messages.poll_recv(cx).map(|m| m.map(|m| Ok(Frame::data(m)))),
+            RequestBody::Channel(messages) => messages.poll_message(cx).map(|m| m.map(|m| Ok(Frame::data(m)))),
         }
     }
 
@@ -116,14 +184,16 @@ pub struct ResponseBody {
     guard: Option<usize>,
 }
 
+/// What a stream task (relayed Watch, keep-alives) sends first: etcd's response headers for the
+/// client, or the headers of a trailers-only status if the stream never started.
+pub type StreamHead = Result<HeaderMap, HeaderMap>;
+
 enum State {
     /// Relaying etcd's response; `first` is a DATA chunk the proxy read before relaying.
     Upstream { incoming: RecvBody, first: Option<Bytes> },
-    /// A Watch stream relayed by the proxy, which survives the loss of its upstream stream.
-    Watch(Box<crate::watch::WatchRelay>),
-    /// Frames written by a task of the proxy (a keep-alive stream that moves between members);
-    /// ends after a trailers frame.
-    Channel(tokio::sync::mpsc::Receiver<Frame<Bytes>>),
+    /// Frames written by a task of the proxy (a relayed Watch, a keep-alive stream: streams that
+    /// move between members); ends after a trailers frame.
+    Queue(QueueReceiver),
     /// A response the proxy holds in full: its data chunks in order, then trailers.
     Buffered { data: std::collections::VecDeque<Bytes>, trailers: Option<HeaderMap> },
     /// Nothing more to send.
@@ -153,20 +223,41 @@ impl ResponseBody {
         }
     }
 
-    /// A stream whose frames a proxy task sends on `frames`; it must end with trailers.
-    pub fn from_channel(
-        frames: tokio::sync::mpsc::Receiver<Frame<Bytes>>,
-        record: CallRecord,
+    /// The answer to a call served by a stream task: once the task sends `head`, etcd's headers
+    /// and the frames the task queues, or a trailers-only status. `what` names the stream in the
+    /// status of a task that ended before it started.
+    pub async fn when_started(
+        head: tokio::sync::oneshot::Receiver<StreamHead>,
+        frames: QueueReceiver,
+        mut record: CallRecord,
         shutdown: WaitForCancellationFutureOwned,
-    ) -> Self {
-        ResponseBody {
-            state: State::Channel(frames),
-            record: Some(record),
-            shutdown: Some(Box::pin(shutdown)),
-            member: Arc::from(""),
-            splitter: None,
-            guard: None,
-        }
+        what: &str,
+    ) -> http::Response<ResponseBody> {
+        let (headers, body) = match head.await {
+            Ok(Ok(headers)) => {
+                let body = ResponseBody {
+                    state: State::Queue(frames),
+                    record: Some(record),
+                    shutdown: Some(Box::pin(shutdown)),
+                    member: Arc::from(""),
+                    splitter: None,
+                    guard: None,
+                };
+                (headers, body)
+            }
+            Ok(Err(status)) => {
+                let code = Code::from_headers(&status).unwrap_or(Code::Unknown);
+                (status, ResponseBody::empty(record, code))
+            }
+            Err(_) => {
+                let message = format!("etcd-compat-proxy: the {what} stream ended before it started");
+                record.finish(Code::Cancelled);
+                (grpc::status_headers(Code::Cancelled, &message), ResponseBody::empty(record, Code::Cancelled))
+            }
+        };
+        let mut response = http::Response::new(body);
+        *response.headers_mut() = headers;
+        response
     }
 
     /// Refuses (with `ResourceExhausted`) an answer whose message is larger than `budget`, before
@@ -182,22 +273,6 @@ impl ResponseBody {
         self
     }
 
-    /// The body of a Watch stream relayed by `relay`; ended with a status at shutdown.
-    pub fn watch(
-        relay: crate::watch::WatchRelay,
-        record: CallRecord,
-        shutdown: WaitForCancellationFutureOwned,
-    ) -> Self {
-        ResponseBody {
-            state: State::Watch(Box::new(relay)),
-            record: Some(record),
-            shutdown: Some(Box::pin(shutdown)),
-            member: Arc::from(""),
-            splitter: None,
-            guard: None,
-        }
-    }
-
     /// An empty body, for trailers-only responses produced by the proxy.
     pub fn empty(mut record: CallRecord, code: Code) -> Self {
         record.finish(code);
@@ -211,7 +286,7 @@ impl ResponseBody {
         }
     }
 
-    fn end_with(&mut self, code: Code, message: &str) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn end_with(&mut self, code: Code, message: &str) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         if let Some(record) = self.record.as_mut() {
             record.finish(code);
         }
@@ -222,14 +297,15 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    /// An error resets the client's stream with its reason (see `State::Upstream`).
+    type Error = h2::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = self.get_mut();
         if let Some(shutdown) = this.shutdown.as_mut() {
             if shutdown.as_mut().poll(cx).is_ready() {
                 this.shutdown = None;
-                if matches!(this.state, State::Upstream { .. } | State::Watch(_) | State::Channel(_)) {
+                if matches!(this.state, State::Upstream { .. } | State::Queue(_)) {
                     // Dropping the upstream body resets the stream at etcd, which cancels its watches.
                     return this
                         .end_with(Code::Unavailable, "etcd-compat-proxy is shutting down; reconnect to continue");
@@ -238,17 +314,13 @@ impl Body for ResponseBody {
         }
         match &mut this.state {
             State::Done => Poll::Ready(None),
-            State::Channel(frames) => match frames.poll_recv(cx) {
+            State::Queue(frames) => match frames.poll_next(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Some(frame)) => {
-                    if let Some(trailers) = frame.trailers_ref() {
-                        let code = Code::from_headers(trailers).unwrap_or(Code::Unknown);
-                        if let Some(record) = this.record.as_mut() {
-                            record.finish(code);
-                        }
+                    if frame.is_trailers() {
                         this.state = State::Done;
                     }
-                    Poll::Ready(Some(Ok(frame)))
+                    this.deliver(frame)
                 }
                 Poll::Ready(None) => this.end_with(
                     Code::Unavailable,
@@ -263,14 +335,6 @@ impl Body for ResponseBody {
                 this.state = State::Done;
                 Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
             }
-            State::Watch(relay) => match relay.poll_frame(cx) {
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(Some(frame)) => this.deliver(frame),
-                Poll::Ready(None) => {
-                    this.state = State::Done;
-                    Poll::Ready(None)
-                }
-            },
             State::Upstream { first: first @ Some(_), .. } => {
                 let chunk = first.take().unwrap_or_default();
                 this.deliver(Frame::data(chunk))
@@ -278,6 +342,14 @@ impl Body for ResponseBody {
             State::Upstream { incoming, .. } => match Pin::new(incoming).poll_frame(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Some(Ok(frame))) => this.deliver(frame),
+                Poll::Ready(Some(Err(error))) if crate::error::is_stream_answer(&error) => {
+                    // etcd ended this stream on purpose: the client's ends the same way.
+                    if let (Some(record), Some(reason)) = (this.record.as_mut(), error.reason()) {
+                        record.finish(crate::error::reset_status(reason).0);
+                    }
+                    this.state = State::Done;
+                    Poll::Ready(Some(Err(error)))
+                }
                 Poll::Ready(Some(Err(error))) => {
                     if let Some(record) = this.record.as_ref() {
                         record.metrics().stream_broken();
@@ -298,11 +370,10 @@ impl Body for ResponseBody {
         match &self.state {
             State::Done => true,
             State::Buffered { data, trailers } => data.is_empty() && trailers.is_none(),
-            State::Channel(_) => false,
+            State::Queue(_) => false,
             // A trailers-only answer (an etcd error) must end with its HEADERS frame: gRPC
             // clients reject a stream that sends an empty DATA frame after such headers.
             State::Upstream { incoming, first } => first.is_none() && incoming.is_end_stream(),
-            State::Watch(_) => false,
         }
     }
 }
@@ -310,7 +381,7 @@ impl Body for ResponseBody {
 impl ResponseBody {
     /// Passes one frame of etcd's answer on: splitting or refusing oversize messages for limited
     /// clients, and recording the status carried by trailers.
-    fn deliver(&mut self, frame: Frame<Bytes>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn deliver(&mut self, frame: Frame<Bytes>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = self;
         match frame {
             frame if frame.is_data() && this.splitter.is_some() => {
@@ -327,15 +398,10 @@ impl ResponseBody {
             }
             frame if frame.is_data() && this.guard.is_some() => {
                 let budget = this.guard.take().unwrap_or(usize::MAX);
-                let oversize = frame.data_ref().and_then(|data| grpc::framed_length(data)).map(|length| length - 5);
-                match oversize {
-                    Some(length) if length > budget => {
-                        let message = format!(
-                                "etcd-compat-proxy: etcd's answer is a {length}-byte message, more than this client's limit of {budget} bytes per message; read large results with paged Range calls (`limit`) or raise the client's gRPC receive limit"
-                            );
-                        this.end_with(Code::ResourceExhausted, &message)
-                    }
-                    _ => Poll::Ready(Some(Ok(frame))),
+                let length = frame.data_ref().and_then(|data| grpc::framed_length(data)).map(|length| length - 5);
+                match length.and_then(|length| oversize_answer(length, budget)) {
+                    Some((code, message)) => this.end_with(code, &message),
+                    None => Poll::Ready(Some(Ok(frame))),
                 }
             }
             frame => {
@@ -349,6 +415,19 @@ impl ResponseBody {
             }
         }
     }
+}
+
+/// The refusal of an answer of `length` bytes to a client whose messages may not exceed `budget`
+/// (its gRPC library would fail on it with a less helpful error).
+fn oversize_answer(length: usize, budget: usize) -> Option<(Code, String)> {
+    (length > budget).then(|| {
+        (
+            Code::ResourceExhausted,
+            format!(
+                "etcd-compat-proxy: etcd's answer is a {length}-byte message, more than this client's limit of {budget} bytes per message; read large results with paged Range calls (`limit`) or raise the client's gRPC receive limit"
+            ),
+        )
+    })
 }
 
 /// A whole gRPC response held by the proxy: used where the proxy must read etcd's answer
@@ -438,6 +517,12 @@ impl Buffered {
             Some(_) => grpc::status_message(&self.headers),
             None => self.trailers.as_ref().map(grpc::status_message).unwrap_or_default(),
         }
+    }
+
+    /// The refusal to send this answer to a client whose messages may not exceed `budget`.
+    pub fn oversize_for(&self, budget: usize) -> Option<(Code, String)> {
+        let length = self.data.iter().map(Bytes::len).sum::<usize>().checked_sub(5)?;
+        oversize_answer(length, budget)
     }
 
     /// The single uncompressed message of the answer, without its frame prefix.

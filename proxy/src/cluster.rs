@@ -640,7 +640,7 @@ impl Upstream {
         path: &'static str,
         request: &impl Message,
     ) -> Result<T, UpstreamError> {
-        let connection = self.connection(member).await?;
+        let connection = self.connection(member, crate::upstream::Lane::Calls).await?;
         crate::upstream::control_call(member, connection, path, request).await
     }
 }

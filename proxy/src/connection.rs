@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::body::RequestBody;
 use crate::h2_stream::RecvBody;
-use crate::upstream::{CONNECTION_WINDOW, STREAM_WINDOW};
+use crate::upstream::{STREAM_WINDOW, UPSTREAM_CONNECTION_WINDOW};
 
 /// How often an idle or busy connection is pinged, and how long a ping may go unanswered: pings
 /// notice a member that vanished without closing the TCP connection (VM migration, network
@@ -46,7 +46,7 @@ impl Connection {
         let (sender, mut connection) = h2::client::Builder::new()
             .enable_push(false)
             .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
+            .initial_connection_window_size(UPSTREAM_CONNECTION_WINDOW)
             .max_frame_size(1024 * 1024)
             // Large requests (a Put of a big value) go out without waiting on small steps.
             .max_send_buffer_size(1024 * 1024)

@@ -38,6 +38,66 @@ pub enum UpstreamError {
     /// The proxy could not build the request for the member; not the member's fault.
     #[error("the request could not be forwarded: {why}")]
     Request { why: String },
+    /// etcd reset this one stream (RST_STREAM), as it does with a request it will not take:
+    /// the answer to what the client sent, not a sign of the member's health.
+    #[error("{endpoint} reset the stream ({reason:?})")]
+    Reset { endpoint: String, reason: h2::Reason },
+}
+
+impl UpstreamError {
+    /// Classifies a failure to send a request or receive its response headers: a reset of this
+    /// stream alone is etcd's answer; anything else is the connection's (the member's) failure.
+    pub fn sending(endpoint: String, source: h2::Error) -> UpstreamError {
+        match source.reason() {
+            Some(reason) if is_stream_answer(&source) => UpstreamError::Reset { endpoint, reason },
+            _ => UpstreamError::Send { endpoint, source },
+        }
+    }
+}
+
+/// Whether `error` is etcd resetting one stream on purpose (not the connection failing, not a
+/// stream refused for capacity or shutdown, which is the member's state and is retried).
+pub fn is_stream_answer(error: &h2::Error) -> bool {
+    error.is_reset() && error.is_remote() && error.reason() != Some(h2::Reason::REFUSED_STREAM)
+}
+
+/// How a call the proxy cannot complete ends for the client.
+#[derive(Debug)]
+pub enum CallError {
+    /// A gRPC status made by the proxy (or etcd's, kept whole).
+    Status(Code, String),
+    /// etcd reset the stream: the client's stream is reset with the same reason.
+    Reset(h2::Reason),
+}
+
+impl From<(Code, String)> for CallError {
+    fn from((code, message): (Code, String)) -> Self {
+        CallError::Status(code, message)
+    }
+}
+
+impl CallError {
+    /// The status a client of the proxy's own calls sees for it (a grpc-go client reports a
+    /// reset stream this way).
+    pub fn into_status(self) -> (Code, String) {
+        match self {
+            CallError::Status(code, message) => (code, message),
+            CallError::Reset(reason) => reset_status(reason),
+        }
+    }
+}
+
+/// What a grpc-go client reports for a stream reset with `reason` (its mapping of HTTP/2 error
+/// codes to gRPC codes, and its message).
+pub fn reset_status(reason: h2::Reason) -> (Code, String) {
+    let code = match reason {
+        h2::Reason::CANCEL => Code::Cancelled,
+        h2::Reason::REFUSED_STREAM => Code::Unavailable,
+        h2::Reason::ENHANCE_YOUR_CALM => Code::ResourceExhausted,
+        h2::Reason::INADEQUATE_SECURITY => Code::PermissionDenied,
+        _ => Code::Internal,
+    };
+    (code, format!("stream terminated by RST_STREAM with error code: {reason:?}"))
 }
 
 impl UpstreamError {
@@ -53,12 +113,13 @@ impl UpstreamError {
             UpstreamError::Send { source, .. } => never_processed(source),
             UpstreamError::Unhealthy { .. } => false,
             UpstreamError::Request { .. } => true,
+            UpstreamError::Reset { .. } => false,
         }
     }
 
     /// Whether the failure says the member is unreachable or unwell (and so should be avoided).
     pub fn is_member_fault(&self) -> bool {
-        !matches!(self, UpstreamError::Request { .. })
+        !matches!(self, UpstreamError::Request { .. } | UpstreamError::Reset { .. })
     }
 
     /// Whether a request with this replay rule may be tried on another member after this failure.

@@ -4,32 +4,33 @@
 //! etcd's response headers, frames and trailers come back as they were sent, so status codes,
 //! messages, metadata and fields unknown to the proxy's protos all survive the trip.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use etcd_compat_proto::etcdserverpb::{AuthenticateRequest, AuthenticateResponse, RangeRequest};
 use prost::Message;
 
+use crate::admission::{self, MessageLimits, NotGrpc, Refused, StreamLimits};
 use crate::auth::{
     self, AuthSessions, Authenticated, ClientInfo, Credentials, Identity, Secret, Session, UpstreamToken,
 };
-use crate::body::{Buffered, CallRecord, RequestBody, ResponseBody};
+use crate::body::{Buffered, CallRecord, FeedReceiver, RequestBody, ResponseBody};
 use crate::budget::{self, BudgetPolicy, ClientBudget, KeySizeEstimate, LimitedLog};
 use crate::cluster;
-use crate::error::{self, UpstreamError};
+use crate::config::ClientLimits;
+use crate::error::{self, CallError, UpstreamError};
 use crate::grpc::{self, CallShape, Code, Route};
 use crate::h2_stream::RecvBody;
 use crate::keepalive;
-use crate::metrics::Metrics;
-use crate::upstream::{Member, Upstream};
-use crate::watch::{OpenedStream, WatchRelay};
+use crate::metrics::{Metrics, Refusal};
+use crate::upstream::{Lane, Member, Upstream};
+use crate::watch::{self, OpenedStream};
 
 /// Further attempts of an Authenticate the proxy makes for a session, when etcd is unavailable.
 const AUTHENTICATE_RETRIES: usize = 3;
@@ -49,6 +50,10 @@ pub struct Forwarder {
     limited_log: LimitedLog,
     /// Cancelled at shutdown so that long-lived streams end with a status instead of hanging.
     shutdown: CancellationToken,
+    /// How client messages are read (size limit, stalls).
+    message_limits: MessageLimits,
+    /// Largest unary answer read whole from etcd (`--max-buffered-response-bytes`).
+    max_buffered_response: usize,
 }
 
 /// A request's body before it is sent: buffered bytes can be sent again, a stream only once.
@@ -56,7 +61,7 @@ enum PendingBody {
     Buffered(Bytes),
     Streaming(Option<Incoming>),
     /// Messages the proxy writes itself (relayed Watch streams).
-    Channel(Option<mpsc::UnboundedReceiver<Bytes>>),
+    Channel(Option<FeedReceiver>),
 }
 
 impl PendingBody {
@@ -76,6 +81,7 @@ impl Forwarder {
         metrics: Arc<Metrics>,
         budget: BudgetPolicy,
         auth: Arc<AuthSessions>,
+        limits: &ClientLimits,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Forwarder {
@@ -86,14 +92,40 @@ impl Forwarder {
             key_sizes: KeySizeEstimate::default(),
             limited_log: LimitedLog::default(),
             shutdown,
+            message_limits: MessageLimits {
+                max_message: limits.max_request_message,
+                stall_timeout: limits.request_body_timeout,
+            },
+            max_buffered_response: limits.max_buffered_response,
         })
     }
 
-    /// Serves one client call; errors become gRPC statuses, never HTTP errors.
-    pub async fn serve(self: Arc<Self>, request: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
+    /// Limits of the streams relayed message by message (Watch, keep-alives).
+    pub(crate) fn stream_limits(&self) -> StreamLimits {
+        StreamLimits { messages: self.message_limits, max_buffered: self.max_buffered_response }
+    }
+
+    /// Serves one client call: etcd's answer, a gRPC status of the proxy's own, or (for what
+    /// etcd would reset) a reset of the client's stream with etcd's reason.
+    pub async fn serve(self: Arc<Self>, request: Request<Incoming>) -> Result<Response<ResponseBody>, h2::Error> {
         let route = grpc::route(request.uri().path());
-        let record = CallRecord::new(Arc::clone(&self.metrics), route.index, route.shape == CallShape::Unary);
-        let (parts, body) = request.into_parts();
+        let mut record = CallRecord::new(Arc::clone(&self.metrics), route.index, route.shape == CallShape::Unary);
+        // What etcd refuses before reading a request is refused here the same way: sent on, it
+        // would only come back as a reset.
+        let deadline = match admission::check_headers(request.method(), request.headers()) {
+            Ok(deadline) => deadline,
+            Err(NotGrpc(why)) => {
+                self.metrics.refused(Refusal::Malformed);
+                tracing::debug!(
+                    path = request.uri().path(),
+                    why,
+                    "not a gRPC request; stream reset with PROTOCOL_ERROR, as etcd does"
+                );
+                record.finish(Code::Internal);
+                return Err(h2::Error::from(h2::Reason::PROTOCOL_ERROR));
+            }
+        };
+        let (parts, mut body) = request.into_parts();
         let mut headers = parts.headers;
         for name in HOP_BY_HOP {
             headers.remove(name);
@@ -104,13 +136,17 @@ impl Forwarder {
         // Single-message requests are small; holding them is what makes a retry on another member possible.
         let mut body = match route.shape {
             CallShape::ClientStreaming => PendingBody::Streaming(Some(body)),
-            CallShape::Unary | CallShape::ServerStreaming => match body.collect().await {
-                Ok(collected) => PendingBody::Buffered(collected.to_bytes()),
-                Err(error) => {
-                    let message = format!("etcd-compat-proxy: the request could not be read from the client: {error}");
-                    return Ok(status_response(record, Code::Cancelled, &message));
+            CallShape::Unary | CallShape::ServerStreaming => {
+                match admission::read_unary(&mut body, self.message_limits, deadline).await {
+                    Ok(Ok(message)) => PendingBody::Buffered(message),
+                    Ok(Err(refused)) => return Ok(self.refuse(record, refused)),
+                    Err(error) => {
+                        let message =
+                            format!("etcd-compat-proxy: the request could not be read from the client: {error}");
+                        return Ok(status_response(record, Code::Cancelled, &message));
+                    }
                 }
-            },
+            }
         };
 
         // Client tokens never go to etcd: the proxy's own session for the caller supplies one.
@@ -120,8 +156,11 @@ impl Forwarder {
         if route.index == grpc::authenticate_index() {
             if let PendingBody::Buffered(message) = &body {
                 let client = parts.extensions.get::<ClientInfo>().and_then(|c| c.addr);
-                let answer = Box::pin(self.authenticate(&headers, &path_and_query, message, client)).await;
-                return Ok(answer.finish(record));
+                let answer = within(deadline, Box::pin(self.authenticate(&headers, &path_and_query, message, client)));
+                return Ok(match answer.await {
+                    Ok(answer) => answer.finish(record),
+                    Err(refused) => self.refuse(record, refused),
+                });
             }
         }
         let session = match identity {
@@ -145,10 +184,14 @@ impl Forwarder {
                     Err((code, message)) => return Ok(status_response(record, code, &message)),
                 }
             }
-            let shutdown = self.shutdown.clone();
-            let upstream = Arc::clone(&self.upstream);
+            let context = keepalive::StreamContext {
+                upstream: Arc::clone(&self.upstream),
+                metrics: Arc::clone(&self.metrics),
+                limits: self.stream_limits(),
+                shutdown: self.shutdown.clone(),
+            };
             // Boxed: rare, and its state would otherwise be copied with every call's future.
-            return Ok(Box::pin(keepalive::serve(upstream, path_and_query, headers, client, record, shutdown)).await);
+            return Ok(Box::pin(keepalive::serve(context, path_and_query, headers, client, record)).await);
         }
 
         // Only answers that grow with the data can outgrow a client's message size limit.
@@ -161,8 +204,10 @@ impl Forwarder {
                 // Boxed: paging state is large and rare; inline it would be copied with every call's future.
                 let limited =
                     Box::pin(self.limited_range(&headers, &path_and_query, message, *bytes, rule, session.as_deref()));
-                if let Some(response) = limited.await {
-                    return Ok(response.finish(record));
+                match within(deadline, limited).await {
+                    Ok(Some(response)) => return Ok(response.finish(record)),
+                    Ok(None) => {}
+                    Err(refused) => return Ok(self.refuse(record, refused)),
                 }
             }
         }
@@ -172,7 +217,14 @@ impl Forwarder {
                     ClientBudget::Limited { bytes, .. } => Some(bytes),
                     ClientBudget::Unlimited => None,
                 };
-                return Ok(Box::pin(Arc::clone(&self).serve_watch(session, headers, client, record, limit)).await);
+                let shutdown = self.shutdown.clone().cancelled_owned();
+                // Boxed: rare, and its state would otherwise be copied with every call's future.
+                let response = Box::pin(watch::serve(Arc::clone(&self), session, headers, client, record, shutdown));
+                let response = response.await;
+                return Ok(match limit {
+                    Some(budget) => response.map(|body| body.split_watch_responses(budget)),
+                    None => response,
+                });
             }
         }
         // Watch responses of limited clients are split when oversize. Other single answers (Txn
@@ -182,54 +234,92 @@ impl Forwarder {
             ClientBudget::Limited { bytes, .. } => Some(bytes),
             ClientBudget::Unlimited => None,
         };
+        if route.shape == CallShape::Unary {
+            let answer = within(
+                deadline,
+                self.forward_unary(session.as_deref(), &route, &path_and_query, &mut headers, &mut body),
+            );
+            return match answer.await {
+                Ok(Ok(UnaryAnswer::Whole(answer))) => Ok(match limit.and_then(|budget| answer.oversize_for(budget)) {
+                    Some(status) => Buffered::status(status).finish(record),
+                    None => answer.finish(record),
+                }),
+                Ok(Ok(UnaryAnswer::Large { response, first, member })) => {
+                    let relayed = self.relay(response, Some(first), record, &route, &member);
+                    Ok(match limit {
+                        Some(budget) => relayed.map(|body| body.refuse_messages_over(budget)),
+                        None => relayed,
+                    })
+                }
+                Ok(Err(error)) => self.fail(record, error),
+                Err(refused) => Ok(self.refuse(record, refused)),
+            };
+        }
         match self.send_as(session.as_deref(), &route, &path_and_query, &mut headers, &mut body).await {
             Ok((Upstreamed::Ended(answer), _)) => Ok(answer.finish(record)),
             Ok((Upstreamed::Streaming { response, first }, member)) => {
-                if self.upstream.view.rewrites_member_list(&route, &headers) {
-                    return Ok(self.upstream.view.rewrite_member_list(response, first).await.finish(record));
-                }
                 let relayed = self.relay(response, first, record, &route, &member);
                 Ok(match limit {
                     Some(budget) if route.index == grpc::watch_index() => {
                         relayed.map(|body| body.split_watch_responses(budget))
                     }
-                    Some(budget) => relayed.map(|body| body.refuse_messages_over(budget)),
-                    None => relayed,
+                    _ => relayed,
                 })
             }
-            Err((code, message)) => Ok(status_response(record, code, &message)),
+            Err(error) => self.fail(record, error),
         }
     }
 
-    /// A Watch call: relayed message by message so that its watches can move to another stream.
-    /// The client is answered once etcd answered (see [`WatchRelay::first_response`]).
-    async fn serve_watch(
-        self: Arc<Self>,
-        session: Option<Arc<Session>>,
-        headers: HeaderMap,
-        client: Incoming,
-        record: CallRecord,
-        limit: Option<usize>,
-    ) -> Response<ResponseBody> {
-        let shutdown = self.shutdown.clone().cancelled_owned();
-        let mut relay = WatchRelay::start(self, session, headers, client);
-        let upstream_headers = match relay.first_response().await {
-            Ok(headers) => headers,
-            Err(status) => {
-                let code = Code::from_headers(&status).unwrap_or(Code::Unknown);
-                let mut response = Response::new(ResponseBody::empty(record, code));
-                *response.headers_mut() = status;
-                return response;
+    /// Forwards a unary call and reads etcd's answer whole when it is no larger than
+    /// `--max-buffered-response-bytes`: its bytes then leave the member connection at once,
+    /// whether or not the client reads them (a few clients that stop reading would otherwise
+    /// hold the connection's flow-control window, and every call on it would wait).
+    async fn forward_unary(
+        &self,
+        session: Option<&Session>,
+        route: &Route,
+        path_and_query: &http::uri::PathAndQuery,
+        headers: &mut HeaderMap,
+        body: &mut PendingBody,
+    ) -> Result<UnaryAnswer, CallError> {
+        let (upstreamed, member) = self.send_as(session, route, path_and_query, headers, body).await?;
+        let (response, first) = match upstreamed {
+            Upstreamed::Ended(answer) => return Ok(UnaryAnswer::Whole(answer)),
+            Upstreamed::Streaming { response, first } => (response, first),
+        };
+        if self.upstream.view.rewrites_member_list(route, headers) {
+            return Ok(UnaryAnswer::Whole(self.upstream.view.rewrite_member_list(response, first).await));
+        }
+        let (response, first) = match first {
+            Some(first) => (response, first),
+            None => match Upstreamed::peek(response).await {
+                Upstreamed::Ended(answer) => return Ok(UnaryAnswer::Whole(answer)),
+                Upstreamed::Streaming { response, first } => (response, first.unwrap_or_default()),
+            },
+        };
+        match grpc::framed_length(&first) {
+            Some(length) if length <= self.max_buffered_response + 5 => {
+                Ok(UnaryAnswer::Whole(Buffered::collect(response, Some(first)).await.unwrap_or_else(|broken| broken)))
             }
-        };
-        let body = ResponseBody::watch(relay, record, shutdown);
-        let body = match limit {
-            Some(budget) => body.split_watch_responses(budget),
-            None => body,
-        };
-        let mut response = Response::new(body);
-        *response.headers_mut() = upstream_headers;
-        response
+            _ => Ok(UnaryAnswer::Large { response, first, member }),
+        }
+    }
+
+    /// Ends a call the proxy refused itself.
+    fn refuse(&self, record: CallRecord, refused: Refused) -> Response<ResponseBody> {
+        self.metrics.refused(refused.why);
+        status_response(record, refused.code, &refused.message)
+    }
+
+    /// Ends a call that could not be forwarded: with a status, or with etcd's reset.
+    fn fail(&self, mut record: CallRecord, error: CallError) -> Result<Response<ResponseBody>, h2::Error> {
+        match error {
+            CallError::Status(code, message) => Ok(status_response(record, code, &message)),
+            CallError::Reset(reason) => {
+                record.finish(error::reset_status(reason).0);
+                Err(h2::Error::from(reason))
+            }
+        }
     }
 
     /// The process's metrics.
@@ -243,7 +333,7 @@ impl Forwarder {
         &self,
         session: Option<&Session>,
         mut headers: HeaderMap,
-        receiver: mpsc::UnboundedReceiver<Bytes>,
+        receiver: FeedReceiver,
         rejected: Option<u64>,
     ) -> Result<OpenedStream, (Code, String)> {
         let token_generation = match session {
@@ -257,7 +347,7 @@ impl Forwarder {
         let path = http::uri::PathAndQuery::from_static(grpc::WATCH_PATH);
         let route = grpc::route(grpc::WATCH_PATH);
         let mut body = PendingBody::Channel(Some(receiver));
-        let (response, member) = self.send(&route, &path, &headers, &mut body).await?;
+        let (response, member) = self.send(&route, &path, &headers, &mut body).await.map_err(CallError::into_status)?;
         Ok(OpenedStream { response, member: member.name(), token_generation })
     }
 
@@ -270,7 +360,7 @@ impl Forwarder {
         path_and_query: &http::uri::PathAndQuery,
         headers: &mut HeaderMap,
         body: &mut PendingBody,
-    ) -> Result<(Upstreamed, Arc<Member>), (Code, String)> {
+    ) -> Result<(Upstreamed, Arc<Member>), CallError> {
         let Some(session) = session else {
             let (response, member) = self.send(route, path_and_query, headers, body).await?;
             return Ok((Upstreamed::Streaming { response, first: None }, member));
@@ -287,7 +377,7 @@ impl Forwarder {
         path_and_query: &http::uri::PathAndQuery,
         headers: &mut HeaderMap,
         body: &mut PendingBody,
-    ) -> Result<(Upstreamed, Arc<Member>), (Code, String)> {
+    ) -> Result<(Upstreamed, Arc<Member>), CallError> {
         let mut rejected = None;
         loop {
             let token = self.session_token(session, rejected).await?;
@@ -423,7 +513,7 @@ impl Forwarder {
         let mut body = PendingBody::Buffered(framed);
         match self.send(&route, path_and_query, headers, &mut body).await {
             Ok((response, _)) => Buffered::collect(response, None).await.unwrap_or_else(|failed| failed),
-            Err(status) => Buffered::status(status),
+            Err(error) => Buffered::status(error.into_status()),
         }
     }
 
@@ -434,8 +524,10 @@ impl Forwarder {
         path_and_query: &http::uri::PathAndQuery,
         headers: &HeaderMap,
         body: &mut PendingBody,
-    ) -> Result<(Response<RecvBody>, Arc<Member>), (Code, String)> {
+    ) -> Result<(Response<RecvBody>, Arc<Member>), CallError> {
         let mut failures: Vec<UpstreamError> = Vec::new();
+        // Unary calls and streams travel on separate connections (see `upstream::Lane`).
+        let lane = if route.shape == CallShape::Unary { Lane::Calls } else { Lane::Streams };
         let target = self.upstream.view.target(route, body.message());
         let mut order = self.upstream.attempts(target);
         // etcd's routing error, kept to answer with if the retry finds no other member.
@@ -446,7 +538,7 @@ impl Forwarder {
                 self.metrics.retried();
             }
             attempts += 1;
-            match self.attempt(&member, path_and_query, headers, body).await {
+            match self.attempt(&member, lane, path_and_query, headers, body).await {
                 Ok(response) => {
                     // etcd's routing errors (learner, not or no leader) get one retry elsewhere when safe.
                     let may_retry = refused.is_none() && !matches!(body, PendingBody::Streaming(None));
@@ -464,6 +556,17 @@ impl Forwarder {
                     }
                     return Ok((response, member));
                 }
+                Err(UpstreamError::Reset { endpoint, reason }) => {
+                    // etcd's answer to this request, which any member would give too: passed on,
+                    // and no reason to avoid the member.
+                    tracing::debug!(
+                        member = endpoint,
+                        ?reason,
+                        path = path_and_query.path(),
+                        "etcd reset the stream; resetting the client's with the same reason"
+                    );
+                    return Err(CallError::Reset(reason));
+                }
                 Err(failure) => {
                     // A request the proxy could not build says nothing about the member's health.
                     if failure.is_member_fault() {
@@ -473,13 +576,13 @@ impl Forwarder {
                     let consumed = matches!(body, PendingBody::Streaming(None) | PendingBody::Channel(None));
                     let retry = failure.allows_retry(route.replay) && !consumed;
                     if !retry {
-                        return Err(error::outcome_unknown_status(&failure));
+                        return Err(error::outcome_unknown_status(&failure).into());
                     }
                     failures.push(failure);
                 }
             }
         }
-        refused.ok_or_else(|| error::no_member_status(&failures))
+        refused.ok_or_else(|| error::no_member_status(&failures).into())
     }
 
     /// A Range from a client with a size budget; `None` when it is simply forwarded.
@@ -509,7 +612,7 @@ impl Forwarder {
                 let (answer, _) = self
                     .send_as(session, &route, path_and_query, &mut headers, &mut body)
                     .await
-                    .map_err(Buffered::status)?;
+                    .map_err(|error| Buffered::status(error.into_status()))?;
                 let buffered = match answer {
                     Upstreamed::Ended(ended) => ended,
                     Upstreamed::Streaming { response, first } => Buffered::collect(response, first).await?,
@@ -561,11 +664,12 @@ impl Forwarder {
     async fn attempt(
         &self,
         member: &Member,
+        lane: Lane,
         path_and_query: &http::uri::PathAndQuery,
         headers: &HeaderMap,
         body: &mut PendingBody,
     ) -> Result<Response<RecvBody>, UpstreamError> {
-        let mut connection = self.upstream.connection(member).await?;
+        let mut connection = self.upstream.connection(member, lane).await?;
         // Waiting for capacity before taking the body keeps a client stream usable for the next member.
         connection
             .ready()
@@ -589,10 +693,7 @@ impl Forwarder {
             .map_err(|e| UpstreamError::Request { why: format!("cannot address {path_and_query}: {e}") })?;
         *request.headers_mut() = headers.clone();
         member.stats.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        connection
-            .send_request(request)
-            .await
-            .map_err(|source| UpstreamError::Send { endpoint: member.endpoint.url(), source })
+        connection.send_request(request).await.map_err(|source| UpstreamError::sending(member.endpoint.url(), source))
     }
 
     /// Wraps etcd's response for the client, headers untouched.
@@ -633,6 +734,24 @@ impl Upstreamed {
             Some(Err(error)) => Upstreamed::Ended(Buffered::broken(&error)),
             None => Upstreamed::Ended(Buffered::ended(parts, None)),
         }
+    }
+}
+
+/// etcd's answer to a unary call.
+enum UnaryAnswer {
+    /// Read whole.
+    Whole(Buffered),
+    /// Larger than the proxy holds for a client: relayed as it arrives, `first` already read.
+    Large { response: Response<RecvBody>, first: Bytes, member: Arc<Member> },
+}
+
+/// Runs `work` until the call's deadline (from its `grpc-timeout`), if it has one; a call past
+/// its deadline is answered as etcd answers it, and whatever it waited for upstream is dropped
+/// (which cancels it at etcd).
+async fn within<T>(deadline: Option<Instant>, work: impl std::future::Future<Output = T>) -> Result<T, Refused> {
+    match deadline {
+        None => Ok(work.await),
+        Some(deadline) => tokio::time::timeout_at(deadline, work).await.map_err(|_| Refused::deadline()),
     }
 }
 

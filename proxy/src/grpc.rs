@@ -245,12 +245,34 @@ pub fn framed_length(data: &[u8]) -> Option<usize> {
 #[derive(Default)]
 pub struct MessageReader {
     buffer: bytes::BytesMut,
+    /// Largest message accepted (client messages: etcd's receive limit); `None`: any.
+    limit: Option<usize>,
 }
 
 impl MessageReader {
-    /// Adds the next chunk.
+    /// A reader of client messages, which refuses any larger than `limit` bytes (prefix excluded)
+    /// as soon as the prefix says so (see [`MessageReader::oversize`]).
+    pub fn with_limit(limit: usize) -> Self {
+        MessageReader { buffer: bytes::BytesMut::new(), limit: Some(limit) }
+    }
+
+    /// Adds the next chunk. Check [`MessageReader::oversize`] before reading more: the
+    /// reader holds at most one message over the limit's first chunk.
     pub fn push(&mut self, chunk: &[u8]) {
         self.buffer.extend_from_slice(chunk);
+    }
+
+    /// The largest message accepted, if there is a limit.
+    pub fn limit(&self) -> Option<usize> {
+        self.limit
+    }
+
+    /// The length the next message claims, if that is over the limit: the caller must stop
+    /// reading and refuse the stream (see [`too_large_status`]).
+    pub fn oversize(&self) -> Option<u64> {
+        let limit = self.limit?;
+        let claimed = framed_length(&self.buffer)? - 5;
+        (claimed > limit).then_some(claimed as u64)
     }
 
     /// Whether no partial message is held.
@@ -268,6 +290,37 @@ impl MessageReader {
         }
         Some(message)
     }
+}
+
+/// etcd's refusal of a request message over its receive limit, word for word (its gRPC server's).
+pub fn too_large_status(claimed: u64, limit: usize) -> (Code, String) {
+    (Code::ResourceExhausted, format!("grpc: received message larger than max ({claimed} vs. {limit})"))
+}
+
+/// Whether a request's `content-type` makes it a gRPC request, by grpc-go's rule (which etcd
+/// applies): `application/grpc`, optionally followed by `+subtype` or `;parameters`.
+pub fn is_grpc_content_type(value: &[u8]) -> bool {
+    const BASE: &[u8] = b"application/grpc";
+    value.starts_with(BASE) && matches!(value.get(BASE.len()), None | Some(b'+' | b';'))
+}
+
+/// Reads a `grpc-timeout` value: up to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
+pub fn parse_grpc_timeout(value: &[u8]) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let (&unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let number: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(number * 3600),
+        b'M' => Duration::from_secs(number * 60),
+        b'S' => Duration::from_secs(number),
+        b'm' => Duration::from_millis(number),
+        b'u' => Duration::from_micros(number),
+        b'n' => Duration::from_nanos(number),
+        _ => return None,
+    })
 }
 
 /// The 5-byte prefix of an uncompressed gRPC message of `length` bytes.
@@ -401,6 +454,48 @@ mod tests {
         assert_eq!(reader.next_message(), Some(second));
         assert_eq!(reader.next_message(), None);
         assert!(reader.is_empty());
+    }
+
+    #[test]
+    fn oversize_messages_are_seen_from_their_prefix() {
+        let mut reader = MessageReader::with_limit(10);
+        reader.push(&[0, 0, 0]);
+        assert_eq!(reader.oversize(), None);
+        reader.push(&[0, 11]);
+        assert_eq!(reader.oversize(), Some(11));
+        let mut reader = MessageReader::with_limit(10);
+        reader.push(&frame(b"0123456789"));
+        assert_eq!(reader.oversize(), None);
+        reader.push(&[0, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(reader.next_message(), Some(frame(b"0123456789")));
+        assert_eq!(reader.oversize(), Some(u32::MAX as u64));
+        let unlimited = {
+            let mut reader = MessageReader::default();
+            reader.push(&[0, 0xff, 0xff, 0xff, 0xff]);
+            reader.oversize()
+        };
+        assert_eq!(unlimited, None);
+        assert_eq!(
+            too_large_status(104857610, 2097152).1,
+            "grpc: received message larger than max (104857610 vs. 2097152)"
+        );
+    }
+
+    #[test]
+    fn grpc_request_headers() {
+        for good in ["application/grpc", "application/grpc+proto", "application/grpc;charset=utf-8"] {
+            assert!(is_grpc_content_type(good.as_bytes()), "{good}");
+        }
+        for bad in ["text/plain", "application/grpcx", "application/json", ""] {
+            assert!(!is_grpc_content_type(bad.as_bytes()), "{bad}");
+        }
+        use std::time::Duration;
+        assert_eq!(parse_grpc_timeout(b"3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout(b"250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout(b"2H"), Some(Duration::from_secs(7200)));
+        for bad in ["abc", "S", "123456789S", "10x", "-1S", ""] {
+            assert_eq!(parse_grpc_timeout(bad.as_bytes()), None, "{bad}");
+        }
     }
 
     #[test]

@@ -10,21 +10,24 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response};
+use http::{HeaderMap, Response};
 use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use prost::Message;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use etcd_compat_proto::etcdserverpb::{LeaseKeepAliveRequest, LeaseKeepAliveResponse};
 
-use crate::body::{CallRecord, ResponseBody};
+use crate::admission::{Refused, StreamLimits};
+use crate::body::{CallRecord, ResponseBody, StreamHead};
+use crate::client_queue::{self, QueueSender};
 use crate::cluster::{self, Target};
 use crate::error::{self, UpstreamError};
 use crate::grpc::{self, Code, MessageReader};
 use crate::h2_stream::RecvBody;
+use crate::metrics::{Metrics, Refusal};
 use crate::upstream::{Member, Upstream};
 
 /// The keep-alive method's path.
@@ -38,56 +41,53 @@ pub fn handles(path: &str) -> bool {
     path == PATH
 }
 
-/// What the client receives first: etcd's response headers, or a status if no member took the stream.
-type Head = Result<HeaderMap, HeaderMap>;
+/// Keep-alive requests forwarded and not yet answered, at most: a client that sends without
+/// reading its answers must not make etcd hold a backlog of them in the member connection.
+const MAX_IN_FLIGHT: usize = 1024;
 
 /// Serves one LeaseKeepAlive call: the stream runs in its own task and answers the client from
 /// whichever member currently holds it.
 pub async fn serve(
-    upstream: Arc<Upstream>,
+    context: StreamContext,
     path_and_query: http::uri::PathAndQuery,
     headers: HeaderMap,
     client: Incoming,
     record: CallRecord,
-    shutdown: CancellationToken,
 ) -> Response<ResponseBody> {
+    let StreamContext { upstream, metrics, limits, shutdown } = context;
     let (head_tx, head_rx) = oneshot::channel();
-    let (frames_tx, frames_rx) = mpsc::channel(16);
+    let (to_client, from_task) = client_queue::channel(limits.max_buffered);
     let stream = KeepAliveStream {
         upstream,
         path_and_query,
         headers,
         client,
         client_done: false,
-        client_partial: MessageReader::default(),
+        client_partial: MessageReader::with_limit(limits.messages.max_message),
+        stall_timeout: limits.messages.stall_timeout,
+        partial_since: None,
         unanswered: Vec::new(),
-        to_client: frames_tx,
+        in_flight: 0,
+        to_client,
         head: Some(head_tx),
         refusals: 0,
         last_refusal: None,
+        metrics,
     };
     tokio::spawn(stream.run());
-    match head_rx.await {
-        Ok(Ok(headers)) => {
-            let mut response = Response::new(ResponseBody::from_channel(frames_rx, record, shutdown.cancelled_owned()));
-            *response.headers_mut() = headers;
-            response
-        }
-        Ok(Err(status)) => {
-            let code = Code::from_headers(&status).unwrap_or(Code::Unknown);
-            let mut response = Response::new(ResponseBody::empty(record, code));
-            *response.headers_mut() = status;
-            response
-        }
-        Err(_) => {
-            let mut response = Response::new(ResponseBody::empty(record, Code::Cancelled));
-            *response.headers_mut() = grpc::status_headers(
-                Code::Cancelled,
-                "etcd-compat-proxy: the keep-alive stream ended before it started",
-            );
-            response
-        }
-    }
+    ResponseBody::when_started(head_rx, from_task, record, shutdown.cancelled_owned(), "keep-alive").await
+}
+
+/// What a keep-alive stream needs of the proxy.
+pub struct StreamContext {
+    /// The members it may move between.
+    pub upstream: Arc<Upstream>,
+    /// Where refusals are counted.
+    pub metrics: Arc<Metrics>,
+    /// How much of the client's and etcd's messages it may hold.
+    pub limits: StreamLimits,
+    /// Cancelled at shutdown.
+    pub shutdown: CancellationToken,
 }
 
 /// Why one member's stream ended.
@@ -109,15 +109,22 @@ struct KeepAliveStream {
     client_done: bool,
     /// Bytes of a client message not complete yet.
     client_partial: MessageReader,
+    /// Longest pause inside an incomplete client message.
+    stall_timeout: Duration,
+    /// When the incomplete client message last grew.
+    partial_since: Option<tokio::time::Instant>,
     /// The latest unanswered request of each lease, sent again when the stream moves.
     unanswered: Vec<(i64, Bytes)>,
-    to_client: mpsc::Sender<Frame<Bytes>>,
+    /// Requests sent to the current member and not answered yet.
+    in_flight: usize,
+    to_client: QueueSender,
     /// Taken when the client's response headers are sent.
-    head: Option<oneshot::Sender<Head>>,
+    head: Option<oneshot::Sender<StreamHead>>,
     /// Routing refusals since the stream last delivered an answer.
     refusals: usize,
     /// etcd's status of the last refusal, the answer for a stream no member takes.
     last_refusal: Option<HeaderMap>,
+    metrics: Arc<Metrics>,
 }
 
 impl KeepAliveStream {
@@ -170,6 +177,8 @@ impl KeepAliveStream {
             if self.to_client.is_closed() {
                 return;
             }
+            // Everything not answered is sent again on the next member.
+            self.in_flight = self.unanswered.len();
             // A member that fails at once must not make this loop spin.
             if started.elapsed() < RETRY_PAUSE {
                 tokio::time::sleep(RETRY_PAUSE).await;
@@ -184,7 +193,7 @@ impl KeepAliveStream {
                 let _ = head.send(Err(status));
             }
             None => {
-                let _ = self.to_client.send(Frame::trailers(status)).await;
+                self.to_client.push(Frame::trailers(status));
             }
         }
     }
@@ -208,23 +217,9 @@ impl KeepAliveStream {
     /// Runs the stream on `member` until the call ends or the member fails; `Err` when the
     /// stream could not even be opened.
     async fn serve_on(&mut self, member: &Arc<Member>) -> Result<Ended, UpstreamError> {
-        let mut connection = self.upstream.connection(member).await?;
-        connection
-            .ready()
-            .await
-            .map_err(|source| UpstreamError::NotSent { endpoint: member.endpoint.url(), source })?;
-        let mut request = Request::new(());
-        *request.method_mut() = http::Method::POST;
-        *request.uri_mut() = member
-            .uri(self.path_and_query.clone())
-            .map_err(|e| UpstreamError::Request { why: format!("cannot address {}: {e}", self.path_and_query) })?;
-        *request.headers_mut() = self.headers.clone();
-        member.stats.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // This task writes the stream itself: a keep-alive is a few bytes, and a copy task
         // between here and etcd would cost a wake-up per keep-alive.
-        let (response, mut to_member) = connection
-            .open(request)
-            .map_err(|source| UpstreamError::NotSent { endpoint: member.endpoint.url(), source })?;
+        let (response, mut to_member) = self.upstream.open_stream(member, &self.path_and_query, &self.headers).await?;
         for (_, request) in &self.unanswered {
             let _ = to_member.send_data(request.clone(), false);
         }
@@ -236,11 +231,24 @@ impl KeepAliveStream {
         let mut answers: Option<RecvBody> = None;
         let mut answer_partial = MessageReader::default();
         loop {
+            let stall = self.partial_since.map(|since| since + self.stall_timeout);
+            // Neither the client's requests nor etcd's answers are taken while the client is
+            // behind on its answers: the backlog stays bounded wherever it would form.
+            let client_behind = self.to_client.is_full();
             tokio::select! {
-                frame = self.client.frame(), if !self.client_done => match frame {
+                frame = self.client.frame(), if !self.client_done && !client_behind && self.in_flight < MAX_IN_FLIGHT => match frame {
                     Some(Ok(frame)) => {
                         if let Ok(data) = frame.into_data() {
-                            for message in self.client_messages(data) {
+                            let messages = match self.client_messages(data) {
+                                Ok(messages) => messages,
+                                Err((code, message)) => {
+                                    self.metrics.refused(Refusal::TooLarge);
+                                    self.pass_on(grpc::status_headers(code, &message)).await;
+                                    return Ok(Ended::Done);
+                                }
+                            };
+                            for message in messages {
+                                self.in_flight += 1;
                                 if let Some(to_member) = to_member.as_mut() {
                                     let _ = to_member.send_data(message, false);
                                 }
@@ -256,6 +264,12 @@ impl KeepAliveStream {
                     }
                     Some(Err(_)) => return Ok(Ended::Done),
                 },
+                _ = sleep_until_some(stall) => {
+                    let refused = Refused::stalled(self.stall_timeout);
+                    self.metrics.refused(refused.why);
+                    self.pass_on(grpc::status_headers(refused.code, &refused.message)).await;
+                    return Ok(Ended::Done);
+                }
                 head = &mut response, if answers.is_none() => match head {
                     Ok(head) => {
                         if let Some(status) = self.trailers_only(&head) {
@@ -267,7 +281,13 @@ impl KeepAliveStream {
                         answers = Some(head.into_body());
                     }
                     Err(source) => {
-                        let failure = UpstreamError::Send { endpoint: member.endpoint.url(), source };
+                        let failure = UpstreamError::sending(member.endpoint.url(), source);
+                        if let UpstreamError::Reset { reason, .. } = failure {
+                            // etcd's answer to this stream: any member would give it.
+                            let (code, message) = error::reset_status(reason);
+                            self.pass_on(grpc::status_headers(code, &message)).await;
+                            return Ok(Ended::Done);
+                        }
                         if self.head.is_some() {
                             return Err(failure);
                         }
@@ -275,14 +295,15 @@ impl KeepAliveStream {
                         return Ok(Ended::MemberFailed(failure.to_string()));
                     }
                 },
-                frame = next_frame(&mut answers), if answers.is_some() => match frame {
+                frame = next_frame(&mut answers), if answers.is_some() && !client_behind => match frame {
                     Some(Ok(frame)) => match frame.into_data() {
                         Ok(data) => {
                             answer_partial.push(&data);
                             while let Some(message) = answer_partial.next_message() {
                                 self.answered(&message);
                                 self.refusals = 0;
-                                if self.to_client.send(Frame::data(message)).await.is_err() {
+                                self.in_flight = self.in_flight.saturating_sub(1);
+                                if !self.to_client.push(Frame::data(message)) {
                                     return Ok(Ended::Done);
                                 }
                             }
@@ -299,6 +320,7 @@ impl KeepAliveStream {
                     }
                     None => return Ok(Ended::MemberFailed("the stream ended without a status".to_owned())),
                 },
+                _ = self.to_client.room(), if client_behind => {}
                 _ = self.to_client.closed() => return Ok(Ended::Done),
             }
         }
@@ -321,11 +343,16 @@ impl KeepAliveStream {
         Ended::Done
     }
 
-    /// Splits client data into whole messages and remembers each lease's latest request.
-    fn client_messages(&mut self, data: Bytes) -> Vec<Bytes> {
+    /// Splits client data into whole messages and remembers each lease's latest request; a
+    /// message over etcd's limit ends the call as etcd would end it.
+    fn client_messages(&mut self, data: Bytes) -> Result<Vec<Bytes>, (Code, String)> {
         self.client_partial.push(&data);
         let mut messages = Vec::new();
-        while let Some(message) = self.client_partial.next_message() {
+        loop {
+            if let Some(claimed) = self.client_partial.oversize() {
+                return Err(grpc::too_large_status(claimed, self.client_partial_limit()));
+            }
+            let Some(message) = self.client_partial.next_message() else { break };
             if let Some(id) = lease_of_request(&message) {
                 match self.unanswered.iter_mut().find(|(lease, _)| *lease == id) {
                     Some(entry) => entry.1 = message.clone(),
@@ -334,13 +361,26 @@ impl KeepAliveStream {
             }
             messages.push(message);
         }
-        messages
+        self.partial_since = (!self.client_partial.is_empty()).then(tokio::time::Instant::now);
+        Ok(messages)
+    }
+
+    fn client_partial_limit(&self) -> usize {
+        self.client_partial.limit().unwrap_or(usize::MAX)
     }
 
     fn answered(&mut self, message: &Bytes) {
         if let Some(id) = lease_of_answer(message) {
             self.unanswered.retain(|(lease, _)| *lease != id);
         }
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -352,12 +392,12 @@ async fn next_frame(body: &mut Option<RecvBody>) -> Option<Result<Frame<Bytes>, 
 }
 
 /// The lease a framed, uncompressed keep-alive request is for.
-fn lease_of_request(framed: &[u8]) -> Option<i64> {
+pub(crate) fn lease_of_request(framed: &[u8]) -> Option<i64> {
     (framed.first() == Some(&0)).then(|| LeaseKeepAliveRequest::decode(framed.get(5..)?).ok().map(|r| r.id)).flatten()
 }
 
 /// The lease a framed, uncompressed keep-alive answer is about.
-fn lease_of_answer(framed: &[u8]) -> Option<i64> {
+pub(crate) fn lease_of_answer(framed: &[u8]) -> Option<i64> {
     (framed.first() == Some(&0)).then(|| LeaseKeepAliveResponse::decode(framed.get(5..)?).ok().map(|r| r.id)).flatten()
 }
 

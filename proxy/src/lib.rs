@@ -18,6 +18,7 @@
 
 pub mod accept;
 pub mod admin;
+pub mod admission;
 pub mod auth;
 pub mod batched_writes;
 pub mod body;
@@ -25,6 +26,7 @@ pub mod budget;
 pub mod cert_reload_wiring;
 pub mod cert_status;
 pub mod certs_cli;
+pub mod client_queue;
 pub mod cluster;
 pub mod config;
 pub mod connection;

@@ -78,6 +78,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Arc::clone(&metrics),
         config.budget.clone(),
         Arc::clone(&auth),
+        &config.limits,
         stop.clone(),
     );
     if let Some(admin_listener) = admin_listener {

@@ -3,6 +3,12 @@
 //!
 //! Requests go to one preferred ("pinned") member, as etcd's own clients do, so that a client's
 //! serializable reads keep seeing one member's history; the pin moves when that member fails.
+//!
+//! Each member has two connections, one per [`Lane`]: unary calls and the proxy's own health
+//! checks on one, long-lived streams (Watch, keep-alives, snapshots) on the other. HTTP/2 flow
+//! control is shared by all streams of a connection, so a stream whose client stops reading can
+//! hold the others up; on separate connections, no stream can delay a unary call or a health
+//! check, and a member is never judged by a stall of its clients' making.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
@@ -27,6 +33,20 @@ use crate::grpc::Code;
 pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 /// See [`STREAM_WINDOW`].
 pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+/// The connection window toward etcd, far larger than the client side's: answers up to
+/// `--max-buffered-response-bytes` leave it as soon as they arrive, but a larger answer (or a
+/// snapshot) whose client stops reading holds up to [`STREAM_WINDOW`] of it, and it takes this
+/// many such clients at once before the member's other streams wait.
+pub const UPSTREAM_CONNECTION_WINDOW: u32 = 32 * STREAM_WINDOW;
+
+/// Which of a member's two connections a request travels on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Unary calls and the proxy's own calls: one answer each.
+    Calls = 0,
+    /// Streams that live as long as their client wants.
+    Streams = 1,
+}
 
 /// Counters of one member, rendered in `/metrics`.
 #[derive(Default)]
@@ -46,10 +66,11 @@ pub struct Member {
     scheme: http::uri::Scheme,
     index: usize,
     healthy: AtomicBool,
-    /// The live connection, cloned per request (cheap: a handle to the connection task).
-    connection: Mutex<Option<Connection>>,
-    /// Serialises dialing so a burst of requests to a dead connection dials once.
-    dialing: tokio::sync::Mutex<()>,
+    /// The live connection of each [`Lane`], cloned per request (cheap: a handle to the
+    /// connection task).
+    connections: [Mutex<Option<Connection>>; 2],
+    /// Serialises dialing per lane so a burst of requests to a dead connection dials once.
+    dialing: [tokio::sync::Mutex<()>; 2],
     /// Last failure, for `/health` and error messages.
     last_error: Mutex<Option<String>>,
     /// Counters for `/metrics`.
@@ -99,8 +120,8 @@ impl Member {
         }
     }
 
-    fn cached_connection(&self) -> Option<Connection> {
-        let guard = self.connection.lock().ok()?;
+    fn cached_connection(&self, lane: Lane) -> Option<Connection> {
+        let guard = self.connections[lane as usize].lock().ok()?;
         guard.as_ref().filter(|c| !c.is_closed()).cloned()
     }
 }
@@ -218,13 +239,13 @@ impl Upstream {
         self.members().iter().any(|m| m.is_healthy() && m.role.serves_clients())
     }
 
-    /// Returns a ready connection to `member`, dialing if there is none.
-    pub async fn connection(&self, member: &Member) -> Result<Connection, UpstreamError> {
-        if let Some(connection) = member.cached_connection() {
+    /// Returns a ready connection to `member` for `lane`, dialing if there is none.
+    pub async fn connection(&self, member: &Member, lane: Lane) -> Result<Connection, UpstreamError> {
+        if let Some(connection) = member.cached_connection(lane) {
             return Ok(connection);
         }
-        let _dialing = member.dialing.lock().await;
-        if let Some(connection) = member.cached_connection() {
+        let _dialing = member.dialing[lane as usize].lock().await;
+        if let Some(connection) = member.cached_connection(lane) {
             return Ok(connection);
         }
         // Boxed: a TLS handshake's state is large and dialling is rare; inline it would be copied
@@ -232,10 +253,33 @@ impl Upstream {
         let connection = Box::pin(tokio::time::timeout(self.dial_timeout, self.dial(member)))
             .await
             .map_err(|_| UpstreamError::DialTimeout { endpoint: member.endpoint.url(), after: self.dial_timeout })??;
-        if let Ok(mut slot) = member.connection.lock() {
+        if let Ok(mut slot) = member.connections[lane as usize].lock() {
             *slot = Some(connection.clone());
         }
         Ok(connection)
+    }
+
+    /// Opens a stream on `member`'s [`Lane::Streams`] connection whose body the caller writes
+    /// itself, message by message; the answer's headers come with the returned future.
+    pub async fn open_stream(
+        &self,
+        member: &Member,
+        path_and_query: &http::uri::PathAndQuery,
+        headers: &http::HeaderMap,
+    ) -> Result<(crate::connection::ResponseFuture, h2::SendStream<bytes::Bytes>), UpstreamError> {
+        let mut connection = self.connection(member, Lane::Streams).await?;
+        connection
+            .ready()
+            .await
+            .map_err(|source| UpstreamError::NotSent { endpoint: member.endpoint.url(), source })?;
+        let mut request = Request::new(());
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = member
+            .uri(path_and_query.clone())
+            .map_err(|e| UpstreamError::Request { why: format!("cannot address {path_and_query}: {e}") })?;
+        *request.headers_mut() = headers.clone();
+        member.stats.requests.fetch_add(1, Relaxed);
+        connection.open(request).map_err(|source| UpstreamError::NotSent { endpoint: member.endpoint.url(), source })
     }
 
     async fn dial(&self, member: &Member) -> Result<Connection, UpstreamError> {
@@ -295,7 +339,7 @@ impl Upstream {
         let mut refusals = Vec::new();
         let members = self.members();
         for member in members.iter() {
-            if member.cached_connection().is_none() {
+            if member.cached_connection(Lane::Calls).is_none() && member.cached_connection(Lane::Streams).is_none() {
                 // The next request dials with the adopted config anyway.
                 continue;
             }
@@ -316,9 +360,14 @@ impl Upstream {
         current.replace(candidate);
         for (member, connection) in &accepted {
             // A dial still running with the old config must not overwrite the new connection.
-            let _dialing = member.dialing.lock().await;
-            if let Ok(mut slot) = member.connection.lock() {
+            let _calls = member.dialing[Lane::Calls as usize].lock().await;
+            let _streams = member.dialing[Lane::Streams as usize].lock().await;
+            if let Ok(mut slot) = member.connections[Lane::Calls as usize].lock() {
                 *slot = Some(connection.clone());
+            }
+            // The next stream dials with the new material; streams running now stay where they are.
+            if let Ok(mut slot) = member.connections[Lane::Streams as usize].lock() {
+                *slot = None;
             }
         }
         for refusal in &refusals {
@@ -410,7 +459,7 @@ impl Upstream {
 
     /// One gRPC health check (`grpc.health.v1.Health/Check`) over the member's shared connection.
     async fn check(&self, member: &Member) -> Result<(), UpstreamError> {
-        let connection = self.connection(member).await?;
+        let connection = self.connection(member, Lane::Calls).await?;
         self.check_over(member, connection).await
     }
 
@@ -517,8 +566,8 @@ fn new_member(endpoint: &Endpoint, index: usize) -> Member {
         endpoint: endpoint.clone(),
         index,
         healthy: AtomicBool::new(false),
-        connection: Mutex::new(None),
-        dialing: tokio::sync::Mutex::new(()),
+        connections: [Mutex::new(None), Mutex::new(None)],
+        dialing: [tokio::sync::Mutex::new(()), tokio::sync::Mutex::new(())],
         last_error: Mutex::new(None),
         stats: MemberStats::default(),
         role: crate::cluster::MemberRole::default(),

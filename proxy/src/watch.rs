@@ -12,6 +12,13 @@
 //! Watch ids stay equal upstream and downstream by construction: on the first upstream stream
 //! etcd assigns them as it would directly, and on later streams the relay asks for each id
 //! explicitly (etcd 3.4+ accepts a client-chosen `watch_id`), so etcd's bytes need no rewriting.
+//!
+//! The relay runs in a task of its own and takes etcd's messages as they come, whether or not
+//! its client reads them: left in the member connection, they would hold up every other stream
+//! on it. A client that falls `--max-buffered-response-bytes` behind has its upstream stream
+//! paused (closed, which cancels its watches at etcd); once the client has read half of what is
+//! held, the watches are re-created from the next revision not yet delivered, exactly as after
+//! the loss of a member. The client misses nothing and holds at most that much of the proxy.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -26,12 +33,17 @@ use http::HeaderMap;
 use http_body::{Body, Frame};
 use hyper::body::Incoming;
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::oneshot;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
+use crate::admission::{MessageLimits, Refused};
 use crate::auth::Session;
+use crate::body::{self, CallRecord, FeedReceiver, FeedSender, ResponseBody, StreamHead};
+use crate::client_queue::{self, QueueSender};
 use crate::forward::Forwarder;
 use crate::grpc::{self, Code, MessageReader, WireValue};
 use crate::h2_stream::RecvBody;
+use crate::metrics::Refusal;
 
 /// How long the relay keeps trying to find a member before ending the client's stream.
 const RESUME_DEADLINE: Duration = Duration::from_secs(30);
@@ -64,8 +76,33 @@ enum Upstream {
     },
     /// Waiting before the next attempt to find a member.
     Backoff(Pin<Box<tokio::time::Sleep>>),
+    /// The client fell behind; re-opened once it has read half of what is held for it.
+    Paused,
     /// The client's stream is ending.
     Closed,
+}
+
+/// Client messages waiting for etcd, at most: a client that keeps sending while etcd does not
+/// read is not read either.
+const MAX_QUEUED_REQUESTS: usize = 64 * 1024;
+
+/// Serves one Watch call: the relay runs in its own task, and the client is answered once etcd
+/// answered the first upstream stream (answering earlier would tell it the watch exists before
+/// it does: clients that write right after `watch()` returns would miss their own first event).
+pub async fn serve(
+    forwarder: Arc<Forwarder>,
+    session: Option<Arc<Session>>,
+    headers: HeaderMap,
+    client: Incoming,
+    record: CallRecord,
+    shutdown: WaitForCancellationFutureOwned,
+) -> http::Response<ResponseBody> {
+    let limits = forwarder.stream_limits();
+    let (head, started) = oneshot::channel();
+    let (to_client, from_relay) = client_queue::channel(limits.max_buffered);
+    let relay = WatchRelay::new(forwarder, session, headers, client, to_client, head, limits.messages);
+    tokio::spawn(relay.run());
+    ResponseBody::when_started(started, from_relay, record, shutdown, "watch").await
 }
 
 /// A watch the client has been told exists.
@@ -86,55 +123,63 @@ struct PendingCreate {
 
 /// Facts read from one WatchResponse without decoding it.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct ResponseFacts {
-    watch_id: i64,
-    created: bool,
-    canceled: bool,
-    cancel_reason: String,
-    fragment: bool,
-    header_revision: i64,
-    events: usize,
-    last_event_revision: i64,
+pub(crate) struct ResponseFacts {
+    pub(crate) watch_id: i64,
+    pub(crate) created: bool,
+    pub(crate) canceled: bool,
+    pub(crate) cancel_reason: String,
+    pub(crate) fragment: bool,
+    pub(crate) header_revision: i64,
+    pub(crate) events: usize,
+    pub(crate) last_event_revision: i64,
 }
 
-/// Relays one client Watch stream; polled as the client's response body.
-pub struct WatchRelay {
+/// Relays one client Watch stream, in a task of its own.
+struct WatchRelay {
     forwarder: Arc<Forwarder>,
     session: Option<Arc<Session>>,
     headers: HeaderMap,
     client: Option<Incoming>,
     client_messages: MessageReader,
+    /// Longest pause inside an incomplete client message.
+    stall_timeout: Duration,
+    /// Ends the stream if the client's incomplete message does not grow in time.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
     upstream: Upstream,
     upstream_messages: MessageReader,
-    to_upstream: mpsc::UnboundedSender<Bytes>,
+    to_upstream: FeedSender,
     /// Token generation the current upstream stream was opened with.
     token_generation: Option<u64>,
     watches: BTreeMap<i64, ActiveWatch>,
     pending: VecDeque<PendingCreate>,
+    /// Cancels and progress requests the client sent between two upstream streams.
+    held: Vec<Bytes>,
+    /// Bytes of all requests the client sent between two upstream streams.
+    held_bytes: usize,
     /// The id etcd would give the next watch created without one, as on one etcd stream.
     next_auto_id: i64,
     /// Set once the watches live on a stream other than the first: creates then carry their ids.
     moved: bool,
-    out: VecDeque<Bytes>,
-    trailers: Option<HeaderMap>,
+    /// Frames for the client, in order; counted so that the relay knows when it is behind.
+    to_client: QueueSender,
+    /// Taken when the client is answered: etcd's headers, or a status.
+    head: Option<oneshot::Sender<StreamHead>>,
     finished: bool,
     /// When the current search for a member began.
     resuming_since: Option<Instant>,
-    /// etcd's response headers of the first upstream stream, until they are sent to the client.
-    first_headers: Option<HeaderMap>,
-    /// Whether the client has been sent response headers.
-    answered: bool,
 }
 
 impl WatchRelay {
-    /// Starts relaying: opens the first upstream stream at once.
-    pub fn start(
+    fn new(
         forwarder: Arc<Forwarder>,
         session: Option<Arc<Session>>,
         headers: HeaderMap,
         client: Incoming,
+        to_client: QueueSender,
+        head: oneshot::Sender<StreamHead>,
+        limits: MessageLimits,
     ) -> WatchRelay {
-        let (to_upstream, receiver) = mpsc::unbounded_channel();
+        let (to_upstream, receiver) = body::feed();
         let upstream =
             Upstream::Opening(open(Arc::clone(&forwarder), session.clone(), headers.clone(), receiver, None));
         WatchRelay {
@@ -142,86 +187,130 @@ impl WatchRelay {
             session,
             headers,
             client: Some(client),
-            client_messages: MessageReader::default(),
+            client_messages: MessageReader::with_limit(limits.max_message),
+            stall_timeout: limits.stall_timeout,
+            stall: None,
             upstream,
             upstream_messages: MessageReader::default(),
             to_upstream,
             token_generation: None,
             watches: BTreeMap::new(),
             pending: VecDeque::new(),
+            held: Vec::new(),
+            held_bytes: 0,
             next_auto_id: 0,
             moved: false,
-            out: VecDeque::new(),
-            trailers: None,
+            to_client,
+            head: Some(head),
             finished: false,
             resuming_since: None,
-            first_headers: None,
-            answered: false,
         }
     }
 
-    /// Relays until etcd answered the first upstream stream, and returns etcd's response headers
-    /// for the client (or, if no member took the stream, the headers of a trailers-only status).
-    /// Answering the client before etcd did would tell it the watch exists before it does:
-    /// clients that write right after `watch()` returns would miss their own first event.
-    pub async fn first_response(&mut self) -> Result<HeaderMap, HeaderMap> {
-        std::future::poll_fn(|cx| loop {
-            if let Some(headers) = self.first_headers.take() {
-                return Poll::Ready(Ok(headers));
-            }
-            if let Some(trailers) = self.trailers.take() {
-                self.finished = true;
-                return Poll::Ready(Err(trailers));
-            }
-            let client = self.poll_client(cx);
-            let upstream = self.poll_upstream(cx);
-            if !client && !upstream {
-                return Poll::Pending;
-            }
-        })
-        .await
+    async fn run(mut self) {
+        std::future::poll_fn(|cx| self.poll_run(cx)).await
     }
 
-    /// The next frame for the client: etcd's messages, then etcd's (or the proxy's) trailers.
-    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Frame<Bytes>>> {
+    /// Relays until the stream is over or the client is gone (which drops the upstream stream
+    /// and so cancels the watches at etcd).
+    fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            if let Some(message) = self.out.pop_front() {
-                return Poll::Ready(Some(Frame::data(message)));
-            }
-            if let Some(trailers) = self.trailers.take() {
-                self.finished = true;
-                return Poll::Ready(Some(Frame::trailers(trailers)));
-            }
-            if self.finished {
-                return Poll::Ready(None);
+            if self.finished || self.to_client.is_closed() {
+                return Poll::Ready(());
             }
             let client = self.poll_client(cx);
+            let stalled = self.poll_stall(cx);
             let upstream = self.poll_upstream(cx);
-            if !client && !upstream {
-                return Poll::Pending;
+            if !client && !stalled && !upstream {
+                // Woken as well when the client goes away or, when paused, has caught up.
+                let waiting = match self.upstream {
+                    Upstream::Paused => self.to_client.poll_room(cx),
+                    _ => self.to_client.poll_closed(cx),
+                };
+                if waiting.is_pending() {
+                    return Poll::Pending;
+                }
             }
         }
+    }
+
+    /// Sends the client a message from etcd; pauses the upstream stream if the client is now
+    /// too far behind.
+    fn deliver(&mut self, message: Bytes) {
+        self.to_client.push(Frame::data(message));
+        if self.to_client.is_full() && matches!(self.upstream, Upstream::Open { .. }) {
+            tracing::debug!(watches = self.watches.len(), "watch client is not reading; pausing its upstream stream");
+            self.forwarder.metrics().stream_paused();
+            self.upstream = Upstream::Paused;
+            self.moved = true;
+            self.to_upstream = FeedSender::closed();
+            self.upstream_messages = MessageReader::default();
+        }
+    }
+
+    /// Ends the client's stream with `trailers`: etcd's, or a status of the proxy's.
+    fn end(&mut self, trailers: HeaderMap) {
+        self.upstream = Upstream::Closed;
+        match self.head.take() {
+            Some(head) => {
+                let _ = head.send(Err(trailers));
+            }
+            None => {
+                self.to_client.push(Frame::trailers(trailers));
+            }
+        }
+        self.finished = true;
+    }
+
+    /// Ends the stream if the client's incomplete message stalled; true if it did.
+    fn poll_stall(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(stall) = self.stall.as_mut() else { return false };
+        if stall.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        let refused = Refused::stalled(self.stall_timeout);
+        self.forwarder.metrics().refused(refused.why);
+        self.end(grpc::status_headers(refused.code, &refused.message));
+        true
     }
 
     /// Reads the client's requests; true if anything happened.
     fn poll_client(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(client) = self.client.as_mut() else { return false };
+        // Requests etcd has not taken yet are bounded: nothing more is read until they leave
+        // (the feed wakes the relay) or, between streams, until the next stream takes them.
+        if self.held_bytes >= MAX_QUEUED_REQUESTS || self.to_upstream.poll_room(cx, MAX_QUEUED_REQUESTS).is_pending() {
+            return false;
+        }
         match Pin::new(client).poll_frame(cx) {
             Poll::Pending => false,
             Poll::Ready(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
                     self.client_messages.push(&data);
-                    while let Some(message) = self.client_messages.next_message() {
+                    loop {
+                        if let Some(claimed) = self.client_messages.oversize() {
+                            // As etcd ends a stream that sends a message over its limit.
+                            self.forwarder.metrics().refused(Refusal::TooLarge);
+                            let limit = self.client_messages.limit().unwrap_or(usize::MAX);
+                            let (code, message) = grpc::too_large_status(claimed, limit);
+                            self.end(grpc::status_headers(code, &message));
+                            return true;
+                        }
+                        let Some(message) = self.client_messages.next_message() else { break };
                         self.on_client_message(message);
                     }
+                    self.stall = match self.client_messages.is_empty() {
+                        true => None,
+                        false => Some(Box::pin(tokio::time::sleep(self.stall_timeout))),
+                    };
                 }
                 true
             }
             Poll::Ready(Some(Err(_)) | None) => {
                 // Closing the upstream request side makes etcd end the stream, as it would directly.
                 self.client = None;
-                let (closed, _) = mpsc::unbounded_channel();
-                self.to_upstream = closed;
+                self.stall = None;
+                self.to_upstream = FeedSender::closed();
                 true
             }
         }
@@ -232,17 +321,28 @@ impl WatchRelay {
             Some(0) => WatchRequest::decode(&message[5..]).ok(),
             _ => None,
         };
+        // Between two upstream streams (paused, or waiting for a member) requests wait for the
+        // next one: creates as pending creates, which every new stream gets, the rest after them.
+        let between_streams = matches!(self.upstream, Upstream::Paused | Upstream::Backoff(_));
+        if between_streams {
+            self.held_bytes += message.len();
+        }
         let Some(watch_request::RequestUnion::CreateRequest(mut create)) = request.and_then(|r| r.request_union) else {
             // Cancels and progress requests carry ids that are the same upstream.
-            let _ = self.to_upstream.send(message);
+            match between_streams {
+                true => self.held.push(message),
+                false => self.to_upstream.send(message),
+            }
             return;
         };
         if self.moved && create.watch_id == 0 {
             // The new stream's own counter may differ from the one the client saw.
             create.watch_id = self.take_auto_id();
-            let _ = self.to_upstream.send(encode_create(&create));
-        } else {
-            let _ = self.to_upstream.send(message);
+            if !between_streams {
+                self.to_upstream.send(encode_create(&create));
+            }
+        } else if !between_streams {
+            self.to_upstream.send(message);
         }
         self.pending.push_back(PendingCreate { create, recreation: false, token_renewed: false });
     }
@@ -261,6 +361,14 @@ impl WatchRelay {
     fn poll_upstream(&mut self, cx: &mut Context<'_>) -> bool {
         match &mut self.upstream {
             Upstream::Closed => false,
+            Upstream::Paused => match self.to_client.poll_room(cx) {
+                Poll::Pending => false,
+                Poll::Ready(()) => {
+                    tracing::debug!(watches = self.watches.len(), "watch client caught up; resuming its watches");
+                    self.reopen(None);
+                    true
+                }
+            },
             Upstream::Backoff(sleep) => match sleep.as_mut().poll(cx) {
                 Poll::Pending => false,
                 Poll::Ready(()) => {
@@ -277,9 +385,8 @@ impl WatchRelay {
                         // A trailers-only answer: etcd refused the stream itself.
                         Some(code) if code != Code::Ok => self.on_upstream_end(Some(parts.headers)),
                         _ => {
-                            if !self.answered {
-                                self.answered = true;
-                                self.first_headers = Some(parts.headers);
+                            if let Some(head) = self.head.take() {
+                                let _ = head.send(Ok(parts.headers));
                             }
                             self.resuming_since = None;
                             self.upstream = Upstream::Open { body, member };
@@ -300,6 +407,10 @@ impl WatchRelay {
                             self.upstream_messages.push(&data);
                             while let Some(message) = self.upstream_messages.next_message() {
                                 self.on_upstream_message(message);
+                                if !matches!(self.upstream, Upstream::Open { .. }) {
+                                    // Paused or moved: the rest comes again from the new stream.
+                                    break;
+                                }
                             }
                         }
                         Err(frame) => self.on_upstream_end(frame.into_trailers().ok()),
@@ -325,12 +436,12 @@ impl WatchRelay {
             _ => None,
         };
         let Some(facts) = facts else {
-            self.out.push_back(message);
+            self.deliver(message);
             return;
         };
         if facts.created {
             let Some(pending) = self.pending.pop_front() else {
-                self.out.push_back(message);
+                self.deliver(message);
                 return;
             };
             if facts.canceled {
@@ -342,7 +453,7 @@ impl WatchRelay {
                     return;
                 }
                 if !pending.recreation {
-                    self.out.push_back(message);
+                    self.deliver(message);
                 }
                 return;
             }
@@ -356,7 +467,7 @@ impl WatchRelay {
             let recreation = pending.recreation;
             self.watches.insert(facts.watch_id, ActiveWatch { create: pending.create, next_revision });
             if !recreation {
-                self.out.push_back(message);
+                self.deliver(message);
             }
             return;
         }
@@ -374,7 +485,7 @@ impl WatchRelay {
                 watch.next_revision = watch.next_revision.max(facts.header_revision + 1);
             }
         }
-        self.out.push_back(message);
+        self.deliver(message);
     }
 
     /// etcd ended the stream: with a status worth passing on, or because it is going away.
@@ -386,24 +497,22 @@ impl WatchRelay {
             Some(_) => false,
         };
         // Before the client was answered there is nothing to resume: it gets etcd's status.
-        if self.client.is_some() && member_going_away && self.answered {
+        if self.client.is_some() && member_going_away && self.head.is_none() {
             self.reopen(None);
             return;
         }
-        self.upstream = Upstream::Closed;
-        self.trailers = Some(trailers.unwrap_or_else(|| grpc::status_headers(Code::Ok, "")));
+        self.end(trailers.unwrap_or_else(|| grpc::status_headers(Code::Ok, "")));
     }
 
     fn retry_or_end(&mut self, code: Code, message: String) {
         let since = *self.resuming_since.get_or_insert_with(Instant::now);
         let retryable = matches!(code, Code::Unavailable | Code::DeadlineExceeded);
-        if retryable && self.answered && since.elapsed() < RESUME_DEADLINE && self.client.is_some() {
+        if retryable && self.head.is_none() && since.elapsed() < RESUME_DEADLINE && self.client.is_some() {
             self.upstream = Upstream::Backoff(Box::pin(tokio::time::sleep(RESUME_BACKOFF)));
             return;
         }
         tracing::warn!(code = code.name(), %message, "cannot re-open the watch stream on any member; ending the client's stream");
-        self.upstream = Upstream::Closed;
-        self.trailers = Some(grpc::status_headers(code, &message));
+        self.end(grpc::status_headers(code, &message));
     }
 
     /// Opens a new upstream stream (renewing the token first if `rejected` names the current one)
@@ -412,7 +521,7 @@ impl WatchRelay {
         self.resuming_since.get_or_insert_with(Instant::now);
         self.moved = true;
         self.upstream_messages = MessageReader::default();
-        let (to_upstream, receiver) = mpsc::unbounded_channel();
+        let (to_upstream, receiver) = body::feed();
         self.to_upstream = to_upstream;
         let mut recreations = Vec::with_capacity(self.watches.len());
         // Watch 0 cannot be asked for by id (0 means "pick one"), so it goes first on a fresh stream.
@@ -428,9 +537,13 @@ impl WatchRelay {
         self.watches.clear();
         let unanswered: Vec<PendingCreate> = self.pending.drain(..).collect();
         for pending in recreations.into_iter().chain(unanswered) {
-            let _ = self.to_upstream.send(encode_create(&pending.create));
+            self.to_upstream.send(encode_create(&pending.create));
             self.pending.push_back(pending);
         }
+        for request in self.held.drain(..) {
+            self.to_upstream.send(request);
+        }
+        self.held_bytes = 0;
         if count > 0 {
             self.forwarder.metrics().watches_recreated(count);
         }
@@ -446,7 +559,7 @@ fn open(
     forwarder: Arc<Forwarder>,
     session: Option<Arc<Session>>,
     headers: HeaderMap,
-    receiver: mpsc::UnboundedReceiver<Bytes>,
+    receiver: FeedReceiver,
     rejected: Option<u64>,
 ) -> Opening {
     Box::pin(async move { forwarder.open_watch_stream(session.as_deref(), headers, receiver, rejected).await })
@@ -458,7 +571,7 @@ fn encode_create(create: &WatchCreateRequest) -> Bytes {
 }
 
 /// Reads the facts the relay needs from an encoded WatchResponse.
-fn read_facts(message: &[u8]) -> Result<ResponseFacts, String> {
+pub(crate) fn read_facts(message: &[u8]) -> Result<ResponseFacts, String> {
     let mut facts = ResponseFacts::default();
     let mut last_event: &[u8] = &[];
     grpc::for_each_field(message, |field, value, _| match (field, value) {
