@@ -118,6 +118,12 @@ impl<S> AuthorityRepair<S> {
         }
     }
 
+    /// Bytes held back from the server right now (a header block being collected).
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
+        self.raw.len() + self.block.as_ref().map_or(0, |block| block.original.len())
+    }
+
     /// Hands everything held so far to the server unexamined, and all later bytes too: for
     /// anything the server must judge (and refuse) itself.
     fn give_up(&mut self) {

@@ -32,6 +32,8 @@ pub mod config;
 pub mod connection;
 pub mod error;
 pub mod forward;
+#[cfg(test)]
+mod fuzz;
 pub mod grpc;
 pub mod h2_stream;
 pub mod keepalive;
