@@ -1,5 +1,6 @@
 //! Test harness for etcd-compat-proxy: real etcd clusters (3.4 and 3.5) on loopback,
-//! etcdctl helpers, and the proxy binary as a child process.
+//! etcdctl helpers, the proxy binary as a child process, and hand-made HTTP/2 and gRPC bytes
+//! ([`frame`], [`grpc_frame`]) for requests no client library sends.
 //!
 //! Everything spawned here is killed when its owner is dropped, including while a test
 //! panics. Owners must therefore not be parked in `static`s (statics are never dropped):
@@ -18,6 +19,7 @@ mod http;
 mod logs;
 mod ports;
 mod proxy;
+mod wire;
 
 pub use cluster::{ClusterSpec, EtcdCluster, MemberInfo, TlsSpec, MAX_MEMBERS};
 pub use deps::{etcd3_python, workspace_root, EtcdVersion};
@@ -25,3 +27,7 @@ pub use etcdctl::{etcdctl, etcdctl_command, etcdctl_ok, ClientTls};
 pub use http::http_get;
 pub use ports::free_port;
 pub use proxy::ProxyProcess;
+pub use wire::{
+    error_code_name, frame, frame_flags, frame_type, grpc_frame, grpc_prefix, grpc_request_headers, hpack_integer,
+    hpack_literal, hpack_table_size_update, read_frame, settings_frame, Frame, GrpcMessages, PREFACE,
+};

@@ -198,6 +198,18 @@ impl ProxyProcess {
         self.process.id()
     }
 
+    /// Resident memory of the proxy now (`VmRSS` in `/proc/<pid>/status`), in bytes.
+    pub fn rss_bytes(&self) -> anyhow::Result<u64> {
+        proc_status_bytes(self.process.id(), "VmRSS")
+    }
+
+    /// The most resident memory the proxy has had since it started (`VmHWM`, the high-water
+    /// mark, in `/proc/<pid>/status`), in bytes. A short spike between two samples is still
+    /// counted, which polling [`ProxyProcess::rss_bytes`] could miss.
+    pub fn peak_rss_bytes(&self) -> anyhow::Result<u64> {
+        proc_status_bytes(self.process.id(), "VmHWM")
+    }
+
     /// Path of the file holding the proxy's stdout and stderr.
     pub fn log_path(&self) -> &Path {
         &self.log_path
@@ -278,6 +290,19 @@ fn mentions_port_in_use(log: &str) -> bool {
     lowercase.contains("address already in use") || lowercase.contains("addrinuse")
 }
 
+/// A `kB` line of `/proc/<pid>/status` (e.g. `VmHWM:\t  10240 kB`), in bytes.
+fn proc_status_bytes(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    parse_status_kib(&status, field).map(|kib| kib * 1024).ok_or_else(|| anyhow!("no {field} line in {path}"))
+}
+
+fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
+    let line = status.lines().find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))?;
+    let number = line.trim().strip_suffix("kB")?;
+    number.trim().parse().ok()
+}
+
 /// Value of `--flag=value` or `--flag value` in `args`.
 fn flag_value(args: &[String], flag: &str) -> Option<String> {
     let with_equals = format!("{flag}=");
@@ -309,7 +334,15 @@ fn resolve(host_port: &str) -> anyhow::Result<SocketAddr> {
 
 #[cfg(test)]
 mod tests {
-    use super::{flag_value, strip_url};
+    use super::{flag_value, parse_status_kib, strip_url};
+
+    #[test]
+    fn status_lines_are_read_in_kib() {
+        let status = "Name:\tproxy\nVmPeak:\t  20000 kB\nVmHWM:\t   10240 kB\nVmRSS:\t    9000 kB\n";
+        assert_eq!(parse_status_kib(status, "VmHWM"), Some(10240));
+        assert_eq!(parse_status_kib(status, "VmRSS"), Some(9000));
+        assert_eq!(parse_status_kib(status, "VmSwap"), None);
+    }
 
     #[test]
     fn flag_value_accepts_both_spellings() {

@@ -7,6 +7,7 @@ mod cluster_routing;
 mod errors;
 mod etcdctl_compat;
 mod failover;
+mod hardening;
 mod harness_smoke;
 mod lifecycle;
 mod size_budget;

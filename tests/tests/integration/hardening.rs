@@ -1,0 +1,1556 @@
+//! No client can crash, freeze or mislead the proxy. Hostile or broken clients
+//! (oversized and endless header blocks, oversized messages, watchers that never read,
+//! malformed gRPC, connections that go silent, password guessing, foreign tokens) are refused
+//! or cut off while the proxy's memory stays bounded and every other client is still served.
+//!
+//! Byte streams an HTTP/2 library refuses to produce are written by hand ([`etcd_compat_tests::frame`]);
+//! well-formed calls that need control (a zero receive window, a body sent in pieces) use the
+//! `h2` crate as the client.
+
+use std::future::poll_fn;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream as StdTcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use etcd_client::Client;
+use etcd_compat_certs::DevPki;
+use etcd_compat_proto::etcdserverpb::{
+    watch_request::RequestUnion, AuthenticateRequest, AuthenticateResponse, PutRequest, RangeRequest, RangeResponse,
+    WatchCreateRequest, WatchRequest, WatchResponse,
+};
+use etcd_compat_tests::{
+    error_code_name, etcdctl_ok, frame, frame_flags, frame_type, free_port, grpc_frame, grpc_prefix,
+    grpc_request_headers, hpack_literal, hpack_table_size_update, read_frame, settings_frame, ClusterSpec, EtcdVersion,
+    Frame, GrpcMessages, ProxyProcess, PREFACE,
+};
+use h2::client::{ResponseFuture, SendRequest};
+use h2::{Reason, RecvStream, SendStream};
+use http::{Request, Response};
+use prost::Message;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::support::{metric, Deployment, Wire, PROXY_BIN};
+
+const MIB: u64 = 1024 * 1024;
+/// The proxy's memory ceiling under every attack here; it idles at about 10 MiB.
+const PEAK_RSS_LIMIT: u64 = 64 * MIB;
+/// etcd's default `--max-request-bytes` (1.5 MiB) plus grpc-go's 512 KiB allowance: the largest
+/// request message etcd's gRPC server reads, and by default the proxy's too.
+const DEFAULT_MAX_RECEIVE: u64 = 2_097_152;
+const RESOURCE_EXHAUSTED: &str = "8";
+const DEADLINE_EXCEEDED: &str = "4";
+const UNAUTHENTICATED: &str = "16";
+
+// ---------------------------------------------------------------------------------------------
+// Shared checks.
+
+/// Put then get of a key named after `step` through the proxy with etcdctl: the proxy still serves
+/// after whatever `step` did to it.
+fn etcdctl_still_works(deployment: &Deployment, step: &str) {
+    let version = deployment.cluster.version();
+    let key = format!("/hardening/after-{step}");
+    let tls = deployment.client_tls.as_ref();
+    assert_eq!(etcdctl_ok(version, &deployment.endpoint, tls, &["put", &key, "still-serving"]), "OK\n", "after {step}");
+    assert_eq!(
+        etcdctl_ok(version, &deployment.endpoint, tls, &["get", &key]),
+        format!("{key}\nstill-serving\n"),
+        "after {step}"
+    );
+}
+
+/// The proxy's peak RSS so far, printed so that a run shows it even when an earlier
+/// assertion fails.
+fn peak_rss(proxy: &ProxyProcess, what: &str) -> u64 {
+    let peak = proxy.peak_rss_bytes().expect("proxy peak RSS");
+    eprintln!("{what}: proxy peak RSS {:.1} MiB", peak as f64 / MIB as f64);
+    peak
+}
+
+fn assert_peak_rss_bounded(peak: u64, what: &str) {
+    assert!(
+        peak < PEAK_RSS_LIMIT,
+        "{what}: the proxy's peak RSS reached {:.1} MiB (limit {} MiB)",
+        peak as f64 / MIB as f64,
+        PEAK_RSS_LIMIT / MIB
+    );
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().expect("runtime")
+}
+
+// ---------------------------------------------------------------------------------------------
+// gRPC calls over the h2 crate.
+
+/// An HTTP/2 connection made with the `h2` crate, driven by its own task (which also answers
+/// PINGs); `window` changes the connection's initial stream window while it runs.
+struct H2 {
+    send: SendRequest<Bytes>,
+    addr: SocketAddr,
+    window: mpsc::UnboundedSender<u32>,
+    driver: JoinHandle<()>,
+}
+
+async fn h2_connect(addr: SocketAddr) -> H2 {
+    h2_connect_with(addr, h2::client::Builder::new()).await
+}
+
+async fn h2_connect_with(addr: SocketAddr, builder: h2::client::Builder) -> H2 {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let _ = tcp.set_nodelay(true);
+    let (send, mut connection) = builder.handshake::<_, Bytes>(tcp).await.expect("HTTP/2 handshake");
+    let (window, mut sizes) = mpsc::unbounded_channel::<u32>();
+    let driver = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = &mut connection => return,
+                Some(size) = sizes.recv() => {
+                    connection.set_initial_window_size(size).expect("set the initial stream window");
+                }
+            }
+        }
+    });
+    H2 { send, addr, window, driver }
+}
+
+/// A gRPC request to `path` with the usual headers plus `extra`.
+fn grpc_request(addr: SocketAddr, path: &str, extra: &[(&str, &str)]) -> Request<()> {
+    let mut builder = Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in extra {
+        builder = builder.header(*name, *value);
+    }
+    builder.body(()).expect("request")
+}
+
+/// How a call ended, as the client saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ending {
+    /// An HTTP answer; the gRPC status fields come from the trailers, or from the headers of a
+    /// trailers-only answer.
+    Answer(Answer),
+    /// The server reset the stream.
+    Reset(Reason),
+    /// The server closed the connection with GOAWAY.
+    GoAway(Reason),
+    /// Anything else: I/O failure, a reset by the client library itself, ...
+    Broken(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Answer {
+    http_status: u16,
+    grpc_status: Option<String>,
+    grpc_message: Option<String>,
+    messages: Vec<Vec<u8>>,
+}
+
+impl Ending {
+    /// `(grpc-status, grpc-message)` of an answer; panics (naming `what`) otherwise.
+    fn status(&self, what: &str) -> (String, String) {
+        match self {
+            Ending::Answer(Answer { grpc_status: Some(code), grpc_message, .. }) => {
+                (code.clone(), grpc_message.clone().unwrap_or_default())
+            }
+            other => panic!("{what}: expected an answer with a gRPC status, got {other:?}"),
+        }
+    }
+
+    fn answer(&self, what: &str) -> &Answer {
+        match self {
+            Ending::Answer(answer) => answer,
+            other => panic!("{what}: expected an answer, got {other:?}"),
+        }
+    }
+}
+
+fn ending_of(error: h2::Error) -> Ending {
+    match error.reason() {
+        Some(reason) if error.is_go_away() => Ending::GoAway(reason),
+        Some(reason) if error.is_reset() && error.is_remote() => Ending::Reset(reason),
+        _ => Ending::Broken(error.to_string()),
+    }
+}
+
+async fn read_answer(response: Response<RecvStream>) -> Result<Answer, h2::Error> {
+    let (parts, mut body) = response.into_parts();
+    let mut reassembler = GrpcMessages::new();
+    let mut messages = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        body.flow_control().release_capacity(chunk.len())?;
+        reassembler.push(&chunk);
+        while let Some(message) = reassembler.next_message() {
+            messages.push(message);
+        }
+    }
+    let trailers = body.trailers().await?;
+    let field = |name: &str| {
+        trailers
+            .as_ref()
+            .and_then(|trailers| trailers.get(name))
+            .or_else(|| parts.headers.get(name))
+            .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+    };
+    Ok(Answer {
+        http_status: parts.status.as_u16(),
+        grpc_status: field("grpc-status"),
+        grpc_message: field("grpc-message").map(|message| percent_decode(&message)),
+        messages,
+    })
+}
+
+/// gRPC percent-encodes `grpc-message` bytes outside printable ASCII (and `%` itself).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn finish(response: ResponseFuture) -> Ending {
+    match response.await {
+        Err(error) => ending_of(error),
+        Ok(response) => match read_answer(response).await {
+            Ok(answer) => Ending::Answer(answer),
+            Err(error) => ending_of(error),
+        },
+    }
+}
+
+/// One unary call: headers, `body` (gRPC-framed already, may be empty) and end of stream.
+async fn unary(h2: &mut H2, request: Request<()>, body: Vec<u8>) -> Ending {
+    let mut send = match h2.send.clone().ready().await {
+        Ok(send) => send,
+        Err(error) => return ending_of(error),
+    };
+    let end_with_headers = body.is_empty();
+    let (response, mut stream) = match send.send_request(request, end_with_headers) {
+        Ok(sent) => sent,
+        Err(error) => return ending_of(error),
+    };
+    if !end_with_headers {
+        if let Err(error) = stream.send_data(Bytes::from(body), true) {
+            return ending_of(error);
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(20), finish(response))
+        .await
+        .unwrap_or_else(|_| Ending::Broken("no answer within 20 s".to_owned()))
+}
+
+/// A unary call with standard gRPC headers plus `extra`.
+async fn call(h2: &mut H2, path: &str, extra: &[(&str, &str)], message: &[u8]) -> Ending {
+    let request = grpc_request(h2.addr, path, extra);
+    unary(h2, request, grpc_frame(message)).await
+}
+
+/// A request body produced as it is sent: `head`, then filler bytes up to `total` bytes.
+#[derive(Clone)]
+struct Body {
+    head: Vec<u8>,
+    total: u64,
+    filler: Bytes,
+}
+
+const PIECE: usize = 256 * 1024;
+
+impl Body {
+    fn new(head: Vec<u8>, total: u64) -> Body {
+        Body { head, total, filler: Bytes::from(vec![b'x'; PIECE]) }
+    }
+
+    fn piece(&self, offset: u64, len: usize) -> Bytes {
+        let head_len = self.head.len() as u64;
+        if offset >= head_len {
+            return self.filler.slice(..len);
+        }
+        let mut piece = self.head[offset as usize..].to_vec();
+        piece.truncate(len);
+        piece.resize(len, b'x');
+        Bytes::from(piece)
+    }
+}
+
+/// The gRPC-framed bytes of a PutRequest whose value is `value_len` filler bytes, and the
+/// message's encoded length, without holding the value in memory.
+fn oversize_put(key: &str, value_len: u64) -> (Body, u64) {
+    let mut message = PutRequest { key: Bytes::from(key.to_owned()), ..Default::default() }.encode_to_vec();
+    message.push(0x12); // field 2 (value), length-delimited
+    prost::encoding::encode_varint(value_len, &mut message);
+    let length = message.len() as u64 + value_len;
+    let mut head = grpc_prefix(u32::try_from(length).expect("under 4 GiB")).to_vec();
+    head.extend_from_slice(&message);
+    (Body::new(head, 5 + length), length)
+}
+
+/// What [`send_until_answered`] observed.
+#[derive(Debug)]
+struct Streamed {
+    ending: Ending,
+    /// Body bytes handed to the connection when the answer's headers arrived (or when sending ended).
+    sent_before_answer: u64,
+    /// Why sending stopped before the answer, if it did.
+    sending_ended: Option<String>,
+    answered_after: Duration,
+}
+
+/// How long a sender waits for flow-control window before it concludes that the server reads
+/// no more and just waits for the answer.
+const STALL: Duration = Duration::from_secs(2);
+
+/// Sends `body` as fast as flow control allows (ending the stream with it if `end_stream`)
+/// while waiting for the answer; stops sending as soon as the answer's headers arrive.
+async fn send_until_answered(
+    send: &SendRequest<Bytes>,
+    request: Request<()>,
+    body: Body,
+    end_stream: bool,
+) -> Streamed {
+    let started = Instant::now();
+    let mut send = send.clone().ready().await.expect("connection ready");
+    let (response, mut stream) = send.send_request(request, false).expect("send the request headers");
+    let sent = AtomicU64::new(0);
+    let mut response = response;
+    let mut sending_ended = None;
+    let answered = {
+        let pump = pump(&mut stream, &body, end_stream, &sent);
+        tokio::pin!(pump);
+        tokio::select! {
+            answer = &mut response => Some(answer),
+            end = &mut pump => {
+                sending_ended = Some(end);
+                None
+            }
+        }
+    };
+    let sent_before_answer = sent.load(Ordering::SeqCst);
+    let response = match answered {
+        Some(response) => response,
+        None => match tokio::time::timeout(Duration::from_secs(10), response).await {
+            Ok(response) => response,
+            Err(_) => {
+                return Streamed {
+                    ending: Ending::Broken("no answer within 10 s after sending ended".to_owned()),
+                    sent_before_answer,
+                    sending_ended,
+                    answered_after: started.elapsed(),
+                }
+            }
+        },
+    };
+    let answered_after = started.elapsed();
+    let ending = match response {
+        Err(error) => ending_of(error),
+        Ok(response) => match tokio::time::timeout(Duration::from_secs(30), read_answer(response)).await {
+            Ok(Ok(answer)) => Ending::Answer(answer),
+            Ok(Err(error)) => ending_of(error),
+            Err(_) => Ending::Broken("the answer's body did not end within 30 s".to_owned()),
+        },
+    };
+    drop(stream);
+    Streamed { ending, sent_before_answer, sending_ended, answered_after }
+}
+
+async fn pump(stream: &mut SendStream<Bytes>, body: &Body, end_stream: bool, sent: &AtomicU64) -> String {
+    let mut offset = 0u64;
+    while offset < body.total {
+        let want = PIECE.min((body.total - offset) as usize);
+        stream.reserve_capacity(want);
+        let granted = match tokio::time::timeout(STALL, poll_fn(|cx| stream.poll_capacity(cx))).await {
+            Err(_) => return format!("no flow-control window for {STALL:?} after {offset} bytes"),
+            Ok(None) => return format!("stream closed after {offset} bytes"),
+            Ok(Some(Err(error))) => return format!("stream failed after {offset} bytes: {error}"),
+            Ok(Some(Ok(granted))) => granted.min(want),
+        };
+        if granted == 0 {
+            continue;
+        }
+        let last = offset + granted as u64 == body.total;
+        if let Err(error) = stream.send_data(body.piece(offset, granted), last && end_stream) {
+            return format!("sending failed after {offset} bytes: {error}");
+        }
+        offset += granted as u64;
+        sent.store(offset, Ordering::SeqCst);
+    }
+    format!("all {offset} bytes sent")
+}
+
+fn larger_than_max(length: u64, max: u64) -> (String, String) {
+    (RESOURCE_EXHAUSTED.to_owned(), format!("grpc: received message larger than max ({length} vs. {max})"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw connections.
+
+/// What a hand-written connection saw from the proxy after its request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RawVerdict {
+    /// EOF or a reset connection.
+    Closed(String),
+    GoAway(&'static str),
+    Reset(&'static str),
+    /// Response headers (and trailers) for stream 1.
+    Answered {
+        status: String,
+        grpc_status: Option<String>,
+        grpc_message: Option<String>,
+    },
+    /// The connection stayed open without an answer.
+    Silent,
+}
+
+impl RawVerdict {
+    /// Closing the connection, GOAWAY, RST_STREAM or a non-OK status all refuse the request;
+    /// a gRPC success or silence does not.
+    fn refused(&self) -> bool {
+        match self {
+            RawVerdict::Closed(_) | RawVerdict::GoAway(_) | RawVerdict::Reset(_) => true,
+            RawVerdict::Answered { status, grpc_status, .. } => status != "200" || grpc_status.as_deref() != Some("0"),
+            RawVerdict::Silent => false,
+        }
+    }
+}
+
+/// Reads the proxy's frames until it decides about stream 1 or `wait` passes.
+fn raw_verdict(stream: &mut StdTcpStream, wait: Duration) -> RawVerdict {
+    let deadline = Instant::now() + wait;
+    let mut decoder = loona_hpack::Decoder::new();
+    let mut block: Vec<u8> = Vec::new();
+    let mut headers: Vec<(String, String)> = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return RawVerdict::Silent;
+        }
+        stream.set_read_timeout(Some(left)).expect("read timeout");
+        let frame = match read_frame(stream) {
+            Ok(frame) => frame,
+            Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return RawVerdict::Silent
+            }
+            Err(error) => return RawVerdict::Closed(error.to_string()),
+        };
+        match frame.kind {
+            frame_type::GOAWAY => return RawVerdict::GoAway(error_code_name(frame.error_code().unwrap_or(u32::MAX))),
+            frame_type::RST_STREAM if frame.stream_id == 1 => {
+                return RawVerdict::Reset(error_code_name(frame.error_code().unwrap_or(u32::MAX)))
+            }
+            frame_type::HEADERS | frame_type::CONTINUATION if frame.stream_id == 1 => {
+                block.extend_from_slice(header_fragment(&frame));
+                if frame.flags & frame_flags::END_HEADERS == 0 {
+                    continue;
+                }
+                let decoded = decoder.decode(&block).expect("the proxy's header block decodes");
+                block.clear();
+                headers.extend(decoded.into_iter().map(|(name, value)| {
+                    (String::from_utf8_lossy(&name).into_owned(), String::from_utf8_lossy(&value).into_owned())
+                }));
+                let find = |name: &str| headers.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+                let ended = frame.flags & frame_flags::END_STREAM != 0;
+                if ended || find("grpc-status").is_some() || find(":status").is_some_and(|status| status != "200") {
+                    return RawVerdict::Answered {
+                        status: find(":status").unwrap_or_default(),
+                        grpc_status: find("grpc-status"),
+                        grpc_message: find("grpc-message"),
+                    };
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The header block fragment of a HEADERS or CONTINUATION frame (padding and priority removed).
+fn header_fragment(frame: &Frame) -> &[u8] {
+    const PADDED: u8 = 0x8;
+    const PRIORITY: u8 = 0x20;
+    let mut payload = &frame.payload[..];
+    if frame.kind != frame_type::HEADERS {
+        return payload;
+    }
+    let mut padding = 0;
+    if frame.flags & PADDED != 0 {
+        padding = payload[0] as usize;
+        payload = &payload[1..];
+    }
+    if frame.flags & PRIORITY != 0 {
+        payload = &payload[5..];
+    }
+    &payload[..payload.len() - padding]
+}
+
+/// A header block cut into a HEADERS frame and CONTINUATION frames of at most 16 KiB payload
+/// (the frame size every HTTP/2 peer accepts), END_HEADERS on the last.
+fn header_frames(stream_id: u32, block: &[u8]) -> Vec<u8> {
+    let pieces: Vec<&[u8]> = block.chunks(16 * 1024).collect();
+    let mut out = Vec::with_capacity(block.len() + pieces.len() * 9);
+    for (i, piece) in pieces.iter().enumerate() {
+        let kind = if i == 0 { frame_type::HEADERS } else { frame_type::CONTINUATION };
+        let flags = if i + 1 == pieces.len() { frame_flags::END_HEADERS } else { 0 };
+        out.extend_from_slice(&frame(kind, flags, stream_id, piece));
+    }
+    out
+}
+
+/// Connects to `addr`, sends the preface, an empty SETTINGS and `attack` (from another thread,
+/// so a proxy that stops reading cannot block the verdict), and returns the verdict on stream 1
+/// and what became of the write.
+fn raw_attack(addr: SocketAddr, attack: Vec<u8>) -> (RawVerdict, Result<(), String>) {
+    let mut stream = StdTcpStream::connect(addr).expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    let mut writer = stream.try_clone().expect("clone the socket");
+    writer.set_write_timeout(Some(Duration::from_secs(10))).expect("write timeout");
+    let sending = thread::spawn(move || {
+        let mut bytes = PREFACE.to_vec();
+        bytes.extend_from_slice(&settings_frame(&[]));
+        bytes.extend_from_slice(&attack);
+        writer.write_all(&bytes).map_err(|error| error.to_string())
+    });
+    let verdict = raw_verdict(&mut stream, Duration::from_secs(10));
+    let _ = stream.shutdown(Shutdown::Both);
+    let written = sending.join().expect("writer thread");
+    (verdict, written)
+}
+
+fn range_body(key: &str) -> Vec<u8> {
+    grpc_frame(&RangeRequest { key: Bytes::from(key.to_owned()), ..Default::default() }.encode_to_vec())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Header blocks: refused, memory bounded, the proxy keeps serving.
+
+/// The header block attacks: each is the first block of a fresh connection (the only one the
+/// proxy's own header repair examines), asking for a Range that a served request would answer.
+fn header_block_attack(name: &str, block: Vec<u8>) {
+    let deployment = Deployment::start(EtcdVersion::V3_4, 1, Wire::Plain, &[]);
+    let addr = deployment.proxy.listen_addr();
+    let mut attack = header_frames(1, &block);
+    attack.extend_from_slice(&frame(frame_type::DATA, frame_flags::END_STREAM, 1, &range_body("/hardening/k")));
+    let started = Instant::now();
+    let (verdict, written) = raw_attack(addr, attack);
+    eprintln!("{name}: {verdict:?} after {:?}; write: {written:?}", started.elapsed());
+    let peak = peak_rss(&deployment.proxy, name);
+    assert!(verdict.refused(), "{name}: the proxy did not refuse the header block: {verdict:?}");
+    assert_peak_rss_bounded(peak, name);
+    etcdctl_still_works(&deployment, name);
+}
+
+/// Literal headers (no indexing) of 1000-byte values after the call's own headers, until the
+/// block holds `size` bytes.
+fn padded_block(authority: &str, size: usize) -> Vec<u8> {
+    let mut block = grpc_request_headers(authority, "/etcdserverpb.KV/Range");
+    let value = vec![b'v'; 1000];
+    let mut i = 0;
+    while block.len() < size {
+        hpack_literal(&mut block, format!("x-pad-{i:05}").as_bytes(), &value, false);
+        i += 1;
+    }
+    block
+}
+
+#[test]
+fn one_mebibyte_header_block_is_refused() {
+    header_block_attack("1-MiB-header-block", padded_block("127.0.0.1", MIB as usize));
+}
+
+/// A dynamic table size update to 2 MiB, far over any SETTINGS_HEADER_TABLE_SIZE the proxy
+/// announces, then large headers the decoder is told to keep in that table.
+#[test]
+fn two_mebibyte_hpack_table_is_refused() {
+    let mut block = Vec::new();
+    hpack_table_size_update(&mut block, 2 * MIB as usize);
+    block.extend_from_slice(&grpc_request_headers("127.0.0.1", "/etcdserverpb.KV/Range"));
+    let value = vec![b't'; 16 * 1024];
+    for i in 0..64 {
+        hpack_literal(&mut block, format!("x-table-{i:02}").as_bytes(), &value, true);
+    }
+    header_block_attack("2-MiB-HPACK-table", block);
+}
+
+/// HEADERS without END_HEADERS, then 16 KiB CONTINUATION frames as fast as the socket takes
+/// them: the proxy must stop reading them long before 300 MiB (by closing the connection), not
+/// buffer them.
+#[test]
+fn continuation_flood_is_cut_off() {
+    const FLOOD_LIMIT: u64 = 300 * MIB;
+    /// Kernel buffers on loopback can hold tens of MiB written before the proxy even looks.
+    const ACCEPTED_LIMIT: u64 = 64 * MIB;
+    let deployment = Deployment::start(EtcdVersion::V3_4, 1, Wire::Plain, &[]);
+    let addr = deployment.proxy.listen_addr();
+    let mut stream = StdTcpStream::connect(addr).expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    let mut reader = stream.try_clone().expect("clone the socket");
+    let watching = thread::spawn(move || raw_verdict(&mut reader, Duration::from_secs(30)));
+
+    let mut opening = PREFACE.to_vec();
+    opening.extend_from_slice(&settings_frame(&[]));
+    let headers = grpc_request_headers(&addr.to_string(), "/etcdserverpb.KV/Range");
+    opening.extend_from_slice(&frame(frame_type::HEADERS, 0, 1, &headers));
+    // 64 CONTINUATION frames of one 16 KiB literal header each, written again and again.
+    let mut literal = Vec::new();
+    hpack_literal(&mut literal, b"x-flood", &vec![b'f'; 16 * 1024 - 12], false);
+    assert_eq!(literal.len(), 16 * 1024);
+    let one = frame(frame_type::CONTINUATION, 0, 1, &literal);
+    let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 64).collect();
+
+    stream.set_write_timeout(Some(Duration::from_secs(5))).expect("write timeout");
+    let started = Instant::now();
+    stream.write_all(&opening).expect("preface, SETTINGS and HEADERS");
+    let mut accepted = 0u64;
+    let mut at = 0usize;
+    let stopped = loop {
+        if accepted >= FLOOD_LIMIT {
+            break None;
+        }
+        match stream.write(&batch[at..]) {
+            Ok(0) => break Some("write returned 0".to_owned()),
+            Ok(n) => {
+                accepted += n as u64;
+                at = (at + n) % batch.len();
+            }
+            Err(error) if error.kind() == ErrorKind::Interrupted => {}
+            Err(error) => break Some(format!("{:?}: {error}", error.kind())),
+        }
+    };
+    let took = started.elapsed();
+    let _ = stream.shutdown(Shutdown::Both);
+    let verdict = watching.join().expect("reader thread");
+    eprintln!(
+        "flood: {:.1} MiB accepted in {took:?}, write ended with {stopped:?}; verdict {verdict:?}",
+        accepted as f64 / MIB as f64
+    );
+    let peak = peak_rss(&deployment.proxy, "CONTINUATION flood");
+    let stopped = stopped.unwrap_or_else(|| {
+        panic!("the proxy accepted all {} MiB of CONTINUATION frames ({verdict:?})", FLOOD_LIMIT / MIB)
+    });
+    // A write timing out means the proxy stopped reading but kept the connection (and whatever
+    // it had buffered) open; refusing means closing it.
+    assert!(
+        stopped.starts_with("BrokenPipe") || stopped.starts_with("ConnectionReset"),
+        "the flood ended without the proxy closing the connection: {stopped}"
+    );
+    assert!(
+        accepted < ACCEPTED_LIMIT,
+        "{:.1} MiB of CONTINUATION frames were accepted before the connection closed",
+        accepted as f64 / MIB as f64
+    );
+    assert_peak_rss_bounded(peak, "CONTINUATION flood");
+    etcdctl_still_works(&deployment, "continuation-flood");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Request size.
+
+/// A 100 MiB Put is refused with grpc-go's own status, from the message's length prefix: the
+/// answer comes while the client is still sending, as it does from etcd directly.
+fn oversize_put_is_refused_early(version: EtcdVersion) {
+    let deployment = Deployment::start(version, 1, Wire::Plain, &[]);
+    let direct_addr = deployment.cluster.client_addrs()[0];
+    let proxy_addr = deployment.proxy.listen_addr();
+    let (body, length) = oversize_put("/size/huge", 100 * MIB);
+    let runtime = runtime();
+    let (direct, proxied) = runtime.block_on(async {
+        let mut results = Vec::new();
+        for addr in [direct_addr, proxy_addr] {
+            let h2 = h2_connect(addr).await;
+            let request = grpc_request(addr, "/etcdserverpb.KV/Put", &[]);
+            results.push(send_until_answered(&h2.send, request, body.clone(), true).await);
+        }
+        let proxied = results.pop().expect("proxied");
+        (results.pop().expect("direct"), proxied)
+    });
+    eprintln!("direct: {direct:?}\nproxied: {proxied:?}");
+    let peak = peak_rss(&deployment.proxy, "100 MiB Put");
+    let expected = larger_than_max(length, DEFAULT_MAX_RECEIVE);
+    assert_eq!(direct.ending.status("directly"), expected);
+    assert_eq!(proxied.ending.status("through the proxy"), expected);
+    assert!(
+        proxied.sent_before_answer < 10 * MIB,
+        "the proxy answered only after {:.1} MiB of the {:.1} MiB body, {:?} after the headers ({:?})",
+        proxied.sent_before_answer as f64 / MIB as f64,
+        body.total as f64 / MIB as f64,
+        proxied.answered_after,
+        proxied.sending_ended
+    );
+    assert_peak_rss_bounded(peak, "100 MiB Put");
+    etcdctl_still_works(&deployment, "oversize-put");
+}
+
+#[test]
+fn oversize_put_is_refused_early_3_4() {
+    oversize_put_is_refused_early(EtcdVersion::V3_4);
+}
+
+#[test]
+fn oversize_put_is_refused_early_3_5() {
+    oversize_put_is_refused_early(EtcdVersion::V3_5);
+}
+
+/// Four 100 MiB Puts at once, each on its own connection: memory is bounded by what the proxy
+/// reads, not by what the clients send.
+#[test]
+fn four_oversize_puts_in_parallel_are_refused() {
+    let deployment = Deployment::start(EtcdVersion::V3_4, 1, Wire::Plain, &[]);
+    let addr = deployment.proxy.listen_addr();
+    let runtime = runtime();
+    let results = runtime.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..4 {
+            tasks.push(tokio::spawn(async move {
+                let (body, length) = oversize_put(&format!("/size/parallel/{i}"), 100 * MIB);
+                let h2 = h2_connect(addr).await;
+                let request = grpc_request(addr, "/etcdserverpb.KV/Put", &[]);
+                (send_until_answered(&h2.send, request, body, true).await, length)
+            }));
+        }
+        let mut results = Vec::new();
+        for task in tasks {
+            results.push(task.await.expect("put task"));
+        }
+        results
+    });
+    for (i, (streamed, _)) in results.iter().enumerate() {
+        eprintln!("put {i}: {streamed:?}");
+    }
+    let peak = peak_rss(&deployment.proxy, "four parallel 100 MiB Puts");
+    for (i, (streamed, length)) in results.iter().enumerate() {
+        assert_eq!(streamed.ending.status(&format!("put {i}")), larger_than_max(*length, DEFAULT_MAX_RECEIVE));
+        assert!(
+            streamed.sent_before_answer < 10 * MIB,
+            "put {i}: answered only after {:.1} MiB",
+            streamed.sent_before_answer as f64 / MIB as f64
+        );
+    }
+    assert_peak_rss_bounded(peak, "four parallel 100 MiB Puts");
+    etcdctl_still_works(&deployment, "parallel-oversize-puts");
+}
+
+/// Watch and LeaseKeepAlive streams whose first message claims 4 GiB - 1 bytes, followed by as
+/// much data as the proxy takes (at most 200 MiB): refused as etcd refuses them directly.
+fn stream_claiming_4_gib_is_refused(version: EtcdVersion) {
+    const FOLLOWING: u64 = 200 * MIB;
+    let deployment = Deployment::start(version, 1, Wire::Plain, &[]);
+    let direct_addr = deployment.cluster.client_addrs()[0];
+    let proxy_addr = deployment.proxy.listen_addr();
+    let body = Body::new(grpc_prefix(u32::MAX).to_vec(), 5 + FOLLOWING);
+    let runtime = runtime();
+    let mut outcomes = Vec::new();
+    for path in ["/etcdserverpb.Watch/Watch", "/etcdserverpb.Lease/LeaseKeepAlive"] {
+        let (direct, proxied) = runtime.block_on(async {
+            let mut results = Vec::new();
+            for addr in [direct_addr, proxy_addr] {
+                let h2 = h2_connect(addr).await;
+                let request = grpc_request(addr, path, &[]);
+                // A stream that stays open: the claimed message never ends.
+                results.push(send_until_answered(&h2.send, request, body.clone(), false).await);
+            }
+            let proxied = results.pop().expect("proxied");
+            (results.pop().expect("direct"), proxied)
+        });
+        eprintln!("{path} direct: {direct:?}\n{path} proxied: {proxied:?}");
+        let peak = peak_rss(&deployment.proxy, path);
+        outcomes.push((path, direct, proxied, peak));
+    }
+    let expected = larger_than_max(u64::from(u32::MAX), DEFAULT_MAX_RECEIVE);
+    for (path, direct, proxied, peak) in outcomes {
+        assert_eq!(direct.ending.status(&format!("{path} directly")), expected);
+        assert_eq!(proxied.ending.status(&format!("{path} through the proxy")), expected);
+        assert_eq!(proxied.ending.answer(path).http_status, direct.ending.answer(path).http_status);
+        assert_peak_rss_bounded(peak, path);
+    }
+    etcdctl_still_works(&deployment, "4gib-claims");
+}
+
+#[test]
+fn stream_claiming_4_gib_is_refused_3_4() {
+    stream_claiming_4_gib_is_refused(EtcdVersion::V3_4);
+}
+
+#[test]
+fn stream_claiming_4_gib_is_refused_3_5() {
+    stream_claiming_4_gib_is_refused(EtcdVersion::V3_5);
+}
+
+fn upstream_requests(deployment: &Deployment) -> f64 {
+    let (_, metrics) = deployment.proxy.http_get("/metrics");
+    let url = deployment.cluster.member(0).client_url;
+    metric(&metrics, &format!("etcd_compat_proxy_upstream_requests_total{{endpoint=\"{url}\"}}")).unwrap_or(0.0)
+}
+
+/// With `--max-request-bytes 4194304` (a cluster whose etcd was raised to 4 MiB), a 3 MiB Put
+/// is etcd's to judge: this cluster keeps etcd's default, so it answers with its own limit,
+/// exactly as directly. A 5 MiB Put is over the raised limit plus 512 KiB and is the proxy's.
+fn raised_max_request_bytes(version: EtcdVersion) {
+    let deployment = Deployment::start(version, 1, Wire::Plain, &["--max-request-bytes=4194304"]);
+    let direct_addr = deployment.cluster.client_addrs()[0];
+    let proxy_addr = deployment.proxy.listen_addr();
+    let runtime = runtime();
+    let (three_mib, length) = oversize_put("/size/3mib", 3 * MIB);
+    let before = upstream_requests(&deployment);
+    let (direct, proxied) = runtime.block_on(async {
+        let mut results = Vec::new();
+        for addr in [direct_addr, proxy_addr] {
+            let h2 = h2_connect(addr).await;
+            let request = grpc_request(addr, "/etcdserverpb.KV/Put", &[]);
+            results.push(send_until_answered(&h2.send, request, three_mib.clone(), true).await);
+        }
+        let proxied = results.pop().expect("proxied");
+        (results.pop().expect("direct"), proxied)
+    });
+    let reached_etcd = upstream_requests(&deployment) - before;
+    assert_eq!(direct.ending.status("3 MiB directly"), larger_than_max(length, DEFAULT_MAX_RECEIVE));
+    assert_eq!(proxied.ending, direct.ending, "3 MiB through the proxy");
+    assert_eq!(reached_etcd, 1.0, "the 3 MiB Put was sent to etcd once");
+
+    let (five_mib, length) = oversize_put("/size/5mib", 5 * MIB);
+    let before = upstream_requests(&deployment);
+    let refused = runtime.block_on(async {
+        let h2 = h2_connect(proxy_addr).await;
+        let request = grpc_request(proxy_addr, "/etcdserverpb.KV/Put", &[]);
+        send_until_answered(&h2.send, request, five_mib, true).await
+    });
+    assert_eq!(refused.ending.status("5 MiB through the proxy"), larger_than_max(length, 4_194_304 + 524_288));
+    assert_eq!(upstream_requests(&deployment) - before, 0.0, "the 5 MiB Put never reached etcd");
+    etcdctl_still_works(&deployment, "raised-max-request-bytes");
+}
+
+#[test]
+fn raised_max_request_bytes_lets_etcd_judge_3_4() {
+    raised_max_request_bytes(EtcdVersion::V3_4);
+}
+
+#[test]
+fn raised_max_request_bytes_lets_etcd_judge_3_5() {
+    raised_max_request_bytes(EtcdVersion::V3_5);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Slow readers.
+
+/// Five watchers that read nothing while 12 MiB of events arrive for each cost the other
+/// clients nothing (every call answered within a second); once they read, each gets every
+/// event exactly once, in order.
+fn slow_watchers_do_not_stall_others(version: EtcdVersion) {
+    const WATCHERS: usize = 5;
+    const PUTS: usize = 12;
+    let deployment = Deployment::start(version, 1, Wire::Plain, &[]);
+    let addr = deployment.proxy.listen_addr();
+    let endpoint = deployment.endpoint.clone();
+    let runtime = runtime();
+    runtime.block_on(async {
+        let mut client = Client::connect([endpoint.as_str()], None).await.expect("connect");
+        let head = client.get("/slow/", None).await.expect("get").header().expect("header").revision();
+        // The watchers cannot read their `created` answers yet, so a start revision instead of
+        // creation order makes sure they cover every Put below.
+        let create = WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                key: Bytes::from_static(b"/slow/"),
+                range_end: Bytes::from_static(b"/slow0"),
+                start_revision: head + 1,
+                ..Default::default()
+            })),
+        }
+        .encode_to_vec();
+        let mut watchers = Vec::new();
+        for _ in 0..WATCHERS {
+            let mut builder = h2::client::Builder::new();
+            builder.initial_window_size(0).initial_connection_window_size(64 * MIB as u32);
+            let mut h2 = h2_connect_with(addr, builder).await;
+            let request = grpc_request(addr, "/etcdserverpb.Watch/Watch", &[]);
+            let (response, mut stream) = h2.send.send_request(request, false).expect("open the watch stream");
+            stream.send_data(Bytes::from(grpc_frame(&create)), false).expect("send the create request");
+            watchers.push((h2, response, stream));
+        }
+
+        let mut revisions = Vec::new();
+        for i in 0..PUTS {
+            let value = vec![b'a' + i as u8; MIB as usize];
+            let put = tokio::time::timeout(Duration::from_secs(10), client.put(format!("/slow/{i:02}"), value, None))
+                .await
+                .unwrap_or_else(|_| panic!("put {i} got no answer within 10 s while the watchers were not reading"))
+                .expect("put");
+            revisions.push(put.header().expect("header").revision());
+        }
+
+        let mut slowest = Duration::ZERO;
+        for i in 0..20 {
+            let started = Instant::now();
+            let got = tokio::time::timeout(Duration::from_secs(5), client.get(format!("/slow/{:02}", i % PUTS), None))
+                .await
+                .unwrap_or_else(|_| panic!("range {i} got no answer within 5 s while the watchers were not reading"))
+                .expect("range");
+            let took = started.elapsed();
+            assert_eq!(got.kvs().len(), 1);
+            assert!(took < Duration::from_secs(1), "range {i} took {took:?} while the watchers were not reading");
+            slowest = slowest.max(took);
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        eprintln!("slowest range while the watchers were not reading: {slowest:?}");
+        let metrics_addr = deployment.proxy.metrics_addr();
+        let started = Instant::now();
+        let (status, health) = tokio::task::spawn_blocking(move || {
+            etcd_compat_tests::http_get(metrics_addr, "/health", Duration::from_secs(5)).expect("GET /health")
+        })
+        .await
+        .expect("health task");
+        assert_eq!(status, 200, "{health}");
+        assert!(started.elapsed() < Duration::from_secs(1), "GET /health took {:?}", started.elapsed());
+        let ctl_deployment = &deployment;
+        tokio::task::block_in_place(|| etcdctl_still_works(ctl_deployment, "slow-watchers"));
+
+        // Opening the windows applies to the streams already open.
+        for (h2, _, _) in &watchers {
+            h2.window.send(16 * MIB as u32).expect("the watcher's connection is still driven");
+        }
+        let mut readers = Vec::new();
+        for (index, (h2, response, stream)) in watchers.into_iter().enumerate() {
+            let revisions = revisions.clone();
+            readers.push(tokio::spawn(async move {
+                let _keep = (h2, stream);
+                read_watch_events(index, response, &revisions).await
+            }));
+        }
+        for reader in readers {
+            reader.await.expect("watcher task");
+        }
+        // Each watcher fell more than --max-buffered-response-bytes (4 MiB) behind: its upstream
+        // watch was paused, then re-created from its next undelivered revision.
+        let (_, metrics) = deployment.proxy.http_get("/metrics");
+        let pauses = metric(&metrics, "etcd_compat_proxy_stream_pauses_total").expect("pauses metric");
+        let recreations = metric(&metrics, "etcd_compat_proxy_watch_recreations_total").expect("recreations metric");
+        assert!(pauses >= WATCHERS as f64, "{pauses} pauses for {WATCHERS} watchers");
+        assert!(recreations >= pauses, "{recreations} re-created watches after {pauses} pauses");
+    });
+}
+
+/// Reads watcher `index`'s stream: its `created` answer, then exactly the Puts at `revisions`,
+/// in order, and nothing else for a moment after them.
+async fn read_watch_events(index: usize, response: ResponseFuture, revisions: &[i64]) {
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .unwrap_or_else(|_| panic!("watcher {index}: no response headers"))
+        .unwrap_or_else(|error| panic!("watcher {index}: {error}"));
+    assert_eq!(response.status(), 200, "watcher {index}");
+    let mut body = response.into_body();
+    let mut messages = GrpcMessages::new();
+    let mut created = false;
+    let mut events: Vec<(String, i64, usize, u8)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while events.len() < revisions.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = tokio::time::timeout(left, body.data())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("watcher {index}: only {} of {} events within 30 s", events.len(), revisions.len())
+            })
+            .unwrap_or_else(|| panic!("watcher {index}: stream ended after {} events", events.len()))
+            .unwrap_or_else(|error| panic!("watcher {index}: {error}"));
+        body.flow_control().release_capacity(chunk.len()).expect("release capacity");
+        messages.push(&chunk);
+        while let Some(message) = messages.next_message() {
+            let watch = WatchResponse::decode(&message[..]).expect("a WatchResponse");
+            assert!(!watch.canceled, "watcher {index}: canceled: {}", watch.cancel_reason);
+            if watch.created {
+                assert!(!created && events.is_empty(), "watcher {index}: `created` is not first and only once");
+                created = true;
+            }
+            for event in watch.events {
+                let kv = event.kv.expect("kv");
+                assert_eq!(event.r#type, 0, "watcher {index}: a PUT event");
+                events.push((
+                    String::from_utf8_lossy(&kv.key).into_owned(),
+                    kv.mod_revision,
+                    kv.value.len(),
+                    kv.value.first().copied().unwrap_or(0),
+                ));
+            }
+        }
+    }
+    assert!(created, "watcher {index}: no `created` answer");
+    let expected: Vec<(String, i64, usize, u8)> = revisions
+        .iter()
+        .enumerate()
+        .map(|(i, revision)| (format!("/slow/{i:02}"), *revision, MIB as usize, b'a' + i as u8))
+        .collect();
+    assert_eq!(events, expected, "watcher {index}");
+    // Nothing repeated after the last one.
+    if let Ok(Some(Ok(extra))) = tokio::time::timeout(Duration::from_millis(500), body.data()).await {
+        messages.push(&extra);
+        while let Some(message) = messages.next_message() {
+            let watch = WatchResponse::decode(&message[..]).expect("a WatchResponse");
+            assert!(watch.events.is_empty(), "watcher {index}: events after the last Put: {:?}", watch.events.len());
+        }
+    }
+}
+
+#[test]
+fn slow_watchers_do_not_stall_others_3_4() {
+    slow_watchers_do_not_stall_others(EtcdVersion::V3_4);
+}
+
+#[test]
+fn slow_watchers_do_not_stall_others_3_5() {
+    slow_watchers_do_not_stall_others(EtcdVersion::V3_5);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Malformed requests.
+
+/// The three malformed calls: what is wrong, and the request.
+fn malformed_requests(addr: SocketAddr) -> Vec<(&'static str, Request<()>, Vec<u8>)> {
+    let range = range_body("/malformed/k");
+    let mut text_plain = grpc_request(addr, "/etcdserverpb.KV/Range", &[]);
+    text_plain.headers_mut().insert("content-type", http::HeaderValue::from_static("text/plain"));
+    let get = Request::get(format!("http://{addr}/etcdserverpb.KV/Range"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let bad_timeout = grpc_request(addr, "/etcdserverpb.KV/Range", &[("grpc-timeout", "abc")]);
+    vec![
+        ("content-type text/plain", text_plain, range.clone()),
+        ("GET", get, Vec::new()),
+        ("grpc-timeout abc", bad_timeout, range),
+    ]
+}
+
+/// Malformed gRPC requests are the client's fault: the proxy resets them as etcd does, and never
+/// counts them against a member.
+fn malformed_requests_do_not_blame_members(version: EtcdVersion) {
+    let deployment = Deployment::start(version, 3, Wire::Plain, &[]);
+    let proxy_addr = deployment.proxy.listen_addr();
+    let direct_addr = deployment.cluster.client_addrs()[0];
+    let runtime = runtime();
+    runtime.block_on(async {
+        for (what, request, body) in malformed_requests(direct_addr) {
+            // Each on a fresh connection, as the first request, as etcd's multiplexer sees it.
+            let mut h2 = h2_connect(direct_addr).await;
+            let ending = tokio::time::timeout(Duration::from_secs(3), unary(&mut h2, request, body)).await;
+            match (version, what) {
+                // etcd 3.4's gRPC server never answers a GET; the proxy does better than etcd there.
+                (EtcdVersion::V3_4, "GET") => assert!(ending.is_err(), "etcd 3.4 answered a GET: {ending:?}"),
+                _ => assert_eq!(ending.ok(), Some(Ending::Reset(Reason::PROTOCOL_ERROR)), "{what} directly"),
+            }
+        }
+        for (what, request, body) in malformed_requests(proxy_addr) {
+            let mut h2 = h2_connect(proxy_addr).await;
+            assert_eq!(
+                unary(&mut h2, request, body).await,
+                Ending::Reset(Reason::PROTOCOL_ERROR),
+                "{what} through the proxy"
+            );
+        }
+        // 100 more, mixed, ten per connection.
+        for connection in 0..10 {
+            let mut h2 = h2_connect(proxy_addr).await;
+            for i in 0..10 {
+                let n = connection * 10 + i;
+                let (what, request, body) = malformed_requests(proxy_addr).swap_remove(n % 3);
+                assert_eq!(
+                    unary(&mut h2, request, body).await,
+                    Ending::Reset(Reason::PROTOCOL_ERROR),
+                    "request {n} ({what}) through the proxy"
+                );
+            }
+        }
+    });
+    let (status, health) = deployment.proxy.http_get("/health");
+    assert_eq!(status, 200, "{health}");
+    assert!(health.starts_with("{\"health\":\"true\""), "{health}");
+    let (_, metrics) = deployment.proxy.http_get("/metrics");
+    for index in 0..3 {
+        let url = deployment.cluster.member(index).client_url;
+        assert!(health.contains(&format!("{{\"endpoint\":\"{url}\",\"healthy\":true,")), "{url}: {health}");
+        let failures = metric(&metrics, &format!("etcd_compat_proxy_upstream_failures_total{{endpoint=\"{url}\"}}"));
+        assert_eq!(failures, Some(0.0), "failures counted against {url}");
+    }
+    etcdctl_still_works(&deployment, "malformed-requests");
+}
+
+#[test]
+fn malformed_requests_do_not_blame_members_3_4() {
+    malformed_requests_do_not_blame_members(EtcdVersion::V3_4);
+}
+
+#[test]
+fn malformed_requests_do_not_blame_members_3_5() {
+    malformed_requests_do_not_blame_members(EtcdVersion::V3_5);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Timeouts.
+
+/// Time from connecting until the proxy closes a connection that sends `opening` and then
+/// nothing; `None` if it is still open after 10 s.
+fn closed_after(addr: SocketAddr, opening: &[u8]) -> Option<Duration> {
+    let started = Instant::now();
+    let mut stream = StdTcpStream::connect(addr).expect("connect");
+    stream.write_all(opening).expect("write the opening bytes");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    let mut sink = [0u8; 4096];
+    loop {
+        match stream.read(&mut sink) {
+            Ok(0) => return Some(started.elapsed()),
+            Ok(_) => {}
+            Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return None,
+            Err(_) => return Some(started.elapsed()),
+        }
+    }
+}
+
+/// A connection that completes the preface and SETTINGS, then answers nothing, PINGs
+/// included: `(first PING after, closed after)`, `None` for what did not happen within 10 s.
+fn silent_after_settings(addr: SocketAddr) -> (Option<Duration>, Option<Duration>, Vec<&'static str>) {
+    let started = Instant::now();
+    let mut stream = StdTcpStream::connect(addr).expect("connect");
+    let mut opening = PREFACE.to_vec();
+    opening.extend_from_slice(&settings_frame(&[]));
+    stream.write_all(&opening).expect("preface and SETTINGS");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    let mut ping = None;
+    let mut seen = Vec::new();
+    loop {
+        match read_frame(&mut stream) {
+            Ok(frame) => {
+                seen.push(match frame.kind {
+                    frame_type::SETTINGS => "SETTINGS",
+                    frame_type::PING => "PING",
+                    frame_type::GOAWAY => "GOAWAY",
+                    frame_type::WINDOW_UPDATE => "WINDOW_UPDATE",
+                    _ => "other",
+                });
+                if frame.kind == frame_type::PING && frame.flags & frame_flags::ACK == 0 && ping.is_none() {
+                    ping = Some(started.elapsed());
+                }
+            }
+            Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return (ping, None, seen)
+            }
+            Err(_) => return (ping, Some(started.elapsed()), seen),
+        }
+    }
+}
+
+/// Time from connecting until the proxy closes a TLS connection that completes the handshake
+/// and then sends nothing.
+async fn tls_silent_closed_after(addr: SocketAddr, ca: &Path) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in etcd_compat_certs::load_certs(ca).expect("CA") {
+        roots.add(certificate).expect("trust the CA");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let started = Instant::now();
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("server name");
+    let mut tls = connector.connect(name, tcp).await.expect("the TLS handshake completes");
+    eprintln!("TLS handshake done after {:?}", started.elapsed());
+    let mut sink = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), tls.read(&mut sink)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+fn assert_about(what: &str, took: Option<Duration>, from: Duration, to: Duration) {
+    let took = took.unwrap_or_else(|| panic!("{what}: the connection was still open after 10 s"));
+    assert!(took >= from && took < to, "{what}: closed after {took:?}, expected {from:?}..{to:?}");
+}
+
+/// A Range request whose `framed` bytes are sent one every `interval` after the headers
+/// (`extra` headers added), until the answer comes: the ending and when it came.
+async fn trickled_range(
+    addr: SocketAddr,
+    extra: &[(&str, &str)],
+    framed: Vec<u8>,
+    interval: Duration,
+) -> (Ending, Duration) {
+    let h2 = h2_connect(addr).await;
+    let mut send = h2.send.clone().ready().await.expect("ready");
+    let request = grpc_request(addr, "/etcdserverpb.KV/Range", extra);
+    let started = Instant::now();
+    let (response, mut stream) = send.send_request(request, false).expect("headers");
+    let trickle = async {
+        for byte in framed {
+            tokio::time::sleep(interval).await;
+            if stream.send_data(Bytes::from(vec![byte]), false).is_err() {
+                break;
+            }
+        }
+        std::future::pending::<()>().await
+    };
+    let ending = tokio::select! {
+        ending = finish(response) => ending,
+        _ = trickle => unreachable!("the trickle never ends by itself"),
+        _ = tokio::time::sleep(Duration::from_secs(15)) => Ending::Broken("no answer within 15 s".to_owned()),
+    };
+    (ending, started.elapsed())
+}
+
+/// A Range whose body stops after `sent` bytes of `framed`: the ending and when it came.
+async fn stalled_range(addr: SocketAddr, framed: &[u8], sent: usize) -> (Ending, Duration) {
+    let h2 = h2_connect(addr).await;
+    let mut send = h2.send.clone().ready().await.expect("ready");
+    let request = grpc_request(addr, "/etcdserverpb.KV/Range", &[]);
+    let started = Instant::now();
+    let (response, mut stream) = send.send_request(request, false).expect("headers");
+    stream.send_data(Bytes::copy_from_slice(&framed[..sent]), false).expect("the first bytes");
+    let ending = tokio::time::timeout(Duration::from_secs(15), finish(response))
+        .await
+        .unwrap_or_else(|_| Ending::Broken("no answer within 15 s".to_owned()));
+    drop(stream);
+    (ending, started.elapsed())
+}
+
+fn timeouts(version: EtcdVersion) {
+    let flags = ["--handshake-timeout=1s", "--idle-connection-timeout=2s", "--request-body-timeout=1s"];
+    let deployment = Deployment::start(version, 1, Wire::Plain, &flags);
+    let addr = deployment.proxy.listen_addr();
+    let direct_addr = deployment.cluster.client_addrs()[0];
+    let pki_dir = tempfile::tempdir().expect("pki dir");
+    let pki = DevPki::create(pki_dir.path(), "listener").expect("pki");
+    let mut tls_args = vec![
+        "start".to_owned(),
+        format!("--endpoints={}", deployment.cluster.client_endpoints_csv()),
+        format!("--cert-file={}", pki.server_cert.display()),
+        format!("--key-file={}", pki.server_key.display()),
+    ];
+    tls_args.extend(flags.iter().map(|flag| flag.to_string()));
+    let tls_proxy = ProxyProcess::start(Path::new(PROXY_BIN), tls_args).expect("TLS proxy starts");
+
+    let silent = thread::spawn(move || closed_after(addr, b""));
+    let half_preface = thread::spawn(move || closed_after(addr, b"PRI * HTTP/2.0\r\n"));
+    let no_pings = thread::spawn(move || silent_after_settings(addr));
+    let runtime = runtime();
+    let tls_addr = tls_proxy.listen_addr();
+    let framed = range_body("/timeouts/k");
+    let (tls, idle, stalled_in_prefix, stalled_in_message, trickled, trickled_direct) = runtime.block_on(async {
+        let tls = tls_silent_closed_after(tls_addr, &pki.ca_cert);
+        let idle = async {
+            let mut h2 = h2_connect(addr).await;
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            let still_open = !h2.driver.is_finished();
+            (
+                still_open,
+                call(
+                    &mut h2,
+                    "/etcdserverpb.KV/Range",
+                    &[],
+                    &RangeRequest { key: Bytes::from_static(b"/timeouts/k"), ..Default::default() }.encode_to_vec(),
+                )
+                .await,
+            )
+        };
+        let stalled_in_prefix = stalled_range(addr, &framed, 3);
+        let stalled_in_message = stalled_range(addr, &framed, 5 + 3);
+        let slow = Duration::from_millis(700);
+        let trickled = trickled_range(addr, &[("grpc-timeout", "3S")], framed.clone(), slow);
+        let trickled_direct = trickled_range(direct_addr, &[("grpc-timeout", "3S")], framed.clone(), slow);
+        tokio::join!(tls, idle, stalled_in_prefix, stalled_in_message, trickled, trickled_direct)
+    });
+    let silent = silent.join().expect("silent probe");
+    let half_preface = half_preface.join().expect("half-preface probe");
+    let (ping, no_pings_closed, frames) = no_pings.join().expect("no-pings probe");
+    eprintln!(
+        "silent {silent:?}, half preface {half_preface:?}, TLS {tls:?}, no PING answers: ping {ping:?} closed {no_pings_closed:?} {frames:?}"
+    );
+    eprintln!("idle h2: {idle:?}");
+    eprintln!("stalled in prefix {stalled_in_prefix:?}\nstalled in message {stalled_in_message:?}");
+    eprintln!("trickled {trickled:?}\ntrickled directly {trickled_direct:?}");
+
+    let handshake = (Duration::from_millis(500), Duration::from_secs(4));
+    assert_about("TCP connection sending nothing", silent, handshake.0, handshake.1);
+    assert_about("half a preface", half_preface, handshake.0, handshake.1);
+    assert_about("TLS connection sending nothing after the handshake", tls, handshake.0, handshake.1);
+    // Idle for 2 s, then a PING, then 2 s for its answer.
+    let ping = ping.unwrap_or_else(|| panic!("no PING within 10 s of silence; frames {frames:?}"));
+    assert!(ping >= Duration::from_millis(1500) && ping < Duration::from_secs(4), "first PING after {ping:?}");
+    assert_about("connection not answering PINGs", no_pings_closed, ping, Duration::from_secs(8));
+
+    let (still_open, range) = idle;
+    assert!(still_open, "the h2 client's connection ended while idle");
+    assert_eq!(range.status("Range after 6 s idle"), ("0".to_owned(), String::new()));
+
+    for (what, (ending, took)) in
+        [("3 bytes of the prefix", stalled_in_prefix), ("prefix and 3 bytes", stalled_in_message)]
+    {
+        let (code, message) = ending.status(what);
+        assert_eq!(code, DEADLINE_EXCEEDED, "{what}: {message}");
+        assert!(message.starts_with("etcd-compat-proxy:"), "{what}: {message}");
+        assert!(message.contains("--request-body-timeout"), "{what}: {message}");
+        assert!(took >= Duration::from_millis(500) && took < Duration::from_secs(4), "{what}: answered after {took:?}");
+    }
+
+    let (direct, direct_took) = trickled_direct;
+    let (proxied, proxied_took) = trickled;
+    assert_eq!(
+        direct.status("trickled directly"),
+        (DEADLINE_EXCEEDED.to_owned(), "context deadline exceeded".to_owned())
+    );
+    assert_eq!(proxied.status("trickled through the proxy"), direct.status("trickled directly"));
+    for (what, took) in [("directly", direct_took), ("through the proxy", proxied_took)] {
+        assert!(
+            took >= Duration::from_millis(2500) && took < Duration::from_secs(5),
+            "trickled {what}: answered after {took:?}, expected about 3 s"
+        );
+    }
+    etcdctl_still_works(&deployment, "timeouts");
+}
+
+#[test]
+fn slow_and_silent_clients_time_out_3_4() {
+    timeouts(EtcdVersion::V3_4);
+}
+
+#[test]
+fn slow_and_silent_clients_time_out_3_5() {
+    timeouts(EtcdVersion::V3_5);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Login throttling.
+
+const ROOT_PASSWORD: &str = "root-pw-8f2c";
+
+/// A 1-member cluster with auth on (user root) behind the proxy.
+fn auth_deployment(version: EtcdVersion, proxy_args: &[&str]) -> Deployment {
+    let deployment = Deployment::start_with(ClusterSpec::new(version, 1), Wire::Plain, proxy_args);
+    deployment.cluster.etcdctl_ok(&["put", "/auth/k", "secret-value"]);
+    deployment.cluster.etcdctl_ok(&["user", "add", &format!("root:{ROOT_PASSWORD}")]);
+    deployment.cluster.etcdctl_ok(&["auth", "enable"]);
+    deployment
+}
+
+fn failed_login() -> (String, String) {
+    ("InvalidArgument".to_owned(), "etcdserver: authentication failed, invalid user ID or password".to_owned())
+}
+
+fn grpc_status<T: std::fmt::Debug>(result: Result<T, etcd_client::Error>) -> (String, String) {
+    match result {
+        Err(etcd_client::Error::GRpcStatus(status)) => (format!("{:?}", status.code()), status.message().to_owned()),
+        other => panic!("expected a gRPC status, got {other:?}"),
+    }
+}
+
+/// 30 wrong passwords from one address cost at least the delay schedule (3 free, then 100 ms,
+/// doubling, capped at `--max-login-delay`): serially, and just as much in parallel.
+#[test]
+fn password_guessing_is_slowed_down_serially_and_in_parallel() {
+    const ATTEMPTS: usize = 30;
+    // 3 free, 100 ms, then 26 at the 200 ms cap.
+    const SCHEDULE: Duration = Duration::from_millis(100 + 26 * 200);
+    let deployment = auth_deployment(EtcdVersion::V3_4, &["--max-login-delay=200ms"]);
+    let runtime = runtime();
+    runtime.block_on(async {
+        let client = Client::connect([deployment.endpoint.as_str()], None).await.expect("connect");
+        let auth = client.auth_client();
+        let started = Instant::now();
+        let serial = async {
+            for i in 0..ATTEMPTS {
+                let answer = auth.clone().authenticate("root".to_owned(), format!("wrong-{i}")).await;
+                assert_eq!(grpc_status(answer), failed_login(), "serial attempt {i}");
+            }
+        };
+        // Each attempt also costs etcd a bcrypt check (about 100 ms here, more under load); uncapped
+        // 5 s delays would take about 110 s, so the cap is part of what is tested.
+        tokio::time::timeout(Duration::from_secs(60), serial).await.expect("30 serial attempts within 60 s");
+        let serial_took = started.elapsed();
+
+        auth.clone().authenticate("root".to_owned(), ROOT_PASSWORD.to_owned()).await.expect("the right password");
+
+        let started = Instant::now();
+        let mut attempts = Vec::new();
+        for i in 0..ATTEMPTS {
+            let mut auth = auth.clone();
+            attempts
+                .push(tokio::spawn(async move { auth.authenticate("root".to_owned(), format!("guess-{i}")).await }));
+        }
+        for (i, attempt) in attempts.into_iter().enumerate() {
+            let answer = tokio::time::timeout(Duration::from_secs(60), attempt)
+                .await
+                .expect("30 parallel attempts within 60 s")
+                .expect("attempt task");
+            assert_eq!(grpc_status(answer), failed_login(), "parallel attempt {i}");
+        }
+        let parallel_took = started.elapsed();
+        eprintln!("30 wrong passwords: serially {serial_took:?}, in parallel {parallel_took:?}");
+        assert!(serial_took >= SCHEDULE, "30 serial wrong passwords took only {serial_took:?}");
+        assert!(parallel_took >= SCHEDULE, "30 parallel wrong passwords took only {parallel_took:?}");
+    });
+    let user = format!("--user=root:{ROOT_PASSWORD}");
+    let version = EtcdVersion::V3_4;
+    assert_eq!(etcdctl_ok(version, &deployment.endpoint, None, &[&user, "put", "/after-guessing", "v"]), "OK\n");
+    assert_eq!(
+        etcdctl_ok(version, &deployment.endpoint, None, &[&user, "get", "/after-guessing"]),
+        "/after-guessing\nv\n"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Configuration.
+
+/// Runs the proxy with `args`; kills it if it is still running after 10 s (a configuration it
+/// should have refused) and returns `None` as the exit code then.
+fn run_proxy(args: &[&str]) -> (Option<i32>, String) {
+    let mut command = Command::new(PROXY_BIN);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("ETCD_COMPAT_PROXY_") {
+            command.env_remove(name);
+        }
+    }
+    // Colour escapes would split the words the assertions look for.
+    command.env("NO_COLOR", "1");
+    let mut child =
+        command.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status.code();
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child.stderr.take().expect("stderr").read_to_string(&mut stderr).expect("read stderr");
+    (code, stderr)
+}
+
+#[test]
+fn unusable_settings_exit_with_code_2() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken_addr = taken.local_addr().expect("addr").to_string();
+    let metrics = format!("--metrics-addr=http://127.0.0.1:{}", free_port().expect("port"));
+    let (code, stderr) =
+        run_proxy(&["start", "--endpoints=127.0.0.1:2379", &format!("--listen-addr={taken_addr}"), &metrics]);
+    assert_eq!(code, Some(2), "listen address in use: {stderr}");
+    assert!(stderr.contains(&taken_addr), "{stderr}");
+    assert!(stderr.contains("is another process using the port?"), "{stderr}");
+
+    let port = free_port().expect("port");
+    let listen = format!("--listen-addr=127.0.0.1:{port}");
+    let cases: [(&[&str], &str); 2] = [
+        (
+            &["start", "--endpoints=127.0.0.1:99999", &listen, &metrics],
+            "invalid --endpoints \"127.0.0.1:99999\": the port must be a number from 1 to 65535",
+        ),
+        (
+            &["start", "--max-concurrent-streams=0", &listen, &metrics],
+            "invalid --max-concurrent-streams \"0\": must be at least 1",
+        ),
+    ];
+    for (args, expected) in cases {
+        let (code, stderr) = run_proxy(args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: expected {expected:?} in {stderr:?}");
+    }
+    // Refused before anything was bound.
+    TcpListener::bind(("127.0.0.1", port)).expect("the listen port was never bound");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Tokens in `authorization` metadata.
+
+async fn authenticate(h2: &mut H2) -> String {
+    let request = AuthenticateRequest { name: "root".to_owned(), password: ROOT_PASSWORD.to_owned() };
+    let ending = call(h2, "/etcdserverpb.Auth/Authenticate", &[], &request.encode_to_vec()).await;
+    assert_eq!(ending.status("Authenticate"), ("0".to_owned(), String::new()));
+    let answer = ending.answer("Authenticate");
+    AuthenticateResponse::decode(&answer.messages[0][..]).expect("AuthenticateResponse").token
+}
+
+/// A Range of `/auth/k` with `metadata`: `Ok(value)` or `Err((grpc-status, grpc-message))`.
+async fn range_with(h2: &mut H2, metadata: &[(&str, &str)]) -> Result<String, (String, String)> {
+    let request = RangeRequest { key: Bytes::from_static(b"/auth/k"), ..Default::default() };
+    let ending = call(h2, "/etcdserverpb.KV/Range", metadata, &request.encode_to_vec()).await;
+    match ending.status("Range") {
+        (code, _) if code == "0" => {
+            let answer = ending.answer("Range");
+            let range = RangeResponse::decode(&answer.messages[0][..]).expect("RangeResponse");
+            Ok(String::from_utf8_lossy(&range.kvs[0].value).into_owned())
+        }
+        failed => Err(failed),
+    }
+}
+
+/// etcd accepts its tokens as `authorization` as well as `token`; the proxy treats
+/// `authorization` exactly like `token`: only its own tokens, never etcd's.
+fn authorization_metadata(version: EtcdVersion) {
+    let deployment = auth_deployment(version, &[]);
+    let direct_addr = deployment.cluster.client_addrs()[0];
+    let proxy_addr = deployment.proxy.listen_addr();
+    let runtime = runtime();
+    runtime.block_on(async {
+        let mut direct = h2_connect(direct_addr).await;
+        let mut proxied = h2_connect(proxy_addr).await;
+        let etcd_token = authenticate(&mut direct).await;
+        let proxy_token = authenticate(&mut proxied).await;
+        assert!(proxy_token.starts_with("ecp."), "{proxy_token}");
+        let secret = Ok("secret-value".to_owned());
+        let invalid = Err((UNAUTHENTICATED.to_owned(), "etcdserver: invalid auth token".to_owned()));
+
+        assert_eq!(range_with(&mut direct, &[("authorization", &etcd_token)]).await, secret, "etcd token directly");
+        assert_eq!(range_with(&mut direct, &[("token", &etcd_token)]).await, secret, "etcd token directly");
+        assert_eq!(
+            range_with(&mut proxied, &[("authorization", &etcd_token)]).await,
+            invalid,
+            "etcd token as authorization through the proxy"
+        );
+        assert_eq!(
+            range_with(&mut proxied, &[("token", &etcd_token)]).await,
+            invalid,
+            "etcd token as token through the proxy"
+        );
+        assert_eq!(
+            range_with(&mut proxied, &[("authorization", &proxy_token)]).await,
+            secret,
+            "proxy token as authorization"
+        );
+        assert_eq!(range_with(&mut proxied, &[("token", &proxy_token)]).await, secret, "proxy token as token");
+    });
+}
+
+#[test]
+fn authorization_metadata_is_a_proxy_token_3_4() {
+    authorization_metadata(EtcdVersion::V3_4);
+}
+
+#[test]
+fn authorization_metadata_is_a_proxy_token_3_5() {
+    authorization_metadata(EtcdVersion::V3_5);
+}
