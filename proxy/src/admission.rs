@@ -8,15 +8,20 @@
 //! as the client's deadline allows); the proxy ends it after `--request-body-timeout`, so that a
 //! stalled client holds no call open.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
-use http_body_util::BodyExt;
 use tokio::time::Instant;
 
 use crate::grpc::{self, Code};
 use crate::metrics::Refusal;
+
+/// The header carrying a call's deadline.
+const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
 
 /// etcd's message for a call whose `grpc-timeout` passed (its gRPC server's, word for word).
 pub const DEADLINE_MESSAGE: &str = "context deadline exceeded";
@@ -35,7 +40,7 @@ pub fn check_headers(method: &http::Method, headers: &HeaderMap) -> Result<Optio
         Some(value) if grpc::is_grpc_content_type(value.as_bytes()) => {}
         _ => return Err(NotGrpc("the content-type is not application/grpc")),
     }
-    match headers.get("grpc-timeout") {
+    match headers.get(&GRPC_TIMEOUT) {
         None => Ok(None),
         Some(value) => match grpc::parse_grpc_timeout(value.as_bytes()) {
             Some(timeout) => Ok(Some(Instant::now() + timeout)),
@@ -109,20 +114,25 @@ where
     B: http_body::Body<Data = Bytes> + Unpin,
 {
     let mut whole = BytesMut::new();
+    // Made only when the body is not there at once (as it usually is), and moved on as it grows.
+    let mut timer: Option<(Pin<Box<tokio::time::Sleep>>, bool)> = None;
     loop {
-        let mut wait_until = Instant::now() + limits.stall_timeout;
-        let mut stalled = true;
-        if let Some(deadline) = deadline {
-            if deadline <= wait_until {
-                wait_until = deadline;
-                stalled = false;
+        let frame = std::future::poll_fn(|cx| {
+            if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
+                return Poll::Ready(Ok(frame));
             }
-        }
-        let frame = match tokio::time::timeout_at(wait_until, body.frame()).await {
+            let (sleep, stalled) = timer.get_or_insert_with(|| stall_or_deadline(limits.stall_timeout, deadline));
+            match sleep.as_mut().poll(cx) {
+                Poll::Ready(()) if *stalled => Poll::Ready(Err(Refused::stalled(limits.stall_timeout))),
+                Poll::Ready(()) => Poll::Ready(Err(Refused::deadline())),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        let frame = match frame {
             Ok(Some(frame)) => frame?,
             Ok(None) => return Ok(Ok(whole.freeze())),
-            Err(_) if stalled => return Ok(Err(Refused::stalled(limits.stall_timeout))),
-            Err(_) => return Ok(Err(Refused::deadline())),
+            Err(refused) => return Ok(Err(refused)),
         };
         let Ok(data) = frame.into_data() else { continue };
         if whole.is_empty() && grpc::framed_length(&data).is_some_and(|length| length == data.len()) {
@@ -143,6 +153,57 @@ where
         if whole.len() > limits.max_message + 5 {
             return Ok(Err(Refused::too_large((whole.len() - 5) as u64, limits.max_message)));
         }
+        if let Some((sleep, stalled)) = timer.as_mut() {
+            let (at, is_stall) = stall_or_deadline_at(limits.stall_timeout, deadline);
+            sleep.as_mut().reset(at);
+            *stalled = is_stall;
+        }
+    }
+}
+
+/// Which comes first from now: a stall (true) or the call's deadline (false), and when.
+fn stall_or_deadline_at(stall_timeout: Duration, deadline: Option<Instant>) -> (Instant, bool) {
+    let stall = Instant::now() + stall_timeout;
+    match deadline {
+        Some(deadline) if deadline <= stall => (deadline, false),
+        _ => (stall, true),
+    }
+}
+
+fn stall_or_deadline(stall_timeout: Duration, deadline: Option<Instant>) -> (Pin<Box<tokio::time::Sleep>>, bool) {
+    let (at, stalled) = stall_or_deadline_at(stall_timeout, deadline);
+    (Box::pin(tokio::time::sleep_until(at)), stalled)
+}
+
+/// Runs a call's work until its deadline (from `grpc-timeout`), if it has one; see [`within`].
+pub struct Deadline<F> {
+    work: F,
+    deadline: Option<Instant>,
+    /// Made the first time the work has to wait, for calls with a deadline only.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// `work`, ended with etcd's `DeadlineExceeded` answer when `deadline` passes first (dropping
+/// `work` cancels whatever it waited for upstream). Costs nothing without a deadline, and no
+/// timer while the work completes without waiting.
+pub fn within<F: Future>(deadline: Option<Instant>, work: F) -> Deadline<F> {
+    Deadline { work, deadline, timer: None }
+}
+
+impl<F: Future + Unpin> Future for Deadline<F> {
+    type Output = Result<F::Output, Refused>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if let Poll::Ready(output) = Pin::new(&mut this.work).poll(cx) {
+            return Poll::Ready(Ok(output));
+        }
+        let Some(deadline) = this.deadline else { return Poll::Pending };
+        let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(Refused::deadline())),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -155,8 +216,6 @@ fn check_size(data: &[u8], max: usize) -> Option<Refused> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
 
     /// A request body fed by the test.
     struct Fed(tokio::sync::mpsc::UnboundedReceiver<Bytes>);

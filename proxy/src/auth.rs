@@ -19,15 +19,15 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::grpc::Code;
 
 /// The metadata key etcd reads a token from.
-pub const TOKEN_HEADER: &str = "token";
+pub const TOKEN_HEADER: HeaderName = HeaderName::from_static("token");
 /// The other key etcd reads a token from when `token` is absent (its HTTP gateway's spelling).
-pub const AUTHORIZATION_HEADER: &str = "authorization";
+pub const AUTHORIZATION_HEADER: HeaderName = http::header::AUTHORIZATION;
 /// Prefix of the tokens this proxy issues, so that an etcd token sent by mistake is recognised.
 const PROXY_TOKEN_PREFIX: &str = "ecp.";
 /// Random bytes per proxy token (256 bits).
@@ -204,7 +204,7 @@ impl Session {
                 headers.insert(TOKEN_HEADER, value.clone());
             }
             None => {
-                headers.remove(TOKEN_HEADER);
+                headers.remove(&TOKEN_HEADER);
             }
         }
     }
@@ -302,7 +302,7 @@ impl AuthSessions {
     /// default identity, else nobody.
     pub fn identify(&self, headers: &HeaderMap, client: Option<&ClientInfo>) -> Identity {
         // etcd reads `authorization` when `token` is absent: both are the client's token.
-        if let Some(token) = headers.get(TOKEN_HEADER).or_else(|| headers.get(AUTHORIZATION_HEADER)) {
+        if let Some(token) = headers.get(&TOKEN_HEADER).or_else(|| headers.get(&AUTHORIZATION_HEADER)) {
             let found = token.to_str().ok().and_then(|token| self.by_token.lock().ok()?.get(token).cloned());
             return match found {
                 Some(session) => {

@@ -10,7 +10,6 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use etcd_compat_proto::etcdserverpb::{AuthenticateRequest, AuthenticateResponse, RangeRequest};
@@ -38,7 +37,13 @@ const AUTHENTICATE_RETRIES: usize = 3;
 const AUTHENTICATE_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// Connection-specific headers: meaningless across hops, and forbidden in HTTP/2.
-const HOP_BY_HOP: [&str; 5] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"];
+const HOP_BY_HOP: [http::HeaderName; 5] = [
+    http::header::CONNECTION,
+    http::HeaderName::from_static("keep-alive"),
+    http::HeaderName::from_static("proxy-connection"),
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+];
 
 /// The forwarding service shared by all client connections.
 pub struct Forwarder {
@@ -127,7 +132,7 @@ impl Forwarder {
         };
         let (parts, mut body) = request.into_parts();
         let mut headers = parts.headers;
-        for name in HOP_BY_HOP {
+        for name in &HOP_BY_HOP {
             headers.remove(name);
         }
         let path_and_query =
@@ -151,12 +156,15 @@ impl Forwarder {
 
         // Client tokens never go to etcd: the proxy's own session for the caller supplies one.
         let identity = self.auth.identify(&headers, parts.extensions.get::<ClientInfo>());
-        headers.remove(auth::TOKEN_HEADER);
-        headers.remove(auth::AUTHORIZATION_HEADER);
+        headers.remove(&auth::TOKEN_HEADER);
+        headers.remove(&auth::AUTHORIZATION_HEADER);
         if route.index == grpc::authenticate_index() {
             if let PendingBody::Buffered(message) = &body {
                 let client = parts.extensions.get::<ClientInfo>().and_then(|c| c.addr);
-                let answer = within(deadline, Box::pin(self.authenticate(&headers, &path_and_query, message, client)));
+                let answer = admission::within(
+                    deadline,
+                    Box::pin(self.authenticate(&headers, &path_and_query, message, client)),
+                );
                 return Ok(match answer.await {
                     Ok(answer) => answer.finish(record),
                     Err(refused) => self.refuse(record, refused),
@@ -204,7 +212,7 @@ impl Forwarder {
                 // Boxed: paging state is large and rare; inline it would be copied with every call's future.
                 let limited =
                     Box::pin(self.limited_range(&headers, &path_and_query, message, *bytes, rule, session.as_deref()));
-                match within(deadline, limited).await {
+                match admission::within(deadline, limited).await {
                     Ok(Some(response)) => return Ok(response.finish(record)),
                     Ok(None) => {}
                     Err(refused) => return Ok(self.refuse(record, refused)),
@@ -235,11 +243,14 @@ impl Forwarder {
             ClientBudget::Unlimited => None,
         };
         if route.shape == CallShape::Unary {
-            let answer = within(
-                deadline,
-                self.forward_unary(session.as_deref(), &route, &path_and_query, &mut headers, &mut body),
-            );
-            return match answer.await {
+            let work = std::pin::pin!(self.forward_unary(
+                session.as_deref(),
+                &route,
+                &path_and_query,
+                &mut headers,
+                &mut body
+            ));
+            return match admission::within(deadline, work).await {
                 Ok(Ok(UnaryAnswer::Whole(answer))) => Ok(match limit.and_then(|budget| answer.oversize_for(budget)) {
                     Some(status) => Buffered::status(status).finish(record),
                     None => answer.finish(record),
@@ -743,16 +754,6 @@ enum UnaryAnswer {
     Whole(Buffered),
     /// Larger than the proxy holds for a client: relayed as it arrives, `first` already read.
     Large { response: Response<RecvBody>, first: Bytes, member: Arc<Member> },
-}
-
-/// Runs `work` until the call's deadline (from its `grpc-timeout`), if it has one; a call past
-/// its deadline is answered as etcd answers it, and whatever it waited for upstream is dropped
-/// (which cancels it at etcd).
-async fn within<T>(deadline: Option<Instant>, work: impl std::future::Future<Output = T>) -> Result<T, Refused> {
-    match deadline {
-        None => Ok(work.await),
-        Some(deadline) => tokio::time::timeout_at(deadline, work).await.map_err(|_| Refused::deadline()),
-    }
 }
 
 fn already_sent() -> UpstreamError {
