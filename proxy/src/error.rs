@@ -1,11 +1,16 @@
-//! Errors the proxy itself produces, and the one place they become gRPC statuses.
+//! The proxy's own failures, and the one place they become gRPC statuses.
 //!
 //! Errors that come from etcd are not here: they are etcd's bytes and pass through untouched.
+//! [`UpstreamError`] is why a request did not reach a member or its answer did not come back;
+//! [`ProxyFailure`] is every answer the proxy gives itself, each with its code and message
+//! (etcd's own words, from [`crate::etcd_errors`], where etcd would answer the same situation);
+//! [`CallError`] is how a call that cannot be completed ends for the client.
 
 use std::error::Error as StdError;
 use std::fmt::Write;
 use std::time::Duration;
 
+use crate::etcd_errors;
 use crate::grpc::{Code, Replay};
 
 /// A failure to get a request to an etcd member or an answer back.
@@ -53,54 +58,7 @@ impl UpstreamError {
             _ => UpstreamError::Send { endpoint, source },
         }
     }
-}
 
-/// Whether `error` is etcd resetting one stream on purpose (not the connection failing, not a
-/// stream refused for capacity or shutdown, which is the member's state and is retried).
-pub fn is_stream_answer(error: &h2::Error) -> bool {
-    error.is_reset() && error.is_remote() && error.reason() != Some(h2::Reason::REFUSED_STREAM)
-}
-
-/// How a call the proxy cannot complete ends for the client.
-#[derive(Debug)]
-pub enum CallError {
-    /// A gRPC status made by the proxy (or etcd's, kept whole).
-    Status(Code, String),
-    /// etcd reset the stream: the client's stream is reset with the same reason.
-    Reset(h2::Reason),
-}
-
-impl From<(Code, String)> for CallError {
-    fn from((code, message): (Code, String)) -> Self {
-        CallError::Status(code, message)
-    }
-}
-
-impl CallError {
-    /// The status a client of the proxy's own calls sees for it (a grpc-go client reports a
-    /// reset stream this way).
-    pub fn into_status(self) -> (Code, String) {
-        match self {
-            CallError::Status(code, message) => (code, message),
-            CallError::Reset(reason) => reset_status(reason),
-        }
-    }
-}
-
-/// What a grpc-go client reports for a stream reset with `reason` (its mapping of HTTP/2 error
-/// codes to gRPC codes, and its message).
-pub fn reset_status(reason: h2::Reason) -> (Code, String) {
-    let code = match reason {
-        h2::Reason::CANCEL => Code::Cancelled,
-        h2::Reason::REFUSED_STREAM => Code::Unavailable,
-        h2::Reason::ENHANCE_YOUR_CALM => Code::ResourceExhausted,
-        h2::Reason::INADEQUATE_SECURITY => Code::PermissionDenied,
-        _ => Code::Internal,
-    };
-    (code, format!("stream terminated by RST_STREAM with error code: {reason:?}"))
-}
-
-impl UpstreamError {
     /// Whether etcd cannot have received the request, so even a write may be sent elsewhere.
     pub fn request_not_sent(&self) -> bool {
         match self {
@@ -133,6 +91,12 @@ impl UpstreamError {
     }
 }
 
+/// Whether `error` is etcd resetting one stream on purpose (not the connection failing, not a
+/// stream refused for capacity or shutdown, which is the member's state and is retried).
+pub fn is_stream_answer(error: &h2::Error) -> bool {
+    error.is_reset() && error.is_remote() && error.reason() != Some(h2::Reason::REFUSED_STREAM)
+}
+
 /// A stream etcd refused (REFUSED_STREAM) or that was beyond its GOAWAY was never processed.
 fn never_processed(error: &h2::Error) -> bool {
     error.reason() == Some(h2::Reason::REFUSED_STREAM) || (error.is_go_away() && error.is_remote())
@@ -153,24 +117,198 @@ pub fn chain(error: &dyn StdError) -> String {
     out
 }
 
-/// The gRPC status for a call the proxy could not deliver to any member.
-pub fn no_member_status(failures: &[UpstreamError]) -> (Code, String) {
-    let mut message = String::from("etcd-compat-proxy: no etcd member could serve the request");
-    for (i, failure) in failures.iter().enumerate() {
-        message.push_str(if i == 0 { " (" } else { "; " });
-        message.push_str(&failure.to_string());
-    }
-    if !failures.is_empty() {
-        message.push(')');
-    }
-    message.push_str("; check that the members in --endpoints are running and reachable");
-    (Code::Unavailable, message)
+/// How a call the proxy cannot complete ends for the client.
+#[derive(Debug)]
+pub enum CallError {
+    /// A gRPC status made by the proxy (or etcd's, kept whole).
+    Status(Code, String),
+    /// etcd reset the stream: the client's stream is reset with the same reason.
+    Reset(h2::Reason),
 }
 
-/// The gRPC status for a write that may or may not have been applied when its member failed.
-pub fn outcome_unknown_status(failure: &UpstreamError) -> (Code, String) {
-    (
-        Code::Unavailable,
-        format!("etcd-compat-proxy: {failure}; the request may or may not have been applied, so it was not retried; check the result before retrying"),
-    )
+impl From<(Code, String)> for CallError {
+    fn from((code, message): (Code, String)) -> Self {
+        CallError::Status(code, message)
+    }
+}
+
+impl From<ProxyFailure> for CallError {
+    fn from(failure: ProxyFailure) -> Self {
+        failure.status().into()
+    }
+}
+
+impl CallError {
+    /// The status a client of the proxy's own calls sees for it (as a grpc-go client reports a
+    /// reset stream).
+    pub fn into_status(self) -> (Code, String) {
+        match self {
+            CallError::Status(code, message) => (code, message),
+            CallError::Reset(reason) => ProxyFailure::Reset(reason).status(),
+        }
+    }
+}
+
+/// Every answer the proxy gives itself instead of etcd's.
+#[derive(Debug)]
+pub enum ProxyFailure {
+    /// The client's request body failed while the proxy read it.
+    RequestUnreadable(String),
+    /// A request message stopped arriving for `--request-body-timeout`.
+    MessageStalled(Duration),
+    /// The call's `grpc-timeout` passed.
+    DeadlineExceeded,
+    /// A request message larger than etcd accepts.
+    MessageTooLarge { claimed: u64, limit: usize },
+    /// A token the proxy did not issue or no longer knows.
+    InvalidToken,
+    /// The system random generator failed while making a token.
+    RandomFailed,
+    /// A client's Authenticate the proxy cannot read.
+    AuthenticateUndecodable,
+    /// etcd's answer to an Authenticate the proxy cannot read.
+    AuthenticateAnswerUndecodable,
+    /// No member took the request; the failures seen, in order.
+    NoMember(Vec<String>),
+    /// A write whose member failed after it may have been applied.
+    OutcomeUnknown(UpstreamError),
+    /// etcd reset the stream (as a grpc-go client reports it).
+    Reset(h2::Reason),
+    /// The upstream connection broke during a streamed answer.
+    StreamBroke { member: String, error: String },
+    /// The upstream connection broke while the proxy read an answer whole.
+    AnswerBroke(String),
+    /// A stream of the proxy's own (relayed Watch, keep-alives) ended without etcd's status.
+    StreamEndedWithoutStatus,
+    /// A stream task ended before the client was answered.
+    StreamNotStarted(&'static str),
+    /// The proxy is shutting down and ends its streams.
+    ShuttingDown,
+    /// An answer larger than a size-limited client takes, which cannot be cut.
+    AnswerTooLarge { length: usize, budget: usize },
+    /// A limited client's Range whose result does not fit, with its size.
+    RangeTooLarge { key: String, keys: i64, bytes: usize, budget: usize },
+    /// A limited client's Range whose single key does not fit.
+    KeyTooLarge { key: String, size: usize, budget: usize },
+    /// etcd answered a Range page without any page.
+    NoRangePage,
+    /// etcd answered a Range page without a message.
+    RangePageWithoutMessage,
+    /// etcd's Range page could not be decoded.
+    RangePageUndecodable(String),
+}
+
+impl ProxyFailure {
+    /// The code and message the client gets.
+    pub fn status(&self) -> (Code, String) {
+        use ProxyFailure::*;
+        const P: &str = "etcd-compat-proxy";
+        match self {
+            RequestUnreadable(error) => {
+                (Code::Cancelled, format!("{P}: the request could not be read from the client: {error}"))
+            }
+            MessageStalled(after) => (
+                Code::DeadlineExceeded,
+                format!("{P}: the request message stopped arriving: nothing for {after:?} (--request-body-timeout); send each message whole"),
+            ),
+            DeadlineExceeded => (Code::DeadlineExceeded, etcd_errors::DEADLINE_EXCEEDED.to_owned()),
+            MessageTooLarge { claimed, limit } => {
+                (Code::ResourceExhausted, etcd_errors::message_too_large(*claimed, *limit))
+            }
+            InvalidToken => (Code::Unauthenticated, etcd_errors::INVALID_AUTH_TOKEN.to_owned()),
+            RandomFailed => {
+                (Code::Internal, format!("{P}: the system random generator failed; retry Authenticate"))
+            }
+            AuthenticateUndecodable => (
+                Code::InvalidArgument,
+                format!("{P}: the Authenticate request could not be decoded (compressed or malformed); send an uncompressed AuthenticateRequest"),
+            ),
+            AuthenticateAnswerUndecodable => (Code::Internal, format!("{P}: cannot decode etcd's Authenticate answer")),
+            NoMember(failures) => {
+                let mut message = format!("{P}: no etcd member could serve the request");
+                for (i, failure) in failures.iter().enumerate() {
+                    message.push_str(if i == 0 { " (" } else { "; " });
+                    message.push_str(failure);
+                }
+                if !failures.is_empty() {
+                    message.push(')');
+                }
+                message.push_str("; check that the members in --endpoints are running and reachable");
+                (Code::Unavailable, message)
+            }
+            OutcomeUnknown(failure) => (
+                Code::Unavailable,
+                format!("{P}: {failure}; the request may or may not have been applied, so it was not retried; check the result before retrying"),
+            ),
+            Reset(reason) => {
+                let code = match *reason {
+                    h2::Reason::CANCEL => Code::Cancelled,
+                    h2::Reason::REFUSED_STREAM => Code::Unavailable,
+                    h2::Reason::ENHANCE_YOUR_CALM => Code::ResourceExhausted,
+                    h2::Reason::INADEQUATE_SECURITY => Code::PermissionDenied,
+                    _ => Code::Internal,
+                };
+                (code, etcd_errors::stream_reset(*reason))
+            }
+            StreamBroke { member, error } => (
+                Code::Unavailable,
+                format!("{P}: the connection to etcd member {member} broke during the call ({error}); retry the call"),
+            ),
+            AnswerBroke(error) => (
+                Code::Unavailable,
+                format!("{P}: the connection to etcd broke while reading its answer ({error}); retry the call"),
+            ),
+            StreamEndedWithoutStatus => {
+                (Code::Unavailable, format!("{P}: the stream ended inside the proxy without a status; retry the call"))
+            }
+            StreamNotStarted(what) => (Code::Cancelled, format!("{P}: the {what} stream ended before it started")),
+            ShuttingDown => (Code::Unavailable, format!("{P} is shutting down; reconnect to continue")),
+            AnswerTooLarge { length, budget } => (
+                Code::ResourceExhausted,
+                format!("{P}: etcd's answer is a {length}-byte message, more than this client's limit of {budget} bytes per message; read large results with paged Range calls (`limit`) or raise the client's gRPC receive limit"),
+            ),
+            RangeTooLarge { key, keys, bytes, budget } => (
+                Code::ResourceExhausted,
+                format!("{P}: the range from {key} holds {keys} keys, {bytes} bytes encoded, more than this client's limit of {budget} bytes per message; read it in pages with `limit` (`more` and `count` in each response tell when to stop), raise the client's gRPC receive limit, or let the proxy return a first page for this key prefix with --truncate-oversize-prefix"),
+            ),
+            KeyTooLarge { key, size, budget } => (
+                Code::ResourceExhausted,
+                format!("{P}: the key {key} alone is {size} bytes with its value, more than this client's limit of {budget} bytes per message; read it with a client whose gRPC receive limit is larger"),
+            ),
+            NoRangePage => (Code::ResourceExhausted, format!("{P}: etcd returned no page for the range")),
+            RangePageWithoutMessage => (Code::Internal, format!("{P}: etcd answered a Range page without a message")),
+            RangePageUndecodable(error) => (Code::Internal, format!("{P}: cannot decode etcd's Range page: {error}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_in_etcds_words_where_etcd_has_them() {
+        assert_eq!(
+            ProxyFailure::DeadlineExceeded.status(),
+            (Code::DeadlineExceeded, "context deadline exceeded".to_owned())
+        );
+        assert_eq!(
+            ProxyFailure::MessageTooLarge { claimed: 104857610, limit: 2097152 }.status(),
+            (Code::ResourceExhausted, "grpc: received message larger than max (104857610 vs. 2097152)".to_owned())
+        );
+        assert_eq!(
+            ProxyFailure::InvalidToken.status(),
+            (Code::Unauthenticated, "etcdserver: invalid auth token".to_owned())
+        );
+        assert_eq!(
+            ProxyFailure::Reset(h2::Reason::PROTOCOL_ERROR).status(),
+            (Code::Internal, "stream terminated by RST_STREAM with error code: PROTOCOL_ERROR".to_owned())
+        );
+        let (code, message) = ProxyFailure::NoMember(Vec::new()).status();
+        assert_eq!(code, Code::Unavailable);
+        assert_eq!(
+            message,
+            "etcd-compat-proxy: no etcd member could serve the request; check that the members in --endpoints are running and reachable"
+        );
+    }
 }

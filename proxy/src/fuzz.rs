@@ -18,9 +18,9 @@ use tokio::io::AsyncReadExt;
 use etcd_compat_proto::etcdserverpb::{Member, MemberListResponse, ResponseHeader, WatchResponse};
 use etcd_compat_proto::mvccpb::{Event, KeyValue};
 
+use crate::admin::Metrics;
 use crate::grpc::{self, MessageReader};
-use crate::legacy_authority::AuthorityRepair;
-use crate::metrics::Metrics;
+use crate::listener::authority_repair::AuthorityRepair;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const HEADER_LIST_LIMIT: u32 = 16 * 1024;
@@ -297,11 +297,11 @@ proptest! {
     #[test]
     fn walkers_survive_any_bytes(bytes in prop::collection::vec(any::<u8>(), 0..2000)) {
         let _ = grpc::for_each_field(&bytes, |_, _, _| {});
-        let _ = crate::watch::read_facts(&bytes);
+        let _ = crate::call::watch::read_facts(&bytes);
         let _ = crate::budget::Page::parse(Bytes::from(bytes.clone()));
-        let _ = crate::cluster::rewrite_client_urls(&bytes, &["http://proxy:23790".to_owned()]);
-        let _ = crate::keepalive::lease_of_request(&bytes);
-        let _ = crate::keepalive::lease_of_answer(&bytes);
+        let _ = crate::upstream::rewrite_client_urls(&bytes, &["http://proxy:23790".to_owned()]);
+        let _ = crate::call::keepalive::lease_of_request(&bytes);
+        let _ = crate::call::keepalive::lease_of_answer(&bytes);
         let _ = grpc::parse_grpc_timeout(&bytes);
         let _ = grpc::is_grpc_content_type(&bytes);
         let _ = grpc::framed_length(&bytes);
@@ -334,7 +334,7 @@ proptest! {
                 .collect(),
             ..Default::default()
         };
-        let facts = crate::watch::read_facts(&response.encode_to_vec()).expect("a valid message");
+        let facts = crate::call::watch::read_facts(&response.encode_to_vec()).expect("a valid message");
         prop_assert_eq!(facts.watch_id, watch_id);
         prop_assert_eq!((facts.created, facts.canceled, facts.fragment), (created, canceled, fragment));
         prop_assert_eq!(facts.cancel_reason, reason);
@@ -365,7 +365,7 @@ proptest! {
                 .collect(),
         };
         let urls = vec!["http://proxy:23790".to_owned()];
-        let rewritten = crate::cluster::rewrite_client_urls(&list.encode_to_vec(), &urls).expect("a valid message");
+        let rewritten = crate::upstream::rewrite_client_urls(&list.encode_to_vec(), &urls).expect("a valid message");
         let decoded = MemberListResponse::decode(&rewritten[..]).expect("still a valid message");
         let mut expected = list.clone();
         for member in &mut expected.members {

@@ -2,53 +2,45 @@
 //! behind it is renewed, upgraded and repaired.
 //!
 //! A call's path, in the order it is taken:
-//! - [`server`] accepts the client connection (plaintext or TLS) and speaks HTTP/2, after
-//!   [`legacy_authority`] has repaired header blocks that old clients get wrong;
-//! - [`forward`] classifies the call by its method ([`grpc`]), picks a member from the pool
-//!   ([`upstream`]) by the routing rules of the cluster view ([`cluster`]: leader, learners,
-//!   discovered members) and forwards the bytes, retrying on another member only when safe;
-//!   Ranges from clients with a message size limit are paged under [`budget`]; lease
-//!   keep-alive streams move between members ([`keepalive`]);
-//!   each member has one HTTP/2 [`connection`], on which the calling task sends directly;
-//! - [`body`] relays etcd's answer ([`h2_stream`]) and records the outcome in [`metrics`];
-//! - [`admin`] serves `/health` and `/metrics`; [`config`] and [`tls`] turn flags into all of this;
-//!   [`error`] is where the proxy's own failures become gRPC statuses;
-//! - [`reload`] swaps TLS material when its files change or on SIGHUP ([`cert_reload_wiring`]),
-//!   [`verify`] holds the opt-in certificate exceptions, [`cert_status`] tracks expiry.
+//! - [`server`] binds the listeners and runs the accept loop (startup and shutdown in one place);
+//! - [`listener`] takes each client connection through its TLS handshake and the HTTP/2 preface
+//!   within a deadline, repairs header blocks that old clients get wrong, and serves its calls;
+//! - [`call`] is the request path: what etcd would refuse is refused the same way, the request
+//!   is read, the caller's auth session ([`auth`]) supplies etcd's token, and the call is served
+//!   by its method's kind (from [`grpc`]'s method table): sent to a member and retried elsewhere
+//!   when safe, Ranges paged under a legacy client's size budget ([`budget`]), Watch and
+//!   keep-alive streams relayed by tasks that outlive a member;
+//! - [`upstream`] is the cluster behind the proxy: members, health, the cluster view and the
+//!   routing rules; [`transport`] is HTTP/2 on the wire, two connections per member;
+//! - the answer goes back as etcd's bytes, and its outcome is counted in [`admin`]'s metrics.
+//!
+//! Beside the path: [`cli`] reads the command line into a validated [`config::Config`]; [`tls`]
+//! builds, reloads and tracks certificates; [`admin`] serves `/health` and `/metrics`; [`error`]
+//! is every status the proxy makes itself, in [`etcd_errors`]' words where etcd has them.
+//! Modules only depend downward: the transport and [`grpc`] on nothing, [`upstream`] never on the
+//! request path, the configuration never on the command line.
 
-pub mod accept;
-pub mod admin;
-pub mod admission;
-pub mod auth;
-pub mod batched_writes;
-pub mod body;
-pub mod budget;
-pub mod cert_reload_wiring;
-pub mod cert_status;
-pub mod certs_cli;
-pub mod client_queue;
-pub mod cluster;
-pub mod config;
-pub mod connection;
-pub mod error;
-pub mod forward;
+mod admin;
+mod auth;
+mod budget;
+mod call;
+mod cli;
+mod config;
+mod error;
+mod etcd_errors;
 #[cfg(test)]
 mod fuzz;
-pub mod grpc;
-pub mod h2_stream;
-pub mod keepalive;
-pub mod legacy_authority;
-pub mod metrics;
-pub mod reload;
-pub mod server;
-pub mod tls;
-pub mod upstream;
-pub mod verify;
-pub mod watch;
+mod grpc;
+mod listener;
+mod server;
+mod tls;
+mod transport;
+mod upstream;
 
 use std::process::ExitCode;
 
-pub use config::{Cli, Command, Config};
+pub use cli::{Cli, Command};
+pub use config::Config;
 
 /// Installs the process-wide rustls crypto provider (ring), for any code that relies on the default.
 pub fn install_crypto_provider() {
@@ -59,7 +51,7 @@ pub fn install_crypto_provider() {
 /// Runs a parsed command line to completion and returns the process exit code.
 pub fn execute(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Certs(args) => certs_cli::run(args),
+        Command::Certs(args) => cli::certs::run(args),
         Command::Start(args) => {
             let config = match args.merge_config_file().and_then(|args| args.validate()) {
                 Ok(config) => config,

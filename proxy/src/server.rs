@@ -1,29 +1,23 @@
-//! The client-facing listener: accept, optional TLS, HTTP/2, and graceful shutdown.
+//! Startup and shutdown: the proxy assembled from its parts, in the order a call meets them, then
+//! the accept loop, then the drain.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::accept::AcceptBackoff;
-use crate::admin::Admin;
-use crate::auth::{AuthSessions, ClientInfo};
-use crate::batched_writes::BatchedWrites;
+use crate::admin::{Admin, Metrics};
+use crate::auth::AuthSessions;
+use crate::call::Forwarder;
 use crate::config::Config;
-use crate::forward::Forwarder;
-use crate::legacy_authority::AuthorityRepair;
-use crate::metrics::{ClosedBecause, Metrics};
-use crate::upstream::{Upstream, CONNECTION_WINDOW, STREAM_WINDOW};
+use crate::listener::accept::AcceptBackoff;
+use crate::listener::{http2_server, ClientConnection};
+use crate::tls::{CertRegistry, Reloadable, Side, TlsError};
+use crate::upstream::Cluster;
 
-/// Longest wait for a client's answer to a ping (gRPC's own keep-alive timeout).
-const MAX_PING_ANSWER_TIME: Duration = Duration::from_secs(20);
-
-/// Why the proxy could not start or stopped with an error.
+/// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// A listener could not be bound.
@@ -31,7 +25,7 @@ pub enum RunError {
     Bind { addr: std::net::SocketAddr, what: &'static str, source: std::io::Error },
     /// TLS material could not be loaded.
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] TlsError),
 }
 
 /// Runs the proxy until `shutdown` resolves, then drains: stops accepting, ends streams with a
@@ -40,53 +34,55 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     for ignored in &config.ignored_flags {
         tracing::warn!(flag = ignored.flag, why = ignored.why, "grpc-proxy flag accepted but has no effect");
     }
+    // Counters first: every part below reports to them, certificates included.
     let metrics = Arc::new(Metrics::default());
     let certificates = Arc::clone(&metrics.certificates);
     certificates.set_policy(config.cert_expiry);
+    // The listener's TLS, built before binding so that bad material stops the start, and kept
+    // replaceable so that renewed certificates are served without a restart.
     let listener_tls = match &config.listener_tls {
         Some(files) => {
             let built = crate::tls::build_listener(files, &certificates.legacy_counter())?;
-            certificates.publish(crate::cert_status::Side::Listener, built.certs);
-            Some(Arc::new(crate::reload::Reloadable::new(built.config)))
+            certificates.publish(Side::Listener, built.certs);
+            Some(Arc::new(Reloadable::new(built.config)))
         }
         None => None,
     };
-    let listener = TcpListener::bind(config.listen_addr).await.map_err(|source| RunError::Bind {
-        addr: config.listen_addr,
-        what: "--listen-addr",
-        source,
-    })?;
+    // Both ports bound before anything runs: a port in use fails the start, not a later call.
+    let listener = bind(config.listen_addr, "--listen-addr").await?;
     let admin_listener = match config.metrics_addr {
-        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| RunError::Bind {
-            addr,
-            what: "--metrics-addr",
-            source,
-        })?),
+        Some(addr) => Some(bind(addr, "--metrics-addr").await?),
         None => None,
     };
 
     let stop = CancellationToken::new();
-    let upstream = Upstream::new(&config)?;
-    crate::cert_reload_wiring::start(&config, listener_tls.clone(), &upstream, &certificates, stop.clone())?;
-    upstream.spawn_health_checks(config.health_interval, stop.clone());
-    upstream.spawn_view_refresh(stop.clone());
+    // The cluster behind the proxy: members, their connections, health and the cluster view.
+    let cluster = Cluster::new(&config)?;
+    // TLS files watched on both sides: a renewed certificate or CA is used without a restart.
+    watch_tls_files(&config, listener_tls.clone(), &cluster, &certificates, stop.clone())?;
+    // Health checks and the view's refresh keep requests away from members that cannot serve.
+    cluster.spawn_health_checks(config.health_interval, stop.clone());
+    cluster.spawn_view_refresh(stop.clone());
+    // Auth sessions live as long as the process: a restart makes clients authenticate again.
     let auth = Arc::new(AuthSessions::new(config.auth.clone()));
     tokio::spawn(expire_idle_sessions(Arc::clone(&auth), stop.clone()));
-    // The proxy's tokens live as long as the process: a restart makes clients authenticate again.
+    // The request path, shared by every client connection.
     let forwarder = Forwarder::new(
-        Arc::clone(&upstream),
+        Arc::clone(&cluster),
         Arc::clone(&metrics),
         config.budget.clone(),
         Arc::clone(&auth),
         &config.limits,
         stop.clone(),
     );
+    // The admin server answers `/health` and `/metrics` on its own port.
     if let Some(admin_listener) = admin_listener {
-        let admin = Arc::new(Admin { upstream: Arc::clone(&upstream), metrics: Arc::clone(&metrics) });
-        tokio::spawn(admin.serve(admin_listener, stop.clone()));
+        let admin = Arc::new(Admin { upstream: Arc::clone(&cluster), metrics: Arc::clone(&metrics) });
+        tokio::spawn(serve_admin(admin, admin_listener, stop.clone()));
     }
 
     let http2 = http2_server(&config);
+    // Connections are tracked so that shutdown can wait for their calls to finish.
     let connections = tokio_util::task::TaskTracker::new();
     let drain = CancellationToken::new();
     tracing::info!(
@@ -137,124 +133,98 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
-/// Any client byte stream (plain TCP or TLS), so that one connection type serves both.
-trait ClientStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ClientStream for T {}
-
-/// One accepted client connection, from the TLS handshake to its last call.
-struct ClientConnection {
-    /// The TLS handshake, the HTTP/2 preface and the client's SETTINGS must arrive by then.
-    deadline: tokio::time::Instant,
-    peer: std::net::SocketAddr,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    forwarder: Arc<Forwarder>,
-    metrics: Arc<Metrics>,
-    max_header_list: u32,
+async fn bind(addr: std::net::SocketAddr, what: &'static str) -> Result<TcpListener, RunError> {
+    TcpListener::bind(addr).await.map_err(|source| RunError::Bind { addr, what, source })
 }
 
-impl ClientConnection {
-    async fn serve(self, stream: TcpStream, http2: Http2Server, drain: CancellationToken) {
-        let _open = self.metrics.client_connection_opened();
-        let peer = self.peer;
-        let mut client = ClientInfo { addr: Some(peer.ip()), common_name: None };
-        let io: Box<dyn ClientStream> = match &self.tls {
-            None => Box::new(stream),
-            Some(acceptor) => match tokio::time::timeout_at(self.deadline, acceptor.accept(stream)).await {
-                Ok(Ok(tls_stream)) => {
-                    client.common_name = peer_common_name(&tls_stream);
-                    Box::new(tls_stream)
+/// Accepts admin connections until `stop` is cancelled.
+async fn serve_admin(admin: Arc<Admin>, listener: TcpListener, stop: CancellationToken) {
+    let mut accept_errors = AcceptBackoff::new("--metrics-addr");
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    accept_errors.succeeded();
+                    stream
                 }
-                Ok(Err(error)) => {
-                    tracing::info!(%peer, %error, "client TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    self.metrics.client_connection_closed(ClosedBecause::Handshake);
-                    tracing::debug!(%peer, "client did not complete its TLS handshake in time (--handshake-timeout); connection closed");
-                    return;
+                Err(error) => {
+                    accept_errors.failed(&error).await;
+                    continue;
                 }
             },
         };
-        // The listener's pieces, innermost first: the client's bytes, the repair of header
-        // blocks that old clients get wrong (which also sees the preface and SETTINGS arrive),
-        // batched small writes, then the HTTP/2 server.
-        let handshake = Arc::new(AtomicBool::new(false));
-        let repaired =
-            AuthorityRepair::new(io, Arc::clone(&self.metrics), self.max_header_list, Arc::clone(&handshake));
-        let io = TokioIo::new(BatchedWrites(repaired));
-        // Auth sessions need to know who is calling: the address (to slow down password
-        // guessing) and, for mTLS clients, the certificate's CN (to pick a configured identity).
-        let forwarder = self.forwarder;
-        let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-            request.extensions_mut().insert(client.clone());
-            Arc::clone(&forwarder).serve(request)
+        tokio::spawn(Arc::clone(&admin).serve_connection(stream));
+    }
+}
+
+/// Publishes the upstream certificates and starts watching both sides' files (and SIGHUP):
+/// the listener's material is replaced for the next handshake; the upstream material is tried
+/// on new connections first and adopted only if a member accepts it.
+fn watch_tls_files(
+    config: &Config,
+    listener: Option<Arc<Reloadable<rustls::ServerConfig>>>,
+    cluster: &Arc<Cluster>,
+    registry: &Arc<CertRegistry>,
+    stop: CancellationToken,
+) -> Result<(), TlsError> {
+    use crate::tls::reload::WatchedSide;
+    let mut sides = Vec::new();
+    if let (Some(files), Some(listener)) = (config.listener_tls.clone(), listener) {
+        let legacy_counter = registry.legacy_counter();
+        sides.push(WatchedSide {
+            side: Side::Listener,
+            paths: files.paths(),
+            apply: Box::new(move || {
+                let result = crate::tls::build_listener(&files, &legacy_counter).map(|built| {
+                    listener.replace(built.config);
+                    built.certs
+                });
+                Box::pin(async move { result.map_err(|error| error.to_string()) })
+            }),
         });
-        let connection = http2.serve_connection(io, service);
-        tokio::pin!(connection);
-        let handshake_timer = tokio::time::sleep_until(self.deadline);
-        tokio::pin!(handshake_timer);
-        let mut awaiting_handshake = true;
-        let mut draining = false;
-        let result = loop {
-            tokio::select! {
-                result = connection.as_mut() => break result,
-                _ = &mut handshake_timer, if awaiting_handshake => {
-                    if !handshake.load(Relaxed) {
-                        self.metrics.client_connection_closed(ClosedBecause::Handshake);
-                        tracing::debug!(%peer, "client sent no HTTP/2 preface and SETTINGS in time (--handshake-timeout); connection closed");
-                        return;
+    }
+    if let Some(files) = config.upstream_tls.clone().filter(|_| cluster.tls_config().is_some()) {
+        registry.publish(Side::Upstream, crate::tls::build_upstream(&files)?.certs);
+        let pool = Arc::clone(cluster);
+        let counts = Arc::clone(registry);
+        sides.push(WatchedSide {
+            side: Side::Upstream,
+            paths: files.paths(),
+            apply: Box::new(move || {
+                let built = crate::tls::build_upstream(&files);
+                let (pool, counts) = (Arc::clone(&pool), Arc::clone(&counts));
+                Box::pin(async move {
+                    let built = built.map_err(|error| error.to_string())?;
+                    match pool.adopt_tls_config(built.config).await {
+                        Ok(redials) => {
+                            counts.count_redials(redials.redialled, redials.failed);
+                            tracing::info!(
+                                redialled = redials.redialled,
+                                refused = redials.failed,
+                                "upstream connections re-dialled with the reloaded TLS material; old ones drain"
+                            );
+                            Ok(built.certs)
+                        }
+                        Err((redials, refusals)) => {
+                            counts.count_redials(redials.redialled, redials.failed);
+                            Err(format!(
+                                "every connected etcd member refused a connection with the new TLS material \
+                                 (check that etcd trusts the new client certificate's CA and that --cacert \
+                                 holds etcd's CA): {refusals}"
+                            ))
+                        }
                     }
-                    awaiting_handshake = false;
-                }
-                _ = drain.cancelled(), if !draining => {
-                    draining = true;
-                    connection.as_mut().graceful_shutdown();
-                }
-            }
-        };
-        if let Err(error) = result {
-            if error.is_timeout() {
-                self.metrics.client_connection_closed(ClosedBecause::NoPingAnswer);
-                tracing::debug!(%peer, "client did not answer a ping after being silent (--idle-connection-timeout); connection closed");
-            } else {
-                tracing::debug!(%peer, %error, "client connection ended with an error");
-            }
-        }
+                })
+            }),
+        });
     }
-}
-
-/// The CN of the client certificate a TLS client presented, if any.
-fn peer_common_name(stream: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<String> {
-    let certificate = stream.get_ref().1.peer_certificates()?.first()?;
-    etcd_compat_certs::inspect(certificate).ok()?.common_name
-}
-
-/// The HTTP/2 server every client connection is served with.
-type Http2Server = hyper::server::conn::http2::Builder<TokioExecutor>;
-
-fn http2_server(config: &Config) -> Http2Server {
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(1024 * 1024)
-        .max_concurrent_streams(config.max_concurrent_streams)
-        .max_header_list_size(config.limits.max_header_list)
-        // etcd sends no Date header; adding one would make responses differ from direct ones.
-        .auto_date_header(false)
-        // Large responses leave as fast as the client reads them, not in 400 KiB steps.
-        .max_send_buf_size(1024 * 1024);
-    // A silent connection is pinged: clients that answer stay (old clients may not reconnect
-    // gracefully), half-open ones and peers that never speak HTTP/2 are closed.
-    if let Some(idle) = config.limits.idle_connection_timeout {
-        builder.keep_alive_interval(idle).keep_alive_timeout(idle.min(MAX_PING_ANSWER_TIME));
-    }
-    builder
+    crate::tls::reload::spawn(sides, Arc::clone(registry), config.cert_reload_interval, stop);
+    Ok(())
 }
 
 /// Forgets idle proxy-token sessions once a minute.
-async fn expire_idle_sessions(auth: Arc<AuthSessions>, stop: tokio_util::sync::CancellationToken) {
+async fn expire_idle_sessions(auth: Arc<AuthSessions>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
         tokio::select! {

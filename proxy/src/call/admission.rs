@@ -1,0 +1,299 @@
+//! What a client's request must be before anything of it goes to etcd: a gRPC request (method,
+//! content-type, `grpc-timeout`), with messages no larger than etcd accepts, that keep arriving.
+//!
+//! Each refusal is the one etcd would give, so that a client sees the same thing through the
+//! proxy as directly: etcd resets a stream that is not a gRPC request with PROTOCOL_ERROR, answers
+//! an oversize message with its gRPC server's `ResourceExhausted`, and a passed deadline with
+//! `DeadlineExceeded`. A message that stops arriving has no etcd equivalent (etcd waits as long
+//! as the client's deadline allows); the proxy ends it after `--request-body-timeout`, so that a
+//! stalled client holds no call open.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use tokio::time::Instant;
+
+use crate::admin::Refusal;
+use crate::error::ProxyFailure;
+use crate::grpc;
+
+/// The header carrying a call's deadline.
+const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+
+/// Why a request is not a gRPC request; the proxy resets its stream, as etcd does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotGrpc(pub &'static str);
+
+/// Checks what etcd's gRPC server checks before it reads a request, and returns the request's
+/// deadline (from `grpc-timeout`), if it has one.
+pub fn check_headers(method: &http::Method, headers: &HeaderMap) -> Result<Option<Instant>, NotGrpc> {
+    if method != http::Method::POST {
+        return Err(NotGrpc("the method is not POST"));
+    }
+    match headers.get(http::header::CONTENT_TYPE) {
+        Some(value) if grpc::is_grpc_content_type(value.as_bytes()) => {}
+        _ => return Err(NotGrpc("the content-type is not application/grpc")),
+    }
+    match headers.get(&GRPC_TIMEOUT) {
+        None => Ok(None),
+        Some(value) => match grpc::parse_grpc_timeout(value.as_bytes()) {
+            Some(timeout) => Ok(Some(Instant::now() + timeout)),
+            None => Err(NotGrpc("the grpc-timeout header is malformed")),
+        },
+    }
+}
+
+/// A client request refused by the proxy with a status.
+#[derive(Debug)]
+pub struct Refused {
+    /// For metrics.
+    pub why: Refusal,
+    /// What the client is told.
+    pub failure: ProxyFailure,
+}
+
+impl Refused {
+    /// The call's deadline passed, answered as etcd answers it.
+    pub fn deadline() -> Refused {
+        Refused { why: Refusal::Deadline, failure: ProxyFailure::DeadlineExceeded }
+    }
+
+    /// A message larger than etcd accepts, answered as etcd answers it.
+    pub fn too_large(claimed: u64, limit: usize) -> Refused {
+        Refused { why: Refusal::TooLarge, failure: ProxyFailure::MessageTooLarge { claimed, limit } }
+    }
+
+    /// A client message that stopped arriving.
+    pub fn stalled(after: Duration) -> Refused {
+        Refused { why: Refusal::Stalled, failure: ProxyFailure::MessageStalled(after) }
+    }
+}
+
+/// Limits on reading one request's messages.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageLimits {
+    /// Largest message, prefix excluded.
+    pub max_message: usize,
+    /// Longest pause inside an incomplete message.
+    pub stall_timeout: Duration,
+}
+
+/// Limits of a stream the proxy relays message by message (Watch, keep-alives).
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    /// How the client's messages are read.
+    pub messages: MessageLimits,
+    /// etcd data held for the client before the stream stops taking more.
+    pub max_buffered: usize,
+}
+
+/// Reads a single-message request body to its end, refusing it as soon as its prefix claims
+/// more than etcd accepts, when it stalls, or when `deadline` passes. What is returned is the
+/// body as the client sent it (normally one framed message), never more than one message over
+/// the limit's worth.
+pub async fn read_unary<B>(
+    body: &mut B,
+    limits: MessageLimits,
+    deadline: Option<Instant>,
+) -> Result<Result<Bytes, Refused>, B::Error>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    let mut whole = BytesMut::new();
+    // Made only when the body is not there at once (as it usually is), and moved on as it grows.
+    let mut timer: Option<(Pin<Box<tokio::time::Sleep>>, bool)> = None;
+    loop {
+        let frame = std::future::poll_fn(|cx| {
+            if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
+                return Poll::Ready(Ok(frame));
+            }
+            let (sleep, stalled) = timer.get_or_insert_with(|| stall_or_deadline(limits.stall_timeout, deadline));
+            match sleep.as_mut().poll(cx) {
+                Poll::Ready(()) if *stalled => Poll::Ready(Err(Refused::stalled(limits.stall_timeout))),
+                Poll::Ready(()) => Poll::Ready(Err(Refused::deadline())),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        let frame = match frame {
+            Ok(Some(frame)) => frame?,
+            Ok(None) => return Ok(Ok(whole.freeze())),
+            Err(refused) => return Ok(Err(refused)),
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        if whole.is_empty() && grpc::framed_length(&data).is_some_and(|length| length == data.len()) {
+            // The usual case: the whole message in one chunk, kept without a copy.
+            if let Some(refused) = check_size(&data, limits.max_message) {
+                return Ok(Err(refused));
+            }
+            if body.is_end_stream() {
+                return Ok(Ok(data));
+            }
+        }
+        whole.extend_from_slice(&data);
+        if let Some(refused) = check_size(&whole, limits.max_message) {
+            return Ok(Err(refused));
+        }
+        // More than one message in a unary body: etcd judges that, but no more than a
+        // message's worth is held for it.
+        if whole.len() > limits.max_message + 5 {
+            return Ok(Err(Refused::too_large((whole.len() - 5) as u64, limits.max_message)));
+        }
+        if let Some((sleep, stalled)) = timer.as_mut() {
+            let (at, is_stall) = stall_or_deadline_at(limits.stall_timeout, deadline);
+            sleep.as_mut().reset(at);
+            *stalled = is_stall;
+        }
+    }
+}
+
+/// Which comes first from now: a stall (true) or the call's deadline (false), and when.
+fn stall_or_deadline_at(stall_timeout: Duration, deadline: Option<Instant>) -> (Instant, bool) {
+    let stall = Instant::now() + stall_timeout;
+    match deadline {
+        Some(deadline) if deadline <= stall => (deadline, false),
+        _ => (stall, true),
+    }
+}
+
+fn stall_or_deadline(stall_timeout: Duration, deadline: Option<Instant>) -> (Pin<Box<tokio::time::Sleep>>, bool) {
+    let (at, stalled) = stall_or_deadline_at(stall_timeout, deadline);
+    (Box::pin(tokio::time::sleep_until(at)), stalled)
+}
+
+/// Runs a call's work until its deadline (from `grpc-timeout`), if it has one; see [`within`].
+pub struct Deadline<F> {
+    work: F,
+    deadline: Option<Instant>,
+    /// Made the first time the work has to wait, for calls with a deadline only.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// `work`, ended with etcd's `DeadlineExceeded` answer when `deadline` passes first (dropping
+/// `work` cancels whatever it waited for upstream). Costs nothing without a deadline, and no
+/// timer while the work completes without waiting.
+pub fn within<F: Future>(deadline: Option<Instant>, work: F) -> Deadline<F> {
+    Deadline { work, deadline, timer: None }
+}
+
+impl<F: Future + Unpin> Future for Deadline<F> {
+    type Output = Result<F::Output, Refused>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if let Poll::Ready(output) = Pin::new(&mut this.work).poll(cx) {
+            return Poll::Ready(Ok(output));
+        }
+        let Some(deadline) = this.deadline else { return Poll::Pending };
+        let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(Refused::deadline())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// The refusal of the message starting `data`, if its prefix claims more than `max`.
+fn check_size(data: &[u8], max: usize) -> Option<Refused> {
+    let claimed = grpc::framed_length(data)? - 5;
+    (claimed > max).then(|| Refused::too_large(claimed as u64, max))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request body fed by the test.
+    struct Fed(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+
+    impl http_body::Body for Fed {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            self.0.poll_recv(cx).map(|chunk| chunk.map(|chunk| Ok(http_body::Frame::data(chunk))))
+        }
+    }
+
+    const LIMITS: MessageLimits = MessageLimits { max_message: 100, stall_timeout: Duration::from_secs(1) };
+
+    async fn read(chunks: Vec<Vec<u8>>, end: bool, deadline: Option<Instant>) -> Result<Bytes, Refused> {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        for chunk in chunks {
+            sender.send(Bytes::from(chunk)).unwrap();
+        }
+        if end {
+            drop(sender);
+        } else {
+            std::mem::forget(sender);
+        }
+        read_unary(&mut Fed(receiver), LIMITS, deadline).await.unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn messages_are_read_whole_within_the_limit() {
+        let message = grpc::frame(&[7; 100]).to_vec();
+        assert_eq!(read(vec![message.clone()], true, None).await.unwrap(), message);
+        let (head, tail) = message.split_at(3);
+        assert_eq!(read(vec![head.to_vec(), tail.to_vec()], true, None).await.unwrap(), message);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_oversize_message_is_refused_from_its_prefix_without_the_rest() {
+        let refused = read(vec![vec![0, 0xff, 0xff, 0xff, 0xff]], false, None).await.unwrap_err();
+        assert_eq!(
+            refused.failure.status(),
+            (grpc::Code::ResourceExhausted, "grpc: received message larger than max (4294967295 vs. 100)".to_owned())
+        );
+        let refused = read(vec![vec![0, 0], vec![0, 0, 101]], false, None).await.unwrap_err();
+        assert_eq!(refused.failure.status().1, "grpc: received message larger than max (101 vs. 100)");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_message_ends_after_the_stall_timeout_and_a_deadline_when_it_passes() {
+        let started = Instant::now();
+        let refused = read(vec![vec![0, 0, 0, 0, 10, 1, 2]], false, None).await.unwrap_err();
+        assert_eq!((refused.why, refused.failure.status().0), (Refusal::Stalled, grpc::Code::DeadlineExceeded));
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+        let started = Instant::now();
+        let deadline = Some(started + Duration::from_millis(300));
+        let refused = read(vec![vec![0, 0, 0, 0, 10, 1, 2]], false, deadline).await.unwrap_err();
+        assert_eq!(refused.why, Refusal::Deadline);
+        assert_eq!(started.elapsed(), Duration::from_millis(300));
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(name, value)| (http::HeaderName::from_static(name), http::HeaderValue::from_static(value)))
+            .collect()
+    }
+
+    #[test]
+    fn only_grpc_requests_pass() {
+        let grpc = headers(&[("content-type", "application/grpc")]);
+        assert_eq!(check_headers(&http::Method::POST, &grpc), Ok(None));
+        assert_eq!(check_headers(&http::Method::GET, &grpc), Err(NotGrpc("the method is not POST")));
+        let text = headers(&[("content-type", "text/plain")]);
+        assert_eq!(check_headers(&http::Method::POST, &text), Err(NotGrpc("the content-type is not application/grpc")));
+        assert_eq!(
+            check_headers(&http::Method::POST, &HeaderMap::new()),
+            Err(NotGrpc("the content-type is not application/grpc"))
+        );
+        let bad_timeout = headers(&[("content-type", "application/grpc"), ("grpc-timeout", "abc")]);
+        assert_eq!(
+            check_headers(&http::Method::POST, &bad_timeout),
+            Err(NotGrpc("the grpc-timeout header is malformed"))
+        );
+        let timeout = headers(&[("content-type", "application/grpc+proto"), ("grpc-timeout", "3S")]);
+        let deadline = check_headers(&http::Method::POST, &timeout).unwrap().unwrap();
+        assert!(deadline > Instant::now() + Duration::from_millis(2900));
+    }
+}

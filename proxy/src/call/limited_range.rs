@@ -1,0 +1,82 @@
+//! A Range from a client with a message size limit: served from pages under the budget (see
+//! `budget`), each page sent as the client's etcd user.
+
+use bytes::Bytes;
+use http::HeaderMap;
+use prost::Message;
+
+use etcd_compat_proto::etcdserverpb::RangeRequest;
+
+use crate::auth::Session;
+use crate::budget;
+use crate::error::ProxyFailure;
+use crate::grpc::{self, Code};
+
+use super::attempts::{PendingBody, Upstreamed};
+use super::relay::Buffered;
+use super::Forwarder;
+
+impl Forwarder {
+    /// A Range from a client with a size budget; `None` when it is simply forwarded.
+    pub(super) async fn limited_range(
+        &self,
+        headers: &HeaderMap,
+        path_and_query: &http::uri::PathAndQuery,
+        message: &Bytes,
+        budget: usize,
+        rule: &str,
+        session: Option<&Session>,
+    ) -> Option<Buffered> {
+        // Compressed (flag 1) or malformed frames are left for etcd to judge.
+        let request = grpc::decode_framed::<RangeRequest>(message)?;
+        if !budget::pageable(&request) {
+            return None;
+        }
+        let route = grpc::route(path_and_query.path());
+        let key = request.key.clone();
+        let fetch = |page: RangeRequest| {
+            let mut body = PendingBody::Buffered(grpc::frame(&page.encode_to_vec()));
+            let mut headers = headers.clone();
+            async move {
+                let (answer, _) = self
+                    .sender
+                    .send_as(session, &route, path_and_query, &mut headers, &mut body)
+                    .await
+                    .map_err(|error| Buffered::status(error.into_status()))?;
+                let buffered = match answer {
+                    Upstreamed::Ended(ended) => ended,
+                    Upstreamed::Streaming { response, first } => Buffered::collect(response, first).await?,
+                };
+                if buffered.code() != Some(Code::Ok) {
+                    return Err(buffered);
+                }
+                let raw = buffered
+                    .message()
+                    .ok_or_else(|| Buffered::status(ProxyFailure::RangePageWithoutMessage.status()))?;
+                budget::Page::parse(raw).map_err(|e| Buffered::status(ProxyFailure::RangePageUndecodable(e).status()))
+            }
+        };
+        let answer = budget::serve_range(&self.budget, budget, &self.key_sizes, request, fetch).await;
+        let (outcome, response) = match answer {
+            budget::Answer::Raw(raw) => {
+                (budget::Outcome::Whole, Buffered::message_ok(vec![grpc::frame_prefix(raw.len()), raw]))
+            }
+            budget::Answer::Assembled(framed, outcome) => (outcome, Buffered::message_ok(framed)),
+            budget::Answer::Refused(why) => (budget::Outcome::Refused, Buffered::status(why.status())),
+            budget::Answer::Upstream(failed) => return Some(failed),
+        };
+        self.sender.metrics.budget_applied(outcome, self.budget.truncate_prefix_label(&key));
+        if outcome != budget::Outcome::Whole && self.limited_log.should_log(&key) {
+            tracing::info!(
+                key = %budget::printable(&key),
+                rule,
+                budget,
+                outcome = outcome.label(),
+                "Range answer limited for a client with a message size limit"
+            );
+        } else {
+            tracing::debug!(key = %budget::printable(&key), rule, budget, outcome = outcome.label(), "limited Range");
+        }
+        Some(response)
+    }
+}

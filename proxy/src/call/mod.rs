@@ -1,0 +1,429 @@
+//! The request path: what happens to a client's call between the HTTP/2 server and etcd.
+//!
+//! [`Forwarder::serve`] takes every call. It first checks what etcd would check before reading
+//! it ([`admission`]: a gRPC request, a message etcd accepts, arriving in time), reads a
+//! single-message request whole (so that it can be sent again to another member), decides who
+//! the call acts as (the proxy's auth session for its token, see `auth`), and then serves it by
+//! its method's kind, from the route table:
+//! - Authenticate: checked with etcd, answered with a token of the proxy's ([`session`]);
+//! - Range: for a client with a message size limit, paged under its budget ([`limited_range`]);
+//!   otherwise as any unary call;
+//! - any other unary call: sent to a member, retried on the next when safe ([`attempts`]), as
+//!   the session's etcd user ([`session`]), and answered with etcd's bytes ([`relay`]);
+//! - Watch: relayed by a task of its own, so that its watches outlive their upstream stream and
+//!   a slow client holds only its own share ([`watch`]);
+//! - LeaseKeepAlive: run by a task that moves it between members ([`keepalive`]);
+//! - other streams: forwarded frame by frame.
+//!
+//! Messages are not decoded on the way: the request's frames and headers go up as they came, and
+//! etcd's headers, frames and trailers come back as they were sent, so status codes, messages,
+//! metadata and fields unknown to the proxy's protos all survive the trip. Depends on the
+//! cluster (`upstream`), the transport and the rules modules below it, never on the listener.
+//!
+//! One rule for the whole path: a call's future is moved when its task is spawned, so every
+//! byte of state it holds inline costs every call. What is rare (dialling, token renewals,
+//! paging, rerouting, the stream kinds) is boxed where it is awaited, and the future of a plain
+//! unary call stays small (about 2.5 KiB).
+
+pub mod admission;
+mod attempts;
+pub mod client_queue;
+pub mod keepalive;
+mod limited_range;
+pub mod relay;
+mod session;
+pub mod watch;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{Metrics, Refusal};
+use crate::auth::{self, AuthSessions, ClientInfo, Identity, Session};
+use crate::budget::{BudgetPolicy, ClientBudget, KeySizeEstimate, LimitedLog};
+use crate::config::ClientLimits;
+use crate::error::{CallError, ProxyFailure};
+use crate::grpc::{self, CallShape, Code, MethodKind, Route};
+use crate::transport::RecvBody;
+use crate::upstream::{Cluster, Member};
+
+use admission::{MessageLimits, NotGrpc, Refused, StreamLimits};
+use attempts::{PendingBody, Sender, Upstreamed};
+use relay::{Buffered, CallRecord, ResponseBody};
+
+/// Connection-specific headers: meaningless across hops, and forbidden in HTTP/2.
+const HOP_BY_HOP: [http::HeaderName; 5] = [
+    http::header::CONNECTION,
+    http::HeaderName::from_static("keep-alive"),
+    http::HeaderName::from_static("proxy-connection"),
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+];
+
+/// The forwarding service shared by all client connections.
+pub struct Forwarder {
+    sender: Arc<Sender>,
+    budget: BudgetPolicy,
+    key_sizes: KeySizeEstimate,
+    limited_log: LimitedLog,
+    /// Cancelled at shutdown so that long-lived streams end with a status instead of hanging.
+    shutdown: CancellationToken,
+    /// How client messages are read (size limit, stalls).
+    message_limits: MessageLimits,
+    /// Largest unary answer read whole from etcd (`--max-buffered-response-bytes`).
+    max_buffered_response: usize,
+}
+
+/// A call once admitted and read: what every kind of call is served from.
+struct Admitted {
+    route: Route,
+    record: CallRecord,
+    headers: HeaderMap,
+    path_and_query: http::uri::PathAndQuery,
+    body: PendingBody,
+    session: Option<Arc<Session>>,
+    /// From the call's `grpc-timeout`.
+    deadline: Option<Instant>,
+}
+
+impl Forwarder {
+    /// The forwarder of calls to `cluster`, as the sessions of `auth`.
+    pub fn new(
+        cluster: Arc<Cluster>,
+        metrics: Arc<Metrics>,
+        budget: BudgetPolicy,
+        auth: Arc<AuthSessions>,
+        limits: &ClientLimits,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(Forwarder {
+            sender: Arc::new(Sender::new(cluster, metrics, auth)),
+            budget,
+            key_sizes: KeySizeEstimate::default(),
+            limited_log: LimitedLog::default(),
+            shutdown,
+            message_limits: MessageLimits {
+                max_message: limits.max_request_message,
+                stall_timeout: limits.request_body_timeout,
+            },
+            max_buffered_response: limits.max_buffered_response,
+        })
+    }
+
+    /// Serves one client call: etcd's answer, a gRPC status of the proxy's own, or (for what
+    /// etcd would reset) a reset of the client's stream with etcd's reason.
+    pub async fn serve(self: Arc<Self>, request: Request<Incoming>) -> Result<Response<ResponseBody>, h2::Error> {
+        let route = grpc::route(request.uri().path());
+        let metrics = Arc::clone(&self.sender.metrics);
+        let mut record = CallRecord::new(metrics, route.index, route.shape == CallShape::Unary);
+        // What etcd refuses before reading a request is refused here the same way: sent on, it
+        // would only come back as a reset.
+        let deadline = match admission::check_headers(request.method(), request.headers()) {
+            Ok(deadline) => deadline,
+            Err(NotGrpc(why)) => {
+                self.sender.metrics.refused(Refusal::Malformed);
+                tracing::debug!(
+                    path = request.uri().path(),
+                    why,
+                    "not a gRPC request; stream reset with PROTOCOL_ERROR, as etcd does"
+                );
+                record.finish(Code::Internal);
+                return Err(h2::Error::from(h2::Reason::PROTOCOL_ERROR));
+            }
+        };
+        let (parts, mut body) = request.into_parts();
+        let mut headers = parts.headers;
+        for name in &HOP_BY_HOP {
+            headers.remove(name);
+        }
+        let path_and_query =
+            parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+
+        // Single-message requests are small; holding them is what makes a retry on another member possible.
+        let body = match route.shape {
+            CallShape::ClientStreaming => PendingBody::Streaming(Some(body)),
+            CallShape::Unary | CallShape::ServerStreaming => {
+                match admission::read_unary(&mut body, self.message_limits, deadline).await {
+                    Ok(Ok(message)) => PendingBody::Buffered(message),
+                    Ok(Err(refused)) => return Ok(self.refuse(record, refused)),
+                    Err(error) => {
+                        return Ok(status_response(record, ProxyFailure::RequestUnreadable(error.to_string())))
+                    }
+                }
+            }
+        };
+
+        // Client tokens never go to etcd: the proxy's own session for the caller supplies one.
+        let client = parts.extensions.get::<ClientInfo>();
+        let identity = self.sender.auth.identify(&headers, client);
+        headers.remove(&auth::TOKEN_HEADER);
+        headers.remove(&auth::AUTHORIZATION_HEADER);
+        let session = match (route.kind, identity) {
+            // A login needs no session, and a client with a stale token logs in again.
+            (MethodKind::Authenticate, _) => None,
+            (_, Identity::Session(session)) => Some(session),
+            (_, Identity::Anonymous) => None,
+            (_, Identity::UnknownToken) => return Ok(status_response(record, ProxyFailure::InvalidToken)),
+        };
+        let mut call = Admitted { route, record, headers, path_and_query, body, session, deadline };
+        // Boxed: the rare and long-lived kinds; the plain unary call stays inline.
+        match route.kind {
+            MethodKind::Authenticate => {
+                let client_addr = client.and_then(|c| c.addr);
+                Ok(Box::pin(self.serve_authenticate(call, client_addr)).await)
+            }
+            MethodKind::Range | MethodKind::Unary => {
+                let limit = match self.budget.classify(&call.headers) {
+                    ClientBudget::Limited { bytes, rule } if route.kind == MethodKind::Range => {
+                        return Box::pin(self.serve_limited_range(call, bytes, &rule)).await;
+                    }
+                    budget => budget.bytes(),
+                };
+                let answer = self.forward_unary(&mut call).await;
+                self.unary_response(call, answer, limit)
+            }
+            MethodKind::Watch => Ok(Box::pin(self.serve_watch(call)).await),
+            MethodKind::KeepAlive => Ok(Box::pin(self.serve_keepalive(call)).await),
+            MethodKind::ServerStream | MethodKind::ClientStream => Box::pin(self.serve_stream(call)).await,
+        }
+    }
+
+    /// A client's login: checked with etcd, answered with a token of the proxy's.
+    async fn serve_authenticate(&self, call: Admitted, client: Option<std::net::IpAddr>) -> Response<ResponseBody> {
+        let Admitted { record, headers, path_and_query, body, deadline, .. } = call;
+        let PendingBody::Buffered(message) = body else {
+            return status_response(record, ProxyFailure::AuthenticateUndecodable);
+        };
+        let login = Box::pin(self.sender.authenticate(&headers, &path_and_query, &message, client));
+        match admission::within(deadline, login).await {
+            Ok(answer) => answer.finish(record),
+            Err(refused) => self.refuse(record, refused),
+        }
+    }
+
+    /// A Range from a client with a message size limit: paged under its budget, or forwarded
+    /// as it is when it cannot be paged.
+    async fn serve_limited_range(
+        &self,
+        mut call: Admitted,
+        budget: usize,
+        rule: &str,
+    ) -> Result<Response<ResponseBody>, h2::Error> {
+        if let PendingBody::Buffered(message) = &call.body {
+            let limited =
+                self.limited_range(&call.headers, &call.path_and_query, message, budget, rule, call.session.as_deref());
+            match admission::within(call.deadline, Box::pin(limited)).await {
+                Ok(Some(answer)) => return Ok(answer.finish(call.record)),
+                Ok(None) => {}
+                Err(refused) => return Ok(self.refuse(call.record, refused)),
+            }
+        }
+        let answer = self.forward_unary(&mut call).await;
+        self.unary_response(call, answer, Some(budget))
+    }
+
+    /// Forwards a unary call within its deadline, and reads etcd's answer whole when it is no
+    /// larger than `--max-buffered-response-bytes`: its bytes then leave the member connection
+    /// at once, whether or not the client reads them (a few clients that stop reading would
+    /// otherwise hold the connection's flow-control window, and every call on it would wait).
+    /// The call's parts are used in place: a copy of them would sit in every call's future.
+    async fn forward_unary(&self, call: &mut Admitted) -> Result<Result<UnaryAnswer, CallError>, Refused> {
+        let work = std::pin::pin!(self.read_answer(
+            call.session.as_deref(),
+            &call.route,
+            &call.path_and_query,
+            &mut call.headers,
+            &mut call.body
+        ));
+        admission::within(call.deadline, work).await
+    }
+
+    /// The client's answer to a unary call. `limit` is the client's message size limit: an
+    /// answer over it cannot be cut, so it is refused with a clear status instead of the client
+    /// library's size error.
+    fn unary_response(
+        &self,
+        call: Admitted,
+        answer: Result<Result<UnaryAnswer, CallError>, Refused>,
+        limit: Option<usize>,
+    ) -> Result<Response<ResponseBody>, h2::Error> {
+        let record = call.record;
+        match answer {
+            Ok(Ok(UnaryAnswer::Whole(answer))) => Ok(match limit.and_then(|budget| answer.oversize_for(budget)) {
+                Some(refusal) => Buffered::status(refusal.status()).finish(record),
+                None => answer.finish(record),
+            }),
+            Ok(Ok(UnaryAnswer::Large { response, first, member })) => {
+                let relayed = self.relay(response, Some(first), record, &call.route, &member);
+                Ok(match limit {
+                    Some(budget) => relayed.map(|body| body.refuse_messages_over(budget)),
+                    None => relayed,
+                })
+            }
+            Ok(Err(error)) => fail(record, error),
+            Err(refused) => Ok(self.refuse(record, refused)),
+        }
+    }
+
+    /// Sends a unary call and reads etcd's answer (whole when it is small enough).
+    async fn read_answer(
+        &self,
+        session: Option<&Session>,
+        route: &Route,
+        path_and_query: &http::uri::PathAndQuery,
+        headers: &mut HeaderMap,
+        body: &mut PendingBody,
+    ) -> Result<UnaryAnswer, CallError> {
+        let (upstreamed, member) = self.sender.send_as(session, route, path_and_query, headers, body).await?;
+        let (response, first) = match upstreamed {
+            Upstreamed::Ended(answer) => return Ok(UnaryAnswer::Whole(answer)),
+            Upstreamed::Streaming { response, first } => (response, first),
+        };
+        let cluster = &self.sender.cluster;
+        if cluster.view.rewrites_member_list(route, headers) {
+            let answer = Buffered::collect(response, first).await.unwrap_or_else(|broken| broken);
+            return Ok(UnaryAnswer::Whole(answer.with_client_urls(cluster.view.advertised_urls())));
+        }
+        let (response, first) = match first {
+            Some(first) => (response, first),
+            None => match Upstreamed::peek(response).await {
+                Upstreamed::Ended(answer) => return Ok(UnaryAnswer::Whole(answer)),
+                Upstreamed::Streaming { response, first } => (response, first.unwrap_or_default()),
+            },
+        };
+        match grpc::framed_length(&first) {
+            Some(length) if length <= self.max_buffered_response + 5 => {
+                Ok(UnaryAnswer::Whole(Buffered::collect(response, Some(first)).await.unwrap_or_else(|broken| broken)))
+            }
+            _ => Ok(UnaryAnswer::Large { response, first, member }),
+        }
+    }
+
+    /// A Watch stream: relayed by a task of its own (see [`watch`]); the responses of a client
+    /// with a message size limit are split under it.
+    async fn serve_watch(&self, call: Admitted) -> Response<ResponseBody> {
+        let Admitted { record, headers, body, session, .. } = call;
+        let PendingBody::Streaming(Some(client)) = body else {
+            return status_response(record, ProxyFailure::StreamNotStarted("watch"));
+        };
+        let limit = self.budget.classify(&headers).bytes();
+        let shutdown = self.shutdown.clone().cancelled_owned();
+        let sender = Arc::clone(&self.sender);
+        let response = watch::serve(sender, session, headers, client, record, shutdown, self.stream_limits()).await;
+        match limit {
+            Some(budget) => response.map(|body| body.split_watch_responses(budget)),
+            None => response,
+        }
+    }
+
+    /// A LeaseKeepAlive stream: run by a task that moves it between members (see [`keepalive`]).
+    /// etcd checks no token on it, so the one it opens with may expire without harm.
+    async fn serve_keepalive(&self, call: Admitted) -> Response<ResponseBody> {
+        let Admitted { record, mut headers, path_and_query, body, session, .. } = call;
+        let PendingBody::Streaming(Some(client)) = body else {
+            return status_response(record, ProxyFailure::StreamNotStarted("keep-alive"));
+        };
+        if let Some(session) = session.as_deref() {
+            match self.sender.session_token(session, None).await {
+                Ok(token) => Session::authorize(&token, &mut headers),
+                Err(status) => return status_response(record, status),
+            }
+        }
+        let context = keepalive::StreamContext {
+            cluster: Arc::clone(&self.sender.cluster),
+            metrics: Arc::clone(&self.sender.metrics),
+            limits: self.stream_limits(),
+            shutdown: self.shutdown.clone(),
+        };
+        keepalive::serve(context, path_and_query, headers, client, record).await
+    }
+
+    /// Other streams (Snapshot, Observe, methods the protos don't know): forwarded frame by frame.
+    async fn serve_stream(&self, call: Admitted) -> Result<Response<ResponseBody>, h2::Error> {
+        let Admitted { route, record, mut headers, path_and_query, mut body, session, .. } = call;
+        match self.sender.send_as(session.as_deref(), &route, &path_and_query, &mut headers, &mut body).await {
+            Ok((Upstreamed::Ended(answer), _)) => Ok(answer.finish(record)),
+            Ok((Upstreamed::Streaming { response, first }, member)) => {
+                Ok(self.relay(response, first, record, &route, &member))
+            }
+            Err(error) => fail(record, error),
+        }
+    }
+
+    /// Limits of the streams relayed message by message (Watch, keep-alives).
+    fn stream_limits(&self) -> StreamLimits {
+        StreamLimits { messages: self.message_limits, max_buffered: self.max_buffered_response }
+    }
+
+    /// Ends a call the proxy refused itself.
+    fn refuse(&self, record: CallRecord, refused: Refused) -> Response<ResponseBody> {
+        self.sender.metrics.refused(refused.why);
+        status_response(record, refused.failure)
+    }
+
+    /// Wraps etcd's response for the client, headers untouched.
+    fn relay(
+        &self,
+        response: Response<RecvBody>,
+        first: Option<Bytes>,
+        record: CallRecord,
+        route: &Route,
+        member: &Member,
+    ) -> Response<ResponseBody> {
+        let status_in_headers = Code::from_headers(response.headers());
+        // Only streams need to hear about shutdown; unary calls finish on their own.
+        let shutdown = (route.shape != CallShape::Unary).then(|| self.shutdown.clone().cancelled_owned());
+        response
+            .map(|incoming| ResponseBody::upstream(incoming, first, record, status_in_headers, shutdown, member.name()))
+    }
+}
+
+/// etcd's answer to a unary call.
+enum UnaryAnswer {
+    /// Read whole.
+    Whole(Buffered),
+    /// Larger than the proxy holds for a client: relayed as it arrives, `first` already read.
+    Large { response: Response<RecvBody>, first: Bytes, member: Arc<Member> },
+}
+
+/// Ends a call that could not be forwarded: with a status, or with etcd's reset.
+fn fail(mut record: CallRecord, error: CallError) -> Result<Response<ResponseBody>, h2::Error> {
+    match error {
+        CallError::Status(code, message) => Ok(status_response(record, (code, message))),
+        CallError::Reset(reason) => {
+            record.finish(ProxyFailure::Reset(reason).status().0);
+            Err(h2::Error::from(reason))
+        }
+    }
+}
+
+/// A trailers-only gRPC response carrying a status of the proxy's own.
+fn status_response(record: CallRecord, status: impl Into<Status>) -> Response<ResponseBody> {
+    let Status(code, message) = status.into();
+    if code != Code::Ok {
+        tracing::debug!(code = code.name(), message, "call failed in the proxy");
+    }
+    let mut response = Response::new(ResponseBody::empty(record, code));
+    *response.headers_mut() = grpc::status_headers(code, &message);
+    response
+}
+
+/// A status for the client: a failure of the proxy's, or a code and message passed on.
+struct Status(Code, String);
+
+impl From<ProxyFailure> for Status {
+    fn from(failure: ProxyFailure) -> Self {
+        let (code, message) = failure.status();
+        Status(code, message)
+    }
+}
+
+impl From<(Code, String)> for Status {
+    fn from((code, message): (Code, String)) -> Self {
+        Status(code, message)
+    }
+}

@@ -1,0 +1,537 @@
+//! The two HTTP/2 bodies of a proxied call: the request going up and the response coming down.
+//!
+//! Both carry the client's and etcd's bytes untouched. The response body additionally watches
+//! the call end (for metrics), turns a broken upstream stream into a proper gRPC `Unavailable`
+//! status instead of a reset, and ends streams cleanly when the proxy shuts down.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use prost::Message;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::admin::Metrics;
+use crate::error::{self, ProxyFailure};
+use crate::grpc::{self, Code, MessageReader};
+use crate::transport::RecvBody;
+
+use super::client_queue::QueueReceiver;
+
+/// Records how a call ended, exactly once, even if the client goes away first.
+pub struct CallRecord {
+    metrics: Arc<Metrics>,
+    method: usize,
+    started: Instant,
+    /// Latency is only meaningful for calls with one response; streams live as long as the client wants.
+    time_it: bool,
+    done: bool,
+}
+
+impl CallRecord {
+    /// Starts recording a call of `method` (index into the method table).
+    pub fn new(metrics: Arc<Metrics>, method: usize, time_it: bool) -> Self {
+        metrics.started(method);
+        CallRecord { metrics, method, started: Instant::now(), time_it, done: false }
+    }
+
+    /// Records the final status of the call.
+    pub fn finish(&mut self, code: Code) {
+        if !self.done {
+            self.done = true;
+            let elapsed: Option<Duration> = self.time_it.then(|| self.started.elapsed());
+            self.metrics.handled(self.method, code, elapsed);
+        }
+    }
+
+    /// The metrics this record writes to.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        // Dropped before a status was seen: the client cancelled or disconnected.
+        self.finish(Code::Cancelled);
+    }
+}
+
+/// A response body sent to the client.
+pub struct ResponseBody {
+    state: State,
+    record: Option<CallRecord>,
+    /// Resolves when the proxy shuts down; only set for streams, which would otherwise never end.
+    shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    /// Names the member in the message of a broken stream.
+    member: Arc<str>,
+    /// For Watch streams of size-limited clients: splits oversize messages.
+    splitter: Option<WatchSplitter>,
+    /// For other answers to size-limited clients: the largest message allowed through.
+    guard: Option<usize>,
+}
+
+/// What a stream task (relayed Watch, keep-alives) sends first: etcd's response headers for the
+/// client, or the headers of a trailers-only status if the stream never started.
+pub type StreamHead = Result<HeaderMap, HeaderMap>;
+
+enum State {
+    /// Relaying etcd's response; `first` is a DATA chunk the proxy read before relaying.
+    Upstream { incoming: RecvBody, first: Option<Bytes> },
+    /// Frames written by a task of the proxy (a relayed Watch, a keep-alive stream: streams that
+    /// move between members); ends after a trailers frame.
+    Queue(QueueReceiver),
+    /// A response the proxy holds in full: its data chunks in order, then trailers.
+    Buffered { data: std::collections::VecDeque<Bytes>, trailers: Option<HeaderMap> },
+    /// Nothing more to send.
+    Done,
+}
+
+impl ResponseBody {
+    /// Relays an upstream response body. `status_in_headers` is the code of a trailers-only response.
+    pub fn upstream(
+        incoming: RecvBody,
+        first: Option<Bytes>,
+        mut record: CallRecord,
+        status_in_headers: Option<Code>,
+        shutdown: Option<WaitForCancellationFutureOwned>,
+        member: Arc<str>,
+    ) -> Self {
+        if let Some(code) = status_in_headers {
+            record.finish(code);
+        }
+        ResponseBody {
+            state: State::Upstream { incoming, first },
+            record: Some(record),
+            shutdown: shutdown.map(Box::pin),
+            member,
+            splitter: None,
+            guard: None,
+        }
+    }
+
+    /// The answer to a call served by a stream task: once the task sends `head`, etcd's headers
+    /// and the frames the task queues, or a trailers-only status. `what` names the stream in the
+    /// status of a task that ended before it started.
+    pub async fn when_started(
+        head: tokio::sync::oneshot::Receiver<StreamHead>,
+        frames: QueueReceiver,
+        mut record: CallRecord,
+        shutdown: WaitForCancellationFutureOwned,
+        what: &'static str,
+    ) -> http::Response<ResponseBody> {
+        let (headers, body) = match head.await {
+            Ok(Ok(headers)) => {
+                let body = ResponseBody {
+                    state: State::Queue(frames),
+                    record: Some(record),
+                    shutdown: Some(Box::pin(shutdown)),
+                    member: Arc::from(""),
+                    splitter: None,
+                    guard: None,
+                };
+                (headers, body)
+            }
+            Ok(Err(status)) => {
+                let code = Code::from_headers(&status).unwrap_or(Code::Unknown);
+                (status, ResponseBody::empty(record, code))
+            }
+            Err(_) => {
+                let (code, message) = ProxyFailure::StreamNotStarted(what).status();
+                record.finish(code);
+                (grpc::status_headers(code, &message), ResponseBody::empty(record, code))
+            }
+        };
+        let mut response = http::Response::new(body);
+        *response.headers_mut() = headers;
+        response
+    }
+
+    /// Refuses (with `ResourceExhausted`) an answer whose message is larger than `budget`, before
+    /// any of it is sent: the client's gRPC library would fail on it with a less helpful error.
+    pub fn refuse_messages_over(mut self, budget: usize) -> Self {
+        self.guard = Some(budget);
+        self
+    }
+
+    /// Splits watch responses larger than `budget` bytes (for clients with a message size limit).
+    pub fn split_watch_responses(mut self, budget: usize) -> Self {
+        self.splitter = Some(WatchSplitter { budget, pending: MessageReader::default() });
+        self
+    }
+
+    /// An empty body, for trailers-only responses produced by the proxy.
+    pub fn empty(mut record: CallRecord, code: Code) -> Self {
+        record.finish(code);
+        ResponseBody {
+            state: State::Done,
+            record: Some(record),
+            shutdown: None,
+            member: Arc::from(""),
+            splitter: None,
+            guard: None,
+        }
+    }
+
+    fn end_with(&mut self, failure: ProxyFailure) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let (code, message) = failure.status();
+        if let Some(record) = self.record.as_mut() {
+            record.finish(code);
+        }
+        self.state = State::Done;
+        Poll::Ready(Some(Ok(Frame::trailers(grpc::status_headers(code, &message)))))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    /// An error resets the client's stream with its reason (see `State::Upstream`).
+    type Error = h2::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = self.get_mut();
+        if let Some(shutdown) = this.shutdown.as_mut() {
+            if shutdown.as_mut().poll(cx).is_ready() {
+                this.shutdown = None;
+                if matches!(this.state, State::Upstream { .. } | State::Queue(_)) {
+                    // Dropping the upstream body resets the stream at etcd, which cancels its watches.
+                    return this.end_with(ProxyFailure::ShuttingDown);
+                }
+            }
+        }
+        match &mut this.state {
+            State::Done => Poll::Ready(None),
+            State::Queue(frames) => match frames.poll_next(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(frame)) => {
+                    if frame.is_trailers() {
+                        this.state = State::Done;
+                    }
+                    this.deliver(frame)
+                }
+                Poll::Ready(None) => this.end_with(ProxyFailure::StreamEndedWithoutStatus),
+            },
+            State::Buffered { data, trailers } => {
+                if let Some(chunk) = data.pop_front() {
+                    return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                }
+                let trailers = trailers.take();
+                this.state = State::Done;
+                Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
+            }
+            State::Upstream { first: first @ Some(_), .. } => {
+                let chunk = first.take().unwrap_or_default();
+                this.deliver(Frame::data(chunk))
+            }
+            State::Upstream { incoming, .. } => match Pin::new(incoming).poll_frame(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => this.deliver(frame),
+                Poll::Ready(Some(Err(error))) if error::is_stream_answer(&error) => {
+                    // etcd ended this stream on purpose: the client's ends the same way.
+                    if let (Some(record), Some(reason)) = (this.record.as_mut(), error.reason()) {
+                        record.finish(ProxyFailure::Reset(reason).status().0);
+                    }
+                    this.state = State::Done;
+                    Poll::Ready(Some(Err(error)))
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    if let Some(record) = this.record.as_ref() {
+                        record.metrics().stream_broken();
+                    }
+                    tracing::warn!(member = %this.member, %error, "upstream stream broke; ending the client's call with Unavailable");
+                    let member = this.member.to_string();
+                    this.end_with(ProxyFailure::StreamBroke { member, error: error.to_string() })
+                }
+                Poll::Ready(None) => {
+                    this.state = State::Done;
+                    Poll::Ready(None)
+                }
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.state {
+            State::Done => true,
+            State::Buffered { data, trailers } => data.is_empty() && trailers.is_none(),
+            State::Queue(_) => false,
+            // A trailers-only answer (an etcd error) must end with its HEADERS frame: gRPC
+            // clients reject a stream that sends an empty DATA frame after such headers.
+            State::Upstream { incoming, first } => first.is_none() && incoming.is_end_stream(),
+        }
+    }
+}
+
+impl ResponseBody {
+    /// Passes one frame of etcd's answer on: splitting or refusing oversize messages for limited
+    /// clients, and recording the status carried by trailers.
+    fn deliver(&mut self, frame: Frame<Bytes>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = self;
+        match frame {
+            frame if frame.is_data() && this.splitter.is_some() => {
+                let (Ok(data), Some(splitter)) = (frame.into_data(), this.splitter.as_mut()) else {
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::new()))));
+                };
+                let (out, split) = splitter.feed(data);
+                if split > 0 {
+                    if let Some(record) = this.record.as_ref() {
+                        record.metrics().watch_responses_split(split);
+                    }
+                }
+                Poll::Ready(Some(Ok(Frame::data(out))))
+            }
+            frame if frame.is_data() && this.guard.is_some() => {
+                let budget = this.guard.take().unwrap_or(usize::MAX);
+                let length = frame.data_ref().and_then(|data| grpc::framed_length(data)).map(|length| length - 5);
+                match length.and_then(|length| oversize_answer(length, budget)) {
+                    Some(refusal) => this.end_with(refusal),
+                    None => Poll::Ready(Some(Ok(frame))),
+                }
+            }
+            frame => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    let code = Code::from_headers(trailers).unwrap_or(Code::Unknown);
+                    if let Some(record) = this.record.as_mut() {
+                        record.finish(code);
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+}
+
+/// The refusal of an answer of `length` bytes to a client whose messages may not exceed `budget`
+/// (its gRPC library would fail on it with a less helpful error).
+fn oversize_answer(length: usize, budget: usize) -> Option<ProxyFailure> {
+    (length > budget).then_some(ProxyFailure::AnswerTooLarge { length, budget })
+}
+
+/// A whole gRPC response held by the proxy: used where the proxy must read etcd's answer
+/// before answering (paged Ranges), or answers itself.
+pub struct Buffered {
+    status: http::StatusCode,
+    headers: HeaderMap,
+    /// The body's chunks, sent in order without being joined.
+    data: Vec<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Buffered {
+    /// Reads an upstream response to the end into one contiguous buffer; a broken body becomes
+    /// `Unavailable`.
+    pub async fn collect(response: http::Response<RecvBody>, first: Option<Bytes>) -> Result<Buffered, Buffered> {
+        let (parts, mut body) = response.into_parts();
+        let mut whole = Contiguous::default();
+        if let Some(first) = first {
+            whole.push(first);
+        }
+        let mut trailers = None;
+        while let Some(frame) = body.frame().await {
+            let frame = match frame {
+                Ok(frame) => frame,
+                Err(error) => return Err(Buffered::broken(&error)),
+            };
+            match frame.into_data() {
+                Ok(chunk) => whole.push(chunk),
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            }
+        }
+        let data = whole.finish();
+        let data = if data.is_empty() { Vec::new() } else { vec![data] };
+        Ok(Buffered { status: parts.status, headers: parts.headers, data, trailers })
+    }
+
+    /// An answer that ended without data: etcd's headers and trailers.
+    pub fn ended(parts: http::response::Parts, trailers: Option<HeaderMap>) -> Buffered {
+        Buffered { status: parts.status, headers: parts.headers, data: Vec::new(), trailers }
+    }
+
+    /// The answer to a call whose upstream connection broke while etcd's answer was read.
+    pub fn broken(error: &h2::Error) -> Buffered {
+        Buffered::status(ProxyFailure::AnswerBroke(error.to_string()).status())
+    }
+
+    /// A trailers-only answer with a status of the proxy's own.
+    pub fn status((code, message): (Code, String)) -> Buffered {
+        Buffered {
+            status: http::StatusCode::OK,
+            headers: grpc::status_headers(code, &message),
+            data: Vec::new(),
+            trailers: None,
+        }
+    }
+
+    /// A successful answer carrying one message, already framed, in one or more chunks.
+    pub fn message_ok(framed: Vec<Bytes>) -> Buffered {
+        let mut headers = HeaderMap::with_capacity(1);
+        headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+        let mut trailers = HeaderMap::with_capacity(2);
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        Buffered { status: http::StatusCode::OK, headers, data: framed, trailers: Some(trailers) }
+    }
+
+    /// The same answer with its message replaced by `framed` (a framed message): etcd's
+    /// headers and trailers are kept.
+    pub fn with_message(mut self, framed: Bytes) -> Buffered {
+        self.data = vec![framed];
+        self
+    }
+
+    /// The gRPC status, from the headers (trailers-only) or the trailers.
+    pub fn code(&self) -> Option<Code> {
+        Code::from_headers(&self.headers).or_else(|| self.trailers.as_ref().and_then(Code::from_headers))
+    }
+
+    /// The status message, from the headers (trailers-only) or the trailers.
+    pub fn status_message(&self) -> String {
+        match Code::from_headers(&self.headers) {
+            Some(_) => grpc::status_message(&self.headers),
+            None => self.trailers.as_ref().map(grpc::status_message).unwrap_or_default(),
+        }
+    }
+
+    /// The same answer with the client URLs of its `MemberList` message replaced by `urls`
+    /// (see `upstream::rewrite_client_urls`); errors and unparsable answers pass unchanged.
+    pub fn with_client_urls(self, urls: Option<&[String]>) -> Buffered {
+        let (Some(urls), Some(Code::Ok), Some(message)) = (urls, self.code(), self.message()) else {
+            return self;
+        };
+        match crate::upstream::rewrite_client_urls(&message, urls) {
+            Some(rewritten) => self.with_message(grpc::frame(&rewritten)),
+            None => self,
+        }
+    }
+
+    /// The refusal to send this answer to a client whose messages may not exceed `budget`.
+    pub fn oversize_for(&self, budget: usize) -> Option<ProxyFailure> {
+        let length = self.data.iter().map(Bytes::len).sum::<usize>().checked_sub(5)?;
+        oversize_answer(length, budget)
+    }
+
+    /// The single uncompressed message of the answer, without its frame prefix.
+    pub fn message(&self) -> Option<Bytes> {
+        let [data] = self.data.as_slice() else { return None };
+        (data.first() == Some(&0) && grpc::framed_length(data) == Some(data.len())).then(|| data.slice(5..))
+    }
+
+    /// Turns it into the client's response, recording the call's status.
+    pub fn finish(self, mut record: CallRecord) -> http::Response<ResponseBody> {
+        let code = self.code().unwrap_or(Code::Unknown);
+        record.finish(code);
+        let state = if self.data.is_empty() && self.trailers.is_none() {
+            State::Done
+        } else {
+            State::Buffered {
+                data: self.data.into_iter().filter(|chunk| !chunk.is_empty()).collect(),
+                trailers: self.trailers,
+            }
+        };
+        let body = ResponseBody {
+            state,
+            record: Some(record),
+            shutdown: None,
+            member: Arc::from(""),
+            splitter: None,
+            guard: None,
+        };
+        let mut response = http::Response::new(body);
+        *response.status_mut() = self.status;
+        *response.headers_mut() = self.headers;
+        response
+    }
+}
+
+/// Joins a body's chunks into one buffer as they arrive, so that each chunk (and the connection
+/// buffer it points into) is released at once instead of all of them living until the end:
+/// a paged Range holds one page, not two.
+#[derive(Default)]
+struct Contiguous {
+    /// A lone chunk is kept as it came: most answers arrive in one piece.
+    first: Option<Bytes>,
+    joined: Option<BytesMut>,
+}
+
+impl Contiguous {
+    /// Room reserved up front from a message's length prefix; larger messages grow as they come.
+    const MAX_RESERVE: usize = 64 << 20;
+
+    fn push(&mut self, chunk: Bytes) {
+        if chunk.is_empty() {
+            return;
+        }
+        if let Some(joined) = self.joined.as_mut() {
+            joined.extend_from_slice(&chunk);
+            return;
+        }
+        let Some(first) = self.first.take() else {
+            self.first = Some(chunk);
+            return;
+        };
+        let expected = grpc::framed_length(&first).unwrap_or(0);
+        let mut joined = BytesMut::with_capacity(expected.min(Self::MAX_RESERVE).max(first.len() + chunk.len()));
+        joined.extend_from_slice(&first);
+        joined.extend_from_slice(&chunk);
+        self.joined = Some(joined);
+    }
+
+    fn finish(self) -> Bytes {
+        match (self.joined, self.first) {
+            (Some(joined), _) => joined.freeze(),
+            (None, Some(first)) => first,
+            (None, None) => Bytes::new(),
+        }
+    }
+}
+
+/// Reassembles gRPC messages of a Watch response stream and splits those over the budget.
+struct WatchSplitter {
+    budget: usize,
+    /// Bytes of an incomplete message.
+    pending: MessageReader,
+}
+
+impl WatchSplitter {
+    /// Takes the next DATA chunk; returns what can be sent now and how many messages were split.
+    fn feed(&mut self, data: Bytes) -> (Bytes, u64) {
+        if self.pending.is_empty() && self.whole_messages_within_budget(&data) {
+            return (data, 0);
+        }
+        self.pending.push(&data);
+        let mut out = BytesMut::new();
+        let mut split = 0;
+        while let Some(message) = self.pending.next_message() {
+            let parts = (message[0] == 0 && message.len() - 5 > self.budget)
+                .then(|| etcd_compat_proto::etcdserverpb::WatchResponse::decode(&message[5..]).ok())
+                .flatten();
+            match parts {
+                Some(response) => {
+                    split += 1;
+                    for part in crate::budget::split_watch_response(response, self.budget) {
+                        out.extend_from_slice(&grpc::frame(&part.encode_to_vec()));
+                    }
+                }
+                None => out.extend_from_slice(&message),
+            }
+        }
+        (out.freeze(), split)
+    }
+
+    /// Whether `data` is a run of complete messages none of which is over the budget (the common case).
+    fn whole_messages_within_budget(&self, data: &[u8]) -> bool {
+        let mut rest = data;
+        while !rest.is_empty() {
+            match grpc::framed_length(rest) {
+                Some(length) if length - 5 <= self.budget && rest.len() >= length => rest = &rest[length..],
+                _ => return false,
+            }
+        }
+        true
+    }
+}

@@ -1,0 +1,644 @@
+//! Watch streams that outlive their upstream stream: its member lost, its token expired, or its
+//! client behind.
+//!
+//! A client's Watch stream is relayed message by message, and etcd's answers go back as the
+//! bytes etcd sent. Alongside, the relay keeps what it needs to re-create every watch elsewhere:
+//! the create request and the next revision the client has not yet received. When the upstream
+//! stream breaks (member lost) or etcd refuses a new watch because the stream's token expired,
+//! the relay opens a new upstream stream (on a healthy member, with a renewed token) and
+//! re-creates each watch there from that revision, with the same watch id. The client's stream
+//! and ids stay as they were; no event is lost or repeated, and a revision compacted meanwhile
+//! reaches the client as etcd's own compaction cancel.
+//!
+//! Watch ids stay equal upstream and downstream by construction: on the first upstream stream
+//! etcd assigns them as it would directly, and on later streams the relay asks for each id
+//! explicitly (etcd 3.4+ accepts a client-chosen `watch_id`), so etcd's bytes need no rewriting.
+//!
+//! The relay runs in a task of its own and takes etcd's messages as they come, whether or not
+//! its client reads them: left in the member connection, they would hold up every other stream
+//! on it. A client that falls `--max-buffered-response-bytes` behind has its upstream stream
+//! paused (closed, which cancels its watches at etcd); once the client has read half of what is
+//! held, the watches are re-created from the next revision not yet delivered, exactly as after
+//! the loss of a member. The client misses nothing and holds at most that much of the proxy.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use etcd_compat_proto::etcdserverpb::{watch_request, WatchCreateRequest, WatchRequest};
+use http::HeaderMap;
+use http_body::{Body, Frame};
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::admin::Refusal;
+use crate::auth::Session;
+use crate::error::ProxyFailure;
+use crate::etcd_errors;
+use crate::grpc::{self, Code, MessageReader, WireValue};
+use crate::transport::{self, FeedReceiver, FeedSender, RecvBody};
+
+use super::admission::{MessageLimits, Refused, StreamLimits};
+use super::attempts::Sender;
+use super::client_queue::{self, QueueSender};
+use super::relay::{CallRecord, ResponseBody, StreamHead};
+
+/// How long the relay keeps trying to find a member before ending the client's stream.
+const RESUME_DEADLINE: Duration = Duration::from_secs(30);
+/// Pause between attempts when no member takes the stream.
+const RESUME_BACKOFF: Duration = Duration::from_millis(250);
+/// Opens an upstream Watch stream fed by a channel; resolves when etcd sends response headers.
+type Opening = Pin<Box<dyn Future<Output = Result<OpenedStream, (Code, String)>> + Send>>;
+
+/// An upstream Watch stream etcd accepted.
+pub struct OpenedStream {
+    /// etcd's response, whose body carries the watch responses.
+    pub response: http::Response<RecvBody>,
+    /// The member it is on, for logs.
+    pub member: Arc<str>,
+    /// The session token generation it was opened with.
+    pub token_generation: Option<u64>,
+}
+
+enum Upstream {
+    Opening(Opening),
+    Open {
+        body: RecvBody,
+        member: Arc<str>,
+    },
+    /// Waiting before the next attempt to find a member.
+    Backoff(Pin<Box<tokio::time::Sleep>>),
+    /// The client fell behind; re-opened once it has read half of what is held for it.
+    Paused,
+    /// The client's stream is ending.
+    Closed,
+}
+
+/// Client messages waiting for etcd, at most: a client that keeps sending while etcd does not
+/// read is not read either.
+const MAX_QUEUED_REQUESTS: usize = 64 * 1024;
+
+/// Serves one Watch call: the relay runs in its own task, and the client is answered once etcd
+/// answered the first upstream stream (answering earlier would tell it the watch exists before
+/// it does: clients that write right after `watch()` returns would miss their own first event).
+pub(super) async fn serve(
+    sender: Arc<Sender>,
+    session: Option<Arc<Session>>,
+    headers: HeaderMap,
+    client: Incoming,
+    record: CallRecord,
+    shutdown: WaitForCancellationFutureOwned,
+    limits: StreamLimits,
+) -> http::Response<ResponseBody> {
+    let (head, started) = oneshot::channel();
+    let (to_client, from_relay) = client_queue::channel(limits.max_buffered);
+    let relay = WatchRelay::new(sender, session, headers, client, to_client, head, limits.messages);
+    tokio::spawn(relay.run());
+    ResponseBody::when_started(started, from_relay, record, shutdown, "watch").await
+}
+
+/// A watch the client has been told exists.
+struct ActiveWatch {
+    create: WatchCreateRequest,
+    /// The first revision the client has not received (0 until known).
+    next_revision: i64,
+}
+
+/// A create sent upstream whose `created` answer has not arrived.
+struct PendingCreate {
+    create: WatchCreateRequest,
+    /// A re-creation of a watch the client already has: etcd's `created` is not forwarded.
+    recreation: bool,
+    /// Already sent again once with a renewed token.
+    token_renewed: bool,
+}
+
+/// Facts read from one WatchResponse without decoding it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct ResponseFacts {
+    pub(crate) watch_id: i64,
+    pub(crate) created: bool,
+    pub(crate) canceled: bool,
+    pub(crate) cancel_reason: String,
+    pub(crate) fragment: bool,
+    pub(crate) header_revision: i64,
+    pub(crate) events: usize,
+    pub(crate) last_event_revision: i64,
+}
+
+/// Relays one client Watch stream, in a task of its own.
+struct WatchRelay {
+    sender: Arc<Sender>,
+    session: Option<Arc<Session>>,
+    headers: HeaderMap,
+    client: Option<Incoming>,
+    client_messages: MessageReader,
+    /// Longest pause inside an incomplete client message.
+    stall_timeout: Duration,
+    /// Ends the stream if the client's incomplete message does not grow in time.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    upstream: Upstream,
+    upstream_messages: MessageReader,
+    to_upstream: FeedSender,
+    /// Token generation the current upstream stream was opened with.
+    token_generation: Option<u64>,
+    watches: BTreeMap<i64, ActiveWatch>,
+    pending: VecDeque<PendingCreate>,
+    /// Cancels and progress requests the client sent between two upstream streams.
+    held: Vec<Bytes>,
+    /// Bytes of all requests the client sent between two upstream streams.
+    held_bytes: usize,
+    /// The id etcd would give the next watch created without one, as on one etcd stream.
+    next_auto_id: i64,
+    /// Set once the watches live on a stream other than the first: creates then carry their ids.
+    moved: bool,
+    /// Frames for the client, in order; counted so that the relay knows when it is behind.
+    to_client: QueueSender,
+    /// Taken when the client is answered: etcd's headers, or a status.
+    head: Option<oneshot::Sender<StreamHead>>,
+    finished: bool,
+    /// When the current search for a member began.
+    resuming_since: Option<Instant>,
+}
+
+impl WatchRelay {
+    fn new(
+        sender: Arc<Sender>,
+        session: Option<Arc<Session>>,
+        headers: HeaderMap,
+        client: Incoming,
+        to_client: QueueSender,
+        head: oneshot::Sender<StreamHead>,
+        limits: MessageLimits,
+    ) -> WatchRelay {
+        let (to_upstream, receiver) = transport::feed();
+        let upstream = Upstream::Opening(open(Arc::clone(&sender), session.clone(), headers.clone(), receiver, None));
+        WatchRelay {
+            sender,
+            session,
+            headers,
+            client: Some(client),
+            client_messages: MessageReader::with_limit(limits.max_message),
+            stall_timeout: limits.stall_timeout,
+            stall: None,
+            upstream,
+            upstream_messages: MessageReader::default(),
+            to_upstream,
+            token_generation: None,
+            watches: BTreeMap::new(),
+            pending: VecDeque::new(),
+            held: Vec::new(),
+            held_bytes: 0,
+            next_auto_id: 0,
+            moved: false,
+            to_client,
+            head: Some(head),
+            finished: false,
+            resuming_since: None,
+        }
+    }
+
+    async fn run(mut self) {
+        std::future::poll_fn(|cx| self.poll_run(cx)).await
+    }
+
+    /// Relays until the stream is over or the client is gone (which drops the upstream stream
+    /// and so cancels the watches at etcd).
+    fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if self.finished || self.to_client.is_closed() {
+                return Poll::Ready(());
+            }
+            let client = self.poll_client(cx);
+            let stalled = self.poll_stall(cx);
+            let upstream = self.poll_upstream(cx);
+            if !client && !stalled && !upstream {
+                // Woken as well when the client goes away or, when paused, has caught up.
+                let waiting = match self.upstream {
+                    Upstream::Paused => self.to_client.poll_room(cx),
+                    _ => self.to_client.poll_closed(cx),
+                };
+                if waiting.is_pending() {
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    /// Sends the client a message from etcd; pauses the upstream stream if the client is now
+    /// too far behind.
+    fn deliver(&mut self, message: Bytes) {
+        self.to_client.push(Frame::data(message));
+        if self.to_client.is_full() && matches!(self.upstream, Upstream::Open { .. }) {
+            tracing::debug!(watches = self.watches.len(), "watch client is not reading; pausing its upstream stream");
+            self.sender.metrics().stream_paused();
+            self.upstream = Upstream::Paused;
+            self.moved = true;
+            self.to_upstream = FeedSender::closed();
+            self.upstream_messages = MessageReader::default();
+        }
+    }
+
+    /// Ends the client's stream with `trailers`: etcd's, or a status of the proxy's.
+    fn end(&mut self, trailers: HeaderMap) {
+        self.upstream = Upstream::Closed;
+        match self.head.take() {
+            Some(head) => {
+                let _ = head.send(Err(trailers));
+            }
+            None => {
+                self.to_client.push(Frame::trailers(trailers));
+            }
+        }
+        self.finished = true;
+    }
+
+    /// Ends the stream if the client's incomplete message stalled; true if it did.
+    fn poll_stall(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(stall) = self.stall.as_mut() else { return false };
+        if stall.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        let refused = Refused::stalled(self.stall_timeout);
+        self.sender.metrics().refused(refused.why);
+        let (code, message) = refused.failure.status();
+        self.end(grpc::status_headers(code, &message));
+        true
+    }
+
+    /// Reads the client's requests; true if anything happened.
+    fn poll_client(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(client) = self.client.as_mut() else { return false };
+        // Requests etcd has not taken yet are bounded: nothing more is read until they leave
+        // (the feed wakes the relay) or, between streams, until the next stream takes them.
+        if self.held_bytes >= MAX_QUEUED_REQUESTS || self.to_upstream.poll_room(cx, MAX_QUEUED_REQUESTS).is_pending() {
+            return false;
+        }
+        match Pin::new(client).poll_frame(cx) {
+            Poll::Pending => false,
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    self.client_messages.push(&data);
+                    loop {
+                        if let Some(claimed) = self.client_messages.oversize() {
+                            // As etcd ends a stream that sends a message over its limit.
+                            self.sender.metrics().refused(Refusal::TooLarge);
+                            let limit = self.client_messages.limit().unwrap_or(usize::MAX);
+                            let (code, message) = ProxyFailure::MessageTooLarge { claimed, limit }.status();
+                            self.end(grpc::status_headers(code, &message));
+                            return true;
+                        }
+                        let Some(message) = self.client_messages.next_message() else { break };
+                        self.on_client_message(message);
+                    }
+                    self.stall = match self.client_messages.is_empty() {
+                        true => None,
+                        false => Some(Box::pin(tokio::time::sleep(self.stall_timeout))),
+                    };
+                }
+                true
+            }
+            Poll::Ready(Some(Err(_)) | None) => {
+                // Closing the upstream request side makes etcd end the stream, as it would directly.
+                self.client = None;
+                self.stall = None;
+                self.to_upstream = FeedSender::closed();
+                true
+            }
+        }
+    }
+
+    fn on_client_message(&mut self, message: Bytes) {
+        let request = grpc::decode_framed::<WatchRequest>(&message);
+        // Between two upstream streams (paused, or waiting for a member) requests wait for the
+        // next one: creates as pending creates, which every new stream gets, the rest after them.
+        let between_streams = matches!(self.upstream, Upstream::Paused | Upstream::Backoff(_));
+        if between_streams {
+            self.held_bytes += message.len();
+        }
+        let Some(watch_request::RequestUnion::CreateRequest(mut create)) = request.and_then(|r| r.request_union) else {
+            // Cancels and progress requests carry ids that are the same upstream.
+            match between_streams {
+                true => self.held.push(message),
+                false => self.to_upstream.send(message),
+            }
+            return;
+        };
+        if self.moved && create.watch_id == 0 {
+            // The new stream's own counter may differ from the one the client saw.
+            create.watch_id = self.take_auto_id();
+            if !between_streams {
+                self.to_upstream.send(encode_create(&create));
+            }
+        } else if !between_streams {
+            self.to_upstream.send(message);
+        }
+        self.pending.push_back(PendingCreate { create, recreation: false, token_renewed: false });
+    }
+
+    /// The next id etcd would assign on the client's original stream (0 means "let etcd pick").
+    fn take_auto_id(&mut self) -> i64 {
+        while self.watches.contains_key(&self.next_auto_id) {
+            self.next_auto_id += 1;
+        }
+        let id = self.next_auto_id;
+        self.next_auto_id += 1;
+        id
+    }
+
+    /// Drives the upstream stream; true if anything happened.
+    fn poll_upstream(&mut self, cx: &mut Context<'_>) -> bool {
+        match &mut self.upstream {
+            Upstream::Closed => false,
+            Upstream::Paused => match self.to_client.poll_room(cx) {
+                Poll::Pending => false,
+                Poll::Ready(()) => {
+                    tracing::debug!(watches = self.watches.len(), "watch client caught up; resuming its watches");
+                    self.reopen(None);
+                    true
+                }
+            },
+            Upstream::Backoff(sleep) => match sleep.as_mut().poll(cx) {
+                Poll::Pending => false,
+                Poll::Ready(()) => {
+                    self.reopen(None);
+                    true
+                }
+            },
+            Upstream::Opening(opening) => match opening.as_mut().poll(cx) {
+                Poll::Pending => false,
+                Poll::Ready(Ok(OpenedStream { response, member, token_generation })) => {
+                    self.token_generation = token_generation;
+                    let (parts, body) = response.into_parts();
+                    match Code::from_headers(&parts.headers) {
+                        // A trailers-only answer: etcd refused the stream itself.
+                        Some(code) if code != Code::Ok => self.on_upstream_end(Some(parts.headers)),
+                        _ => {
+                            if let Some(head) = self.head.take() {
+                                let _ = head.send(Ok(parts.headers));
+                            }
+                            self.resuming_since = None;
+                            self.upstream = Upstream::Open { body, member };
+                        }
+                    }
+                    true
+                }
+                Poll::Ready(Err((code, message))) => {
+                    self.retry_or_end(code, message);
+                    true
+                }
+            },
+            Upstream::Open { body, member } => match Pin::new(body).poll_frame(cx) {
+                Poll::Pending => false,
+                Poll::Ready(Some(Ok(frame))) => {
+                    match frame.into_data() {
+                        Ok(data) => {
+                            self.upstream_messages.push(&data);
+                            while let Some(message) = self.upstream_messages.next_message() {
+                                self.on_upstream_message(message);
+                                if !matches!(self.upstream, Upstream::Open { .. }) {
+                                    // Paused or moved: the rest comes again from the new stream.
+                                    break;
+                                }
+                            }
+                        }
+                        Err(frame) => self.on_upstream_end(frame.into_trailers().ok()),
+                    }
+                    true
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    tracing::warn!(%member, %error, watches = self.watches.len(), "upstream watch stream broke; re-creating its watches on another member");
+                    self.reopen(None);
+                    true
+                }
+                Poll::Ready(None) => {
+                    self.on_upstream_end(None);
+                    true
+                }
+            },
+        }
+    }
+
+    fn on_upstream_message(&mut self, message: Bytes) {
+        let facts = match message.first() {
+            Some(0) => read_facts(&message[5..]).ok(),
+            _ => None,
+        };
+        let Some(facts) = facts else {
+            self.deliver(message);
+            return;
+        };
+        if facts.created {
+            let Some(pending) = self.pending.pop_front() else {
+                self.deliver(message);
+                return;
+            };
+            if facts.canceled {
+                let token_refusal =
+                    etcd_errors::WATCH_TOKEN_CANCEL_REASONS.iter().any(|reason| facts.cancel_reason.ends_with(reason));
+                if token_refusal && self.session.is_some() && !pending.token_renewed {
+                    // The stream's token expired: renew it and create the watch on a new stream.
+                    self.pending.push_front(PendingCreate { token_renewed: true, ..pending });
+                    self.reopen(self.token_generation);
+                    return;
+                }
+                if !pending.recreation {
+                    self.deliver(message);
+                }
+                return;
+            }
+            let next_revision = match pending.create.start_revision {
+                0 => facts.header_revision + 1,
+                start => start,
+            };
+            if facts.watch_id >= self.next_auto_id {
+                self.next_auto_id = facts.watch_id + 1;
+            }
+            let recreation = pending.recreation;
+            self.watches.insert(facts.watch_id, ActiveWatch { create: pending.create, next_revision });
+            if !recreation {
+                self.deliver(message);
+            }
+            return;
+        }
+        if facts.canceled {
+            self.watches.remove(&facts.watch_id);
+        } else if facts.watch_id == -1 {
+            // A progress answer for the whole stream: every watch has seen up to this revision.
+            for watch in self.watches.values_mut() {
+                watch.next_revision = watch.next_revision.max(facts.header_revision + 1);
+            }
+        } else if let Some(watch) = self.watches.get_mut(&facts.watch_id) {
+            if facts.events > 0 && !facts.fragment {
+                watch.next_revision = watch.next_revision.max(facts.last_event_revision + 1);
+            } else if facts.events == 0 {
+                watch.next_revision = watch.next_revision.max(facts.header_revision + 1);
+            }
+        }
+        self.deliver(message);
+    }
+
+    /// etcd ended the stream: with a status worth passing on, or because it is going away.
+    fn on_upstream_end(&mut self, trailers: Option<HeaderMap>) {
+        let code = trailers.as_ref().and_then(Code::from_headers);
+        let member_going_away = match code {
+            None => true,
+            Some(Code::Unavailable) => true,
+            Some(_) => false,
+        };
+        // Before the client was answered there is nothing to resume: it gets etcd's status.
+        if self.client.is_some() && member_going_away && self.head.is_none() {
+            self.reopen(None);
+            return;
+        }
+        self.end(trailers.unwrap_or_else(|| grpc::status_headers(Code::Ok, "")));
+    }
+
+    fn retry_or_end(&mut self, code: Code, message: String) {
+        let since = *self.resuming_since.get_or_insert_with(Instant::now);
+        let retryable = matches!(code, Code::Unavailable | Code::DeadlineExceeded);
+        if retryable && self.head.is_none() && since.elapsed() < RESUME_DEADLINE && self.client.is_some() {
+            self.upstream = Upstream::Backoff(Box::pin(tokio::time::sleep(RESUME_BACKOFF)));
+            return;
+        }
+        tracing::warn!(code = code.name(), %message, "cannot re-open the watch stream on any member; ending the client's stream");
+        self.end(grpc::status_headers(code, &message));
+    }
+
+    /// Opens a new upstream stream (renewing the token first if `rejected` names the current one)
+    /// and re-creates every watch on it from its next revision, with its id.
+    fn reopen(&mut self, rejected: Option<u64>) {
+        self.resuming_since.get_or_insert_with(Instant::now);
+        self.moved = true;
+        self.upstream_messages = MessageReader::default();
+        let (to_upstream, receiver) = transport::feed();
+        self.to_upstream = to_upstream;
+        let mut recreations = Vec::with_capacity(self.watches.len());
+        // Watch 0 cannot be asked for by id (0 means "pick one"), so it goes first on a fresh stream.
+        for (&id, watch) in &self.watches {
+            let mut create = watch.create.clone();
+            create.watch_id = id;
+            if watch.next_revision > 0 {
+                create.start_revision = watch.next_revision;
+            }
+            recreations.push(PendingCreate { create, recreation: true, token_renewed: rejected.is_some() });
+        }
+        let count = recreations.len() as u64;
+        self.watches.clear();
+        let unanswered: Vec<PendingCreate> = self.pending.drain(..).collect();
+        for pending in recreations.into_iter().chain(unanswered) {
+            self.to_upstream.send(encode_create(&pending.create));
+            self.pending.push_back(pending);
+        }
+        for request in self.held.drain(..) {
+            self.to_upstream.send(request);
+        }
+        self.held_bytes = 0;
+        if count > 0 {
+            self.sender.metrics().watches_recreated(count);
+        }
+        tracing::debug!(watches = count, token_renewal = rejected.is_some(), "re-opening the upstream watch stream");
+        let session = self.session.clone();
+        self.upstream =
+            Upstream::Opening(open(Arc::clone(&self.sender), session, self.headers.clone(), receiver, rejected));
+    }
+}
+
+/// Opens an upstream Watch stream whose request messages come from `receiver`.
+fn open(
+    sender: Arc<Sender>,
+    session: Option<Arc<Session>>,
+    headers: HeaderMap,
+    receiver: FeedReceiver,
+    rejected: Option<u64>,
+) -> Opening {
+    Box::pin(async move { sender.open_watch_stream(session.as_deref(), headers, receiver, rejected).await })
+}
+
+fn encode_create(create: &WatchCreateRequest) -> Bytes {
+    let request = WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create.clone())) };
+    grpc::frame_message(&request)
+}
+
+/// Reads the facts the relay needs from an encoded WatchResponse.
+pub(crate) fn read_facts(message: &[u8]) -> Result<ResponseFacts, String> {
+    let mut facts = ResponseFacts::default();
+    let mut last_event: &[u8] = &[];
+    grpc::for_each_field(message, |field, value, _| match (field, value) {
+        (1, WireValue::Bytes(header)) => {
+            let _ = grpc::for_each_field(header, |field, value, _| {
+                if let (3, WireValue::Varint(revision)) = (field, value) {
+                    facts.header_revision = revision as i64;
+                }
+            });
+        }
+        (2, WireValue::Varint(id)) => facts.watch_id = id as i64,
+        (3, WireValue::Varint(v)) => facts.created = v != 0,
+        (4, WireValue::Varint(v)) => facts.canceled = v != 0,
+        (6, WireValue::Bytes(reason)) => facts.cancel_reason = String::from_utf8_lossy(reason).into_owned(),
+        (7, WireValue::Varint(v)) => facts.fragment = v != 0,
+        (11, WireValue::Bytes(event)) => {
+            facts.events += 1;
+            last_event = event;
+        }
+        _ => {}
+    })?;
+    grpc::for_each_field(last_event, |field, value, _| {
+        if let (2, WireValue::Bytes(kv)) = (field, value) {
+            let _ = grpc::for_each_field(kv, |field, value, _| {
+                if let (3, WireValue::Varint(revision)) = (field, value) {
+                    facts.last_event_revision = revision as i64;
+                }
+            });
+        }
+    })?;
+    Ok(facts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etcd_compat_proto::etcdserverpb::{ResponseHeader, WatchResponse};
+    use etcd_compat_proto::mvccpb::{Event, KeyValue};
+    use prost::Message;
+
+    #[test]
+    fn facts_match_the_decoded_message() {
+        let event = |revision: i64| Event {
+            kv: Some(KeyValue { key: "k".into(), mod_revision: revision, value: "v".into(), ..Default::default() }),
+            ..Default::default()
+        };
+        let response = WatchResponse {
+            header: Some(ResponseHeader { revision: 41, cluster_id: 3, ..Default::default() }),
+            watch_id: 7,
+            events: vec![event(39), event(40)],
+            ..Default::default()
+        };
+        let facts = read_facts(&response.encode_to_vec()).unwrap();
+        assert_eq!(
+            facts,
+            ResponseFacts {
+                watch_id: 7,
+                header_revision: 41,
+                events: 2,
+                last_event_revision: 40,
+                ..Default::default()
+            }
+        );
+        let canceled = WatchResponse {
+            watch_id: -1,
+            created: true,
+            canceled: true,
+            cancel_reason: "etcdserver: permission denied".into(),
+            ..Default::default()
+        };
+        let facts = read_facts(&canceled.encode_to_vec()).unwrap();
+        assert_eq!((facts.watch_id, facts.created, facts.canceled), (-1, true, true));
+        assert_eq!(facts.cancel_reason, "etcdserver: permission denied");
+    }
+}
