@@ -6,10 +6,10 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use etcd_client::{Client, Txn, TxnOp};
+use etcd_client::{Txn, TxnOp};
 use etcd_compat_tests::{etcd3_python, etcdctl_ok, workspace_root, ClusterSpec, EtcdVersion};
 
-use crate::support::{metric, Deployment, Wire};
+use crate::support::{connect, metric, runtime, Deployment, Wire};
 
 const KEYS: usize = 600;
 const VALUE_BYTES: usize = 9 * 1024;
@@ -29,9 +29,8 @@ fn python(endpoint: &str, args: &[&str]) -> String {
 }
 
 fn load(endpoint: &str, prefix: &str, keys: usize, value_bytes: usize) {
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    runtime.block_on(async {
-        let mut client = Client::connect([endpoint], None).await.expect("connect");
+    runtime().block_on(async {
+        let mut client = connect(endpoint).await;
         let value = vec![b'x'; value_bytes];
         for i in 0..keys {
             client.put(format!("{prefix}{i:04}"), value.clone(), None).await.expect("put");
@@ -175,9 +174,8 @@ fn watch_receives_a_5_mib_transaction(version: EtcdVersion) {
     let big_transaction = |prefix: &'static str| {
         let direct = direct.clone();
         move || {
-            let runtime = tokio::runtime::Runtime::new().expect("runtime");
-            runtime.block_on(async {
-                let mut client = Client::connect([direct.as_str()], None).await.expect("connect");
+            runtime().block_on(async {
+                let mut client = connect(&direct).await;
                 let value = vec![b'w'; VALUE_BYTES];
                 let puts: Vec<TxnOp> =
                     (0..KEYS).map(|i| TxnOp::put(format!("{prefix}{i:04}"), value.clone(), None)).collect();
