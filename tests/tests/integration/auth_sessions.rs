@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions, WatchOptions};
 use etcd_compat_tests::{etcd3_python, etcdctl_ok, workspace_root, ClientTls, ClusterSpec, EtcdCluster, EtcdVersion};
 
-use crate::support::{connect, grpc_status, metric, openssl, path, runtime, upstream_requests, Deployment, Wire};
+use crate::support::{
+    both_versions, connect, grpc_status, metric, openssl, path, runtime, upstream_requests, Deployment, Wire,
+};
 
 const TOKEN_TTL: Duration = Duration::from_secs(2);
 /// Longer than the token TTL, so every token issued before it has expired.
@@ -168,24 +170,13 @@ fn idle_clients_keep_working(version: EtcdVersion, tokens: Tokens) {
     assert!(renewals >= 1.0 && expected_retries, "{tokens:?}: {metrics}");
 }
 
-#[test]
-fn idle_clients_keep_working_simple_3_5() {
-    idle_clients_keep_working(EtcdVersion::V3_5, Tokens::Simple);
-}
-
-#[test]
-fn idle_clients_keep_working_simple_3_4() {
-    idle_clients_keep_working(EtcdVersion::V3_4, Tokens::Simple);
-}
-#[test]
-fn idle_clients_keep_working_jwt_3_5() {
-    idle_clients_keep_working(EtcdVersion::V3_5, Tokens::Jwt);
-}
-
-#[test]
-fn idle_clients_keep_working_jwt_3_4() {
-    idle_clients_keep_working(EtcdVersion::V3_4, Tokens::Jwt);
-}
+both_versions!(
+    idle_clients_keep_working(Tokens::Simple)
+        => idle_clients_keep_working_simple_3_4, idle_clients_keep_working_simple_3_5
+);
+both_versions!(
+    idle_clients_keep_working(Tokens::Jwt) => idle_clients_keep_working_jwt_3_4, idle_clients_keep_working_jwt_3_5
+);
 
 /// One watch stream open across ten token expiries, with a new watch added to the same stream
 /// after each (directly, etcd refuses those: field report F9): every event arrives once, in order.
@@ -270,15 +261,7 @@ fn watch_survives_token_expiries(version: EtcdVersion) {
     assert!(recreated >= ROUNDS as f64, "{metrics}");
 }
 
-#[test]
-fn watch_survives_token_expiries_3_5() {
-    watch_survives_token_expiries(EtcdVersion::V3_5);
-}
-
-#[test]
-fn watch_survives_token_expiries_3_4() {
-    watch_survives_token_expiries(EtcdVersion::V3_4);
-}
+both_versions!(watch_survives_token_expiries => watch_survives_token_expiries_3_4, watch_survives_token_expiries_3_5);
 
 /// Revoking a user's role takes effect through the proxy exactly as directly; no password or
 /// token reaches the proxy's debug log.
@@ -346,15 +329,7 @@ fn revoked_permission_is_denied(version: EtcdVersion) {
     }
 }
 
-#[test]
-fn revoked_permission_is_denied_3_5() {
-    revoked_permission_is_denied(EtcdVersion::V3_5);
-}
-
-#[test]
-fn revoked_permission_is_denied_3_4() {
-    revoked_permission_is_denied(EtcdVersion::V3_4);
-}
+both_versions!(revoked_permission_is_denied => revoked_permission_is_denied_3_4, revoked_permission_is_denied_3_5);
 
 /// Clients that never authenticate act as a configured identity: the default (`--user`) or, for
 /// mTLS clients, the one mapped from their certificate's CN.
@@ -450,12 +425,6 @@ fn joined_member_serves_old_sessions(version: EtcdVersion) {
     assert!(served.is_some_and(|n| n >= 2.0), "the joined member served the requests: {metrics}");
 }
 
-#[test]
-fn joined_member_serves_old_sessions_3_5() {
-    joined_member_serves_old_sessions(EtcdVersion::V3_5);
-}
-
-#[test]
-fn joined_member_serves_old_sessions_3_4() {
-    joined_member_serves_old_sessions(EtcdVersion::V3_4);
-}
+both_versions!(
+    joined_member_serves_old_sessions => joined_member_serves_old_sessions_3_4, joined_member_serves_old_sessions_3_5
+);

@@ -19,7 +19,8 @@ use etcd_compat_tests::{
 use tempfile::TempDir;
 
 use crate::support::{
-    assert_flags_in_help_with_env_twins, metric, openssl, path, run_proxy, start_proxy, wait_for_health, PROXY_BIN,
+    assert_flags_in_help_with_env_twins, both_versions, metric, openssl, path, run_proxy, start_proxy, wait_for_health,
+    PROXY_BIN,
 };
 
 const DAY: Duration = Duration::from_secs(86_400);
@@ -210,15 +211,9 @@ fn old_client_reaches_new_ca_cluster(version: EtcdVersion) {
     assert_eq!(metric(&metrics(&strict), "etcd_compat_proxy_legacy_expired_client_certificates_total"), Some(0.0));
 }
 
-#[test]
-fn old_client_reaches_new_ca_cluster_v3_4() {
-    old_client_reaches_new_ca_cluster(EtcdVersion::V3_4);
-}
-
-#[test]
-fn old_client_reaches_new_ca_cluster_v3_5() {
-    old_client_reaches_new_ca_cluster(EtcdVersion::V3_5);
-}
+both_versions!(
+    old_client_reaches_new_ca_cluster => old_client_reaches_new_ca_cluster_v3_4, old_client_reaches_new_ca_cluster_v3_5
+);
 
 // ---------------------------------------------------------------------------------------------
 // Rotation of everything, twice, under load.
@@ -282,7 +277,7 @@ fn wait_for_requests(done: &AtomicUsize, at_least: usize) {
     }
 }
 
-fn rotation_under_load(version: EtcdVersion) {
+fn rotation_twice_under_load(version: EtcdVersion) {
     let dir = TempDir::new().expect("tempdir");
     let d = dir.path();
     // Upstream: etcd serves E1 (the harness PKI) and trusts one CA for the proxy's client
@@ -431,15 +426,7 @@ fn rotation_under_load(version: EtcdVersion) {
     eprintln!("etcd {version}: {REQUESTS} requests, 0 failures; reload latencies {reload_latencies:?}");
 }
 
-#[test]
-fn rotation_twice_under_load_v3_4() {
-    rotation_under_load(EtcdVersion::V3_4);
-}
-
-#[test]
-fn rotation_twice_under_load_v3_5() {
-    rotation_under_load(EtcdVersion::V3_5);
-}
+both_versions!(rotation_twice_under_load => rotation_twice_under_load_v3_4, rotation_twice_under_load_v3_5);
 
 // ---------------------------------------------------------------------------------------------
 // Broken replacements are refused; serving continues with the previous material.
@@ -561,15 +548,9 @@ fn broken_replacements_are_refused(version: EtcdVersion) {
     assert!(stderr.contains(&expected), "{stderr}");
 }
 
-#[test]
-fn broken_replacements_are_refused_v3_4() {
-    broken_replacements_are_refused(EtcdVersion::V3_4);
-}
-
-#[test]
-fn broken_replacements_are_refused_v3_5() {
-    broken_replacements_are_refused(EtcdVersion::V3_5);
-}
+both_versions!(
+    broken_replacements_are_refused => broken_replacements_are_refused_v3_4, broken_replacements_are_refused_v3_5
+);
 
 // ---------------------------------------------------------------------------------------------
 // Expiry is never a surprise.
@@ -645,15 +626,7 @@ fn expiry_is_reported(version: EtcdVersion) {
     assert!(ten_or_nine(&health, &expected), "{health}");
 }
 
-#[test]
-fn expiry_is_reported_v3_4() {
-    expiry_is_reported(EtcdVersion::V3_4);
-}
-
-#[test]
-fn expiry_is_reported_v3_5() {
-    expiry_is_reported(EtcdVersion::V3_5);
-}
+both_versions!(expiry_is_reported => expiry_is_reported_v3_4, expiry_is_reported_v3_5);
 
 // ---------------------------------------------------------------------------------------------
 // Old certificates: CN-only member certificates, RSA and PKCS#1/SEC1 keys, TLS 1.2.
@@ -714,15 +687,7 @@ fn cn_only_member_certificate(version: EtcdVersion) {
     assert!(health.contains("certificate not valid for name"), "{health}");
 }
 
-#[test]
-fn cn_only_member_certificate_v3_4() {
-    cn_only_member_certificate(EtcdVersion::V3_4);
-}
-
-#[test]
-fn cn_only_member_certificate_v3_5() {
-    cn_only_member_certificate(EtcdVersion::V3_5);
-}
+both_versions!(cn_only_member_certificate => cn_only_member_certificate_v3_4, cn_only_member_certificate_v3_5);
 
 /// RSA with a PKCS#1 key on the listener, ECDSA with a SEC1 key upstream, both made by openssl;
 /// a TLS 1.2 ECDHE-AES-GCM client (as Go 1.11) still connects.
@@ -913,15 +878,10 @@ fn certs_commands_make_a_working_cluster(version: EtcdVersion) {
     assert!(printed.contains("  usages:     serverAuth, clientAuth\n"), "{printed}");
 }
 
-#[test]
-fn certs_commands_make_a_working_cluster_v3_4() {
-    certs_commands_make_a_working_cluster(EtcdVersion::V3_4);
-}
-
-#[test]
-fn certs_commands_make_a_working_cluster_v3_5() {
-    certs_commands_make_a_working_cluster(EtcdVersion::V3_5);
-}
+both_versions!(
+    certs_commands_make_a_working_cluster
+        => certs_commands_make_a_working_cluster_v3_4, certs_commands_make_a_working_cluster_v3_5
+);
 
 #[test]
 fn certificate_flags_have_environment_twins_and_are_validated() {

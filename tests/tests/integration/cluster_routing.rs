@@ -9,7 +9,9 @@ use etcd_compat_proto::etcdserverpb::MemberListResponse;
 use etcd_compat_tests::{etcdctl, free_port, grpc_frame, ClusterSpec, EtcdCluster, EtcdVersion, ProxyProcess};
 use prost::Message;
 
-use crate::support::{connect, raw_unary, runtime, upstream_requests, wait_for_health, RawAnswer, Tally};
+use crate::support::{
+    both_versions, connect, raw_unary, runtime, upstream_requests, wait_for_health, RawAnswer, Tally,
+};
 
 const ROOT_PASSWORD: &str = "root-pw-5";
 
@@ -99,15 +101,7 @@ fn promote_goes_to_the_leader(version: EtcdVersion) {
     assert!(line.ends_with(", false"), "{line}");
 }
 
-#[test]
-fn promote_goes_to_the_leader_3_4() {
-    promote_goes_to_the_leader(EtcdVersion::V3_4);
-}
-
-#[test]
-fn promote_goes_to_the_leader_3_5() {
-    promote_goes_to_the_leader(EtcdVersion::V3_5);
-}
+both_versions!(promote_goes_to_the_leader => promote_goes_to_the_leader_3_4, promote_goes_to_the_leader_3_5);
 
 /// A learner that is never promoted, listed first in `--endpoints`: 1000 mixed requests through
 /// the proxy see no learner error, the learner gets none of them, and the voting member left
@@ -204,15 +198,9 @@ fn learner_gets_no_client_requests(version: EtcdVersion) {
     assert!(refused.contains("etcd-compat-proxy: no etcd member could serve the request"), "{refused}");
 }
 
-#[test]
-fn learner_gets_no_client_requests_3_4() {
-    learner_gets_no_client_requests(EtcdVersion::V3_4);
-}
-
-#[test]
-fn learner_gets_no_client_requests_3_5() {
-    learner_gets_no_client_requests(EtcdVersion::V3_5);
-}
+both_versions!(
+    learner_gets_no_client_requests => learner_gets_no_client_requests_3_4, learner_gets_no_client_requests_3_5
+);
 
 /// A lease kept alive through the proxy outlives the member its keep-alive stream was on.
 fn lease_survives_member_loss(version: EtcdVersion) {
@@ -274,15 +262,7 @@ fn lease_survives_member_loss(version: EtcdVersion) {
     assert!(proxy.log_contents().contains("lease keep-alive stream lost its member; moving it to another member"));
 }
 
-#[test]
-fn lease_survives_member_loss_3_4() {
-    lease_survives_member_loss(EtcdVersion::V3_4);
-}
-
-#[test]
-fn lease_survives_member_loss_3_5() {
-    lease_survives_member_loss(EtcdVersion::V3_5);
-}
+both_versions!(lease_survives_member_loss => lease_survives_member_loss_3_4, lease_survives_member_loss_3_5);
 
 /// Writes through the proxy while the leader is killed, and later a follower: each write is
 /// acknowledged or fails with an error, and every acknowledged write is stored.
@@ -309,15 +289,10 @@ fn writes_survive_leader_and_follower_loss(version: EtcdVersion) {
     assert_eq!(tally.acknowledged.len() + tally.failed.len(), 500);
 }
 
-#[test]
-fn writes_survive_leader_and_follower_loss_3_4() {
-    writes_survive_leader_and_follower_loss(EtcdVersion::V3_4);
-}
-
-#[test]
-fn writes_survive_leader_and_follower_loss_3_5() {
-    writes_survive_leader_and_follower_loss(EtcdVersion::V3_5);
-}
+both_versions!(
+    writes_survive_leader_and_follower_loss
+        => writes_survive_leader_and_follower_loss_3_4, writes_survive_leader_and_follower_loss_3_5
+);
 
 /// `member list` through a proxy started with `--advertise-client-url` shows the members' ids,
 /// names and peer URLs with the proxy as every client URL; `endpoint status` shows the pinned
@@ -414,15 +389,9 @@ async fn member_list_call(addr: std::net::SocketAddr, member_list: Option<&str>)
     MemberListResponse::decode(&answer.body[5..]).expect("a MemberListResponse")
 }
 
-#[test]
-fn member_list_and_endpoint_status_3_4() {
-    member_list_and_endpoint_status(EtcdVersion::V3_4);
-}
-
-#[test]
-fn member_list_and_endpoint_status_3_5() {
-    member_list_and_endpoint_status(EtcdVersion::V3_5);
-}
+both_versions!(
+    member_list_and_endpoint_status => member_list_and_endpoint_status_3_4, member_list_and_endpoint_status_3_5
+);
 
 /// `hasleader` keeps etcd's semantics: with quorum lost, a request requiring a leader gets
 /// etcd's own `etcdserver: no leader` through the proxy, code and message as directly.
@@ -465,12 +434,4 @@ fn hasleader_without_quorum(version: EtcdVersion) {
     assert_eq!(status(&through_proxy), no_leader);
 }
 
-#[test]
-fn hasleader_without_quorum_3_4() {
-    hasleader_without_quorum(EtcdVersion::V3_4);
-}
-
-#[test]
-fn hasleader_without_quorum_3_5() {
-    hasleader_without_quorum(EtcdVersion::V3_5);
-}
+both_versions!(hasleader_without_quorum => hasleader_without_quorum_3_4, hasleader_without_quorum_3_5);

@@ -4,7 +4,7 @@
 use etcd_client::{Client, ConnectOptions, GetOptions, Txn, TxnOp};
 use etcd_compat_tests::EtcdVersion;
 
-use crate::support::{grpc_status, runtime, Deployment, Wire};
+use crate::support::{both_versions, grpc_status, runtime, Deployment, Wire};
 
 /// A gRPC status as (code name, message).
 type Status = (String, String);
@@ -103,7 +103,7 @@ async fn same_errors(direct_endpoint: &str, proxy_endpoint: &str) {
     assert_eq!(bad_login(proxy_endpoint.to_owned()).await, login_direct);
 }
 
-fn run(version: EtcdVersion) {
+fn etcd_errors_pass_through_unchanged(version: EtcdVersion) {
     // Debug level: the password check below must cover the most verbose logs.
     let deployment = Deployment::start(version, 1, Wire::Plain, &["--debug"]);
     let direct = deployment.cluster.client_urls()[0].clone();
@@ -115,12 +115,6 @@ fn run(version: EtcdVersion) {
     }
 }
 
-#[test]
-fn etcd_errors_pass_through_unchanged_3_4() {
-    run(EtcdVersion::V3_4);
-}
-
-#[test]
-fn etcd_errors_pass_through_unchanged_3_5() {
-    run(EtcdVersion::V3_5);
-}
+both_versions!(
+    etcd_errors_pass_through_unchanged => etcd_errors_pass_through_unchanged_3_4, etcd_errors_pass_through_unchanged_3_5
+);

@@ -7,7 +7,7 @@ use std::process::Stdio;
 
 use etcd_compat_tests::{etcdctl, etcdctl_command, etcdctl_ok, ClientTls, EtcdVersion};
 
-use crate::support::{metric, Deployment, Wire};
+use crate::support::{both_versions, metric, Deployment, Wire};
 
 /// One etcdctl version talking to the proxy.
 struct Ctl<'a> {
@@ -183,22 +183,7 @@ fn etcdctl_through_proxy(cluster_version: EtcdVersion, wire: Wire) {
     assert!(!log.contains("rootpw") && !log.contains("alicepw"), "a password reached the proxy log:\n{log}");
 }
 
-#[test]
-fn etcdctl_against_3_4_plaintext() {
-    etcdctl_through_proxy(EtcdVersion::V3_4, Wire::Plain);
-}
-
-#[test]
-fn etcdctl_against_3_4_tls_both_sides() {
-    etcdctl_through_proxy(EtcdVersion::V3_4, Wire::Tls);
-}
-
-#[test]
-fn etcdctl_against_3_5_plaintext() {
-    etcdctl_through_proxy(EtcdVersion::V3_5, Wire::Plain);
-}
-
-#[test]
-fn etcdctl_against_3_5_tls_both_sides() {
-    etcdctl_through_proxy(EtcdVersion::V3_5, Wire::Tls);
-}
+both_versions!(etcdctl_through_proxy(Wire::Plain) => etcdctl_against_3_4_plaintext, etcdctl_against_3_5_plaintext);
+both_versions!(
+    etcdctl_through_proxy(Wire::Tls) => etcdctl_against_3_4_tls_both_sides, etcdctl_against_3_5_tls_both_sides
+);

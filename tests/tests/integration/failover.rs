@@ -10,8 +10,8 @@ use etcd_client::Client;
 use etcd_compat_tests::{EtcdCluster, EtcdVersion};
 
 use crate::support::{
-    assert_failures_among, connect, metric, runtime, upstream_requests, wait_for_health, Deployment, Tally, Wire,
-    ELECTION_ERRORS, OUTCOME_UNKNOWN,
+    assert_failures_among, both_versions, connect, metric, runtime, upstream_requests, wait_for_health, Deployment,
+    Tally, Wire, ELECTION_ERRORS, OUTCOME_UNKNOWN,
 };
 
 fn member_dies_under_load(version: EtcdVersion) {
@@ -68,15 +68,7 @@ fn member_dies_under_load(version: EtcdVersion) {
     assert_eq!(put_ok, Some(tally.acknowledged.len() as f64));
 }
 
-#[test]
-fn member_dies_under_load_3_4() {
-    member_dies_under_load(EtcdVersion::V3_4);
-}
-
-#[test]
-fn member_dies_under_load_3_5() {
-    member_dies_under_load(EtcdVersion::V3_5);
-}
+both_versions!(member_dies_under_load => member_dies_under_load_3_4, member_dies_under_load_3_5);
 
 /// Requests each member received, by client URL, from `/metrics`.
 fn requests_by_member(deployment: &Deployment) -> Vec<f64> {
@@ -225,15 +217,9 @@ fn assert_watch_saw_every_write(
     assert!(recreated >= f64::from(moves), "the watch moved {moves} time(s): {metrics}");
 }
 
-#[test]
-fn watch_resumes_after_member_loss_3_4() {
-    watch_resumes_after_member_loss(EtcdVersion::V3_4);
-}
-
-#[test]
-fn watch_resumes_after_member_loss_3_5() {
-    watch_resumes_after_member_loss(EtcdVersion::V3_5);
-}
+both_versions!(
+    watch_resumes_after_member_loss => watch_resumes_after_member_loss_3_4, watch_resumes_after_member_loss_3_5
+);
 
 /// A member stops answering without closing its connections (SIGSTOP: a paused VM, a host cut
 /// off without a reset). The proxy's pings notice: writes go on through the other members, and
@@ -292,15 +278,7 @@ fn frozen_member_is_left_behind(version: EtcdVersion) {
     assert_watch_saw_every_write(&deployment, &events, &acknowledged, failed.len(), 1);
 }
 
-#[test]
-fn frozen_member_is_left_behind_3_4() {
-    frozen_member_is_left_behind(EtcdVersion::V3_4);
-}
-
-#[test]
-fn frozen_member_is_left_behind_3_5() {
-    frozen_member_is_left_behind(EtcdVersion::V3_5);
-}
+both_versions!(frozen_member_is_left_behind => frozen_member_is_left_behind_3_4, frozen_member_is_left_behind_3_5);
 
 /// A rolling restart, as an upgrade does it: each member of three in turn stopped with SIGTERM
 /// (etcd hands leadership over and closes its connections with GOAWAY) and started again, while
@@ -362,12 +340,4 @@ fn rolling_restart(version: EtcdVersion) {
     });
 }
 
-#[test]
-fn rolling_restart_3_4() {
-    rolling_restart(EtcdVersion::V3_4);
-}
-
-#[test]
-fn rolling_restart_3_5() {
-    rolling_restart(EtcdVersion::V3_5);
-}
+both_versions!(rolling_restart => rolling_restart_3_4, rolling_restart_3_5);

@@ -36,7 +36,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::support::{
-    connect, grpc_status, metric, run_proxy, runtime, start_proxy, upstream_requests, Deployment, Wire,
+    both_versions, connect, grpc_status, metric, run_proxy, runtime, start_proxy, upstream_requests, Deployment, Wire,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -702,15 +702,7 @@ fn oversize_put_is_refused_early(version: EtcdVersion) {
     etcdctl_still_works(&deployment, "oversize-put");
 }
 
-#[test]
-fn oversize_put_is_refused_early_3_4() {
-    oversize_put_is_refused_early(EtcdVersion::V3_4);
-}
-
-#[test]
-fn oversize_put_is_refused_early_3_5() {
-    oversize_put_is_refused_early(EtcdVersion::V3_5);
-}
+both_versions!(oversize_put_is_refused_early => oversize_put_is_refused_early_3_4, oversize_put_is_refused_early_3_5);
 
 /// Four 100 MiB Puts at once, each on its own connection: memory is bounded by what the proxy
 /// reads, not by what the clients send.
@@ -776,15 +768,9 @@ fn stream_claiming_4_gib_is_refused(version: EtcdVersion) {
     etcdctl_still_works(&deployment, "4gib-claims");
 }
 
-#[test]
-fn stream_claiming_4_gib_is_refused_3_4() {
-    stream_claiming_4_gib_is_refused(EtcdVersion::V3_4);
-}
-
-#[test]
-fn stream_claiming_4_gib_is_refused_3_5() {
-    stream_claiming_4_gib_is_refused(EtcdVersion::V3_5);
-}
+both_versions!(
+    stream_claiming_4_gib_is_refused => stream_claiming_4_gib_is_refused_3_4, stream_claiming_4_gib_is_refused_3_5
+);
 
 /// Requests the proxy has sent to the deployment's (only) member so far.
 fn requests_to_etcd(deployment: &Deployment) -> f64 {
@@ -795,7 +781,7 @@ fn requests_to_etcd(deployment: &Deployment) -> f64 {
 /// With `--max-request-bytes 4194304` (a cluster whose etcd was raised to 4 MiB), a 3 MiB Put
 /// is etcd's to judge: this cluster keeps etcd's default, so it answers with its own limit,
 /// exactly as directly. A 5 MiB Put is over the raised limit plus 512 KiB and is the proxy's.
-fn raised_max_request_bytes(version: EtcdVersion) {
+fn raised_max_request_bytes_lets_etcd_judge(version: EtcdVersion) {
     let deployment = Deployment::start(version, 1, Wire::Plain, &["--max-request-bytes=4194304"]);
     let proxy_addr = deployment.proxy.listen_addr();
     let runtime = runtime();
@@ -819,15 +805,10 @@ fn raised_max_request_bytes(version: EtcdVersion) {
     etcdctl_still_works(&deployment, "raised-max-request-bytes");
 }
 
-#[test]
-fn raised_max_request_bytes_lets_etcd_judge_3_4() {
-    raised_max_request_bytes(EtcdVersion::V3_4);
-}
-
-#[test]
-fn raised_max_request_bytes_lets_etcd_judge_3_5() {
-    raised_max_request_bytes(EtcdVersion::V3_5);
-}
+both_versions!(
+    raised_max_request_bytes_lets_etcd_judge
+        => raised_max_request_bytes_lets_etcd_judge_3_4, raised_max_request_bytes_lets_etcd_judge_3_5
+);
 
 // ---------------------------------------------------------------------------------------------
 // 3. Slow readers.
@@ -988,15 +969,9 @@ async fn read_watch_events(index: usize, response: ResponseFuture, revisions: &[
     }
 }
 
-#[test]
-fn slow_watchers_do_not_stall_others_3_4() {
-    slow_watchers_do_not_stall_others(EtcdVersion::V3_4);
-}
-
-#[test]
-fn slow_watchers_do_not_stall_others_3_5() {
-    slow_watchers_do_not_stall_others(EtcdVersion::V3_5);
-}
+both_versions!(
+    slow_watchers_do_not_stall_others => slow_watchers_do_not_stall_others_3_4, slow_watchers_do_not_stall_others_3_5
+);
 
 // ---------------------------------------------------------------------------------------------
 // 4. Malformed requests.
@@ -1072,15 +1047,10 @@ fn malformed_requests_do_not_blame_members(version: EtcdVersion) {
     etcdctl_still_works(&deployment, "malformed-requests");
 }
 
-#[test]
-fn malformed_requests_do_not_blame_members_3_4() {
-    malformed_requests_do_not_blame_members(EtcdVersion::V3_4);
-}
-
-#[test]
-fn malformed_requests_do_not_blame_members_3_5() {
-    malformed_requests_do_not_blame_members(EtcdVersion::V3_5);
-}
+both_versions!(
+    malformed_requests_do_not_blame_members
+        => malformed_requests_do_not_blame_members_3_4, malformed_requests_do_not_blame_members_3_5
+);
 
 // ---------------------------------------------------------------------------------------------
 // 5. Timeouts.
@@ -1216,7 +1186,7 @@ async fn stalled_range(addr: SocketAddr, framed: &[u8], sent: usize) -> (Ending,
     (ending, started.elapsed())
 }
 
-fn timeouts(version: EtcdVersion) {
+fn slow_and_silent_clients_time_out(version: EtcdVersion) {
     let flags = ["--handshake-timeout=1s", "--idle-connection-timeout=2s", "--request-body-timeout=1s"];
     let deployment = Deployment::start(version, 1, Wire::Plain, &flags);
     let addr = deployment.proxy.listen_addr();
@@ -1310,15 +1280,9 @@ fn timeouts(version: EtcdVersion) {
     etcdctl_still_works(&deployment, "timeouts");
 }
 
-#[test]
-fn slow_and_silent_clients_time_out_3_4() {
-    timeouts(EtcdVersion::V3_4);
-}
-
-#[test]
-fn slow_and_silent_clients_time_out_3_5() {
-    timeouts(EtcdVersion::V3_5);
-}
+both_versions!(
+    slow_and_silent_clients_time_out => slow_and_silent_clients_time_out_3_4, slow_and_silent_clients_time_out_3_5
+);
 
 // ---------------------------------------------------------------------------------------------
 // 6. Login throttling.
@@ -1454,7 +1418,7 @@ async fn range_with(h2: &mut H2, metadata: &[(&str, &str)]) -> Result<String, (S
 
 /// etcd accepts its tokens as `authorization` as well as `token`; the proxy treats
 /// `authorization` exactly like `token`: only its own tokens, never etcd's.
-fn authorization_metadata(version: EtcdVersion) {
+fn authorization_metadata_is_a_proxy_token(version: EtcdVersion) {
     let deployment = auth_deployment(version, &[]);
     let direct_addr = deployment.cluster.client_addrs()[0];
     let proxy_addr = deployment.proxy.listen_addr();
@@ -1489,12 +1453,7 @@ fn authorization_metadata(version: EtcdVersion) {
     });
 }
 
-#[test]
-fn authorization_metadata_is_a_proxy_token_3_4() {
-    authorization_metadata(EtcdVersion::V3_4);
-}
-
-#[test]
-fn authorization_metadata_is_a_proxy_token_3_5() {
-    authorization_metadata(EtcdVersion::V3_5);
-}
+both_versions!(
+    authorization_metadata_is_a_proxy_token
+        => authorization_metadata_is_a_proxy_token_3_4, authorization_metadata_is_a_proxy_token_3_5
+);

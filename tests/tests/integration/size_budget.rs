@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use etcd_client::{Txn, TxnOp};
 use etcd_compat_tests::{etcd3_python, etcdctl_ok, workspace_root, ClusterSpec, EtcdVersion};
 
-use crate::support::{connect, metric, runtime, Deployment, Wire};
+use crate::support::{both_versions, connect, metric, runtime, Deployment, Wire};
 
 const KEYS: usize = 600;
 const VALUE_BYTES: usize = 9 * 1024;
@@ -119,15 +119,9 @@ fn legacy_client_reads_a_5_mib_prefix(version: EtcdVersion) {
     assert!(!log.contains(&"x".repeat(64)), "a value reached the log");
 }
 
-#[test]
-fn legacy_client_reads_a_5_mib_prefix_3_4() {
-    legacy_client_reads_a_5_mib_prefix(EtcdVersion::V3_4);
-}
-
-#[test]
-fn legacy_client_reads_a_5_mib_prefix_3_5() {
-    legacy_client_reads_a_5_mib_prefix(EtcdVersion::V3_5);
-}
+both_versions!(
+    legacy_client_reads_a_5_mib_prefix => legacy_client_reads_a_5_mib_prefix_3_4, legacy_client_reads_a_5_mib_prefix_3_5
+);
 
 #[test]
 fn a_single_key_larger_than_the_budget_is_named() {
@@ -199,12 +193,6 @@ fn watch_receives_a_5_mib_transaction(version: EtcdVersion) {
     assert_eq!(metric(&metrics, "etcd_compat_proxy_watch_responses_split_total"), Some(1.0));
 }
 
-#[test]
-fn watch_receives_a_5_mib_transaction_3_4() {
-    watch_receives_a_5_mib_transaction(EtcdVersion::V3_4);
-}
-
-#[test]
-fn watch_receives_a_5_mib_transaction_3_5() {
-    watch_receives_a_5_mib_transaction(EtcdVersion::V3_5);
-}
+both_versions!(
+    watch_receives_a_5_mib_transaction => watch_receives_a_5_mib_transaction_3_4, watch_receives_a_5_mib_transaction_3_5
+);

@@ -23,6 +23,22 @@ use tempfile::TempDir;
 /// cargo builds it for these tests).
 pub const PROXY_BIN: &str = env!("CARGO_BIN_EXE_etcd-compat-proxy-under-test");
 
+/// Defines `#[test]`s `$test_3_4` and `$test_3_5` calling `$base(EtcdVersion::V3_4 / V3_5, args...)`.
+macro_rules! both_versions {
+    ($base:ident $(($($arg:expr),+))? => $test_3_4:ident, $test_3_5:ident) => {
+        #[test]
+        fn $test_3_4() {
+            $base(::etcd_compat_tests::EtcdVersion::V3_4 $($(, $arg)+)?);
+        }
+
+        #[test]
+        fn $test_3_5() {
+            $base(::etcd_compat_tests::EtcdVersion::V3_5 $($(, $arg)+)?);
+        }
+    };
+}
+pub(crate) use both_versions;
+
 /// Whether TLS is on between client and proxy and between proxy and etcd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wire {
