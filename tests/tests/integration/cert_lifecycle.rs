@@ -1,8 +1,7 @@
-//! Certificate lifecycle (issue 6) against real etcd 3.4 and 3.5: an old client with an expired
-//! old-CA certificate through the proxy to a cluster on a new CA; listener and upstream
-//! certificates and CAs replaced twice under 10 000 requests; broken replacements refused;
-//! expiry in metrics, logs and /health; CN-only member certificates; RSA/PKCS#1/SEC1 keys and
-//! TLS 1.2.
+//! Certificate lifecycle against real etcd 3.4 and 3.5: an old client with an expired old-CA
+//! certificate through the proxy to a cluster on a new CA; listener and upstream certificates and
+//! CAs replaced twice under 10 000 requests; broken replacements refused; expiry in metrics, logs
+//! and /health; CN-only member certificates; RSA/PKCS#1/SEC1 keys and TLS 1.2.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};

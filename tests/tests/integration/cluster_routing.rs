@@ -1,4 +1,4 @@
-//! Cluster-aware routing (issue 5) against real 3-member clusters: member promotion goes to the
+//! Cluster-aware routing against real 3-member clusters: member promotion goes to the
 //! leader, learners get no client requests, lease keep-alives and writes survive member loss,
 //! and `member list` / `endpoint status` through the proxy behave as the README says.
 

@@ -1,4 +1,4 @@
-//! Field report F2: a legacy client with a 4 MiB gRPC receive limit reading a 5 MiB prefix.
+//! A legacy client with a 4 MiB gRPC receive limit reading a 5 MiB prefix (a job list grown past it).
 //! Through the proxy it gets every key exactly once when it pages, a clear `ResourceExhausted`
 //! instead of the gRPC size error when it doesn't, and a first page where the operator opted in;
 //! etcdctl (unlimited) still gets everything, as directly.
@@ -56,7 +56,7 @@ fn legacy_client_reads_a_5_mib_prefix(version: EtcdVersion) {
     load(&direct, "/truncated/", KEYS, VALUE_BYTES);
     let proxy = deployment.endpoint.as_str();
 
-    // Directly, the legacy client fails the way the field report describes.
+    // Directly, the legacy client fails with gRPC's `received message larger than max`.
     let failed = python(&direct, &["get_prefix", "/jobs/"]);
     assert!(failed.starts_with("ERROR RESOURCE_EXHAUSTED "), "{failed}");
     assert!(failed.contains("larger than max"), "{failed}");
