@@ -1,14 +1,18 @@
-//! Clients never see an etcd token expire (field reports F6, F8, F9): tokens that expire after
-//! 2 s, simple and JWT, on etcd 3.4 and 3.5; the same sequences directly fail as the reports say.
+//! Clients never see an etcd token expire: not after idling past its TTL, not in a watch created
+//! once the stream's token has expired, not on a member that joined after they authenticated.
+//! Tokens expire after 2 s, simple and JWT, on etcd 3.4 and 3.5; where a test makes the same calls
+//! directly, they fail with etcd's own token errors.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions, WatchOptions};
-use etcd_compat_tests::{etcd3_python, etcdctl_ok, workspace_root, ClientTls, ClusterSpec, EtcdVersion};
+use etcd_compat_tests::{etcd3_python, etcdctl_ok, workspace_root, ClientTls, ClusterSpec, EtcdCluster, EtcdVersion};
 
-use crate::support::{metric, Deployment, Wire};
+use crate::support::{
+    both_versions, connect, grpc_status, metric, openssl, path, runtime, upstream_requests, Deployment, Wire,
+};
 
 const TOKEN_TTL: Duration = Duration::from_secs(2);
 /// Longer than the token TTL, so every token issued before it has expired.
@@ -47,23 +51,19 @@ fn deployment(
     };
     let spec = ClusterSpec::new(version, 1).with_extra_args(token_args);
     let deployment = Deployment::start_with(spec, wire, proxy_args);
-    let ctl = |args: &[&str]| deployment.cluster.etcdctl_ok(args);
+    enable_auth(&deployment.cluster);
+    (deployment, keys)
+}
+
+/// Adds `root`, and `app` with read-write on `/app/` only, then enables auth.
+fn enable_auth(cluster: &EtcdCluster) {
+    let ctl = |args: &[&str]| cluster.etcdctl_ok(args);
     ctl(&["user", "add", ROOT]);
     ctl(&["role", "add", "app"]);
     ctl(&["role", "grant-permission", "app", "--prefix=true", "readwrite", "/app/"]);
     ctl(&["user", "add", &format!("app:{APP_PASSWORD}")]);
     ctl(&["user", "grant-role", "app", "app"]);
     ctl(&["auth", "enable"]);
-    (deployment, keys)
-}
-
-fn openssl(args: &[&str]) {
-    let status = Command::new("openssl").args(args).status().expect("run openssl");
-    assert!(status.success(), "openssl {args:?} failed");
-}
-
-fn path(p: &Path) -> String {
-    p.display().to_string()
 }
 
 async fn app_client(endpoint: &str) -> Client {
@@ -91,13 +91,6 @@ fn expired_watch_reason(version: EtcdVersion) -> &'static str {
     }
 }
 
-fn status<T: std::fmt::Debug>(result: Result<T, etcd_client::Error>) -> (String, String) {
-    match result {
-        Err(etcd_client::Error::GRpcStatus(status)) => (format!("{:?}", status.code()), status.message().to_owned()),
-        other => panic!("expected a gRPC status, got {other:?}"),
-    }
-}
-
 fn invalid_token() -> (String, String) {
     ("Unauthenticated".to_owned(), "etcdserver: invalid auth token".to_owned())
 }
@@ -110,13 +103,17 @@ fn idle_clients_keep_working(version: EtcdVersion, tokens: Tokens) {
     let direct = deployment.cluster.client_urls()[0].clone();
     let proxy_tls = deployment.client_tls.clone().expect("client TLS");
     let cluster_tls = deployment.cluster.client_tls().cloned().expect("cluster TLS");
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let runtime = runtime();
     runtime.block_on(async {
         let mut proxied = app_client_tls(&deployment.endpoint, Some(&proxy_tls)).await;
         let mut direct_client = app_client_tls(&direct, Some(&cluster_tls)).await;
         tokio::time::sleep(IDLE).await;
 
-        assert_eq!(status(direct_client.put("/app/k", "direct", None).await), invalid_token(), "{tokens:?} directly");
+        assert_eq!(
+            grpc_status(direct_client.put("/app/k", "direct", None).await),
+            invalid_token(),
+            "{tokens:?} directly"
+        );
 
         proxied.put("/app/k", "v1", None).await.expect("put through the proxy after idling");
         let got = proxied.get("/app/k", None).await.expect("get");
@@ -175,33 +172,22 @@ fn idle_clients_keep_working(version: EtcdVersion, tokens: Tokens) {
     assert!(renewals >= 1.0 && expected_retries, "{tokens:?}: {metrics}");
 }
 
-#[test]
-fn idle_clients_keep_working_simple_3_5() {
-    idle_clients_keep_working(EtcdVersion::V3_5, Tokens::Simple);
-}
-
-#[test]
-fn idle_clients_keep_working_simple_3_4() {
-    idle_clients_keep_working(EtcdVersion::V3_4, Tokens::Simple);
-}
-
-#[test]
-fn idle_clients_keep_working_jwt_3_5() {
-    idle_clients_keep_working(EtcdVersion::V3_5, Tokens::Jwt);
-}
-
-#[test]
-fn idle_clients_keep_working_jwt_3_4() {
-    idle_clients_keep_working(EtcdVersion::V3_4, Tokens::Jwt);
-}
+both_versions!(
+    idle_clients_keep_working(Tokens::Simple)
+        => idle_clients_keep_working_simple_3_4, idle_clients_keep_working_simple_3_5
+);
+both_versions!(
+    idle_clients_keep_working(Tokens::Jwt) => idle_clients_keep_working_jwt_3_4, idle_clients_keep_working_jwt_3_5
+);
 
 /// One watch stream open across ten token expiries, with a new watch added to the same stream
-/// after each (directly, etcd refuses those: field report F9): every event arrives once, in order.
+/// after each (directly, etcd refuses a watch created once the stream's token has expired): every
+/// event arrives once, in order.
 fn watch_survives_token_expiries(version: EtcdVersion) {
     const ROUNDS: usize = 10;
     let (deployment, _keys) = deployment(version, Tokens::Simple, Wire::Plain, &[]);
     let direct = deployment.cluster.client_urls()[0].clone();
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let runtime = runtime();
     runtime.block_on(async {
         // Directly: a watch added to an existing stream after the token expired is refused.
         let mut direct_client = app_client(&direct).await;
@@ -278,22 +264,14 @@ fn watch_survives_token_expiries(version: EtcdVersion) {
     assert!(recreated >= ROUNDS as f64, "{metrics}");
 }
 
-#[test]
-fn watch_survives_token_expiries_3_5() {
-    watch_survives_token_expiries(EtcdVersion::V3_5);
-}
-
-#[test]
-fn watch_survives_token_expiries_3_4() {
-    watch_survives_token_expiries(EtcdVersion::V3_4);
-}
+both_versions!(watch_survives_token_expiries => watch_survives_token_expiries_3_4, watch_survives_token_expiries_3_5);
 
 /// Revoking a user's role takes effect through the proxy exactly as directly; no password or
 /// token reaches the proxy's debug log.
 fn revoked_permission_is_denied(version: EtcdVersion) {
     let (deployment, _keys) = deployment(version, Tokens::Simple, Wire::Plain, &["--debug"]);
     let direct = deployment.cluster.client_urls()[0].clone();
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let runtime = runtime();
     let tokens = runtime.block_on(async {
         let mut client = app_client(&deployment.endpoint).await;
         client.put("/app/r", "1", None).await.expect("allowed before the revocation");
@@ -316,10 +294,10 @@ fn revoked_permission_is_denied(version: EtcdVersion) {
 
         deployment.cluster.etcdctl_ok(&[&format!("--user={ROOT}"), "user", "revoke-role", "app", "app"]);
         let denied = ("PermissionDenied".to_owned(), "etcdserver: permission denied".to_owned());
-        assert_eq!(status(client.put("/app/r", "2", None).await), denied, "put through the proxy");
-        assert_eq!(status(client.get("/app/r", None).await), denied, "get through the proxy");
+        assert_eq!(grpc_status(client.put("/app/r", "2", None).await), denied, "put through the proxy");
+        assert_eq!(grpc_status(client.get("/app/r", None).await), denied, "get through the proxy");
         let mut fresh_direct = app_client(&direct).await;
-        assert_eq!(status(fresh_direct.put("/app/r", "2", None).await), denied, "put directly");
+        assert_eq!(grpc_status(fresh_direct.put("/app/r", "2", None).await), denied, "put directly");
 
         // A watch refused for a revoked permission reaches the client as etcd sends it, after the
         // proxy's one renewal: created and canceled, with etcd's reason.
@@ -354,15 +332,7 @@ fn revoked_permission_is_denied(version: EtcdVersion) {
     }
 }
 
-#[test]
-fn revoked_permission_is_denied_3_5() {
-    revoked_permission_is_denied(EtcdVersion::V3_5);
-}
-
-#[test]
-fn revoked_permission_is_denied_3_4() {
-    revoked_permission_is_denied(EtcdVersion::V3_4);
-}
+both_versions!(revoked_permission_is_denied => revoked_permission_is_denied_3_4, revoked_permission_is_denied_3_5);
 
 /// Clients that never authenticate act as a configured identity: the default (`--user`) or, for
 /// mTLS clients, the one mapped from their certificate's CN.
@@ -376,13 +346,13 @@ fn configured_identities() {
     let user_args = ["--user=app".to_owned(), format!("--password-file={}", path(&password_file))];
     let user_args: Vec<&str> = user_args.iter().map(String::as_str).collect();
     let (plain, _keys) = deployment(EtcdVersion::V3_5, Tokens::Simple, Wire::Plain, &user_args);
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let runtime = runtime();
     runtime.block_on(async {
-        let mut anonymous = Client::connect([plain.endpoint.as_str()], None).await.expect("connect");
+        let mut anonymous = connect(&plain.endpoint).await;
         anonymous.put("/app/default", "1", None).await.expect("put as the default identity");
         tokio::time::sleep(IDLE).await;
         anonymous.put("/app/default", "2", None).await.expect("put after the token expired");
-        assert_eq!(status(anonymous.put("/other", "1", None).await), denied);
+        assert_eq!(grpc_status(anonymous.put("/other", "1", None).await), denied);
     });
 
     // The dev PKI's client certificate has CN=root; it is mapped to the etcd user `app`.
@@ -399,9 +369,9 @@ fn configured_identities() {
 #[test]
 fn failed_logins_are_slowed_down() {
     let (deployment, _keys) = deployment(EtcdVersion::V3_5, Tokens::Simple, Wire::Plain, &[]);
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let runtime = runtime();
     runtime.block_on(async {
-        let client = Client::connect([deployment.endpoint.as_str()], None).await.expect("connect");
+        let client = connect(&deployment.endpoint).await;
         let failed =
             ("InvalidArgument".to_owned(), "etcdserver: authentication failed, invalid user ID or password".to_owned());
         let mut took = Vec::new();
@@ -409,7 +379,7 @@ fn failed_logins_are_slowed_down() {
             let started = Instant::now();
             let answer = client.auth_client().authenticate("app".to_owned(), "wrong".to_owned()).await;
             took.push(started.elapsed());
-            assert_eq!(status(answer), failed);
+            assert_eq!(grpc_status(answer), failed);
         }
         assert!(took[3] >= Duration::from_millis(100) && took[4] >= Duration::from_millis(200), "{took:?}");
         let started = Instant::now();
@@ -424,14 +394,8 @@ fn joined_member_serves_old_sessions(version: EtcdVersion) {
     let spec = ClusterSpec::new(version, 3).with_extra_args([format!("--auth-token-ttl={}", TOKEN_TTL.as_secs())]);
     let mut deployment =
         Deployment::start_with(spec, Wire::Plain, &["--cluster-refresh-interval=500ms", "--health-interval=200ms"]);
-    let ctl = |deployment: &Deployment, args: &[&str]| deployment.cluster.etcdctl_ok(args);
-    ctl(&deployment, &["user", "add", ROOT]);
-    ctl(&deployment, &["role", "add", "app"]);
-    ctl(&deployment, &["role", "grant-permission", "app", "--prefix=true", "readwrite", "/app/"]);
-    ctl(&deployment, &["user", "add", &format!("app:{APP_PASSWORD}")]);
-    ctl(&deployment, &["user", "grant-role", "app", "app"]);
-    ctl(&deployment, &["auth", "enable"]);
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    enable_auth(&deployment.cluster);
+    let runtime = runtime();
     let mut client = runtime.block_on(app_client(&deployment.endpoint));
     runtime.block_on(client.put("/app/before", "1", None)).expect("put before the join");
 
@@ -460,16 +424,10 @@ fn joined_member_serves_old_sessions(version: EtcdVersion) {
         assert_eq!(got.kvs()[0].value(), b"1");
     });
     let (_, metrics) = deployment.proxy.http_get("/metrics");
-    let served = metric(&metrics, &format!("etcd_compat_proxy_upstream_requests_total{{endpoint=\"{joined_url}\"}}"));
+    let served = upstream_requests(&metrics, &joined_url);
     assert!(served.is_some_and(|n| n >= 2.0), "the joined member served the requests: {metrics}");
 }
 
-#[test]
-fn joined_member_serves_old_sessions_3_5() {
-    joined_member_serves_old_sessions(EtcdVersion::V3_5);
-}
-
-#[test]
-fn joined_member_serves_old_sessions_3_4() {
-    joined_member_serves_old_sessions(EtcdVersion::V3_4);
-}
+both_versions!(
+    joined_member_serves_old_sessions => joined_member_serves_old_sessions_3_4, joined_member_serves_old_sessions_3_5
+);

@@ -3,58 +3,15 @@
 //! exactly as a direct call receives it.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use bytes::{BufMut, Bytes, BytesMut};
 use etcd_compat_proto::etcdserverpb::{PutRequest, RangeRequest};
-use etcd_compat_tests::{ClusterSpec, EtcdCluster, EtcdVersion, ProxyProcess};
-use http::{HeaderMap, Request};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use etcd_compat_tests::{grpc_frame, ClusterSpec, EtcdCluster, EtcdVersion};
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::support::PROXY_BIN;
-
-/// One gRPC call's answer as raw as HTTP/2 allows.
-#[derive(Debug, PartialEq)]
-struct RawAnswer {
-    status: u16,
-    headers: HeaderMap,
-    body: Bytes,
-    trailers: Option<HeaderMap>,
-}
-
-/// Frames one message as gRPC does: no compression, 4-byte big-endian length.
-fn grpc_frame(message: &[u8]) -> Bytes {
-    let mut framed = BytesMut::with_capacity(message.len() + 5);
-    framed.put_u8(0);
-    framed.put_u32(message.len() as u32);
-    framed.put_slice(message);
-    framed.freeze()
-}
-
-async fn raw_call(addr: SocketAddr, path: &str, framed: Bytes) -> RawAnswer {
-    let tcp = TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .handshake::<_, Full<Bytes>>(TokioIo::new(tcp))
-        .await
-        .expect("h2 handshake");
-    tokio::spawn(connection);
-    let request = Request::post(format!("http://{addr}{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(Full::new(framed))
-        .expect("request");
-    let response = sender.send_request(request).await.expect("response");
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let collected = response.into_body().collect().await.expect("body");
-    let trailers = collected.trailers().cloned();
-    RawAnswer { status, headers, body: collected.to_bytes(), trailers }
-}
+use crate::support::{raw_unary, runtime, start_proxy};
 
 /// A TCP relay in front of `target` that records every byte sent toward it.
 async fn recording_relay(target: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
@@ -100,12 +57,10 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 fn unknown_fields_and_responses_survive_byte_for_byte() {
     let cluster = EtcdCluster::start(ClusterSpec::new(EtcdVersion::V3_5, 1)).expect("cluster");
     let etcd_addr = cluster.client_addrs()[0];
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let runtime = runtime();
     runtime.block_on(async {
         let (relay_addr, recorded) = recording_relay(etcd_addr).await;
-        let proxy =
-            ProxyProcess::start(Path::new(PROXY_BIN), vec!["start".into(), format!("--endpoints={relay_addr}")])
-                .expect("proxy");
+        let proxy = start_proxy(vec![format!("--endpoints={relay_addr}")]);
 
         // A PutRequest from a "newer client": fields 99 (varint) and 100 (bytes) are unknown to
         // etcd 3.5 and to the proxy's protos.
@@ -115,7 +70,7 @@ fn unknown_fields_and_responses_survive_byte_for_byte() {
         message.extend_from_slice(&[0xa2, 0x06, 0x06]); // field 100, length-delimited, 6 bytes
         message.extend_from_slice(b"future");
         let framed = grpc_frame(&message);
-        let put = raw_call(proxy.listen_addr(), "/etcdserverpb.KV/Put", framed.clone()).await;
+        let put = raw_unary(proxy.listen_addr(), "/etcdserverpb.KV/Put", &[], framed.clone()).await;
         assert_eq!(put.status, 200);
         assert_eq!(put.trailers.as_ref().and_then(|t| t.get("grpc-status")).map(|v| v.as_bytes()), Some(&b"0"[..]));
         assert!(
@@ -125,8 +80,8 @@ fn unknown_fields_and_responses_survive_byte_for_byte() {
 
         // The same Range directly and through the proxy: identical status, headers, bytes, trailers.
         let range = grpc_frame(&RangeRequest { key: "/bytes/k".into(), ..Default::default() }.encode_to_vec());
-        let direct = raw_call(etcd_addr, "/etcdserverpb.KV/Range", range.clone()).await;
-        let proxied = raw_call(proxy.listen_addr(), "/etcdserverpb.KV/Range", range).await;
+        let direct = raw_unary(etcd_addr, "/etcdserverpb.KV/Range", &[], range.clone()).await;
+        let proxied = raw_unary(proxy.listen_addr(), "/etcdserverpb.KV/Range", &[], range).await;
         assert!(direct.body.len() > 5, "direct Range returned no message");
         assert_eq!(proxied, direct);
 
@@ -134,8 +89,8 @@ fn unknown_fields_and_responses_survive_byte_for_byte() {
         let future = grpc_frame(
             &RangeRequest { key: "/bytes/k".into(), revision: 1_000_000, ..Default::default() }.encode_to_vec(),
         );
-        let direct = raw_call(etcd_addr, "/etcdserverpb.KV/Range", future.clone()).await;
-        let proxied = raw_call(proxy.listen_addr(), "/etcdserverpb.KV/Range", future).await;
+        let direct = raw_unary(etcd_addr, "/etcdserverpb.KV/Range", &[], future.clone()).await;
+        let proxied = raw_unary(proxy.listen_addr(), "/etcdserverpb.KV/Range", &[], future).await;
         assert_eq!(direct.headers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"11"[..]));
         assert_eq!(proxied, direct);
     });

@@ -1,8 +1,7 @@
-//! Certificate lifecycle (issue 6) against real etcd 3.4 and 3.5: an old client with an expired
-//! old-CA certificate through the proxy to a cluster on a new CA; listener and upstream
-//! certificates and CAs replaced twice under 10 000 requests; broken replacements refused;
-//! expiry in metrics, logs and /health; CN-only member certificates; RSA/PKCS#1/SEC1 keys and
-//! TLS 1.2.
+//! Certificate lifecycle against real etcd 3.4 and 3.5: an old client with an expired old-CA
+//! certificate through the proxy to a cluster on a new CA; listener and upstream certificates and
+//! CAs replaced twice under 10 000 requests; broken replacements refused; expiry in metrics, logs
+//! and /health; CN-only member certificates; RSA/PKCS#1/SEC1 keys and TLS 1.2.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -18,17 +17,16 @@ use etcd_compat_tests::{
 };
 use tempfile::TempDir;
 
-use crate::support::{metric, PROXY_BIN};
+use crate::support::{
+    assert_flags_in_help_with_env_twins, both_versions, metric, openssl, path, run_proxy, start_proxy, wait_for_health,
+    PROXY_BIN,
+};
 
 const DAY: Duration = Duration::from_secs(86_400);
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(15);
 
 fn local_sans() -> Vec<San> {
     vec![San::Dns("localhost".into()), San::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST))]
-}
-
-fn text(path: &Path) -> String {
-    path.display().to_string()
 }
 
 /// A CA whose certificate is written to `<dir>/<name>-ca.pem`.
@@ -119,15 +117,9 @@ fn wait_for_metric(proxy: &ProxyProcess, series: &str, at_least: f64) -> Duratio
 
 /// `/health` once a member is healthy (the first health check runs just after start).
 fn health_when_up(proxy: &ProxyProcess) -> String {
-    let started = Instant::now();
-    loop {
-        let (status, body) = proxy.http_get("/health");
-        if status == 200 {
-            return body;
-        }
-        assert!(started.elapsed() < RELOAD_TIMEOUT, "proxy never became healthy: {body}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (status, body) = wait_for_health(proxy, RELOAD_TIMEOUT, |status, _| status == 200);
+    assert_eq!(status, 200, "proxy never became healthy: {body}");
+    body
 }
 
 fn reloads(side: &str, outcome: &str) -> String {
@@ -163,12 +155,6 @@ fn expiry_text(cert: &Path) -> String {
     )
 }
 
-fn start_proxy(args: Vec<String>) -> ProxyProcess {
-    let mut full = vec!["start".to_owned()];
-    full.extend(args);
-    ProxyProcess::start(Path::new(PROXY_BIN), full).expect("proxy starts")
-}
-
 // ---------------------------------------------------------------------------------------------
 // An old client, an old CA, and a cluster that moved to a new CA.
 
@@ -191,15 +177,15 @@ fn old_client_reaches_new_ca_cluster(version: EtcdVersion) {
     let until = time::OffsetDateTime::now_utc().date() + time::Duration::days(30);
     let common = vec![
         format!("--endpoints={}", cluster.client_endpoints_csv()),
-        format!("--cacert={}", text(&new_pki.ca_cert)),
-        format!("--cert={}", text(&new_pki.client_cert)),
-        format!("--key={}", text(&new_pki.client_key)),
-        format!("--cert-file={}", text(&old_server)),
-        format!("--key-file={}", text(&old_server_key)),
-        format!("--trusted-ca-file={}", text(&old_ca.cert)),
+        format!("--cacert={}", path(&new_pki.ca_cert)),
+        format!("--cert={}", path(&new_pki.client_cert)),
+        format!("--key={}", path(&new_pki.client_key)),
+        format!("--cert-file={}", path(&old_server)),
+        format!("--key-file={}", path(&old_server_key)),
+        format!("--trusted-ca-file={}", path(&old_ca.cert)),
     ];
     let mut with_exception = common.clone();
-    with_exception.push(format!("--legacy-client-ca-file={}", text(&old_ca.cert)));
+    with_exception.push(format!("--legacy-client-ca-file={}", path(&old_ca.cert)));
     with_exception.push(format!("--legacy-client-expired-until={until}"));
     let proxy = start_proxy(with_exception);
     let endpoint = proxy.endpoint();
@@ -224,15 +210,9 @@ fn old_client_reaches_new_ca_cluster(version: EtcdVersion) {
     assert_eq!(metric(&metrics(&strict), "etcd_compat_proxy_legacy_expired_client_certificates_total"), Some(0.0));
 }
 
-#[test]
-fn old_client_reaches_new_ca_cluster_v3_4() {
-    old_client_reaches_new_ca_cluster(EtcdVersion::V3_4);
-}
-
-#[test]
-fn old_client_reaches_new_ca_cluster_v3_5() {
-    old_client_reaches_new_ca_cluster(EtcdVersion::V3_5);
-}
+both_versions!(
+    old_client_reaches_new_ca_cluster => old_client_reaches_new_ca_cluster_v3_4, old_client_reaches_new_ca_cluster_v3_5
+);
 
 // ---------------------------------------------------------------------------------------------
 // Rotation of everything, twice, under load.
@@ -296,7 +276,7 @@ fn wait_for_requests(done: &AtomicUsize, at_least: usize) {
     }
 }
 
-fn rotation_under_load(version: EtcdVersion) {
+fn rotation_twice_under_load(version: EtcdVersion) {
     let dir = TempDir::new().expect("tempdir");
     let d = dir.path();
     // Upstream: etcd serves E1 (the harness PKI) and trusts one CA for the proxy's client
@@ -357,12 +337,12 @@ fn rotation_under_load(version: EtcdVersion) {
     install_generation(0);
     let proxy = start_proxy(vec![
         format!("--endpoints={}", cluster.client_endpoints_csv()),
-        format!("--cacert={}", text(&upstream_cas)),
-        format!("--cert={}", text(&upstream_cert)),
-        format!("--key={}", text(&upstream_key)),
-        format!("--cert-file={}", text(&listener_cert)),
-        format!("--key-file={}", text(&listener_key)),
-        format!("--trusted-ca-file={}", text(&listener_client_cas)),
+        format!("--cacert={}", path(&upstream_cas)),
+        format!("--cert={}", path(&upstream_cert)),
+        format!("--key={}", path(&upstream_key)),
+        format!("--cert-file={}", path(&listener_cert)),
+        format!("--key-file={}", path(&listener_key)),
+        format!("--trusted-ca-file={}", path(&listener_client_cas)),
     ]);
     let proxy_addr = proxy.listen_addr().to_string();
     assert_eq!(served_line(&proxy_addr, "subject:"), "CN=proxy-gen1");
@@ -445,15 +425,7 @@ fn rotation_under_load(version: EtcdVersion) {
     eprintln!("etcd {version}: {REQUESTS} requests, 0 failures; reload latencies {reload_latencies:?}");
 }
 
-#[test]
-fn rotation_twice_under_load_v3_4() {
-    rotation_under_load(EtcdVersion::V3_4);
-}
-
-#[test]
-fn rotation_twice_under_load_v3_5() {
-    rotation_under_load(EtcdVersion::V3_5);
-}
+both_versions!(rotation_twice_under_load => rotation_twice_under_load_v3_4, rotation_twice_under_load_v3_5);
 
 // ---------------------------------------------------------------------------------------------
 // Broken replacements are refused; serving continues with the previous material.
@@ -478,12 +450,12 @@ fn broken_replacements_are_refused(version: EtcdVersion) {
     copy_over(&upstream_key, &cluster_pki.client_key);
     let proxy = start_proxy(vec![
         format!("--endpoints={}", cluster.client_endpoints_csv()),
-        format!("--cacert={}", text(&cluster_pki.ca_cert)),
-        format!("--cert={}", text(&upstream_cert)),
-        format!("--key={}", text(&upstream_key)),
-        format!("--cert-file={}", text(&listener_cert)),
-        format!("--key-file={}", text(&listener_key)),
-        format!("--trusted-ca-file={}", text(&proxy_ca.cert)),
+        format!("--cacert={}", path(&cluster_pki.ca_cert)),
+        format!("--cert={}", path(&upstream_cert)),
+        format!("--key={}", path(&upstream_key)),
+        format!("--cert-file={}", path(&listener_cert)),
+        format!("--key-file={}", path(&listener_key)),
+        format!("--trusted-ca-file={}", path(&proxy_ca.cert)),
     ]);
     let addr = proxy.listen_addr().to_string();
     let works = |key: &str| {
@@ -495,7 +467,7 @@ fn broken_replacements_are_refused(version: EtcdVersion) {
     // 1. Not PEM at all.
     replace_file(&listener_cert, b"this is not a certificate\n");
     wait_for_metric(&proxy, &reloads("listener", "rejected"), 1.0);
-    assert!(proxy.log_contents().contains(&format!("no CERTIFICATE block in {}", text(&listener_cert))));
+    assert!(proxy.log_contents().contains(&format!("no CERTIFICATE block in {}", path(&listener_cert))));
     works("after-garbage");
 
     // 2. A valid certificate whose key is not in the key file.
@@ -505,8 +477,8 @@ fn broken_replacements_are_refused(version: EtcdVersion) {
     assert!(
         proxy.log_contents().contains(&format!(
             "certificate {} and key {} cannot be used together",
-            text(&listener_cert),
-            text(&listener_key)
+            path(&listener_cert),
+            path(&listener_key)
         )),
         "{}",
         proxy.log_contents()
@@ -525,7 +497,7 @@ fn broken_replacements_are_refused(version: EtcdVersion) {
     copy_over(&upstream_key, &expired_key);
     copy_over(&upstream_cert, &expired_cert);
     wait_for_metric(&proxy, &reloads("upstream", "rejected"), 1.0);
-    let expected = format!("certificate {} (CN=root) expired on {}", text(&upstream_cert), expiry_text(&expired_cert));
+    let expected = format!("certificate {} (CN=root) expired on {}", path(&upstream_cert), expiry_text(&expired_cert));
     assert!(proxy.log_contents().contains(&expected), "{expected}\n{}", proxy.log_contents());
     works("after-expired");
 
@@ -559,30 +531,25 @@ fn broken_replacements_are_refused(version: EtcdVersion) {
     assert!(!health.contains("\"role\":\"listener\""), "{health}");
 
     // At startup, the same expired file stops the proxy with exit code 2 before binding.
-    let output = Command::new(PROXY_BIN)
-        .args(["start", "--endpoints", &cluster.client_endpoints_csv(), "--cacert"])
-        .arg(&cluster_pki.ca_cert)
-        .arg("--cert")
-        .arg(&expired_cert)
-        .arg("--key")
-        .arg(&expired_key)
-        .output()
-        .expect("run proxy");
-    assert_eq!(output.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let expected = format!("certificate {} (CN=root) expired on {}", text(&expired_cert), expiry_text(&expired_cert));
+    let (code, stderr) = run_proxy(&[
+        "start",
+        "--endpoints",
+        &cluster.client_endpoints_csv(),
+        "--cacert",
+        &path(&cluster_pki.ca_cert),
+        "--cert",
+        &path(&expired_cert),
+        "--key",
+        &path(&expired_key),
+    ]);
+    assert_eq!(code, Some(2));
+    let expected = format!("certificate {} (CN=root) expired on {}", path(&expired_cert), expiry_text(&expired_cert));
     assert!(stderr.contains(&expected), "{stderr}");
 }
 
-#[test]
-fn broken_replacements_are_refused_v3_4() {
-    broken_replacements_are_refused(EtcdVersion::V3_4);
-}
-
-#[test]
-fn broken_replacements_are_refused_v3_5() {
-    broken_replacements_are_refused(EtcdVersion::V3_5);
-}
+both_versions!(
+    broken_replacements_are_refused => broken_replacements_are_refused_v3_4, broken_replacements_are_refused_v3_5
+);
 
 // ---------------------------------------------------------------------------------------------
 // Expiry is never a surprise.
@@ -606,11 +573,11 @@ fn expiry_is_reported(version: EtcdVersion) {
     let (short_cert, short_key) = proxy_ca.issue("short", "proxy-short", Usage::Server, 10 * DAY, 0);
     let base = vec![
         format!("--endpoints={}", cluster.client_endpoints_csv()),
-        format!("--cacert={}", text(&cluster_tls.trusted_ca)),
-        format!("--cert={}", text(&cluster_tls.client.cert)),
-        format!("--key={}", text(&cluster_tls.client.key)),
-        format!("--cert-file={}", text(&short_cert)),
-        format!("--key-file={}", text(&short_key)),
+        format!("--cacert={}", path(&cluster_tls.trusted_ca)),
+        format!("--cert={}", path(&cluster_tls.client.cert)),
+        format!("--key={}", path(&cluster_tls.client.key)),
+        format!("--cert-file={}", path(&short_cert)),
+        format!("--key-file={}", path(&short_key)),
     ];
     let not_after = inspect(&load_certs(&short_cert).unwrap()[0]).unwrap().not_after.unix_timestamp();
 
@@ -618,17 +585,17 @@ fn expiry_is_reported(version: EtcdVersion) {
     let proxy = start_proxy(base.clone());
     let series = format!(
         "etcd_compat_proxy_certificate_expiry_timestamp_seconds{{role=\"listener\",path=\"{}\",subject=\"CN=proxy-short\"}}",
-        text(&short_cert)
+        path(&short_cert)
     );
     assert_eq!(metric(&metrics(&proxy), &series), Some(not_after as f64));
     let upstream_series = format!(
         "etcd_compat_proxy_certificate_expiry_timestamp_seconds{{role=\"upstream-client\",path=\"{}\",subject=\"CN=root\"}}",
-        text(&cluster_tls.client.cert)
+        path(&cluster_tls.client.cert)
     );
     assert!(metric(&metrics(&proxy), &upstream_series).is_some(), "{}", metrics(&proxy));
     let warning = format!(
         "certificate expires soon; renew it (etcd-compat-proxy certs renew) and replace the file, the proxy reloads it role=\"listener\" file={} subject=CN=proxy-short expires={} days_left=",
-        text(&short_cert),
+        path(&short_cert),
         expiry_text(&short_cert)
     );
     // Ten days minus the seconds since issuing: 10 within the issuing second, else 9.
@@ -652,29 +619,16 @@ fn expiry_is_reported(version: EtcdVersion) {
     let health = health_when_up(&proxy);
     let expected = format!(
         "\"degraded\":true,\"expiring_certificates\":[{{\"role\":\"listener\",\"path\":\"{}\",\"subject\":\"CN=proxy-short\",\"not_after\":\"{}\",\"days_left\":",
-        text(&short_cert),
+        path(&short_cert),
         expiry_text(&short_cert)
     );
     assert!(ten_or_nine(&health, &expected), "{health}");
 }
 
-#[test]
-fn expiry_is_reported_v3_4() {
-    expiry_is_reported(EtcdVersion::V3_4);
-}
-
-#[test]
-fn expiry_is_reported_v3_5() {
-    expiry_is_reported(EtcdVersion::V3_5);
-}
+both_versions!(expiry_is_reported => expiry_is_reported_v3_4, expiry_is_reported_v3_5);
 
 // ---------------------------------------------------------------------------------------------
 // Old certificates: CN-only member certificates, RSA and PKCS#1/SEC1 keys, TLS 1.2.
-
-fn openssl(args: &[&str]) {
-    let output = Command::new("openssl").args(args).output().expect("run openssl");
-    assert!(output.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-}
 
 fn cn_only_member_certificate(version: EtcdVersion) {
     let dir = TempDir::new().expect("tempdir");
@@ -711,9 +665,9 @@ fn cn_only_member_certificate(version: EtcdVersion) {
     let args = |extra: &[&str]| {
         let mut args = vec![
             format!("--endpoints={}", cluster.client_endpoints_csv()),
-            format!("--cacert={}", text(&cluster_pki.ca_cert)),
-            format!("--cert={}", text(&cluster_pki.client_cert)),
-            format!("--key={}", text(&cluster_pki.client_key)),
+            format!("--cacert={}", path(&cluster_pki.ca_cert)),
+            format!("--cert={}", path(&cluster_pki.client_cert)),
+            format!("--key={}", path(&cluster_pki.client_key)),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         args
@@ -732,15 +686,7 @@ fn cn_only_member_certificate(version: EtcdVersion) {
     assert!(health.contains("certificate not valid for name"), "{health}");
 }
 
-#[test]
-fn cn_only_member_certificate_v3_4() {
-    cn_only_member_certificate(EtcdVersion::V3_4);
-}
-
-#[test]
-fn cn_only_member_certificate_v3_5() {
-    cn_only_member_certificate(EtcdVersion::V3_5);
-}
+both_versions!(cn_only_member_certificate => cn_only_member_certificate_v3_4, cn_only_member_certificate_v3_5);
 
 /// RSA with a PKCS#1 key on the listener, ECDSA with a SEC1 key upstream, both made by openssl;
 /// a TLS 1.2 ECDHE-AES-GCM client (as Go 1.11) still connects.
@@ -752,12 +698,12 @@ fn rsa_pkcs1_sec1_keys_and_tls12() {
     let cluster_pki = DevPki::create(d, "cluster").expect("cluster pki");
     let cluster = EtcdCluster::start(ClusterSpec::new(version, 1).with_tls(TlsSpec::from_dev_pki(&cluster_pki)))
         .expect("cluster");
-    let p = |name: &str| text(&d.join(name));
+    let p = |name: &str| path(&d.join(name));
     let ext = p("ext.cnf");
     std::fs::write(&ext, "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n").unwrap();
     openssl(&["genrsa", "-traditional", "-out", &p("rsa-key.pem"), "2048"]);
     openssl(&["req", "-new", "-key", &p("rsa-key.pem"), "-subj", "/CN=rsa-listener", "-out", &p("rsa.csr")]);
-    let (ca, ca_key) = (text(&cluster_pki.ca_cert), text(&cluster_pki.ca_key));
+    let (ca, ca_key) = (path(&cluster_pki.ca_cert), path(&cluster_pki.ca_key));
     openssl(&[
         "x509",
         "-req",
@@ -846,7 +792,7 @@ fn certs_cli(args: &[&str]) -> String {
 
 fn certs_commands_make_a_working_cluster(version: EtcdVersion) {
     let dir = TempDir::new().expect("tempdir");
-    let p = |name: &str| text(&dir.path().join(name));
+    let p = |name: &str| path(&dir.path().join(name));
     certs_cli(&["ca", "--cn", "etcd-ca", "--out-cert", &p("ca.pem"), "--out-key", &p("ca-key.pem")]);
     let issue = |kind: &str, cn: &str, name: &str, sans: &[&str]| {
         let (cert, key) = (p(&format!("{name}.pem")), p(&format!("{name}-key.pem")));
@@ -931,44 +877,35 @@ fn certs_commands_make_a_working_cluster(version: EtcdVersion) {
     assert!(printed.contains("  usages:     serverAuth, clientAuth\n"), "{printed}");
 }
 
-#[test]
-fn certs_commands_make_a_working_cluster_v3_4() {
-    certs_commands_make_a_working_cluster(EtcdVersion::V3_4);
-}
-
-#[test]
-fn certs_commands_make_a_working_cluster_v3_5() {
-    certs_commands_make_a_working_cluster(EtcdVersion::V3_5);
-}
+both_versions!(
+    certs_commands_make_a_working_cluster
+        => certs_commands_make_a_working_cluster_v3_4, certs_commands_make_a_working_cluster_v3_5
+);
 
 #[test]
 fn certificate_flags_have_environment_twins_and_are_validated() {
-    let output = Command::new(PROXY_BIN).args(["start", "--help"]).output().expect("help");
-    let help = String::from_utf8_lossy(&output.stdout);
-    for flag in [
+    assert_flags_in_help_with_env_twins(&[
         "legacy-client-ca-file",
         "legacy-client-expired-until",
         "upstream-server-cn",
         "cert-expiry-warning-days",
         "cert-expiry-critical-days",
         "cert-reload-interval",
-    ] {
-        let env = format!("ETCD_COMPAT_PROXY_{}", flag.to_uppercase().replace('-', "_"));
-        assert!(help.contains(&format!("--{flag}")), "--{flag} missing from help");
-        assert!(help.contains(&format!("[env: {env}=")), "{env} missing from help");
-    }
+    ]);
     let dir = TempDir::new().expect("tempdir");
     let pki = DevPki::create(dir.path(), "p").expect("pki");
     let listener = [
-        format!("--cert-file={}", text(&pki.server_cert)),
-        format!("--key-file={}", text(&pki.server_key)),
-        format!("--trusted-ca-file={}", text(&pki.ca_cert)),
+        format!("--cert-file={}", path(&pki.server_cert)),
+        format!("--key-file={}", path(&pki.server_key)),
+        format!("--trusted-ca-file={}", path(&pki.ca_cert)),
     ];
     let run = |extra: &[&str]| {
-        let output = Command::new(PROXY_BIN).arg("start").args(&listener).args(extra).output().expect("run proxy");
-        (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+        let mut args = vec!["start"];
+        args.extend(listener.iter().map(String::as_str));
+        args.extend(extra);
+        run_proxy(&args)
     };
-    let legacy = format!("--legacy-client-ca-file={}", text(&pki.ca_cert));
+    let legacy = format!("--legacy-client-ca-file={}", path(&pki.ca_cert));
     let (code, stderr) = run(&[&legacy]);
     assert_eq!(code, Some(2));
     assert!(stderr.contains("--legacy-client-ca-file needs an end date for the exception"), "{stderr}");
@@ -993,8 +930,8 @@ fn sighup_reloads_immediately() {
     copy_over(&key, &first_key);
     let proxy = start_proxy(vec![
         "--endpoints=127.0.0.1:1".to_owned(),
-        format!("--cert-file={}", text(&cert)),
-        format!("--key-file={}", text(&key)),
+        format!("--cert-file={}", path(&cert)),
+        format!("--key-file={}", path(&key)),
         "--cert-reload-interval=1h".to_owned(),
     ]);
     let addr = proxy.listen_addr().to_string();
@@ -1019,7 +956,7 @@ fn client_crl_is_reloaded() {
     let dir = TempDir::new().expect("tempdir");
     let d = dir.path();
     let pki = DevPki::create(d, "crl").expect("pki");
-    let p = |name: &str| text(&d.join(name));
+    let p = |name: &str| path(&d.join(name));
     std::fs::write(d.join("index.txt"), "").unwrap();
     std::fs::write(d.join("crlnumber"), "01\n").unwrap();
     std::fs::write(
@@ -1031,7 +968,7 @@ fn client_crl_is_reloaded() {
         ),
     )
     .unwrap();
-    let ca_args = ["-config", &*p("ca.cnf"), "-cert", &*text(&pki.ca_cert), "-keyfile", &*text(&pki.ca_key)];
+    let ca_args = ["-config", &*p("ca.cnf"), "-cert", &*path(&pki.ca_cert), "-keyfile", &*path(&pki.ca_key)];
     let gencrl = |out: &str| {
         let mut args = vec!["ca"];
         args.extend(ca_args);
@@ -1044,9 +981,9 @@ fn client_crl_is_reloaded() {
     let cluster = EtcdCluster::start(ClusterSpec::new(version, 1)).expect("cluster");
     let proxy = start_proxy(vec![
         format!("--endpoints={}", cluster.client_endpoints_csv()),
-        format!("--cert-file={}", text(&pki.server_cert)),
-        format!("--key-file={}", text(&pki.server_key)),
-        format!("--trusted-ca-file={}", text(&pki.ca_cert)),
+        format!("--cert-file={}", path(&pki.server_cert)),
+        format!("--key-file={}", path(&pki.server_key)),
+        format!("--trusted-ca-file={}", path(&pki.ca_cert)),
         format!("--client-crl-file={crl}"),
     ]);
     let client = ClientTls::from_dev_pki(&pki);
@@ -1054,7 +991,7 @@ fn client_crl_is_reloaded() {
 
     let mut revoke = vec!["ca"];
     revoke.extend(ca_args);
-    let client_cert = text(&pki.client_cert);
+    let client_cert = path(&pki.client_cert);
     revoke.extend(["-revoke", &client_cert]);
     openssl(&revoke);
     let staged = p("staged.crl.pem");

@@ -1,48 +1,29 @@
-//! Cluster-aware routing (issue 5) against real 3-member clusters: member promotion goes to the
+//! Cluster-aware routing against real 3-member clusters: member promotion goes to the
 //! leader, learners get no client requests, lease keep-alives and writes survive member loss,
 //! and `member list` / `endpoint status` through the proxy behave as the README says.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
 use etcd_compat_proto::etcdserverpb::MemberListResponse;
-use etcd_compat_tests::{etcdctl, free_port, ClusterSpec, EtcdCluster, EtcdVersion, ProxyProcess};
-use http::Request;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use etcd_compat_tests::{etcdctl, free_port, grpc_frame, ClusterSpec, EtcdCluster, EtcdVersion, ProxyProcess};
 use prost::Message;
 
-use crate::support::{metric, PROXY_BIN};
+use crate::support::{
+    both_versions, connect, raw_unary, runtime, upstream_requests, wait_for_health, RawAnswer, Tally,
+};
 
 const ROOT_PASSWORD: &str = "root-pw-5";
 
+/// The proxy in front of `cluster_urls`, checking health every 200 ms and the member list every 500 ms.
 fn start_proxy(cluster_urls: &[String], extra: &[&str]) -> ProxyProcess {
     let mut args = vec![
-        "start".to_owned(),
         format!("--endpoints={}", cluster_urls.join(",")),
         "--health-interval=200ms".to_owned(),
         "--cluster-refresh-interval=500ms".to_owned(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    ProxyProcess::start(Path::new(PROXY_BIN), args).expect("proxy starts")
-}
-
-fn proxy_endpoint(proxy: &ProxyProcess) -> String {
-    format!("http://{}", proxy.listen_addr())
-}
-
-/// Polls `/health` until `done` holds for its body; returns the last body.
-fn wait_for_health(proxy: &ProxyProcess, timeout: Duration, done: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let (_, body) = proxy.http_get("/health");
-        if done(&body) || Instant::now() > deadline {
-            return body;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    crate::support::start_proxy(args)
 }
 
 /// The `/health` entry of the member at `url`.
@@ -74,7 +55,7 @@ fn promote_goes_to_the_leader(version: EtcdVersion) {
     let learner = cluster.add_member(true, &[&root]).expect("learner joins");
     let learner_id = format!("{:x}", cluster.member(learner).member_id.expect("learner id"));
     let learner_url = cluster.member(learner).client_url;
-    let health = wait_for_health(&proxy, Duration::from_secs(10), |h| {
+    let (_, health) = wait_for_health(&proxy, Duration::from_secs(10), |_, h| {
         health_entry(h, &learner_url).is_some_and(|e| e.contains("\"learner\":true"))
             && health_entry(h, &leader_url).is_some_and(|e| e.contains("\"leader\":true"))
     });
@@ -91,7 +72,7 @@ fn promote_goes_to_the_leader(version: EtcdVersion) {
     );
 
     // Through the proxy: promoted (after the learner has caught up with the leader).
-    let proxy_url = proxy_endpoint(&proxy);
+    let proxy_url = proxy.endpoint();
     let deadline = Instant::now() + Duration::from_secs(15);
     let promoted = loop {
         let output = etcdctl(version, &proxy_url, None, &["member", "promote", &learner_id, &root]);
@@ -110,7 +91,7 @@ fn promote_goes_to_the_leader(version: EtcdVersion) {
     cluster.mark_promoted(learner);
 
     // The promoted member joins the pool.
-    let health = wait_for_health(&proxy, Duration::from_secs(5), |h| {
+    let (_, health) = wait_for_health(&proxy, Duration::from_secs(5), |_, h| {
         health_entry(h, &learner_url).is_some_and(|e| e.contains("\"learner\":false"))
     });
     let entry = health_entry(&health, &learner_url).expect("promoted member in /health");
@@ -120,15 +101,7 @@ fn promote_goes_to_the_leader(version: EtcdVersion) {
     assert!(line.ends_with(", false"), "{line}");
 }
 
-#[test]
-fn promote_goes_to_the_leader_3_4() {
-    promote_goes_to_the_leader(EtcdVersion::V3_4);
-}
-
-#[test]
-fn promote_goes_to_the_leader_3_5() {
-    promote_goes_to_the_leader(EtcdVersion::V3_5);
-}
+both_versions!(promote_goes_to_the_leader => promote_goes_to_the_leader_3_4, promote_goes_to_the_leader_3_5);
 
 /// A learner that is never promoted, listed first in `--endpoints`: 1000 mixed requests through
 /// the proxy see no learner error, the learner gets none of them, and the voting member left
@@ -139,7 +112,7 @@ fn learner_gets_no_client_requests(version: EtcdVersion) {
     let learner_url = cluster.member(learner).client_url;
     let discovered_url = cluster.member(1).client_url;
     let proxy = start_proxy(&[learner_url.clone(), cluster.member(0).client_url], &[]);
-    let health = wait_for_health(&proxy, Duration::from_secs(10), |h| {
+    let (_, health) = wait_for_health(&proxy, Duration::from_secs(10), |_, h| {
         health_entry(h, &learner_url).is_some_and(|e| e.contains("\"learner\":true"))
             && health_entry(h, &discovered_url).is_some_and(|e| e.contains("\"healthy\":true"))
     });
@@ -147,10 +120,10 @@ fn learner_gets_no_client_requests(version: EtcdVersion) {
     let discovered = health_entry(&health, &discovered_url).expect("member 1 discovered from the member list");
     assert!(discovered.contains("\"learner\":false") && discovered.contains("\"name\":\"m1\""), "{discovered}");
 
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let endpoint = proxy_endpoint(&proxy);
+    let runtime = runtime();
+    let endpoint = proxy.endpoint();
     let failures: Vec<String> = runtime.block_on(async {
-        let mut client = Client::connect([endpoint.as_str()], None).await.expect("connect to the proxy");
+        let mut client = connect(&endpoint).await;
         let mut failures = Vec::new();
         for i in 0..1000 {
             let key = format!("/learner/{}", i % 50);
@@ -181,20 +154,18 @@ fn learner_gets_no_client_requests(version: EtcdVersion) {
     });
     assert_eq!(failures, Vec::<String>::new());
     let (_, metrics) = proxy.http_get("/metrics");
-    let sent_to_learner =
-        metric(&metrics, &format!("etcd_compat_proxy_upstream_requests_total{{endpoint=\"{learner_url}\"}}"));
-    assert_eq!(sent_to_learner, Some(0.0), "{metrics}");
+    assert_eq!(upstream_requests(&metrics, &learner_url), Some(0.0), "{metrics}");
 
     // With --learner-serializable-reads, a serializable Range no voting member can serve is
     // answered by the learner; without it, it fails.
     let seeds = [learner_url.clone(), cluster.member(0).client_url];
     let with_flag = start_proxy(&seeds, &["--learner-serializable-reads"]);
-    let health = wait_for_health(&with_flag, Duration::from_secs(10), |h| {
+    let (_, health) = wait_for_health(&with_flag, Duration::from_secs(10), |_, h| {
         health_entry(h, &learner_url).is_some_and(|e| e.contains("\"learner\":true"))
     });
     assert!(health_entry(&health, &learner_url).is_some_and(|e| e.contains("\"learner\":true")), "{health}");
     runtime.block_on(async {
-        let mut client = Client::connect([endpoint.as_str()], None).await.expect("connect to the proxy");
+        let mut client = connect(&endpoint).await;
         client.put("/learner/serializable", "seen", None).await.expect("put");
     });
     // The learner has applied the write once its own serializable read sees it.
@@ -202,7 +173,7 @@ fn learner_gets_no_client_requests(version: EtcdVersion) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         let seen = runtime.block_on(async {
-            let mut direct = Client::connect([learner_addr.to_string()], None).await.expect("connect to the learner");
+            let mut direct = connect(&learner_addr.to_string()).await;
             let response = direct.get("/learner/serializable", Some(GetOptions::new().with_serializable())).await;
             response.is_ok_and(|r| r.kvs().len() == 1)
         });
@@ -215,9 +186,9 @@ fn learner_gets_no_client_requests(version: EtcdVersion) {
     cluster.kill(1).expect("kill member 1");
     let (served, refused) = runtime.block_on(async {
         let serializable = || Some(GetOptions::new().with_serializable());
-        let mut flagged = Client::connect([proxy_endpoint(&with_flag)], None).await.expect("connect");
+        let mut flagged = connect(&with_flag.endpoint()).await;
         let served = flagged.get("/learner/serializable", serializable()).await;
-        let mut plain = Client::connect([endpoint.as_str()], None).await.expect("connect");
+        let mut plain = connect(&endpoint).await;
         let refused = plain.get("/learner/serializable", serializable()).await;
         (served, refused)
     });
@@ -227,15 +198,9 @@ fn learner_gets_no_client_requests(version: EtcdVersion) {
     assert!(refused.contains("etcd-compat-proxy: no etcd member could serve the request"), "{refused}");
 }
 
-#[test]
-fn learner_gets_no_client_requests_3_4() {
-    learner_gets_no_client_requests(EtcdVersion::V3_4);
-}
-
-#[test]
-fn learner_gets_no_client_requests_3_5() {
-    learner_gets_no_client_requests(EtcdVersion::V3_5);
-}
+both_versions!(
+    learner_gets_no_client_requests => learner_gets_no_client_requests_3_4, learner_gets_no_client_requests_3_5
+);
 
 /// A lease kept alive through the proxy outlives the member its keep-alive stream was on.
 fn lease_survives_member_loss(version: EtcdVersion) {
@@ -248,16 +213,16 @@ fn lease_survives_member_loss(version: EtcdVersion) {
     // Only the pinned member is configured; the others are found in the member list.
     let proxy = start_proxy(&[cluster.member(pinned).client_url], &[]);
     let others = [leader, other].map(|i| cluster.member(i).client_url);
-    let health = wait_for_health(&proxy, Duration::from_secs(10), |h| {
+    let (_, health) = wait_for_health(&proxy, Duration::from_secs(10), |_, h| {
         others.iter().all(|url| health_entry(h, url).is_some_and(|e| e.contains("\"healthy\":true")))
     });
     assert!(others.iter().all(|url| health_entry(&health, url).is_some()), "{health}");
-    let endpoint = proxy_endpoint(&proxy);
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let endpoint = proxy.endpoint();
+    let runtime = runtime();
     const TTL: i64 = 3;
 
     let (lease_id, keep_alive) = runtime.block_on(async {
-        let mut client = Client::connect([endpoint.as_str()], None).await.expect("connect to the proxy");
+        let mut client = connect(&endpoint).await;
         let lease = client.lease_grant(TTL, None).await.expect("lease grant").id();
         let (mut keeper, mut answers) = client.lease_keep_alive(lease).await.expect("keep-alive stream");
         // One keep-alive a second, as clients do (TTL/3); every answer must come back.
@@ -297,15 +262,7 @@ fn lease_survives_member_loss(version: EtcdVersion) {
     assert!(proxy.log_contents().contains("lease keep-alive stream lost its member; moving it to another member"));
 }
 
-#[test]
-fn lease_survives_member_loss_3_4() {
-    lease_survives_member_loss(EtcdVersion::V3_4);
-}
-
-#[test]
-fn lease_survives_member_loss_3_5() {
-    lease_survives_member_loss(EtcdVersion::V3_5);
-}
+both_versions!(lease_survives_member_loss => lease_survives_member_loss_3_4, lease_survives_member_loss_3_5);
 
 /// Writes through the proxy while the leader is killed, and later a follower: each write is
 /// acknowledged or fails with an error, and every acknowledged write is stored.
@@ -313,64 +270,29 @@ fn writes_survive_leader_and_follower_loss(version: EtcdVersion) {
     let mut cluster = EtcdCluster::start(ClusterSpec::new(version, 3)).expect("cluster");
     let urls = cluster.client_urls();
     let proxy = start_proxy(&urls, &[]);
-    let endpoint = proxy_endpoint(&proxy);
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let mut client = runtime.block_on(Client::connect([endpoint.as_str()], None)).expect("connect");
-    let mut acknowledged: Vec<String> = Vec::new();
-    let mut failed: Vec<String> = Vec::new();
-    let mut write = |client: &mut Client, from: usize, to: usize| {
-        runtime.block_on(async {
-            for i in from..to {
-                let key = format!("/ha/{i:05}");
-                match client.put(key.as_str(), "v", None).await {
-                    Ok(_) => acknowledged.push(key),
-                    Err(error) => failed.push(format!("{key}: {error}")),
-                }
-            }
-        })
-    };
-    write(&mut client, 0, 100);
+    let runtime = runtime();
+    let mut client = runtime.block_on(connect(&proxy.endpoint()));
+    let mut tally = Tally::default();
+    runtime.block_on(tally.put_each(&mut client, "/ha/", 0..100));
     let leader = cluster.leader_index().expect("leader");
     cluster.kill(leader).expect("kill the leader");
-    write(&mut client, 100, 300);
+    runtime.block_on(tally.put_each(&mut client, "/ha/", 100..300));
     cluster.restart(leader).expect("restart the old leader");
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).expect("leader");
     let follower = (leader + 1) % 3;
     cluster.kill(follower).expect("kill a follower");
-    write(&mut client, 300, 500);
+    runtime.block_on(tally.put_each(&mut client, "/ha/", 300..500));
 
-    for failure in &failed {
-        assert!(
-            failure.contains("may or may not have been applied")
-                || failure.contains("etcdserver: leader changed")
-                || failure.contains("etcdserver: no leader")
-                || failure.contains("etcdserver: request timed out"),
-            "unexpected failure: {failure}"
-        );
-    }
-    assert!(failed.len() <= 10, "too many failed writes: {failed:?}");
-    let stored: Vec<String> = runtime.block_on(async {
-        let response = client
-            .get("/ha/", Some(GetOptions::new().with_prefix().with_keys_only()))
-            .await
-            .expect("read back through the proxy");
-        response.kvs().iter().map(|kv| kv.key_str().expect("utf8").to_owned()).collect()
-    });
-    for key in &acknowledged {
-        assert!(stored.contains(key), "acknowledged write {key} is missing");
-    }
-    assert_eq!(acknowledged.len() + failed.len(), 500);
+    tally.assert_failures_acceptable();
+    assert!(tally.failed.len() <= 10, "too many failed writes: {:?}", tally.failed);
+    runtime.block_on(tally.assert_acknowledged_stored(&mut client, "/ha/"));
+    assert_eq!(tally.acknowledged.len() + tally.failed.len(), 500);
 }
 
-#[test]
-fn writes_survive_leader_and_follower_loss_3_4() {
-    writes_survive_leader_and_follower_loss(EtcdVersion::V3_4);
-}
-
-#[test]
-fn writes_survive_leader_and_follower_loss_3_5() {
-    writes_survive_leader_and_follower_loss(EtcdVersion::V3_5);
-}
+both_versions!(
+    writes_survive_leader_and_follower_loss
+        => writes_survive_leader_and_follower_loss_3_4, writes_survive_leader_and_follower_loss_3_5
+);
 
 /// `member list` through a proxy started with `--advertise-client-url` shows the members' ids,
 /// names and peer URLs with the proxy as every client URL; `endpoint status` shows the pinned
@@ -380,7 +302,7 @@ fn member_list_and_endpoint_status(version: EtcdVersion) {
     let urls = cluster.client_urls();
     let listen = format!("127.0.0.1:{}", free_port().expect("port"));
     let proxy = start_proxy(&urls, &[&format!("--listen-addr={listen}"), &format!("--advertise-client-url={listen}")]);
-    let proxy_url = proxy_endpoint(&proxy);
+    let proxy_url = proxy.endpoint();
     assert_eq!(proxy_url, format!("http://{listen}"));
     let leader = cluster.leader_index().expect("leader");
 
@@ -430,7 +352,7 @@ fn member_list_and_endpoint_status(version: EtcdVersion) {
     assert!(stderr_of(&direct).contains("no leader endpoint given at"), "{}", stderr_of(&direct));
 
     // An admin tool asking for the real list with the metadata gets etcd's own client URLs.
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let runtime = runtime();
     let (direct, proxied, real) = runtime.block_on(async {
         let direct = member_list_call(cluster.client_addrs()[0], None).await;
         let proxied = member_list_call(proxy.listen_addr(), None).await;
@@ -449,7 +371,7 @@ fn member_list_and_endpoint_status(version: EtcdVersion) {
 
     // --member-list=real: etcd's own client URLs.
     let real = start_proxy(&urls, &["--advertise-client-url=127.0.0.1:1", "--member-list=real"]);
-    let listed = etcdctl(version, &proxy_endpoint(&real), None, &["member", "list"]);
+    let listed = etcdctl(version, &real.endpoint(), None, &["member", "list"]);
     let stdout = String::from_utf8_lossy(&listed.stdout);
     for i in 0..3 {
         let member = cluster.member(i);
@@ -463,69 +385,28 @@ fn member_list_and_endpoint_status(version: EtcdVersion) {
 /// A raw `MemberList` call, optionally with the `etcd-compat-proxy-member-list` metadata.
 async fn member_list_call(addr: std::net::SocketAddr, member_list: Option<&str>) -> MemberListResponse {
     let metadata: Vec<(&str, &str)> = member_list.map(|v| ("etcd-compat-proxy-member-list", v)).into_iter().collect();
-    let (_, body) = raw_unary(addr, "/etcdserverpb.Cluster/MemberList", &[], &metadata).await;
-    MemberListResponse::decode(&body[5..]).expect("a MemberListResponse")
+    let answer = raw_unary(addr, "/etcdserverpb.Cluster/MemberList", &metadata, grpc_frame(&[])).await;
+    MemberListResponse::decode(&answer.body[5..]).expect("a MemberListResponse")
 }
 
-/// A raw unary gRPC call with extra metadata; returns the response headers (trailers-only
-/// answers carry their status there) merged with any trailers, and the body.
-async fn raw_unary(
-    addr: std::net::SocketAddr,
-    path: &str,
-    message: &[u8],
-    metadata: &[(&str, &str)],
-) -> (http::HeaderMap, Bytes) {
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .handshake::<_, Full<Bytes>>(TokioIo::new(tcp))
-        .await
-        .expect("h2 handshake");
-    tokio::spawn(connection);
-    let mut request = Request::post(format!("http://{addr}{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers");
-    for (name, value) in metadata {
-        request = request.header(*name, *value);
-    }
-    let mut framed = vec![0];
-    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    framed.extend_from_slice(message);
-    let response =
-        sender.send_request(request.body(Full::new(Bytes::from(framed))).expect("request")).await.expect("response");
-    let mut headers = response.headers().clone();
-    let collected = response.into_body().collect().await.expect("body");
-    if let Some(trailers) = collected.trailers() {
-        headers.extend(trailers.clone());
-    }
-    (headers, collected.to_bytes())
-}
-
-#[test]
-fn member_list_and_endpoint_status_3_4() {
-    member_list_and_endpoint_status(EtcdVersion::V3_4);
-}
-
-#[test]
-fn member_list_and_endpoint_status_3_5() {
-    member_list_and_endpoint_status(EtcdVersion::V3_5);
-}
+both_versions!(
+    member_list_and_endpoint_status => member_list_and_endpoint_status_3_4, member_list_and_endpoint_status_3_5
+);
 
 /// `hasleader` keeps etcd's semantics: with quorum lost, a request requiring a leader gets
 /// etcd's own `etcdserver: no leader` through the proxy, code and message as directly.
 fn hasleader_without_quorum(version: EtcdVersion) {
     let mut cluster = EtcdCluster::start(ClusterSpec::new(version, 3)).expect("cluster");
     let proxy = start_proxy(&cluster.client_urls(), &[]);
-    let range =
-        etcd_compat_proto::etcdserverpb::RangeRequest { key: b"/hasleader".to_vec().into(), ..Default::default() }
-            .encode_to_vec();
+    let range = grpc_frame(
+        &etcd_compat_proto::etcdserverpb::RangeRequest { key: b"/hasleader".to_vec().into(), ..Default::default() }
+            .encode_to_vec(),
+    );
     let require_leader = [("hasleader", "true")];
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let status = |headers: &http::HeaderMap| {
-        let text = |name: &str| headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-        (text("grpc-status"), text("grpc-message"))
-    };
-    let (through_proxy, _) =
-        runtime.block_on(raw_unary(proxy.listen_addr(), "/etcdserverpb.KV/Range", &range, &require_leader));
+    let runtime = runtime();
+    let status = |answer: &RawAnswer| (answer.field("grpc-status"), answer.field("grpc-message"));
+    let through_proxy =
+        runtime.block_on(raw_unary(proxy.listen_addr(), "/etcdserverpb.KV/Range", &require_leader, range.clone()));
     assert_eq!(status(&through_proxy).0.as_deref(), Some("0"));
 
     cluster.kill(1).expect("kill member 1");
@@ -534,31 +415,23 @@ fn hasleader_without_quorum(version: EtcdVersion) {
     let no_leader = (Some("14".to_owned()), Some("etcdserver: no leader".to_owned()));
     let deadline = Instant::now() + Duration::from_secs(15);
     let direct = loop {
-        let (headers, _) = runtime.block_on(raw_unary(survivor, "/etcdserverpb.KV/Range", &range, &require_leader));
-        if status(&headers) == no_leader || Instant::now() > deadline {
-            break status(&headers);
+        let answer = runtime.block_on(raw_unary(survivor, "/etcdserverpb.KV/Range", &require_leader, range.clone()));
+        if status(&answer) == no_leader || Instant::now() > deadline {
+            break status(&answer);
         }
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(direct, no_leader);
-    let (through_proxy, _) =
-        runtime.block_on(raw_unary(proxy.listen_addr(), "/etcdserverpb.KV/Range", &range, &require_leader));
+    let through_proxy =
+        runtime.block_on(raw_unary(proxy.listen_addr(), "/etcdserverpb.KV/Range", &require_leader, range));
     assert_eq!(status(&through_proxy), no_leader);
     // A keep-alive stream requiring a leader is refused the same way, after the proxy tried the others.
-    let keep_alive = etcd_compat_proto::etcdserverpb::LeaseKeepAliveRequest { id: 1 }.encode_to_vec();
+    let keep_alive = grpc_frame(&etcd_compat_proto::etcdserverpb::LeaseKeepAliveRequest { id: 1 }.encode_to_vec());
     let path = "/etcdserverpb.Lease/LeaseKeepAlive";
-    let (direct, _) = runtime.block_on(raw_unary(survivor, path, &keep_alive, &require_leader));
+    let direct = runtime.block_on(raw_unary(survivor, path, &require_leader, keep_alive.clone()));
     assert_eq!(status(&direct), no_leader);
-    let (through_proxy, _) = runtime.block_on(raw_unary(proxy.listen_addr(), path, &keep_alive, &require_leader));
+    let through_proxy = runtime.block_on(raw_unary(proxy.listen_addr(), path, &require_leader, keep_alive));
     assert_eq!(status(&through_proxy), no_leader);
 }
 
-#[test]
-fn hasleader_without_quorum_3_4() {
-    hasleader_without_quorum(EtcdVersion::V3_4);
-}
-
-#[test]
-fn hasleader_without_quorum_3_5() {
-    hasleader_without_quorum(EtcdVersion::V3_5);
-}
+both_versions!(hasleader_without_quorum => hasleader_without_quorum_3_4, hasleader_without_quorum_3_5);

@@ -4,18 +4,10 @@
 use etcd_client::{Client, ConnectOptions, GetOptions, Txn, TxnOp};
 use etcd_compat_tests::EtcdVersion;
 
-use crate::support::{Deployment, Wire};
+use crate::support::{both_versions, grpc_status, runtime, Deployment, Wire};
 
 /// A gRPC status as (code name, message).
 type Status = (String, String);
-
-/// The code name and message of a failed call, or a panic if it succeeded.
-fn status<T: std::fmt::Debug>(result: Result<T, etcd_client::Error>) -> Status {
-    match result {
-        Err(etcd_client::Error::GRpcStatus(status)) => (format!("{:?}", status.code()), status.message().to_owned()),
-        other => panic!("expected a gRPC status error, got {other:?}"),
-    }
-}
 
 async fn connect(endpoint: &str, user: Option<(&str, &str)>) -> Client {
     let options = user.map(|(name, password)| ConnectOptions::new().with_user(name, password));
@@ -38,28 +30,36 @@ async fn same_errors(direct_endpoint: &str, proxy_endpoint: &str) {
     let compacted = GetOptions::new().with_revision(head - 1);
     cases.push((
         "compacted revision",
-        status(direct.get("/errors/k", Some(compacted.clone())).await),
-        status(proxied.get("/errors/k", Some(compacted)).await),
+        grpc_status(direct.get("/errors/k", Some(compacted.clone())).await),
+        grpc_status(proxied.get("/errors/k", Some(compacted)).await),
     ));
     let future = GetOptions::new().with_revision(head + 1000);
     cases.push((
         "future revision",
-        status(direct.get("/errors/k", Some(future.clone())).await),
-        status(proxied.get("/errors/k", Some(future)).await),
+        grpc_status(direct.get("/errors/k", Some(future.clone())).await),
+        grpc_status(proxied.get("/errors/k", Some(future)).await),
     ));
     cases.push((
         "lease not found",
-        status(direct.lease_revoke(0x1234).await),
-        status(proxied.lease_revoke(0x1234).await),
+        grpc_status(direct.lease_revoke(0x1234).await),
+        grpc_status(proxied.lease_revoke(0x1234).await),
     ));
     let duplicate = || Txn::new().and_then([TxnOp::put("/errors/d", "1", None), TxnOp::put("/errors/d", "2", None)]);
-    cases.push(("duplicate key in txn", status(direct.txn(duplicate()).await), status(proxied.txn(duplicate()).await)));
-    cases.push(("empty key", status(direct.put("", "v", None).await), status(proxied.put("", "v", None).await)));
+    cases.push((
+        "duplicate key in txn",
+        grpc_status(direct.txn(duplicate()).await),
+        grpc_status(proxied.txn(duplicate()).await),
+    ));
+    cases.push((
+        "empty key",
+        grpc_status(direct.put("", "v", None).await),
+        grpc_status(proxied.put("", "v", None).await),
+    ));
     direct.user_add("bob", "bobpw", None).await.expect("user add");
     cases.push((
         "user exists",
-        status(direct.user_add("bob", "x", None).await),
-        status(proxied.user_add("bob", "x", None).await),
+        grpc_status(direct.user_add("bob", "x", None).await),
+        grpc_status(proxied.user_add("bob", "x", None).await),
     ));
 
     let expected = [
@@ -84,8 +84,8 @@ async fn same_errors(direct_endpoint: &str, proxy_endpoint: &str) {
     direct.auth_enable().await.expect("auth enable");
     let mut direct_nobody = connect(direct_endpoint, Some(("nobody", "nobodypw"))).await;
     let mut proxied_nobody = connect(proxy_endpoint, Some(("nobody", "nobodypw"))).await;
-    let denied_direct = status(direct_nobody.put("/errors/secret", "x", None).await);
-    let denied_proxied = status(proxied_nobody.put("/errors/secret", "x", None).await);
+    let denied_direct = grpc_status(direct_nobody.put("/errors/secret", "x", None).await);
+    let denied_proxied = grpc_status(proxied_nobody.put("/errors/secret", "x", None).await);
     assert_eq!(denied_direct, ("PermissionDenied".to_owned(), "etcdserver: permission denied".to_owned()));
     assert_eq!(denied_proxied, denied_direct);
     let bad_login = |endpoint: String| async move {
@@ -103,11 +103,11 @@ async fn same_errors(direct_endpoint: &str, proxy_endpoint: &str) {
     assert_eq!(bad_login(proxy_endpoint.to_owned()).await, login_direct);
 }
 
-fn run(version: EtcdVersion) {
+fn etcd_errors_pass_through_unchanged(version: EtcdVersion) {
     // Debug level: the password check below must cover the most verbose logs.
     let deployment = Deployment::start(version, 1, Wire::Plain, &["--debug"]);
     let direct = deployment.cluster.client_urls()[0].clone();
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let runtime = runtime();
     runtime.block_on(same_errors(&direct, &deployment.endpoint));
     let log = deployment.proxy.log_contents();
     for secret in ["rootpw", "nobodypw", "bobpw"] {
@@ -115,12 +115,6 @@ fn run(version: EtcdVersion) {
     }
 }
 
-#[test]
-fn etcd_errors_pass_through_unchanged_3_4() {
-    run(EtcdVersion::V3_4);
-}
-
-#[test]
-fn etcd_errors_pass_through_unchanged_3_5() {
-    run(EtcdVersion::V3_5);
-}
+both_versions!(
+    etcd_errors_pass_through_unchanged => etcd_errors_pass_through_unchanged_3_4, etcd_errors_pass_through_unchanged_3_5
+);

@@ -7,7 +7,7 @@ use std::process::Stdio;
 
 use etcd_compat_tests::{etcdctl, etcdctl_command, etcdctl_ok, ClientTls, EtcdVersion};
 
-use crate::support::{Deployment, Wire};
+use crate::support::{both_versions, metric, Deployment, Wire};
 
 /// One etcdctl version talking to the proxy.
 struct Ctl<'a> {
@@ -176,29 +176,14 @@ fn etcdctl_through_proxy(cluster_version: EtcdVersion, wire: Wire) {
     // etcdctl 3.4 sends `http://host:port` as :authority for its per-endpoint calls over
     // plaintext (endpoint status and defrag here); they only work because the proxy drops it.
     let (_, metrics) = deployment.proxy.http_get("/metrics");
-    let repairs = crate::support::metric(&metrics, "etcd_compat_proxy_authority_repairs_total");
+    let repairs = metric(&metrics, "etcd_compat_proxy_authority_repairs_total");
     let expected = if wire == Wire::Plain { 2.0 } else { 0.0 };
     assert_eq!(repairs, Some(expected), "malformed :authority repairs");
     let log = deployment.proxy.log_contents();
     assert!(!log.contains("rootpw") && !log.contains("alicepw"), "a password reached the proxy log:\n{log}");
 }
 
-#[test]
-fn etcdctl_against_3_4_plaintext() {
-    etcdctl_through_proxy(EtcdVersion::V3_4, Wire::Plain);
-}
-
-#[test]
-fn etcdctl_against_3_4_tls_both_sides() {
-    etcdctl_through_proxy(EtcdVersion::V3_4, Wire::Tls);
-}
-
-#[test]
-fn etcdctl_against_3_5_plaintext() {
-    etcdctl_through_proxy(EtcdVersion::V3_5, Wire::Plain);
-}
-
-#[test]
-fn etcdctl_against_3_5_tls_both_sides() {
-    etcdctl_through_proxy(EtcdVersion::V3_5, Wire::Tls);
-}
+both_versions!(etcdctl_through_proxy(Wire::Plain) => etcdctl_against_3_4_plaintext, etcdctl_against_3_5_plaintext);
+both_versions!(
+    etcdctl_through_proxy(Wire::Tls) => etcdctl_against_3_4_tls_both_sides, etcdctl_against_3_5_tls_both_sides
+);

@@ -11,14 +11,12 @@ use std::future::poll_fn;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream as StdTcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use etcd_client::Client;
 use etcd_compat_certs::DevPki;
 use etcd_compat_proto::etcdserverpb::{
     watch_request::RequestUnion, AuthenticateRequest, AuthenticateResponse, PutRequest, RangeRequest, RangeResponse,
@@ -37,7 +35,9 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::support::{metric, Deployment, Wire, PROXY_BIN};
+use crate::support::{
+    both_versions, connect, grpc_status, metric, run_proxy, runtime, start_proxy, upstream_requests, Deployment, Wire,
+};
 
 const MIB: u64 = 1024 * 1024;
 /// The proxy's memory ceiling under every attack here; it idles at about 10 MiB.
@@ -81,10 +81,6 @@ fn assert_peak_rss_bounded(peak: u64, what: &str) {
         peak as f64 / MIB as f64,
         PEAK_RSS_LIMIT / MIB
     );
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Runtime::new().expect("runtime")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -398,6 +394,24 @@ async fn pump(stream: &mut SendStream<Bytes>, body: &Body, end_stream: bool, sen
     format!("all {offset} bytes sent")
 }
 
+/// `body` sent to `path` directly and through the proxy, each on a fresh connection:
+/// `(direct, proxied)`.
+async fn direct_and_proxied(
+    deployment: &Deployment,
+    path: &str,
+    body: &Body,
+    end_stream: bool,
+) -> (Streamed, Streamed) {
+    let mut results = Vec::new();
+    for addr in [deployment.cluster.client_addrs()[0], deployment.proxy.listen_addr()] {
+        let h2 = h2_connect(addr).await;
+        let request = grpc_request(addr, path, &[]);
+        results.push(send_until_answered(&h2.send, request, body.clone(), end_stream).await);
+    }
+    let proxied = results.pop().expect("proxied");
+    (results.pop().expect("direct"), proxied)
+}
+
 fn larger_than_max(length: u64, max: u64) -> (String, String) {
     (RESOURCE_EXHAUSTED.to_owned(), format!("grpc: received message larger than max ({length} vs. {max})"))
 }
@@ -668,20 +682,9 @@ fn continuation_flood_is_cut_off() {
 /// answer comes while the client is still sending, as it does from etcd directly.
 fn oversize_put_is_refused_early(version: EtcdVersion) {
     let deployment = Deployment::start(version, 1, Wire::Plain, &[]);
-    let direct_addr = deployment.cluster.client_addrs()[0];
-    let proxy_addr = deployment.proxy.listen_addr();
     let (body, length) = oversize_put("/size/huge", 100 * MIB);
     let runtime = runtime();
-    let (direct, proxied) = runtime.block_on(async {
-        let mut results = Vec::new();
-        for addr in [direct_addr, proxy_addr] {
-            let h2 = h2_connect(addr).await;
-            let request = grpc_request(addr, "/etcdserverpb.KV/Put", &[]);
-            results.push(send_until_answered(&h2.send, request, body.clone(), true).await);
-        }
-        let proxied = results.pop().expect("proxied");
-        (results.pop().expect("direct"), proxied)
-    });
+    let (direct, proxied) = runtime.block_on(direct_and_proxied(&deployment, "/etcdserverpb.KV/Put", &body, true));
     eprintln!("direct: {direct:?}\nproxied: {proxied:?}");
     let peak = peak_rss(&deployment.proxy, "100 MiB Put");
     let expected = larger_than_max(length, DEFAULT_MAX_RECEIVE);
@@ -699,15 +702,7 @@ fn oversize_put_is_refused_early(version: EtcdVersion) {
     etcdctl_still_works(&deployment, "oversize-put");
 }
 
-#[test]
-fn oversize_put_is_refused_early_3_4() {
-    oversize_put_is_refused_early(EtcdVersion::V3_4);
-}
-
-#[test]
-fn oversize_put_is_refused_early_3_5() {
-    oversize_put_is_refused_early(EtcdVersion::V3_5);
-}
+both_versions!(oversize_put_is_refused_early => oversize_put_is_refused_early_3_4, oversize_put_is_refused_early_3_5);
 
 /// Four 100 MiB Puts at once, each on its own connection: memory is bounded by what the proxy
 /// reads, not by what the clients send.
@@ -753,23 +748,12 @@ fn four_oversize_puts_in_parallel_are_refused() {
 fn stream_claiming_4_gib_is_refused(version: EtcdVersion) {
     const FOLLOWING: u64 = 200 * MIB;
     let deployment = Deployment::start(version, 1, Wire::Plain, &[]);
-    let direct_addr = deployment.cluster.client_addrs()[0];
-    let proxy_addr = deployment.proxy.listen_addr();
     let body = Body::new(grpc_prefix(u32::MAX).to_vec(), 5 + FOLLOWING);
     let runtime = runtime();
     let mut outcomes = Vec::new();
     for path in ["/etcdserverpb.Watch/Watch", "/etcdserverpb.Lease/LeaseKeepAlive"] {
-        let (direct, proxied) = runtime.block_on(async {
-            let mut results = Vec::new();
-            for addr in [direct_addr, proxy_addr] {
-                let h2 = h2_connect(addr).await;
-                let request = grpc_request(addr, path, &[]);
-                // A stream that stays open: the claimed message never ends.
-                results.push(send_until_answered(&h2.send, request, body.clone(), false).await);
-            }
-            let proxied = results.pop().expect("proxied");
-            (results.pop().expect("direct"), proxied)
-        });
+        // A stream that stays open: the claimed message never ends.
+        let (direct, proxied) = runtime.block_on(direct_and_proxied(&deployment, path, &body, false));
         eprintln!("{path} direct: {direct:?}\n{path} proxied: {proxied:?}");
         let peak = peak_rss(&deployment.proxy, path);
         outcomes.push((path, direct, proxied, peak));
@@ -784,68 +768,47 @@ fn stream_claiming_4_gib_is_refused(version: EtcdVersion) {
     etcdctl_still_works(&deployment, "4gib-claims");
 }
 
-#[test]
-fn stream_claiming_4_gib_is_refused_3_4() {
-    stream_claiming_4_gib_is_refused(EtcdVersion::V3_4);
-}
+both_versions!(
+    stream_claiming_4_gib_is_refused => stream_claiming_4_gib_is_refused_3_4, stream_claiming_4_gib_is_refused_3_5
+);
 
-#[test]
-fn stream_claiming_4_gib_is_refused_3_5() {
-    stream_claiming_4_gib_is_refused(EtcdVersion::V3_5);
-}
-
-fn upstream_requests(deployment: &Deployment) -> f64 {
+/// Requests the proxy has sent to the deployment's (only) member so far.
+fn requests_to_etcd(deployment: &Deployment) -> f64 {
     let (_, metrics) = deployment.proxy.http_get("/metrics");
-    let url = deployment.cluster.member(0).client_url;
-    metric(&metrics, &format!("etcd_compat_proxy_upstream_requests_total{{endpoint=\"{url}\"}}")).unwrap_or(0.0)
+    upstream_requests(&metrics, &deployment.cluster.member(0).client_url).unwrap_or(0.0)
 }
 
 /// With `--max-request-bytes 4194304` (a cluster whose etcd was raised to 4 MiB), a 3 MiB Put
 /// is etcd's to judge: this cluster keeps etcd's default, so it answers with its own limit,
 /// exactly as directly. A 5 MiB Put is over the raised limit plus 512 KiB and is the proxy's.
-fn raised_max_request_bytes(version: EtcdVersion) {
+fn raised_max_request_bytes_lets_etcd_judge(version: EtcdVersion) {
     let deployment = Deployment::start(version, 1, Wire::Plain, &["--max-request-bytes=4194304"]);
-    let direct_addr = deployment.cluster.client_addrs()[0];
     let proxy_addr = deployment.proxy.listen_addr();
     let runtime = runtime();
     let (three_mib, length) = oversize_put("/size/3mib", 3 * MIB);
-    let before = upstream_requests(&deployment);
-    let (direct, proxied) = runtime.block_on(async {
-        let mut results = Vec::new();
-        for addr in [direct_addr, proxy_addr] {
-            let h2 = h2_connect(addr).await;
-            let request = grpc_request(addr, "/etcdserverpb.KV/Put", &[]);
-            results.push(send_until_answered(&h2.send, request, three_mib.clone(), true).await);
-        }
-        let proxied = results.pop().expect("proxied");
-        (results.pop().expect("direct"), proxied)
-    });
-    let reached_etcd = upstream_requests(&deployment) - before;
+    let before = requests_to_etcd(&deployment);
+    let (direct, proxied) = runtime.block_on(direct_and_proxied(&deployment, "/etcdserverpb.KV/Put", &three_mib, true));
+    let reached_etcd = requests_to_etcd(&deployment) - before;
     assert_eq!(direct.ending.status("3 MiB directly"), larger_than_max(length, DEFAULT_MAX_RECEIVE));
     assert_eq!(proxied.ending, direct.ending, "3 MiB through the proxy");
     assert_eq!(reached_etcd, 1.0, "the 3 MiB Put was sent to etcd once");
 
     let (five_mib, length) = oversize_put("/size/5mib", 5 * MIB);
-    let before = upstream_requests(&deployment);
+    let before = requests_to_etcd(&deployment);
     let refused = runtime.block_on(async {
         let h2 = h2_connect(proxy_addr).await;
         let request = grpc_request(proxy_addr, "/etcdserverpb.KV/Put", &[]);
         send_until_answered(&h2.send, request, five_mib, true).await
     });
     assert_eq!(refused.ending.status("5 MiB through the proxy"), larger_than_max(length, 4_194_304 + 524_288));
-    assert_eq!(upstream_requests(&deployment) - before, 0.0, "the 5 MiB Put never reached etcd");
+    assert_eq!(requests_to_etcd(&deployment) - before, 0.0, "the 5 MiB Put never reached etcd");
     etcdctl_still_works(&deployment, "raised-max-request-bytes");
 }
 
-#[test]
-fn raised_max_request_bytes_lets_etcd_judge_3_4() {
-    raised_max_request_bytes(EtcdVersion::V3_4);
-}
-
-#[test]
-fn raised_max_request_bytes_lets_etcd_judge_3_5() {
-    raised_max_request_bytes(EtcdVersion::V3_5);
-}
+both_versions!(
+    raised_max_request_bytes_lets_etcd_judge
+        => raised_max_request_bytes_lets_etcd_judge_3_4, raised_max_request_bytes_lets_etcd_judge_3_5
+);
 
 // ---------------------------------------------------------------------------------------------
 // 3. Slow readers.
@@ -861,7 +824,7 @@ fn slow_watchers_do_not_stall_others(version: EtcdVersion) {
     let endpoint = deployment.endpoint.clone();
     let runtime = runtime();
     runtime.block_on(async {
-        let mut client = Client::connect([endpoint.as_str()], None).await.expect("connect");
+        let mut client = connect(&endpoint).await;
         let head = client.get("/slow/", None).await.expect("get").header().expect("header").revision();
         // The watchers cannot read their `created` answers yet, so a start revision instead of
         // creation order makes sure they cover every Put below.
@@ -1006,15 +969,9 @@ async fn read_watch_events(index: usize, response: ResponseFuture, revisions: &[
     }
 }
 
-#[test]
-fn slow_watchers_do_not_stall_others_3_4() {
-    slow_watchers_do_not_stall_others(EtcdVersion::V3_4);
-}
-
-#[test]
-fn slow_watchers_do_not_stall_others_3_5() {
-    slow_watchers_do_not_stall_others(EtcdVersion::V3_5);
-}
+both_versions!(
+    slow_watchers_do_not_stall_others => slow_watchers_do_not_stall_others_3_4, slow_watchers_do_not_stall_others_3_5
+);
 
 // ---------------------------------------------------------------------------------------------
 // 4. Malformed requests.
@@ -1090,15 +1047,10 @@ fn malformed_requests_do_not_blame_members(version: EtcdVersion) {
     etcdctl_still_works(&deployment, "malformed-requests");
 }
 
-#[test]
-fn malformed_requests_do_not_blame_members_3_4() {
-    malformed_requests_do_not_blame_members(EtcdVersion::V3_4);
-}
-
-#[test]
-fn malformed_requests_do_not_blame_members_3_5() {
-    malformed_requests_do_not_blame_members(EtcdVersion::V3_5);
-}
+both_versions!(
+    malformed_requests_do_not_blame_members
+        => malformed_requests_do_not_blame_members_3_4, malformed_requests_do_not_blame_members_3_5
+);
 
 // ---------------------------------------------------------------------------------------------
 // 5. Timeouts.
@@ -1234,7 +1186,7 @@ async fn stalled_range(addr: SocketAddr, framed: &[u8], sent: usize) -> (Ending,
     (ending, started.elapsed())
 }
 
-fn timeouts(version: EtcdVersion) {
+fn slow_and_silent_clients_time_out(version: EtcdVersion) {
     let flags = ["--handshake-timeout=1s", "--idle-connection-timeout=2s", "--request-body-timeout=1s"];
     let deployment = Deployment::start(version, 1, Wire::Plain, &flags);
     let addr = deployment.proxy.listen_addr();
@@ -1242,13 +1194,12 @@ fn timeouts(version: EtcdVersion) {
     let pki_dir = tempfile::tempdir().expect("pki dir");
     let pki = DevPki::create(pki_dir.path(), "listener").expect("pki");
     let mut tls_args = vec![
-        "start".to_owned(),
         format!("--endpoints={}", deployment.cluster.client_endpoints_csv()),
         format!("--cert-file={}", pki.server_cert.display()),
         format!("--key-file={}", pki.server_key.display()),
     ];
     tls_args.extend(flags.iter().map(|flag| flag.to_string()));
-    let tls_proxy = ProxyProcess::start(Path::new(PROXY_BIN), tls_args).expect("TLS proxy starts");
+    let tls_proxy = start_proxy(tls_args);
 
     let silent = thread::spawn(move || closed_after(addr, b""));
     let half_preface = thread::spawn(move || closed_after(addr, b"PRI * HTTP/2.0\r\n"));
@@ -1329,15 +1280,9 @@ fn timeouts(version: EtcdVersion) {
     etcdctl_still_works(&deployment, "timeouts");
 }
 
-#[test]
-fn slow_and_silent_clients_time_out_3_4() {
-    timeouts(EtcdVersion::V3_4);
-}
-
-#[test]
-fn slow_and_silent_clients_time_out_3_5() {
-    timeouts(EtcdVersion::V3_5);
-}
+both_versions!(
+    slow_and_silent_clients_time_out => slow_and_silent_clients_time_out_3_4, slow_and_silent_clients_time_out_3_5
+);
 
 // ---------------------------------------------------------------------------------------------
 // 6. Login throttling.
@@ -1357,13 +1302,6 @@ fn failed_login() -> (String, String) {
     ("InvalidArgument".to_owned(), "etcdserver: authentication failed, invalid user ID or password".to_owned())
 }
 
-fn grpc_status<T: std::fmt::Debug>(result: Result<T, etcd_client::Error>) -> (String, String) {
-    match result {
-        Err(etcd_client::Error::GRpcStatus(status)) => (format!("{:?}", status.code()), status.message().to_owned()),
-        other => panic!("expected a gRPC status, got {other:?}"),
-    }
-}
-
 /// 30 wrong passwords from one address cost at least the delay schedule (3 free, then 100 ms,
 /// doubling, capped at `--max-login-delay`): serially, and just as much in parallel.
 #[test]
@@ -1374,7 +1312,7 @@ fn password_guessing_is_slowed_down_serially_and_in_parallel() {
     let deployment = auth_deployment(EtcdVersion::V3_4, &["--max-login-delay=200ms"]);
     let runtime = runtime();
     runtime.block_on(async {
-        let client = Client::connect([deployment.endpoint.as_str()], None).await.expect("connect");
+        let client = connect(&deployment.endpoint).await;
         let auth = client.auth_client();
         let started = Instant::now();
         let serial = async {
@@ -1420,36 +1358,6 @@ fn password_guessing_is_slowed_down_serially_and_in_parallel() {
 
 // ---------------------------------------------------------------------------------------------
 // 7. Configuration.
-
-/// Runs the proxy with `args`; kills it if it is still running after 10 s (a configuration it
-/// should have refused) and returns `None` as the exit code then.
-fn run_proxy(args: &[&str]) -> (Option<i32>, String) {
-    let mut command = Command::new(PROXY_BIN);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("ETCD_COMPAT_PROXY_") {
-            command.env_remove(name);
-        }
-    }
-    // Colour escapes would split the words the assertions look for.
-    command.env("NO_COLOR", "1");
-    let mut child =
-        command.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let code = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status.code();
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    child.stderr.take().expect("stderr").read_to_string(&mut stderr).expect("read stderr");
-    (code, stderr)
-}
 
 #[test]
 fn unusable_settings_exit_with_code_2() {
@@ -1510,7 +1418,7 @@ async fn range_with(h2: &mut H2, metadata: &[(&str, &str)]) -> Result<String, (S
 
 /// etcd accepts its tokens as `authorization` as well as `token`; the proxy treats
 /// `authorization` exactly like `token`: only its own tokens, never etcd's.
-fn authorization_metadata(version: EtcdVersion) {
+fn authorization_metadata_is_a_proxy_token(version: EtcdVersion) {
     let deployment = auth_deployment(version, &[]);
     let direct_addr = deployment.cluster.client_addrs()[0];
     let proxy_addr = deployment.proxy.listen_addr();
@@ -1545,12 +1453,7 @@ fn authorization_metadata(version: EtcdVersion) {
     });
 }
 
-#[test]
-fn authorization_metadata_is_a_proxy_token_3_4() {
-    authorization_metadata(EtcdVersion::V3_4);
-}
-
-#[test]
-fn authorization_metadata_is_a_proxy_token_3_5() {
-    authorization_metadata(EtcdVersion::V3_5);
-}
+both_versions!(
+    authorization_metadata_is_a_proxy_token
+        => authorization_metadata_is_a_proxy_token_3_4, authorization_metadata_is_a_proxy_token_3_5
+);

@@ -13,6 +13,8 @@ use etcd_compat_tests::{
     TlsSpec,
 };
 
+use crate::support::both_versions;
+
 const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn client_addr(url: &str) -> SocketAddr {
@@ -52,15 +54,7 @@ fn single_member_serves_etcdctl(version: EtcdVersion) {
     assert_eq!(cluster.etcdctl_ok(&["get", "greeting"]), "greeting\nhello world\n", "data survives a restart");
 }
 
-#[test]
-fn single_member_v3_4_serves_etcdctl() {
-    single_member_serves_etcdctl(EtcdVersion::V3_4);
-}
-
-#[test]
-fn single_member_v3_5_serves_etcdctl() {
-    single_member_serves_etcdctl(EtcdVersion::V3_5);
-}
+both_versions!(single_member_serves_etcdctl => single_member_v3_4_serves_etcdctl, single_member_v3_5_serves_etcdctl);
 
 #[test]
 fn three_member_v3_5_survives_a_killed_member() {
@@ -134,15 +128,10 @@ fn tls_single_member_requires_client_cert(version: EtcdVersion) {
     );
 }
 
-#[test]
-fn tls_single_member_v3_4_requires_client_cert() {
-    tls_single_member_requires_client_cert(EtcdVersion::V3_4);
-}
-
-#[test]
-fn tls_single_member_v3_5_requires_client_cert() {
-    tls_single_member_requires_client_cert(EtcdVersion::V3_5);
-}
+both_versions!(
+    tls_single_member_requires_client_cert
+        => tls_single_member_v3_4_requires_client_cert, tls_single_member_v3_5_requires_client_cert
+);
 
 /// etcd's own grpc-proxy takes the same --listen-addr/--metrics-addr flags as
 /// etcd-compat-proxy, so it exercises ProxyProcess before the proxy binary exists.

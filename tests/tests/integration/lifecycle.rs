@@ -1,20 +1,16 @@
 //! The proxy process: it refuses bad configuration before binding anything, says clearly when
 //! no member can be reached, and on SIGTERM ends streams with a status and exits cleanly.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use etcd_client::{Client, WatchOptions};
-use etcd_compat_tests::{free_port, http_get, EtcdVersion, ProxyProcess};
+use etcd_client::WatchOptions;
+use etcd_compat_tests::{free_port, http_get, EtcdVersion};
 
-use crate::support::{Deployment, Wire, PROXY_BIN};
-
-fn run_proxy(args: &[&str]) -> (i32, String) {
-    let output =
-        Command::new(PROXY_BIN).args(args).env_remove("ETCD_COMPAT_PROXY_ENDPOINTS").output().expect("run proxy");
-    (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stderr).into_owned())
-}
+use crate::support::{
+    assert_flags_in_help_with_env_twins, connect, grpc_status, run_proxy, runtime, start_proxy, Deployment, Wire,
+    PROXY_BIN,
+};
 
 #[test]
 fn bad_configuration_fails_fast_with_a_clear_message() {
@@ -41,22 +37,20 @@ fn bad_configuration_fails_fast_with_a_clear_message() {
     ];
     for (args, expected) in cases {
         let (code, stderr) = run_proxy(args);
-        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(expected), "{args:?}: expected {expected:?} in {stderr:?}");
     }
     // Nothing was bound: the port is still free.
     std::net::TcpListener::bind(("127.0.0.1", port)).expect("the listen port was never bound");
 
     let (code, stderr) = run_proxy(&["start", "--no-such-flag"]);
-    assert_eq!(code, 2);
+    assert_eq!(code, Some(2));
     assert!(stderr.contains("unexpected argument '--no-such-flag'"), "{stderr}");
 }
 
 #[test]
 fn every_flag_has_an_environment_twin_and_help() {
-    let output = Command::new(PROXY_BIN).args(["start", "--help"]).output().expect("help");
-    let help = String::from_utf8_lossy(&output.stdout);
-    for flag in [
+    assert_flags_in_help_with_env_twins(&[
         "endpoints",
         "listen-addr",
         "advertise-client-url",
@@ -72,11 +66,7 @@ fn every_flag_has_an_environment_twin_and_help() {
         "debug",
         "data-dir",
         "namespace",
-    ] {
-        assert!(help.contains(&format!("--{flag}")), "--{flag} missing from help");
-        let env = format!("ETCD_COMPAT_PROXY_{}", flag.to_uppercase().replace('-', "_"));
-        assert!(help.contains(&format!("[env: {env}=")), "{env} missing from help");
-    }
+    ]);
 }
 
 /// Starts the binary with `args` and `env`, waits for `/health` on `metrics`, returns the body.
@@ -127,40 +117,35 @@ fn environment_and_config_file_configure_the_proxy() {
 #[test]
 fn unreachable_cluster_gives_unavailable_with_the_reason() {
     let dead = free_port().expect("port");
-    let proxy = ProxyProcess::start(
-        Path::new(PROXY_BIN),
-        vec!["start".into(), format!("--endpoints=127.0.0.1:{dead}"), "--dial-timeout=500ms".into()],
-    )
-    .expect("proxy starts even when etcd is down");
+    // The proxy starts even when etcd is down.
+    let proxy = start_proxy(vec![format!("--endpoints=127.0.0.1:{dead}"), "--dial-timeout=500ms".into()]);
     let (status, health) = proxy.http_get("/health");
     assert_eq!(status, 503, "{health}");
     assert!(health.starts_with("{\"health\":\"false\",\"reason\":\"no etcd member is reachable\""), "{health}");
 
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let runtime = runtime();
     runtime.block_on(async {
-        let mut client = Client::connect([proxy.endpoint()], None).await.expect("the proxy accepts the connection");
-        match client.get("k", None).await {
-            Err(etcd_client::Error::GRpcStatus(status)) => {
-                assert_eq!(format!("{:?}", status.code()), "Unavailable");
-                assert_eq!(
-                    status.message(),
-                    format!(
-                        "etcd-compat-proxy: no etcd member could serve the request (cannot connect to http://127.0.0.1:{dead}: Connection refused (os error 111)); check that the members in --endpoints are running and reachable"
-                    )
-                );
-            }
-            other => panic!("expected Unavailable, got {other:?}"),
-        }
+        // The proxy accepts the connection.
+        let mut client = connect(&proxy.endpoint()).await;
+        assert_eq!(
+            grpc_status(client.get("k", None).await),
+            (
+                "Unavailable".to_owned(),
+                format!(
+                    "etcd-compat-proxy: no etcd member could serve the request (cannot connect to http://127.0.0.1:{dead}: Connection refused (os error 111)); check that the members in --endpoints are running and reachable"
+                )
+            )
+        );
     });
 }
 
 #[test]
 fn sigterm_ends_streams_with_a_status_and_exits_cleanly() {
     let mut deployment = Deployment::start(EtcdVersion::V3_5, 1, Wire::Plain, &["--shutdown-grace=5s"]);
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let runtime = runtime();
     let endpoint = deployment.endpoint.clone();
     let mut stream = runtime.block_on(async {
-        let mut client = Client::connect([endpoint.as_str()], None).await.expect("connect");
+        let mut client = connect(&endpoint).await;
         let mut stream = client.watch("/shutdown/k", Some(WatchOptions::new())).await.expect("watch");
         client.put("/shutdown/k", "before", None).await.expect("put");
         // The first message may be the creation notice; wait for the event itself.
@@ -176,13 +161,10 @@ fn sigterm_ends_streams_with_a_status_and_exits_cleanly() {
 
     deployment.proxy.sigterm().expect("SIGTERM");
     let ended = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(5), stream.message()).await });
-    match ended.expect("the watch ended within the grace period") {
-        Err(etcd_client::Error::GRpcStatus(status)) => {
-            assert_eq!(format!("{:?}", status.code()), "Unavailable");
-            assert_eq!(status.message(), "etcd-compat-proxy is shutting down; reconnect to continue");
-        }
-        other => panic!("expected the watch to end with Unavailable, got {other:?}"),
-    }
+    assert_eq!(
+        grpc_status(ended.expect("the watch ended within the grace period")),
+        ("Unavailable".to_owned(), "etcd-compat-proxy is shutting down; reconnect to continue".to_owned())
+    );
     let exit = deployment.proxy.wait_exit(Duration::from_secs(10)).expect("proxy exits");
     assert!(exit.success(), "proxy exited with {exit}");
 }
@@ -200,7 +182,6 @@ fn insecure_skip_tls_verify_accepts_an_unknown_ca() {
     let other = etcd_compat_certs::DevPki::create(pki_dir.path(), "other").expect("other pki");
     let start = |skip: bool| {
         let mut args = vec![
-            "start".to_owned(),
             format!("--endpoints={}", cluster.client_urls()[0]),
             format!("--cert={}", pki.client_cert.display()),
             format!("--key={}", pki.client_key.display()),
@@ -210,7 +191,7 @@ fn insecure_skip_tls_verify_accepts_an_unknown_ca() {
             true => "--insecure-skip-tls-verify".to_owned(),
             false => format!("--cacert={}", other.ca_cert.display()),
         });
-        ProxyProcess::start(Path::new(PROXY_BIN), args).expect("proxy starts")
+        start_proxy(args)
     };
     let skipping = start(true);
     let endpoint = skipping.endpoint();

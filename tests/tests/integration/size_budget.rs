@@ -1,4 +1,4 @@
-//! Field report F2: a legacy client with a 4 MiB gRPC receive limit reading a 5 MiB prefix.
+//! A legacy client with a 4 MiB gRPC receive limit reading a 5 MiB prefix (a job list grown past it).
 //! Through the proxy it gets every key exactly once when it pages, a clear `ResourceExhausted`
 //! instead of the gRPC size error when it doesn't, and a first page where the operator opted in;
 //! etcdctl (unlimited) still gets everything, as directly.
@@ -6,10 +6,10 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use etcd_client::{Client, Txn, TxnOp};
+use etcd_client::{Txn, TxnOp};
 use etcd_compat_tests::{etcd3_python, etcdctl_ok, workspace_root, ClusterSpec, EtcdVersion};
 
-use crate::support::{metric, Deployment, Wire};
+use crate::support::{both_versions, connect, metric, runtime, Deployment, Wire};
 
 const KEYS: usize = 600;
 const VALUE_BYTES: usize = 9 * 1024;
@@ -29,9 +29,8 @@ fn python(endpoint: &str, args: &[&str]) -> String {
 }
 
 fn load(endpoint: &str, prefix: &str, keys: usize, value_bytes: usize) {
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    runtime.block_on(async {
-        let mut client = Client::connect([endpoint], None).await.expect("connect");
+    runtime().block_on(async {
+        let mut client = connect(endpoint).await;
         let value = vec![b'x'; value_bytes];
         for i in 0..keys {
             client.put(format!("{prefix}{i:04}"), value.clone(), None).await.expect("put");
@@ -57,7 +56,7 @@ fn legacy_client_reads_a_5_mib_prefix(version: EtcdVersion) {
     load(&direct, "/truncated/", KEYS, VALUE_BYTES);
     let proxy = deployment.endpoint.as_str();
 
-    // Directly, the legacy client fails the way the field report describes.
+    // Directly, the legacy client fails with gRPC's `received message larger than max`.
     let failed = python(&direct, &["get_prefix", "/jobs/"]);
     assert!(failed.starts_with("ERROR RESOURCE_EXHAUSTED "), "{failed}");
     assert!(failed.contains("larger than max"), "{failed}");
@@ -120,15 +119,9 @@ fn legacy_client_reads_a_5_mib_prefix(version: EtcdVersion) {
     assert!(!log.contains(&"x".repeat(64)), "a value reached the log");
 }
 
-#[test]
-fn legacy_client_reads_a_5_mib_prefix_3_4() {
-    legacy_client_reads_a_5_mib_prefix(EtcdVersion::V3_4);
-}
-
-#[test]
-fn legacy_client_reads_a_5_mib_prefix_3_5() {
-    legacy_client_reads_a_5_mib_prefix(EtcdVersion::V3_5);
-}
+both_versions!(
+    legacy_client_reads_a_5_mib_prefix => legacy_client_reads_a_5_mib_prefix_3_4, legacy_client_reads_a_5_mib_prefix_3_5
+);
 
 #[test]
 fn a_single_key_larger_than_the_budget_is_named() {
@@ -175,9 +168,8 @@ fn watch_receives_a_5_mib_transaction(version: EtcdVersion) {
     let big_transaction = |prefix: &'static str| {
         let direct = direct.clone();
         move || {
-            let runtime = tokio::runtime::Runtime::new().expect("runtime");
-            runtime.block_on(async {
-                let mut client = Client::connect([direct.as_str()], None).await.expect("connect");
+            runtime().block_on(async {
+                let mut client = connect(&direct).await;
                 let value = vec![b'w'; VALUE_BYTES];
                 let puts: Vec<TxnOp> =
                     (0..KEYS).map(|i| TxnOp::put(format!("{prefix}{i:04}"), value.clone(), None)).collect();
@@ -201,12 +193,6 @@ fn watch_receives_a_5_mib_transaction(version: EtcdVersion) {
     assert_eq!(metric(&metrics, "etcd_compat_proxy_watch_responses_split_total"), Some(1.0));
 }
 
-#[test]
-fn watch_receives_a_5_mib_transaction_3_4() {
-    watch_receives_a_5_mib_transaction(EtcdVersion::V3_4);
-}
-
-#[test]
-fn watch_receives_a_5_mib_transaction_3_5() {
-    watch_receives_a_5_mib_transaction(EtcdVersion::V3_5);
-}
+both_versions!(
+    watch_receives_a_5_mib_transaction => watch_receives_a_5_mib_transaction_3_4, watch_receives_a_5_mib_transaction_3_5
+);
