@@ -211,7 +211,7 @@ fn old_client_reaches_new_ca_cluster(version: EtcdVersion) {
 }
 
 both_versions!(
-    old_client_reaches_new_ca_cluster => old_client_reaches_new_ca_cluster_v3_4, old_client_reaches_new_ca_cluster_v3_5
+    old_client_reaches_new_ca_cluster => old_client_reaches_new_ca_cluster_3_4, old_client_reaches_new_ca_cluster_3_5
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -425,7 +425,7 @@ fn rotation_twice_under_load(version: EtcdVersion) {
     eprintln!("etcd {version}: {REQUESTS} requests, 0 failures; reload latencies {reload_latencies:?}");
 }
 
-both_versions!(rotation_twice_under_load => rotation_twice_under_load_v3_4, rotation_twice_under_load_v3_5);
+both_versions!(rotation_twice_under_load => rotation_twice_under_load_3_4, rotation_twice_under_load_3_5);
 
 // ---------------------------------------------------------------------------------------------
 // Broken replacements are refused; serving continues with the previous material.
@@ -548,7 +548,7 @@ fn broken_replacements_are_refused(version: EtcdVersion) {
 }
 
 both_versions!(
-    broken_replacements_are_refused => broken_replacements_are_refused_v3_4, broken_replacements_are_refused_v3_5
+    broken_replacements_are_refused => broken_replacements_are_refused_3_4, broken_replacements_are_refused_3_5
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -625,7 +625,7 @@ fn expiry_is_reported(version: EtcdVersion) {
     assert!(ten_or_nine(&health, &expected), "{health}");
 }
 
-both_versions!(expiry_is_reported => expiry_is_reported_v3_4, expiry_is_reported_v3_5);
+both_versions!(expiry_is_reported => expiry_is_reported_3_4, expiry_is_reported_3_5);
 
 // ---------------------------------------------------------------------------------------------
 // Old certificates: CN-only member certificates, RSA and PKCS#1/SEC1 keys, TLS 1.2.
@@ -686,7 +686,7 @@ fn cn_only_member_certificate(version: EtcdVersion) {
     assert!(health.contains("certificate not valid for name"), "{health}");
 }
 
-both_versions!(cn_only_member_certificate => cn_only_member_certificate_v3_4, cn_only_member_certificate_v3_5);
+both_versions!(cn_only_member_certificate => cn_only_member_certificate_3_4, cn_only_member_certificate_3_5);
 
 /// RSA with a PKCS#1 key on the listener, ECDSA with a SEC1 key upstream, both made by openssl;
 /// a TLS 1.2 ECDHE-AES-GCM client (as Go 1.11) still connects.
@@ -879,7 +879,7 @@ fn certs_commands_make_a_working_cluster(version: EtcdVersion) {
 
 both_versions!(
     certs_commands_make_a_working_cluster
-        => certs_commands_make_a_working_cluster_v3_4, certs_commands_make_a_working_cluster_v3_5
+        => certs_commands_make_a_working_cluster_3_4, certs_commands_make_a_working_cluster_3_5
 );
 
 #[test]

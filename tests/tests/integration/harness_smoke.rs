@@ -54,10 +54,10 @@ fn single_member_serves_etcdctl(version: EtcdVersion) {
     assert_eq!(cluster.etcdctl_ok(&["get", "greeting"]), "greeting\nhello world\n", "data survives a restart");
 }
 
-both_versions!(single_member_serves_etcdctl => single_member_v3_4_serves_etcdctl, single_member_v3_5_serves_etcdctl);
+both_versions!(single_member_serves_etcdctl => single_member_serves_etcdctl_3_4, single_member_serves_etcdctl_3_5);
 
 #[test]
-fn three_member_v3_5_survives_a_killed_member() {
+fn three_member_survives_a_killed_member_3_5() {
     let version = EtcdVersion::V3_5;
     let mut cluster = EtcdCluster::start(ClusterSpec::new(version, 3)).expect("cluster starts");
     eprintln!("etcd 3.5 3-member start: {:?}", cluster.startup_time());
@@ -90,7 +90,7 @@ fn three_member_v3_5_survives_a_killed_member() {
 }
 
 #[test]
-fn three_member_v3_4_elects_a_new_leader_after_the_leader_dies() {
+fn three_member_elects_a_new_leader_after_the_leader_dies_3_4() {
     let mut cluster = EtcdCluster::start(ClusterSpec::new(EtcdVersion::V3_4, 3)).expect("cluster starts");
     eprintln!("etcd 3.4 3-member start: {:?}", cluster.startup_time());
     let old_leader = cluster.leader_index().expect("leader");
@@ -130,7 +130,7 @@ fn tls_single_member_requires_client_cert(version: EtcdVersion) {
 
 both_versions!(
     tls_single_member_requires_client_cert
-        => tls_single_member_v3_4_requires_client_cert, tls_single_member_v3_5_requires_client_cert
+        => tls_single_member_requires_client_cert_3_4, tls_single_member_requires_client_cert_3_5
 );
 
 /// etcd's own grpc-proxy takes the same --listen-addr/--metrics-addr flags as
