@@ -106,3 +106,83 @@ async fn shutdown_signal() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+
+    /// The top-level modules each top-level module names (`crate::x`), from the sources.
+    fn dependencies() -> BTreeMap<String, BTreeSet<String>> {
+        fn sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                match path.is_dir() {
+                    true => sources(&path, out),
+                    false if path.extension().is_some_and(|e| e == "rs") => out.push(path),
+                    false => {}
+                }
+            }
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        sources(&root, &mut files);
+        let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for file in files {
+            let relative = file.strip_prefix(&root).unwrap();
+            let module = relative.iter().next().unwrap().to_string_lossy().trim_end_matches(".rs").to_owned();
+            if ["lib", "main", "fuzz"].contains(&module.as_str()) {
+                continue;
+            }
+            let text = std::fs::read_to_string(&file).unwrap();
+            let used = graph.entry(module.clone()).or_default();
+            for (at, _) in text.match_indices("crate::") {
+                let name: String =
+                    text[at + 7..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                let is_module = root.join(&name).is_dir() || root.join(format!("{name}.rs")).exists();
+                if is_module && name != module {
+                    used.insert(name);
+                }
+            }
+        }
+        graph
+    }
+
+    #[test]
+    fn no_module_reaches_back_up() {
+        let graph = dependencies();
+        assert!(graph.len() >= 14, "modules found: {:?}", graph.keys());
+        // Depth-first search for a cycle, reporting the first one found.
+        fn visit(
+            module: &str,
+            graph: &BTreeMap<String, BTreeSet<String>>,
+            path: &mut Vec<String>,
+            done: &mut BTreeSet<String>,
+        ) -> Option<Vec<String>> {
+            if let Some(at) = path.iter().position(|m| m == module) {
+                return Some(path[at..].to_vec());
+            }
+            if !done.insert(module.to_owned()) {
+                return None;
+            }
+            path.push(module.to_owned());
+            for next in graph.get(module).into_iter().flatten() {
+                if let Some(cycle) = visit(next, graph, path, done) {
+                    return Some(cycle);
+                }
+            }
+            path.pop();
+            None
+        }
+        let mut done = BTreeSet::new();
+        for module in graph.keys() {
+            let cycle = visit(module, &graph, &mut Vec::new(), &mut done);
+            assert!(cycle.is_none(), "modules that reach back up: {}", cycle.unwrap_or_default().join(" -> "));
+        }
+        // The layering the crate's documentation promises.
+        for (low, never) in [("transport", "upstream"), ("grpc", "call"), ("upstream", "call"), ("config", "cli")] {
+            assert!(!graph[low].contains(never), "{low} depends on {never}");
+        }
+        assert!(graph["transport"].is_empty() && graph["grpc"].is_empty(), "{graph:?}");
+    }
+}
