@@ -53,18 +53,9 @@ pub fn rewrite_client_urls(message: &[u8], urls: &[String]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use etcd_compat_proto::etcdserverpb::{Member as ListedMember, MemberListResponse};
+    use crate::upstream::listed;
+    use etcd_compat_proto::etcdserverpb::MemberListResponse;
     use prost::Message;
-
-    fn listed(id: u64, urls: &[&str], learner: bool) -> ListedMember {
-        ListedMember {
-            id,
-            name: format!("m{id}"),
-            peer_ur_ls: vec![format!("http://127.0.0.1:{}", 9000 + id)],
-            client_ur_ls: urls.iter().map(|u| u.to_string()).collect(),
-            is_learner: learner,
-        }
-    }
 
     #[test]
     fn member_list_rewrite_replaces_only_client_urls() {

@@ -235,3 +235,15 @@ impl Iterator for AttemptOrder<'_> {
         rest.next()
     }
 }
+
+/// A member as a member list names it (`m<id>`, one peer URL), for tests.
+#[cfg(test)]
+pub(crate) fn listed(id: u64, urls: &[&str], learner: bool) -> etcd_compat_proto::etcdserverpb::Member {
+    etcd_compat_proto::etcdserverpb::Member {
+        id,
+        name: format!("m{id}"),
+        peer_ur_ls: vec![format!("http://127.0.0.1:{}", 9000 + id)],
+        client_ur_ls: urls.iter().map(|u| u.to_string()).collect(),
+        is_learner: learner,
+    }
+}

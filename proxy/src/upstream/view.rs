@@ -296,23 +296,13 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use etcd_compat_proto::etcdserverpb::Member as ListedMember;
+    use crate::upstream::listed;
 
     #[test]
     fn leader_is_the_one_named_at_the_highest_term() {
         assert_eq!(leader_from_statuses(&[(3, 7), (4, 9), (4, 9)]), 9);
         assert_eq!(leader_from_statuses(&[(3, 7), (4, 0)]), 0);
         assert_eq!(leader_from_statuses(&[]), 0);
-    }
-
-    fn listed(id: u64, urls: &[&str], learner: bool) -> ListedMember {
-        ListedMember {
-            id,
-            name: format!("m{id}"),
-            peer_ur_ls: vec![format!("http://127.0.0.1:{}", 9000 + id)],
-            client_ur_ls: urls.iter().map(|u| u.to_string()).collect(),
-            is_learner: learner,
-        }
     }
 
     #[test]
