@@ -300,7 +300,7 @@ fn fetch_served_chain(
     };
     let server_name =
         ServerName::try_from(host.to_owned()).map_err(|_| format!("{endpoint}: {host:?} is not a valid host name"))?;
-    let recorder = Arc::new(crate::tls::AnyServerCertificate::new());
+    let recorder = Arc::new(crate::tls::verify::AnyServerCertificate::new());
     let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| e.to_string())?

@@ -19,13 +19,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 /// ALPN protocol id for HTTP/2; gRPC clients refuse a TLS connection that does not negotiate it.
 const ALPN_H2: &[u8] = b"h2";
@@ -106,7 +105,7 @@ pub fn build_upstream(files: &UpstreamTlsFiles) -> Result<Built<ClientConfig>, T
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(TlsError::Rustls)?;
     let builder = if files.insecure_skip_verify {
-        builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyServerCertificate::new()))
+        builder.dangerous().with_custom_certificate_verifier(Arc::new(verify::AnyServerCertificate::new()))
     } else {
         let (roots, ca_certs) = if files.cas.is_empty() {
             (RootCertStore::empty(), Vec::new())
@@ -208,64 +207,6 @@ fn load_crls(path: &std::path::Path) -> Result<Vec<CertificateRevocationListDer<
         return Err(bad("no X509 CRL block found; expected a PEM CRL".to_owned()));
     }
     Ok(crls)
-}
-
-/// Accepts any server certificate but still checks handshake signatures, and keeps the chain it
-/// was shown: for `--insecure-skip-tls-verify`, and for `certs inspect`, which shows what an
-/// endpoint serves even when it would not verify.
-#[derive(Debug)]
-pub(crate) struct AnyServerCertificate {
-    provider: Arc<CryptoProvider>,
-    served: std::sync::Mutex<Vec<CertificateDer<'static>>>,
-}
-
-impl AnyServerCertificate {
-    pub(crate) fn new() -> Self {
-        AnyServerCertificate { provider: provider(), served: std::sync::Mutex::new(Vec::new()) }
-    }
-
-    /// The chain the last server presented, leaf first.
-    pub(crate) fn served_chain(&self) -> Vec<CertificateDer<'static>> {
-        self.served.lock().map(|chain| chain.clone()).unwrap_or_default()
-    }
-}
-
-impl ServerCertVerifier for AnyServerCertificate {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if let Ok(mut chain) = self.served.lock() {
-            *chain = std::iter::once(end_entity).chain(intermediates).map(|c| c.clone().into_owned()).collect();
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 /// Why TLS material could not be used; messages name the file.

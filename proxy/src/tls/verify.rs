@@ -1,6 +1,7 @@
-//! Certificate verifiers for the two opt-in exceptions of the certificate lifecycle: legacy
+//! Certificate verifiers for the two opt-in exceptions of the certificate lifecycle (legacy
 //! clients with expired certificates, and etcd members whose server certificates have a CN but
-//! no subjectAltName.
+//! no subjectAltName), and the one that accepts any server certificate
+//! (`--insecure-skip-tls-verify`, `certs inspect`).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -14,6 +15,34 @@ use rustls::server::ParsedCertificate;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 
 use super::status::format_unix;
+
+/// The handshake-signature half of a `ServerCertVerifier` whose `provider` field does the
+/// checking: the exceptions change which certificates are accepted, never how signatures are.
+macro_rules! signatures_checked_by_provider {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.provider.signature_verification_algorithms.supported_schemes()
+        }
+    };
+}
 
 /// Verifies client certificates normally; a certificate that fails only because it expired is
 /// still let in when it chains to the legacy CA (checked as of its last valid second) and the
@@ -177,25 +206,43 @@ impl ServerCertVerifier for CommonNameServerVerifier {
         Err(name_error)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    signatures_checked_by_provider!();
+}
+
+/// Accepts any server certificate but still checks handshake signatures, and keeps the chain it
+/// was shown: for `--insecure-skip-tls-verify`, and for `certs inspect`, which shows what an
+/// endpoint serves even when it would not verify.
+#[derive(Debug)]
+pub(crate) struct AnyServerCertificate {
+    provider: Arc<CryptoProvider>,
+    served: std::sync::Mutex<Vec<CertificateDer<'static>>>,
+}
+
+impl AnyServerCertificate {
+    pub(crate) fn new() -> Self {
+        AnyServerCertificate { provider: super::provider(), served: std::sync::Mutex::new(Vec::new()) }
     }
 
-    fn verify_tls13_signature(
+    /// The chain the last server presented, leaf first.
+    pub(crate) fn served_chain(&self) -> Vec<CertificateDer<'static>> {
+        self.served.lock().map(|chain| chain.clone()).unwrap_or_default()
+    }
+}
+
+impl ServerCertVerifier for AnyServerCertificate {
+    fn verify_server_cert(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Ok(mut chain) = self.served.lock() {
+            *chain = std::iter::once(end_entity).chain(intermediates).map(|c| c.clone().into_owned()).collect();
+        }
+        Ok(ServerCertVerified::assertion())
     }
 
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
+    signatures_checked_by_provider!();
 }
