@@ -274,10 +274,10 @@ fn writes_survive_leader_and_follower_loss(version: EtcdVersion) {
     let mut client = runtime.block_on(connect(&proxy.endpoint()));
     let mut tally = Tally::default();
     runtime.block_on(tally.put_each(&mut client, "/ha/", 0..100));
-    let leader = cluster.leader_index().expect("leader");
-    cluster.kill(leader).expect("kill the leader");
+    let first_leader = cluster.leader_index().expect("leader");
+    cluster.kill(first_leader).expect("kill the leader");
     runtime.block_on(tally.put_each(&mut client, "/ha/", 100..300));
-    cluster.restart(leader).expect("restart the old leader");
+    cluster.restart(first_leader).expect("restart the old leader");
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).expect("leader");
     let follower = (leader + 1) % 3;
     cluster.kill(follower).expect("kill a follower");
@@ -285,8 +285,14 @@ fn writes_survive_leader_and_follower_loss(version: EtcdVersion) {
 
     tally.assert_failures_acceptable();
     assert!(tally.failed.len() <= 10, "too many failed writes: {:?}", tally.failed);
-    runtime.block_on(tally.assert_acknowledged_stored(&mut client, "/ha/"));
     assert_eq!(tally.acknowledged.len() + tally.failed.len(), 500);
+    // Read back from a member that was never killed, straight from etcd: etcd 3.5.0-3.5.2 can
+    // lose the last writes it applied when killed under load, and serve reads without them
+    // after its restart (etcd issue 13766, fixed in 3.5.3), so a read through the proxy that
+    // lands on the restarted old leader would test that bug of etcd, not the proxy.
+    let never_killed = (0..3).find(|&i| i != first_leader && i != follower).expect("a member never killed");
+    let mut direct = runtime.block_on(connect(&cluster.member(never_killed).client_url));
+    runtime.block_on(tally.assert_acknowledged_stored(&mut direct, "/ha/"));
 }
 
 both_versions!(
