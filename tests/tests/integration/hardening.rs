@@ -247,10 +247,10 @@ async fn unary(h2: &mut H2, request: Request<()>, body: Vec<u8>) -> Ending {
         Ok(sent) => sent,
         Err(error) => return ending_of(error),
     };
+    // A body refused because the peer already reset the stream (the proxy may reject the headers
+    // before this line runs) is not the ending: the response future carries the reset reason.
     if !end_with_headers {
-        if let Err(error) = stream.send_data(Bytes::from(body), true) {
-            return ending_of(error);
-        }
+        let _refused_after_reset = stream.send_data(Bytes::from(body), true);
     }
     tokio::time::timeout(Duration::from_secs(20), finish(response))
         .await
