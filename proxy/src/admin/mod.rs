@@ -103,14 +103,15 @@ impl Admin {
     }
 }
 
-/// The cluster view's facts about a member: etcd's id (hex, as etcdctl prints it) and name,
-/// whether it is a learner, the leader, or no longer in the member list.
+/// The cluster view's facts about a member: etcd's id (hex, as etcdctl prints it), name and
+/// release, whether it is a learner, the leader, or no longer in the member list.
 fn cluster_fields(member: &crate::upstream::Member, leader: u64) -> String {
     let id = member.role.id();
     format!(
-        "\"id\":{},\"name\":{},\"learner\":{},\"leader\":{},\"in_cluster\":{}",
+        "\"id\":{},\"name\":{},\"version\":{},\"learner\":{},\"leader\":{},\"in_cluster\":{}",
         if id == 0 { "null".to_owned() } else { format!("\"{id:x}\"") },
         member.role.name().map_or("null".to_owned(), |n| json_string(&n)),
+        member.role.version().map_or("null".to_owned(), |v| json_string(&v)),
         member.role.is_learner(),
         id != 0 && id == leader,
         !member.role.is_departed()

@@ -114,6 +114,9 @@ pub struct MemberRole {
     departed: AtomicBool,
     /// etcd's member name, for `/health`.
     pub(super) name: Mutex<Option<String>>,
+    /// The etcd release the member last reported in its Status answer, for `/health`: during a
+    /// rolling upgrade it shows which members run the new binary.
+    version: Mutex<Option<String>>,
 }
 
 impl MemberRole {
@@ -140,6 +143,21 @@ impl MemberRole {
     /// etcd's name for the member, once known.
     pub fn name(&self) -> Option<String> {
         self.name.lock().ok().and_then(|name| name.clone())
+    }
+
+    /// The etcd release the member last reported, once known.
+    pub fn version(&self) -> Option<String> {
+        self.version.lock().ok().and_then(|version| version.clone())
+    }
+
+    pub(super) fn set_version(&self, version: &str, endpoint: &str) {
+        let Ok(mut known) = self.version.lock() else { return };
+        if known.as_deref() != Some(version) {
+            if let Some(previous) = known.as_deref() {
+                tracing::info!(member = endpoint, previous, version, "member now runs another etcd release");
+            }
+            *known = Some(version.to_owned());
+        }
     }
 
     pub(super) fn set_learner(&self, learner: bool, endpoint: &str) {

@@ -217,6 +217,7 @@ impl Cluster {
                     let id = status.header.as_ref().map_or(0, |h| h.member_id);
                     member.role.id.store(id, Relaxed);
                     member.role.set_learner(status.is_learner, &member.name());
+                    member.role.set_version(&status.version, &member.name());
                     terms.push((status.raft_term, status.leader));
                     answered.push(member);
                 }
