@@ -176,8 +176,9 @@ pub enum ProxyFailure {
     Reset(h2::Reason),
     /// The upstream connection broke during a streamed answer.
     StreamBroke { member: String, error: String },
-    /// The upstream connection broke while the proxy read an answer whole.
-    AnswerBroke(String),
+    /// The upstream connection broke while the proxy read an answer whole; a write may have
+    /// been applied (its answer was on its way).
+    AnswerBroke { error: String, replay: Replay },
     /// A stream of the proxy's own (relayed Watch, keep-alives) ended without etcd's status.
     StreamEndedWithoutStatus,
     /// A stream task ended before the client was answered.
@@ -254,9 +255,13 @@ impl ProxyFailure {
                 Code::Unavailable,
                 format!("{P}: the connection to etcd member {member} broke during the call ({error}); retry the call"),
             ),
-            AnswerBroke(error) => (
+            AnswerBroke { error, replay: Replay::Idempotent } => (
                 Code::Unavailable,
                 format!("{P}: the connection to etcd broke while reading its answer ({error}); retry the call"),
+            ),
+            AnswerBroke { error, replay: Replay::IfNotSent | Replay::Never } => (
+                Code::Unavailable,
+                format!("{P}: the connection to etcd broke while reading its answer ({error}); the request may or may not have been applied, so it was not retried; check the result before retrying"),
             ),
             StreamEndedWithoutStatus => {
                 (Code::Unavailable, format!("{P}: the stream ended inside the proxy without a status; retry the call"))
@@ -309,6 +314,27 @@ mod tests {
         assert_eq!(
             message,
             "etcd-compat-proxy: no etcd member could serve the request; check that the members in --endpoints are running and reachable"
+        );
+    }
+
+    #[test]
+    fn a_broken_answer_says_whether_the_call_may_have_been_applied() {
+        let broke = |replay| ProxyFailure::AnswerBroke { error: "connection reset".to_owned(), replay }.status();
+        assert_eq!(
+            broke(Replay::Idempotent),
+            (
+                Code::Unavailable,
+                "etcd-compat-proxy: the connection to etcd broke while reading its answer (connection reset); retry the call"
+                    .to_owned()
+            )
+        );
+        assert_eq!(
+            broke(Replay::IfNotSent),
+            (
+                Code::Unavailable,
+                "etcd-compat-proxy: the connection to etcd broke while reading its answer (connection reset); the request may or may not have been applied, so it was not retried; check the result before retrying"
+                    .to_owned()
+            )
         );
     }
 }

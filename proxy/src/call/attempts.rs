@@ -157,7 +157,9 @@ impl Sender {
         let route = grpc::route(path_and_query.path());
         let mut body = PendingBody::Buffered(framed);
         match self.send(&route, path_and_query, headers, &mut body).await {
-            Ok((response, _)) => Buffered::collect(response, None).await.unwrap_or_else(|failed| failed),
+            Ok((response, _)) => {
+                Buffered::collect(response, None).await.unwrap_or_else(|broken| Buffered::broken(&broken, &route))
+            }
             Err(error) => Buffered::status(error.into_status()),
         }
     }
@@ -173,17 +175,17 @@ pub(crate) enum Upstreamed {
 
 impl Upstreamed {
     /// Reads the first frame of a response: a unary answer that starts with trailers is an
-    /// error, complete and small; one that starts with data goes on streaming.
-    pub(crate) async fn peek(response: Response<RecvBody>) -> Upstreamed {
+    /// error, complete and small; one that starts with data goes on streaming; the error of a
+    /// body that broke off first.
+    pub(crate) async fn peek(response: Response<RecvBody>) -> Result<Upstreamed, h2::Error> {
         let (parts, mut body) = response.into_parts();
-        match body.frame().await {
-            Some(Ok(frame)) => match frame.into_data() {
+        Ok(match body.frame().await.transpose()? {
+            Some(frame) => match frame.into_data() {
                 Ok(data) => Upstreamed::Streaming { response: Response::from_parts(parts, body), first: Some(data) },
                 Err(frame) => Upstreamed::Ended(Buffered::ended(parts, frame.into_trailers().ok())),
             },
-            Some(Err(error)) => Upstreamed::Ended(Buffered::broken(&error)),
             None => Upstreamed::Ended(Buffered::ended(parts, None)),
-        }
+        })
     }
 }
 

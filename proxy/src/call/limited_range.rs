@@ -45,7 +45,9 @@ impl Forwarder {
                     .map_err(|error| Buffered::status(error.into_status()))?;
                 let buffered = match answer {
                     Upstreamed::Ended(ended) => ended,
-                    Upstreamed::Streaming { response, first } => Buffered::collect(response, first).await?,
+                    Upstreamed::Streaming { response, first } => {
+                        Buffered::collect(response, first).await.map_err(|broken| Buffered::broken(&broken, &route))?
+                    }
                 };
                 if buffered.code() != Some(Code::Ok) {
                     return Err(buffered);

@@ -47,7 +47,7 @@ use crate::auth::{self, AuthSessions, ClientInfo, Identity, Session};
 use crate::budget::{BudgetPolicy, ClientBudget, KeySizeEstimate, LimitedLog};
 use crate::config::ClientLimits;
 use crate::error::{CallError, ProxyFailure};
-use crate::grpc::{self, CallShape, Code, MethodKind, Route};
+use crate::grpc::{self, CallShape, Code, MethodKind, Replay, Route};
 use crate::transport::RecvBody;
 use crate::upstream::{Cluster, Member};
 
@@ -269,7 +269,10 @@ impl Forwarder {
         }
     }
 
-    /// Sends a unary call and reads etcd's answer (whole when it is small enough).
+    /// Sends a unary call and reads etcd's answer (whole when it is small enough). A read
+    /// whose answer broke off with its member's connection is sent once more, to the next
+    /// member: reading again changes nothing, and a member stopped for a rolling restart or
+    /// upgrade closes its connections under the calls it was answering.
     async fn read_answer(
         &self,
         session: Option<&Session>,
@@ -278,29 +281,59 @@ impl Forwarder {
         headers: &mut HeaderMap,
         body: &mut PendingBody,
     ) -> Result<UnaryAnswer, CallError> {
+        let mut may_resend = route.replay == Replay::Idempotent && matches!(body, PendingBody::Buffered(_));
+        loop {
+            let error = match self.read_answer_once(session, route, path_and_query, headers, body).await? {
+                Ok(answer) => return Ok(answer),
+                Err((member, error)) if may_resend && connection_lost(&error) => {
+                    self.sender.cluster.mark_failed(&member, &error);
+                    self.sender.metrics().retried();
+                    may_resend = false;
+                    continue;
+                }
+                Err((_, error)) => error,
+            };
+            return Ok(UnaryAnswer::Whole(Buffered::broken(&error, route)));
+        }
+    }
+
+    /// One send of a unary call and its answer; the member and the error when the answer's
+    /// body broke off.
+    async fn read_answer_once(
+        &self,
+        session: Option<&Session>,
+        route: &Route,
+        path_and_query: &http::uri::PathAndQuery,
+        headers: &mut HeaderMap,
+        body: &mut PendingBody,
+    ) -> Result<Result<UnaryAnswer, (Arc<Member>, h2::Error)>, CallError> {
         let (upstreamed, member) = self.sender.send_as(session, route, path_and_query, headers, body).await?;
         let (response, first) = match upstreamed {
-            Upstreamed::Ended(answer) => return Ok(UnaryAnswer::Whole(answer)),
+            Upstreamed::Ended(answer) => return Ok(Ok(UnaryAnswer::Whole(answer))),
             Upstreamed::Streaming { response, first } => (response, first),
         };
         let cluster = &self.sender.cluster;
         if cluster.view.rewrites_member_list(route, headers) {
-            let answer = Buffered::collect(response, first).await.unwrap_or_else(|broken| broken);
-            return Ok(UnaryAnswer::Whole(answer.with_client_urls(cluster.view.advertised_urls())));
+            let answer = match Buffered::collect(response, first).await {
+                Ok(answer) => answer.with_client_urls(cluster.view.advertised_urls()),
+                Err(error) => return Ok(Err((member, error))),
+            };
+            return Ok(Ok(UnaryAnswer::Whole(answer)));
         }
         let (response, first) = match first {
             Some(first) => (response, first),
             None => match Upstreamed::peek(response).await {
-                Upstreamed::Ended(answer) => return Ok(UnaryAnswer::Whole(answer)),
-                Upstreamed::Streaming { response, first } => (response, first.unwrap_or_default()),
+                Ok(Upstreamed::Ended(answer)) => return Ok(Ok(UnaryAnswer::Whole(answer))),
+                Ok(Upstreamed::Streaming { response, first }) => (response, first.unwrap_or_default()),
+                Err(error) => return Ok(Err((member, error))),
             },
         };
-        match grpc::framed_length(&first) {
+        Ok(match grpc::framed_length(&first) {
             Some(length) if length <= self.max_buffered_response + 5 => {
-                Ok(UnaryAnswer::Whole(Buffered::collect(response, Some(first)).await.unwrap_or_else(|broken| broken)))
+                Buffered::collect(response, Some(first)).await.map(UnaryAnswer::Whole).map_err(|error| (member, error))
             }
             _ => Ok(UnaryAnswer::Large { response, first, member }),
-        }
+        })
     }
 
     /// A Watch stream: relayed by a task of its own (see [`watch`]); the responses of a client
@@ -388,6 +421,12 @@ enum UnaryAnswer {
     Whole(Buffered),
     /// Larger than the proxy holds for a client: relayed as it arrives, `first` already read.
     Large { response: Response<RecvBody>, first: Bytes, member: Arc<Member> },
+}
+
+/// Whether an answer broke off because its member's connection was lost (closed, failed, or
+/// going away), rather than because etcd reset this one stream, which it would do again.
+fn connection_lost(error: &h2::Error) -> bool {
+    error.is_io() || error.is_go_away()
 }
 
 /// Ends a call that could not be forwarded: with a status, or with etcd's reset.

@@ -19,7 +19,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::admin::Metrics;
 use crate::error::{self, ProxyFailure};
-use crate::grpc::{self, Code, MessageReader};
+use crate::grpc::{self, Code, MessageReader, Route};
 use crate::transport::RecvBody;
 
 use super::client_queue::QueueReceiver;
@@ -324,9 +324,9 @@ pub struct Buffered {
 }
 
 impl Buffered {
-    /// Reads an upstream response to the end into one contiguous buffer; a broken body becomes
-    /// `Unavailable`.
-    pub async fn collect(response: http::Response<RecvBody>, first: Option<Bytes>) -> Result<Buffered, Buffered> {
+    /// Reads an upstream response to the end into one contiguous buffer; the error of a body
+    /// that broke off (see [`Buffered::broken`]).
+    pub async fn collect(response: http::Response<RecvBody>, first: Option<Bytes>) -> Result<Buffered, h2::Error> {
         let (parts, mut body) = response.into_parts();
         let mut whole = Contiguous::default();
         if let Some(first) = first {
@@ -336,7 +336,7 @@ impl Buffered {
         while let Some(frame) = body.frame().await {
             let frame = match frame {
                 Ok(frame) => frame,
-                Err(error) => return Err(Buffered::broken(&error)),
+                Err(error) => return Err(error),
             };
             match frame.into_data() {
                 Ok(chunk) => whole.push(chunk),
@@ -353,9 +353,10 @@ impl Buffered {
         Buffered { status: parts.status, headers: parts.headers, data: Vec::new(), trailers }
     }
 
-    /// The answer to a call whose upstream connection broke while etcd's answer was read.
-    pub fn broken(error: &h2::Error) -> Buffered {
-        Buffered::status(ProxyFailure::AnswerBroke(error.to_string()).status())
+    /// The answer to a call of `route` whose upstream connection broke while etcd's answer was
+    /// read: `Unavailable`, saying whether the call may have been applied.
+    pub fn broken(error: &h2::Error, route: &Route) -> Buffered {
+        Buffered::status(ProxyFailure::AnswerBroke { error: error.to_string(), replay: route.replay }.status())
     }
 
     /// A trailers-only answer with a status of the proxy's own.
