@@ -130,6 +130,8 @@ struct Member {
     log_path: PathBuf,
     process: Option<Child>,
     member_id: Option<u64>,
+    /// The etcd release this member runs: the cluster's, until [`EtcdCluster::upgrade`].
+    version: EtcdVersion,
     /// Added with `member add` after the cluster started: its first run joins an existing cluster.
     joined_later: bool,
     /// Added as a learner and not promoted through [`EtcdCluster::mark_promoted`]: kept out of
@@ -199,6 +201,7 @@ impl EtcdCluster {
                 peer_port: free_port().context("picking a peer port")?,
                 process: None,
                 member_id: None,
+                version: spec.version,
                 joined_later: false,
                 learner: false,
             });
@@ -218,7 +221,7 @@ impl EtcdCluster {
     /// `cluster_token` is set for the first run only; on restart etcd takes the cluster
     /// from the data directory and ignores the initial-cluster flags anyway.
     fn spawn_member(&mut self, index: usize, cluster_token: Option<&str>) -> anyhow::Result<()> {
-        let etcd = self.spec.version.etcd_bin();
+        let etcd = self.members[index].version.etcd_bin();
         let scheme = self.scheme();
         let initial_cluster = self
             .members
@@ -540,6 +543,16 @@ impl EtcdCluster {
         self.wait_ready(&running)
     }
 
+    /// An in-place upgrade of member `index`, as operators do it: SIGTERM, then `version`'s etcd
+    /// started on the same data directory and ports; waits as [`EtcdCluster::restart`] does.
+    pub fn upgrade(&mut self, index: usize, version: EtcdVersion) -> anyhow::Result<()> {
+        self.checked_index(index)?;
+        version.etcd_bin();
+        self.stop(index)?;
+        self.members[index].version = version;
+        self.restart(index)
+    }
+
     /// Index of the member the running members name as leader; an error if they
     /// disagree, have none, or name a member that is not running.
     pub fn leader_index(&mut self) -> anyhow::Result<usize> {
@@ -629,6 +642,7 @@ impl EtcdCluster {
             peer_port: free_port().context("picking a peer port")?,
             process: None,
             member_id: None,
+            version: self.spec.version,
             joined_later: true,
             learner,
         };

@@ -10,7 +10,7 @@ use etcd_compat_tests::{etcdctl, free_port, grpc_frame, ClusterSpec, EtcdCluster
 use prost::Message;
 
 use crate::support::{
-    both_versions, connect, raw_unary, runtime, upstream_requests, wait_for_health, RawAnswer, Tally,
+    both_versions, connect, health_entry, raw_unary, runtime, upstream_requests, wait_for_health, RawAnswer, Tally,
 };
 
 const ROOT_PASSWORD: &str = "root-pw-5";
@@ -24,13 +24,6 @@ fn start_proxy(cluster_urls: &[String], extra: &[&str]) -> ProxyProcess {
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     crate::support::start_proxy(args)
-}
-
-/// The `/health` entry of the member at `url`.
-fn health_entry<'a>(health: &'a str, url: &str) -> Option<&'a str> {
-    let start = health.find(&format!("{{\"endpoint\":\"{url}\""))?;
-    let end = health[start..].find('}')? + start + 1;
-    Some(&health[start..end])
 }
 
 fn stderr_of(output: &std::process::Output) -> String {

@@ -153,6 +153,13 @@ pub fn assert_flags_in_help_with_env_twins(flags: &[&str]) {
     }
 }
 
+/// The object `/health` shows for the member at client URL `url`.
+pub fn health_entry<'a>(health: &'a str, url: &str) -> Option<&'a str> {
+    let start = health.find(&format!("{{\"endpoint\":\"{url}\""))?;
+    let end = health[start..].find('}')? + start + 1;
+    Some(&health[start..end])
+}
+
 /// Polls `/health` every 100 ms until `done(status, body)` holds or `timeout` passes; returns the last answer.
 pub fn wait_for_health(proxy: &ProxyProcess, timeout: Duration, done: impl Fn(u16, &str) -> bool) -> (u16, String) {
     let deadline = Instant::now() + timeout;
@@ -268,6 +275,8 @@ pub fn assert_failures_among(failures: &[String], acceptable: &[&str]) {
 pub struct Tally {
     /// Keys of the acknowledged writes.
     pub acknowledged: Vec<String>,
+    /// `(key, revision)` of the acknowledged writes recorded with [`Tally::record_put`].
+    pub acknowledged_at: Vec<(String, i64)>,
     /// `key: error` for every write that failed.
     pub failed: Vec<String>,
 }
@@ -279,6 +288,14 @@ impl Tally {
             Ok(_) => self.acknowledged.push(key),
             Err(error) => self.failed.push(format!("{key}: {error}")),
         }
+    }
+
+    /// Records how the Put of `key` ended, with the revision etcd acknowledged it at.
+    pub fn record_put(&mut self, key: String, outcome: Result<etcd_client::PutResponse, String>) {
+        if let Ok(put) = &outcome {
+            self.acknowledged_at.push((key.clone(), put.header().map_or(0, |h| h.revision())));
+        }
+        self.record(key, outcome);
     }
 
     /// Puts `v` at `{prefix}{i:05}` for each `i` in `range`, one after the other, recording each outcome.
@@ -293,6 +310,7 @@ impl Tally {
     /// Adds the writes of `other`.
     pub fn extend(&mut self, other: Tally) {
         self.acknowledged.extend(other.acknowledged);
+        self.acknowledged_at.extend(other.acknowledged_at);
         self.failed.extend(other.failed);
     }
 
