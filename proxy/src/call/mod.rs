@@ -237,7 +237,8 @@ impl Forwarder {
             &call.route,
             &call.path_and_query,
             &mut call.headers,
-            &mut call.body
+            &mut call.body,
+            true
         ));
         admission::within(call.deadline, work).await
     }
@@ -270,9 +271,9 @@ impl Forwarder {
     }
 
     /// Sends a unary call and reads etcd's answer (whole when it is small enough). A read
-    /// whose answer broke off with its member's connection is sent once more, to the next
-    /// member: reading again changes nothing, and a member stopped for a rolling restart or
-    /// upgrade closes its connections under the calls it was answering.
+    /// whose answer broke off with its member's connection is sent once more (`may_resend`),
+    /// to the next member: reading again changes nothing, and a member stopped for a rolling
+    /// restart or upgrade closes its connections under the calls it was answering.
     async fn read_answer(
         &self,
         session: Option<&Session>,
@@ -280,60 +281,49 @@ impl Forwarder {
         path_and_query: &http::uri::PathAndQuery,
         headers: &mut HeaderMap,
         body: &mut PendingBody,
+        may_resend: bool,
     ) -> Result<UnaryAnswer, CallError> {
-        let mut may_resend = route.replay == Replay::Idempotent && matches!(body, PendingBody::Buffered(_));
-        loop {
-            let error = match self.read_answer_once(session, route, path_and_query, headers, body).await? {
-                Ok(answer) => return Ok(answer),
-                Err((member, error)) if may_resend && connection_lost(&error) => {
-                    self.sender.cluster.mark_failed(&member, &error);
-                    self.sender.metrics().retried();
-                    may_resend = false;
-                    continue;
-                }
-                Err((_, error)) => error,
-            };
-            return Ok(UnaryAnswer::Whole(Buffered::broken(&error, route)));
-        }
-    }
-
-    /// One send of a unary call and its answer; the member and the error when the answer's
-    /// body broke off.
-    async fn read_answer_once(
-        &self,
-        session: Option<&Session>,
-        route: &Route,
-        path_and_query: &http::uri::PathAndQuery,
-        headers: &mut HeaderMap,
-        body: &mut PendingBody,
-    ) -> Result<Result<UnaryAnswer, (Arc<Member>, h2::Error)>, CallError> {
         let (upstreamed, member) = self.sender.send_as(session, route, path_and_query, headers, body).await?;
         let (response, first) = match upstreamed {
-            Upstreamed::Ended(answer) => return Ok(Ok(UnaryAnswer::Whole(answer))),
+            Upstreamed::Ended(answer) => return Ok(UnaryAnswer::Whole(answer)),
             Upstreamed::Streaming { response, first } => (response, first),
         };
-        let cluster = &self.sender.cluster;
-        if cluster.view.rewrites_member_list(route, headers) {
-            let answer = match Buffered::collect(response, first).await {
-                Ok(answer) => answer.with_client_urls(cluster.view.advertised_urls()),
-                Err(error) => return Ok(Err((member, error))),
-            };
-            return Ok(Ok(UnaryAnswer::Whole(answer)));
-        }
-        let (response, first) = match first {
-            Some(first) => (response, first),
-            None => match Upstreamed::peek(response).await {
-                Ok(Upstreamed::Ended(answer)) => return Ok(Ok(UnaryAnswer::Whole(answer))),
-                Ok(Upstreamed::Streaming { response, first }) => (response, first.unwrap_or_default()),
-                Err(error) => return Ok(Err((member, error))),
-            },
-        };
-        Ok(match grpc::framed_length(&first) {
-            Some(length) if length <= self.max_buffered_response + 5 => {
-                Buffered::collect(response, Some(first)).await.map(UnaryAnswer::Whole).map_err(|error| (member, error))
+        let broke = 'answered: {
+            let cluster = &self.sender.cluster;
+            if cluster.view.rewrites_member_list(route, headers) {
+                match Buffered::collect(response, first).await {
+                    Ok(answer) => {
+                        return Ok(UnaryAnswer::Whole(answer.with_client_urls(cluster.view.advertised_urls())))
+                    }
+                    Err(error) => break 'answered error,
+                }
             }
-            _ => Ok(UnaryAnswer::Large { response, first, member }),
-        })
+            let (response, first) = match first {
+                Some(first) => (response, first),
+                None => match Upstreamed::peek(response).await {
+                    Ok(Upstreamed::Ended(answer)) => return Ok(UnaryAnswer::Whole(answer)),
+                    Ok(Upstreamed::Streaming { response, first }) => (response, first.unwrap_or_default()),
+                    Err(error) => break 'answered error,
+                },
+            };
+            match grpc::framed_length(&first) {
+                Some(length) if length <= self.max_buffered_response + 5 => {
+                    match Buffered::collect(response, Some(first)).await {
+                        Ok(answer) => return Ok(UnaryAnswer::Whole(answer)),
+                        Err(error) => error,
+                    }
+                }
+                _ => return Ok(UnaryAnswer::Large { response, first, member }),
+            }
+        };
+        let resend = may_resend && route.replay == Replay::Idempotent && matches!(body, PendingBody::Buffered(_));
+        if !(resend && connection_lost(&broke)) {
+            return Ok(UnaryAnswer::Whole(Buffered::broken(&broke, route)));
+        }
+        self.sender.cluster.mark_failed(&member, &broke);
+        self.sender.metrics().retried();
+        // Boxed: a rare path (see `call`), kept out of every call's future.
+        Box::pin(self.read_answer(session, route, path_and_query, headers, body, false)).await
     }
 
     /// A Watch stream: relayed by a task of its own (see [`watch`]); the responses of a client
