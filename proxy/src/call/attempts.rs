@@ -171,21 +171,24 @@ pub(crate) enum Upstreamed {
     Streaming { response: Response<RecvBody>, first: Option<Bytes> },
     /// Complete: a status without a message, read in full.
     Ended(Buffered),
+    /// Broke off before the proxy had read it (the member's connection failed): the caller
+    /// decides whether the call may be sent again (see `Forwarder::read_answer`).
+    Broke(h2::Error),
 }
 
 impl Upstreamed {
     /// Reads the first frame of a response: a unary answer that starts with trailers is an
-    /// error, complete and small; one that starts with data goes on streaming; the error of a
-    /// body that broke off first.
-    pub(crate) async fn peek(response: Response<RecvBody>) -> Result<Upstreamed, h2::Error> {
+    /// error, complete and small; one that starts with data goes on streaming.
+    pub(crate) async fn peek(response: Response<RecvBody>) -> Upstreamed {
         let (parts, mut body) = response.into_parts();
-        Ok(match body.frame().await.transpose()? {
-            Some(frame) => match frame.into_data() {
+        match body.frame().await {
+            Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => Upstreamed::Streaming { response: Response::from_parts(parts, body), first: Some(data) },
                 Err(frame) => Upstreamed::Ended(Buffered::ended(parts, frame.into_trailers().ok())),
             },
+            Some(Err(error)) => Upstreamed::Broke(error),
             None => Upstreamed::Ended(Buffered::ended(parts, None)),
-        })
+        }
     }
 }
 

@@ -12,9 +12,9 @@ use crate::budget;
 use crate::error::ProxyFailure;
 use crate::grpc::{self, Code};
 
-use super::attempts::{PendingBody, Upstreamed};
+use super::attempts::PendingBody;
 use super::relay::Buffered;
-use super::Forwarder;
+use super::{Forwarder, UnaryAnswer};
 
 impl Forwarder {
     /// A Range from a client with a size budget; `None` when it is simply forwarded.
@@ -38,16 +38,16 @@ impl Forwarder {
             let mut body = PendingBody::Buffered(grpc::frame(&page.encode_to_vec()));
             let mut headers = headers.clone();
             async move {
-                let (answer, _) = self
-                    .sender
-                    .send_as(session, &route, path_and_query, &mut headers, &mut body)
+                // Each page is a read of its own: sent once more if its answer breaks off.
+                let answer = self
+                    .read_answer(session, &route, path_and_query, &mut headers, &mut body, true)
                     .await
                     .map_err(|error| Buffered::status(error.into_status()))?;
                 let buffered = match answer {
-                    Upstreamed::Ended(ended) => ended,
-                    Upstreamed::Streaming { response, first } => {
-                        Buffered::collect(response, first).await.map_err(|broken| Buffered::broken(&broken, &route))?
-                    }
+                    UnaryAnswer::Whole(whole) => whole,
+                    UnaryAnswer::Large { response, first, .. } => Buffered::collect(response, Some(first))
+                        .await
+                        .map_err(|broken| Buffered::broken(&broken, &route))?,
                 };
                 if buffered.code() != Some(Code::Ok) {
                     return Err(buffered);

@@ -284,11 +284,12 @@ impl Forwarder {
         may_resend: bool,
     ) -> Result<UnaryAnswer, CallError> {
         let (upstreamed, member) = self.sender.send_as(session, route, path_and_query, headers, body).await?;
-        let (response, first) = match upstreamed {
-            Upstreamed::Ended(answer) => return Ok(UnaryAnswer::Whole(answer)),
-            Upstreamed::Streaming { response, first } => (response, first),
-        };
         let broke = 'answered: {
+            let (response, first) = match upstreamed {
+                Upstreamed::Ended(answer) => return Ok(UnaryAnswer::Whole(answer)),
+                Upstreamed::Streaming { response, first } => (response, first),
+                Upstreamed::Broke(error) => break 'answered error,
+            };
             let cluster = &self.sender.cluster;
             if cluster.view.rewrites_member_list(route, headers) {
                 match Buffered::collect(response, first).await {
@@ -301,9 +302,9 @@ impl Forwarder {
             let (response, first) = match first {
                 Some(first) => (response, first),
                 None => match Upstreamed::peek(response).await {
-                    Ok(Upstreamed::Ended(answer)) => return Ok(UnaryAnswer::Whole(answer)),
-                    Ok(Upstreamed::Streaming { response, first }) => (response, first.unwrap_or_default()),
-                    Err(error) => break 'answered error,
+                    Upstreamed::Ended(answer) => return Ok(UnaryAnswer::Whole(answer)),
+                    Upstreamed::Streaming { response, first } => (response, first.unwrap_or_default()),
+                    Upstreamed::Broke(error) => break 'answered error,
                 },
             };
             match grpc::framed_length(&first) {
@@ -370,6 +371,7 @@ impl Forwarder {
         let Admitted { route, record, mut headers, path_and_query, mut body, session, .. } = call;
         match self.sender.send_as(session.as_deref(), &route, &path_and_query, &mut headers, &mut body).await {
             Ok((Upstreamed::Ended(answer), _)) => Ok(answer.finish(record)),
+            Ok((Upstreamed::Broke(error), _)) => Ok(Buffered::broken(&error, &route).finish(record)),
             Ok((Upstreamed::Streaming { response, first }, member)) => {
                 Ok(self.relay(response, first, record, &route, &member))
             }

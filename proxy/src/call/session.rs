@@ -82,20 +82,17 @@ impl Sender {
             Session::authorize(&token, headers);
             let (response, member) = self.send(route, path_and_query, headers, body).await?;
             let retryable = rejected.is_none() && matches!(body, PendingBody::Buffered(_));
-            let broken = |error: h2::Error| Upstreamed::Ended(Buffered::broken(&error, route));
             let answer = match Code::from_headers(response.headers()) {
-                Some(_) => Buffered::collect(response, None).await.map_or_else(broken, Upstreamed::Ended),
+                Some(_) => Buffered::collect(response, None).await.map_or_else(Upstreamed::Broke, Upstreamed::Ended),
                 // etcd behind TLS sends a unary error as headers, then trailers: look at the first frame.
-                None if retryable && route.shape == CallShape::Unary => {
-                    Upstreamed::peek(response).await.unwrap_or_else(broken)
-                }
+                None if retryable && route.shape == CallShape::Unary => Upstreamed::peek(response).await,
                 None => Upstreamed::Streaming { response, first: None },
             };
             let refused_token = match &answer {
                 Upstreamed::Ended(ended) => {
                     ended.code().is_some_and(|code| auth::is_token_rejection(code, &ended.status_message()))
                 }
-                Upstreamed::Streaming { .. } => false,
+                Upstreamed::Streaming { .. } | Upstreamed::Broke(_) => false,
             };
             if !refused_token || !retryable {
                 return Ok((answer, member));
