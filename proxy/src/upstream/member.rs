@@ -151,6 +151,10 @@ impl MemberRole {
     }
 
     pub(super) fn set_version(&self, version: &str, endpoint: &str) {
+        // An empty version says nothing: `/health` keeps showing the last one known, or null.
+        if version.is_empty() {
+            return;
+        }
         let Ok(mut known) = self.version.lock() else { return };
         if known.as_deref() != Some(version) {
             if let Some(previous) = known.as_deref() {
