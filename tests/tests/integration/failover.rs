@@ -2,16 +2,19 @@
 //! nothing acknowledged is lost, and `/health` and `/metrics` show which member is down.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::Client;
-use etcd_compat_tests::{EtcdCluster, EtcdVersion};
+use etcd_compat_tests::{ClusterSpec, EtcdCluster, EtcdVersion, ProxyProcess};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::{
-    assert_failures_among, both_versions, connect, health_entry, metric, runtime, upstream_requests, wait_for_health,
-    Deployment, Tally, Wire, OUTCOME_UNKNOWN,
+    assert_failures_among, both_versions, connect, grpc_status, health_entry, metric, runtime, start_proxy,
+    upstream_requests, wait_for_health, Deployment, Tally, Wire, OUTCOME_UNKNOWN,
 };
 
 fn member_dies_under_load(version: EtcdVersion) {
@@ -393,3 +396,164 @@ fn roll_members(
     });
     assert_watch_saw_every_write(deployment, &events, &writes.acknowledged_at, writes.failed.len(), 1);
 }
+
+/// A TCP relay in front of one member whose answers (member to proxy) can be slowed down and
+/// whose connections can all be cut at once, as a member stopping under a call cuts them.
+struct CuttingRelay {
+    addr: SocketAddr,
+    /// Bytes passed toward the proxy per 10 ms; 0 for no limit.
+    rate: Arc<AtomicUsize>,
+    /// Bytes passed toward the proxy so far.
+    answered: Arc<AtomicUsize>,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl CuttingRelay {
+    async fn start(member: SocketAddr) -> CuttingRelay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the relay");
+        let addr = listener.local_addr().expect("relay address");
+        let (cut, _) = tokio::sync::watch::channel(false);
+        let relay = CuttingRelay { addr, rate: Arc::default(), answered: Arc::default(), cut };
+        let (rate, answered, cut) = (Arc::clone(&relay.rate), Arc::clone(&relay.answered), relay.cut.clone());
+        tokio::spawn(async move {
+            // Connections made after the cut are refused: the member is gone.
+            let mut cut_signal = cut.subscribe();
+            loop {
+                let inbound = tokio::select! {
+                    accepted = listener.accept() => match accepted { Ok((inbound, _)) => inbound, Err(_) => return },
+                    _ = cut_signal.changed() => return,
+                };
+                let Ok(outbound) = TcpStream::connect(member).await else { continue };
+                let (rate, answered, mut cut_signal) = (Arc::clone(&rate), Arc::clone(&answered), cut.subscribe());
+                tokio::spawn(async move {
+                    let (mut in_read, mut in_write) = inbound.into_split();
+                    let (mut out_read, mut out_write) = outbound.into_split();
+                    let upward = tokio::io::copy(&mut in_read, &mut out_write);
+                    let downward = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let limit = rate.load(Ordering::Relaxed);
+                            let want = if limit == 0 { buf.len() } else { limit.min(buf.len()) };
+                            let n = match out_read.read(&mut buf[..want]).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if in_write.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                            answered.fetch_add(n, Ordering::Relaxed);
+                            if limit != 0 {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
+                        }
+                    };
+                    // Dropping both halves on the cut closes the connection under its calls.
+                    tokio::select! {
+                        _ = async { tokio::join!(upward, downward) } => {}
+                        _ = cut_signal.changed() => {}
+                    }
+                });
+            }
+        });
+        relay
+    }
+
+    fn slow_down(&self, bytes_per_10ms: usize) {
+        self.rate.store(bytes_per_10ms, Ordering::Relaxed);
+    }
+
+    fn answered(&self) -> usize {
+        self.answered.load(Ordering::Relaxed)
+    }
+
+    /// Waits (up to 10 s) until `bytes` more than `since` have passed toward the proxy.
+    async fn wait_answered(&self, since: usize, bytes: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.answered() - since < bytes && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+}
+
+/// A proxy given only `relay`'s address: it pins the member behind it, and learns the other
+/// two from the member list. Health checks are rare so that only the call under test crosses
+/// the relay while it is slowed down.
+fn proxy_behind(relay: &CuttingRelay) -> ProxyProcess {
+    let proxy = start_proxy(vec![
+        format!("--endpoints=http://{}", relay.addr),
+        "--health-interval=1m".to_owned(),
+        "--cluster-refresh-interval=1m".to_owned(),
+    ]);
+    let (_, health) =
+        wait_for_health(&proxy, Duration::from_secs(10), |_, body| body.matches("\"healthy\":true").count() == 3);
+    assert_eq!(health.matches("\"healthy\":true").count(), 3, "the proxy learns the other members: {health}");
+    proxy
+}
+
+fn retries(proxy: &ProxyProcess) -> f64 {
+    metric(&proxy.http_get("/metrics").1, "etcd_compat_proxy_retries_total").expect("retries metric")
+}
+
+/// The member answering a call closes its connection while the answer is under way. A read is
+/// sent once more, to another member, and the client gets its answer; a write is not sent
+/// again (etcd applied it once) and the client is told it may or may not have been applied.
+fn broken_answers(version: EtcdVersion) {
+    let cluster = EtcdCluster::start(ClusterSpec::new(version, 3)).expect("etcd cluster starts");
+    let runtime = runtime();
+    let value = vec![b'r'; 1024 * 1024];
+
+    // A read of 1 MiB, answered at 800 KiB/s, cut once 64 KiB of it have passed.
+    let relay = runtime.block_on(CuttingRelay::start(cluster.client_addrs()[0]));
+    let proxy = proxy_behind(&relay);
+    let endpoint = proxy.endpoint();
+    let (read, answered_at_cut) = runtime.block_on(async {
+        let mut client = connect(&endpoint).await;
+        client.put("/broken/big", value.clone(), None).await.expect("put through the proxy");
+        relay.slow_down(8 * 1024);
+        let before = relay.answered();
+        let read = tokio::spawn(async move { bounded(client.get("/broken/big", None)).await });
+        relay.wait_answered(before, 64 * 1024).await;
+        let answered_at_cut = relay.answered() - before;
+        relay.cut();
+        (read.await.expect("read task"), answered_at_cut)
+    });
+    assert!(
+        (64 * 1024..value.len()).contains(&answered_at_cut),
+        "the cut came in the middle of the answer: {answered_at_cut} bytes had passed"
+    );
+    let read = read.expect("the read is answered by another member");
+    assert_eq!(read.kvs().len(), 1);
+    assert_eq!(read.kvs()[0].value(), &value[..]);
+    assert_eq!(retries(&proxy), 1.0, "sent once more");
+
+    // A write whose answer is cut once its first frame header has passed.
+    let relay = runtime.block_on(CuttingRelay::start(cluster.client_addrs()[0]));
+    let proxy = proxy_behind(&relay);
+    let endpoint = proxy.endpoint();
+    let written = runtime.block_on(async {
+        let mut client = connect(&endpoint).await;
+        relay.slow_down(1);
+        let before = relay.answered();
+        let write = tokio::spawn(async move { client.put("/broken/write", "once", None).await });
+        relay.wait_answered(before, 9).await;
+        relay.cut();
+        write.await.expect("write task")
+    });
+    let (code, message) = grpc_status(written);
+    assert_eq!(code, "Unavailable");
+    assert!(message.contains(OUTCOME_UNKNOWN), "{message}");
+    assert_eq!(retries(&proxy), 0.0, "a write is never sent again");
+    let stored = runtime.block_on(async {
+        let mut direct = connect(&cluster.client_urls()[1]).await;
+        direct.get("/broken/write", None).await.expect("read directly")
+    });
+    // etcd has almost always applied it by the cut; under load the cut may come first. Never twice.
+    let versions: Vec<i64> = stored.kvs().iter().map(|kv| kv.version()).collect();
+    assert!(versions == [1] || versions.is_empty(), "applied at most once: versions {versions:?}");
+}
+
+both_versions!(broken_answers => broken_answers_3_4, broken_answers_3_5);
