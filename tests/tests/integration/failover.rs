@@ -498,11 +498,33 @@ fn retries(proxy: &ProxyProcess) -> f64 {
     metric(&proxy.http_get("/metrics").1, "etcd_compat_proxy_retries_total").expect("retries metric")
 }
 
+/// The password of the user `broken` (read-write on `/broken/`) when auth is on.
+const BROKEN_USER_PASSWORD: &str = "brokenpw-7c2a";
+
+/// A client of `endpoint`, as the user `broken` when `auth`.
+async fn client_of(endpoint: &str, auth: bool) -> Client {
+    let options = auth.then(|| etcd_client::ConnectOptions::new().with_user("broken", BROKEN_USER_PASSWORD));
+    Client::connect([endpoint], options).await.unwrap_or_else(|error| panic!("connect to {endpoint}: {error}"))
+}
+
 /// The member answering a call closes its connection while the answer is under way. A read is
 /// sent once more, to another member, and the client gets its answer; a write is not sent
-/// again (etcd applied it once) and the client is told it may or may not have been applied.
-fn broken_answers(version: EtcdVersion) {
+/// again and the client is told it may or may not have been applied. With `auth`, the calls
+/// are a session's (the proxy sends them with its etcd token for the user).
+fn broken_answers(version: EtcdVersion, auth: bool) {
     let cluster = EtcdCluster::start(ClusterSpec::new(version, 3)).expect("etcd cluster starts");
+    if auth {
+        for args in [
+            &["user", "add", "root:rootpw"][..],
+            &["role", "add", "broken"],
+            &["role", "grant-permission", "broken", "--prefix=true", "readwrite", "/broken/"],
+            &["user", "add", &format!("broken:{BROKEN_USER_PASSWORD}")],
+            &["user", "grant-role", "broken", "broken"],
+            &["auth", "enable"],
+        ] {
+            cluster.etcdctl_ok(args);
+        }
+    }
     let runtime = runtime();
     let value = vec![b'r'; 1024 * 1024];
 
@@ -511,7 +533,7 @@ fn broken_answers(version: EtcdVersion) {
     let proxy = proxy_behind(&relay);
     let endpoint = proxy.endpoint();
     let (read, answered_at_cut) = runtime.block_on(async {
-        let mut client = connect(&endpoint).await;
+        let mut client = client_of(&endpoint, auth).await;
         client.put("/broken/big", value.clone(), None).await.expect("put through the proxy");
         relay.slow_down(8 * 1024);
         let before = relay.answered();
@@ -535,7 +557,7 @@ fn broken_answers(version: EtcdVersion) {
     let proxy = proxy_behind(&relay);
     let endpoint = proxy.endpoint();
     let written = runtime.block_on(async {
-        let mut client = connect(&endpoint).await;
+        let mut client = client_of(&endpoint, auth).await;
         relay.slow_down(1);
         let before = relay.answered();
         let write = tokio::spawn(async move { client.put("/broken/write", "once", None).await });
@@ -548,7 +570,7 @@ fn broken_answers(version: EtcdVersion) {
     assert!(message.contains(OUTCOME_UNKNOWN), "{message}");
     assert_eq!(retries(&proxy), 0.0, "a write is never sent again");
     let stored = runtime.block_on(async {
-        let mut direct = connect(&cluster.client_urls()[1]).await;
+        let mut direct = client_of(&cluster.client_urls()[1], auth).await;
         direct.get("/broken/write", None).await.expect("read directly")
     });
     // etcd has almost always applied it by the cut; under load the cut may come first. Never twice.
@@ -556,4 +578,13 @@ fn broken_answers(version: EtcdVersion) {
     assert!(versions == [1] || versions.is_empty(), "applied at most once: versions {versions:?}");
 }
 
-both_versions!(broken_answers => broken_answers_3_4, broken_answers_3_5);
+fn broken_answers_of_clients(version: EtcdVersion) {
+    broken_answers(version, false);
+}
+
+fn broken_answers_of_sessions(version: EtcdVersion) {
+    broken_answers(version, true);
+}
+
+both_versions!(broken_answers_of_clients => broken_answers_of_clients_3_4, broken_answers_of_clients_3_5);
+both_versions!(broken_answers_of_sessions => broken_answers_of_sessions_3_4, broken_answers_of_sessions_3_5);
