@@ -15,9 +15,12 @@ use crate::auth::AuthSessions;
 use crate::error::{CallError, ProxyFailure, UpstreamError};
 use crate::grpc::{self, CallShape, Route};
 use crate::transport::{FeedReceiver, RecvBody, RequestBody, Upload};
-use crate::upstream::{Cluster, Lane, Member};
+use crate::upstream::{Cluster, Lane, Member, Target};
 
 use super::relay::Buffered;
+
+/// The pause before the second retry after a routing error (see `RoutingError::max_reroutes`).
+const REROUTE_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Sends requests to the cluster, as a session's user when there is one (see `session`).
 pub(crate) struct Sender {
@@ -68,8 +71,9 @@ impl Sender {
         let lane = if route.shape == CallShape::Unary { Lane::Calls } else { Lane::Streams };
         let target = self.cluster.view.target(route, body.message());
         let mut order = self.cluster.attempts(target);
-        // etcd's routing error, kept to answer with if the retry finds no other member.
+        // etcd's latest routing error, kept to answer with if the retries find no member.
         let mut refused: Option<(Response<RecvBody>, Arc<Member>)> = None;
+        let mut reroutes = 0;
         let mut attempts = 0;
         while let Some(member) = order.next() {
             if attempts > 0 {
@@ -78,16 +82,17 @@ impl Sender {
             attempts += 1;
             match self.attempt(&member, lane, path_and_query, headers, body).await {
                 Ok(response) => {
-                    // etcd's routing errors (learner, not or no leader) get one retry elsewhere when safe.
-                    let may_retry = refused.is_none() && !matches!(body, PendingBody::Streaming(None));
                     // Boxed: a rare path (see `call`).
                     let rerouted = match crate::upstream::routing_error(response.headers()) {
-                        Some(_) => {
-                            Box::pin(self.cluster.reroute(&member, response.headers(), route, target, may_retry)).await
+                        Some(error) => {
+                            let may_retry =
+                                reroutes < error.max_reroutes() && !matches!(body, PendingBody::Streaming(None));
+                            Box::pin(self.reroute(&member, &response, route, target, may_retry, reroutes)).await
                         }
                         None => None,
                     };
                     if let Some(next) = rerouted {
+                        reroutes += 1;
                         order.restart_with(next);
                         refused = Some((response, member));
                         continue;
@@ -121,6 +126,25 @@ impl Sender {
             }
         }
         refused.ok_or_else(|| ProxyFailure::NoMember(failures.iter().map(ToString::to_string).collect()).into())
+    }
+
+    /// The members to try after etcd's routing error in `response` from `member`, if it may be
+    /// retried (see `Cluster::reroute`); from the second retry on, after a pause that doubles
+    /// each time, so that retries span an election (about a second with etcd's defaults).
+    async fn reroute(
+        &self,
+        member: &Arc<Member>,
+        response: &Response<RecvBody>,
+        route: &Route,
+        target: Target,
+        may_retry: bool,
+        reroutes: u32,
+    ) -> Option<Vec<Arc<Member>>> {
+        let next = self.cluster.reroute(member, response.headers(), route, target, may_retry).await?;
+        if reroutes > 0 {
+            tokio::time::sleep(REROUTE_PAUSE * (1 << (reroutes - 1))).await;
+        }
+        Some(next)
     }
 
     /// Sends the request to one member and waits for its response headers.

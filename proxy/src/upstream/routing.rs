@@ -102,7 +102,18 @@ impl RoutingError {
         }
     }
 
-    /// Whether a request that got this answer may be sent once more, to another member. Reads
+    /// How many times one call is sent elsewhere after this error. `leader changed` comes from
+    /// an election under way, which outlasts one retry: five, paused 100 ms doubling (1.5 s in
+    /// all; etcd's default election timeout is 1 s). The others name a fact a second member
+    /// settles (`no leader` is also what `hasleader` callers want to hear at once): one.
+    pub fn max_reroutes(self) -> u32 {
+        match self {
+            RoutingError::LeaderChanged => 5,
+            RoutingError::Learner | RoutingError::NotLeader | RoutingError::NoLeader => 1,
+        }
+    }
+
+    /// Whether a request that got this answer may be sent again, to another member. Reads
     /// always. Writes when etcd refused them before proposing anything (learner, not leader,
     /// no leader). `leader changed` is only retried for leader-routed calls (promote, move
     /// leader, member changes, which etcd checks again and refuses if already done): for any
@@ -219,6 +230,14 @@ mod tests {
         assert_eq!(routing_error(&headers(Code::Unavailable, "etcdserver: request timed out")), None);
         assert_eq!(routing_error(&headers(Code::Unknown, "etcdserver: no leader")), None);
         assert_eq!(routing_error(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn only_leader_changed_is_retried_through_an_election() {
+        assert_eq!(RoutingError::LeaderChanged.max_reroutes(), 5);
+        for error in [RoutingError::Learner, RoutingError::NotLeader, RoutingError::NoLeader] {
+            assert_eq!(error.max_reroutes(), 1, "{error:?}");
+        }
     }
 
     #[test]
