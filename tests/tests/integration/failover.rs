@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -397,12 +397,13 @@ fn roll_members(
     assert_watch_saw_every_write(deployment, &events, &writes.acknowledged_at, writes.failed.len(), 1);
 }
 
-/// A TCP relay in front of one member whose answers (member to proxy) can be slowed down and
-/// whose connections can all be cut at once, as a member stopping under a call cuts them.
+/// A TCP relay in front of one member that can hold the member's answers after a given number
+/// of HTTP/2 frames and then cut its connections, as a member stopping under a call cuts them:
+/// the proxy has then read part of an answer, and no more will come.
 struct CuttingRelay {
     addr: SocketAddr,
-    /// Bytes passed toward the proxy per 10 ms; 0 for no limit.
-    rate: Arc<AtomicUsize>,
+    /// Answer frames (HEADERS or DATA of a stream) still passed before holding; -1 passes all.
+    frames_left: Arc<AtomicI64>,
     /// Bytes passed toward the proxy so far.
     answered: Arc<AtomicUsize>,
     cut: tokio::sync::watch::Sender<bool>,
@@ -413,8 +414,9 @@ impl CuttingRelay {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the relay");
         let addr = listener.local_addr().expect("relay address");
         let (cut, _) = tokio::sync::watch::channel(false);
-        let relay = CuttingRelay { addr, rate: Arc::default(), answered: Arc::default(), cut };
-        let (rate, answered, cut) = (Arc::clone(&relay.rate), Arc::clone(&relay.answered), relay.cut.clone());
+        let relay = CuttingRelay { addr, frames_left: Arc::new(AtomicI64::new(-1)), answered: Arc::default(), cut };
+        let (frames_left, answered, cut) =
+            (Arc::clone(&relay.frames_left), Arc::clone(&relay.answered), relay.cut.clone());
         tokio::spawn(async move {
             // Connections made after the cut are refused: the member is gone.
             let mut cut_signal = cut.subscribe();
@@ -424,26 +426,37 @@ impl CuttingRelay {
                     _ = cut_signal.changed() => return,
                 };
                 let Ok(outbound) = TcpStream::connect(member).await else { continue };
-                let (rate, answered, mut cut_signal) = (Arc::clone(&rate), Arc::clone(&answered), cut.subscribe());
+                let (frames_left, answered) = (Arc::clone(&frames_left), Arc::clone(&answered));
+                let mut cut_signal = cut.subscribe();
                 tokio::spawn(async move {
                     let (mut in_read, mut in_write) = inbound.into_split();
                     let (mut out_read, mut out_write) = outbound.into_split();
                     let upward = tokio::io::copy(&mut in_read, &mut out_write);
                     let downward = async {
-                        let mut buf = vec![0u8; 64 * 1024];
+                        let (mut pending, mut buf) = (Vec::new(), vec![0u8; 64 * 1024]);
                         loop {
-                            let limit = rate.load(Ordering::Relaxed);
-                            let want = if limit == 0 { buf.len() } else { limit.min(buf.len()) };
-                            let n = match out_read.read(&mut buf[..want]).await {
+                            match out_read.read(&mut buf).await {
                                 Ok(0) | Err(_) => return,
-                                Ok(n) => n,
-                            };
-                            if in_write.write_all(&buf[..n]).await.is_err() {
-                                return;
+                                Ok(n) => pending.extend_from_slice(&buf[..n]),
                             }
-                            answered.fetch_add(n, Ordering::Relaxed);
-                            if limit != 0 {
-                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            // Whole frames only, so that holding stops exactly between two.
+                            while pending.len() >= 9 && frames_left.load(Ordering::SeqCst) != 0 {
+                                let length = usize::from(pending[0]) << 16
+                                    | usize::from(pending[1]) << 8
+                                    | usize::from(pending[2]);
+                                if pending.len() < 9 + length {
+                                    break;
+                                }
+                                if in_write.write_all(&pending[..9 + length]).await.is_err() {
+                                    return;
+                                }
+                                answered.fetch_add(9 + length, Ordering::SeqCst);
+                                let on_a_stream = pending[5..9] != [0, 0, 0, 0];
+                                if on_a_stream && matches!(pending[3], 0 | 1) && frames_left.load(Ordering::SeqCst) > 0
+                                {
+                                    frames_left.fetch_sub(1, Ordering::SeqCst);
+                                }
+                                pending.drain(..9 + length);
                             }
                         }
                     };
@@ -458,44 +471,27 @@ impl CuttingRelay {
         relay
     }
 
-    fn slow_down(&self, bytes_per_10ms: usize) {
-        self.rate.store(bytes_per_10ms, Ordering::Relaxed);
+    /// Passes `frames` more answer frames, then holds everything.
+    fn hold_after(&self, frames: i64) {
+        self.frames_left.store(frames, Ordering::SeqCst);
+    }
+
+    /// Waits (up to 10 s) until the relay holds; panics if it does not.
+    async fn wait_holding(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.frames_left.load(Ordering::SeqCst) != 0 {
+            assert!(Instant::now() < deadline, "the answer's first frames never came through the relay");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     fn answered(&self) -> usize {
-        self.answered.load(Ordering::Relaxed)
-    }
-
-    /// Waits (up to 10 s) until `bytes` more than `since` have passed toward the proxy.
-    async fn wait_answered(&self, since: usize, bytes: usize) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.answered() - since < bytes && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        self.answered.load(Ordering::SeqCst)
     }
 
     fn cut(&self) {
         self.cut.send_replace(true);
     }
-}
-
-/// A proxy given only `relay`'s address: it pins the member behind it, and learns the other
-/// two from the member list. Health checks are rare so that only the call under test crosses
-/// the relay while it is slowed down.
-fn proxy_behind(relay: &CuttingRelay) -> ProxyProcess {
-    let proxy = start_proxy(vec![
-        format!("--endpoints=http://{}", relay.addr),
-        "--health-interval=1m".to_owned(),
-        "--cluster-refresh-interval=1m".to_owned(),
-    ]);
-    let (_, health) =
-        wait_for_health(&proxy, Duration::from_secs(10), |_, body| body.matches("\"healthy\":true").count() == 3);
-    assert_eq!(health.matches("\"healthy\":true").count(), 3, "the proxy learns the other members: {health}");
-    proxy
-}
-
-fn retries(proxy: &ProxyProcess) -> f64 {
-    metric(&proxy.http_get("/metrics").1, "etcd_compat_proxy_retries_total").expect("retries metric")
 }
 
 /// The password of the user `broken` (read-write on `/broken/`) when auth is on.
@@ -507,10 +503,38 @@ async fn client_of(endpoint: &str, auth: bool) -> Client {
     Client::connect([endpoint], options).await.unwrap_or_else(|error| panic!("connect to {endpoint}: {error}"))
 }
 
+/// Which of `relays` carries the proxy's calls: the one `client`'s read crosses.
+async fn pinned<'a>(relays: &'a [CuttingRelay], client: &mut Client) -> &'a CuttingRelay {
+    let before: Vec<usize> = relays.iter().map(CuttingRelay::answered).collect();
+    client.get("/broken/none", None).await.expect("a read through the proxy");
+    let crossed: Vec<&CuttingRelay> =
+        relays.iter().zip(before).filter(|(relay, before)| relay.answered() > *before).map(|(r, _)| r).collect();
+    assert_eq!(crossed.len(), 1, "one member serves the proxy's calls");
+    crossed[0]
+}
+
+/// A read or write through `client` whose answer the member behind `relay` cuts after
+/// `frames` of its frames (1: its headers; 2: its headers and first DATA frame).
+async fn cut_after<T: Send + 'static>(
+    relay: &CuttingRelay,
+    frames: i64,
+    call: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+) -> Result<T, etcd_client::Error> {
+    relay.hold_after(frames);
+    let call = tokio::spawn(call);
+    relay.wait_holding().await;
+    relay.cut();
+    tokio::time::timeout(Duration::from_secs(20), call).await.expect("answered within 20 s").expect("call task")
+}
+
+fn retries(proxy: &ProxyProcess) -> f64 {
+    metric(&proxy.http_get("/metrics").1, "etcd_compat_proxy_retries_total").expect("retries metric")
+}
+
 /// The member answering a call closes its connection while the answer is under way. A read is
 /// sent once more, to another member, and the client gets its answer; a write is not sent
-/// again and the client is told it may or may not have been applied. With `auth`, the calls
-/// are a session's (the proxy sends them with its etcd token for the user).
+/// again (etcd applied it once) and the client is told it may or may not have been applied.
+/// With `auth`, the calls are a session's (sent with the proxy's etcd token for the user).
 fn broken_answers(version: EtcdVersion, auth: bool) {
     let cluster = EtcdCluster::start(ClusterSpec::new(version, 3)).expect("etcd cluster starts");
     if auth {
@@ -526,56 +550,53 @@ fn broken_answers(version: EtcdVersion, auth: bool) {
         }
     }
     let runtime = runtime();
+    let relays: Vec<CuttingRelay> =
+        cluster.client_addrs().into_iter().map(|member| runtime.block_on(CuttingRelay::start(member))).collect();
+    let endpoints: Vec<String> = relays.iter().map(|relay| format!("http://{}", relay.addr)).collect();
+    // Health checks and view refreshes are rare, so that only the call under test is answered
+    // through a relay while it holds.
+    let proxy = start_proxy(vec![
+        format!("--endpoints={}", endpoints.join(",")),
+        "--health-interval=1m".to_owned(),
+        "--cluster-refresh-interval=1m".to_owned(),
+    ]);
+    let (_, health) =
+        wait_for_health(&proxy, Duration::from_secs(10), |_, body| body.matches("\"healthy\":true").count() == 3);
+    assert_eq!(health.matches("\"healthy\":true").count(), 3, "{health}");
+    let endpoint = proxy.endpoint();
     let value = vec![b'r'; 1024 * 1024];
 
-    // A read of 1 MiB, answered at 800 KiB/s, cut once 64 KiB of it have passed.
-    let relay = runtime.block_on(CuttingRelay::start(cluster.client_addrs()[0]));
-    let proxy = proxy_behind(&relay);
-    let endpoint = proxy.endpoint();
-    let (read, answered_at_cut) = runtime.block_on(async {
+    runtime.block_on(async {
         let mut client = client_of(&endpoint, auth).await;
         client.put("/broken/big", value.clone(), None).await.expect("put through the proxy");
-        relay.slow_down(8 * 1024);
-        let before = relay.answered();
-        let read = tokio::spawn(async move { bounded(client.get("/broken/big", None)).await });
-        relay.wait_answered(before, 64 * 1024).await;
-        let answered_at_cut = relay.answered() - before;
-        relay.cut();
-        (read.await.expect("read task"), answered_at_cut)
-    });
-    assert!(
-        (64 * 1024..value.len()).contains(&answered_at_cut),
-        "the cut came in the middle of the answer: {answered_at_cut} bytes had passed"
-    );
-    let read = read.expect("the read is answered by another member");
-    assert_eq!(read.kvs().len(), 1);
-    assert_eq!(read.kvs()[0].value(), &value[..]);
-    assert_eq!(retries(&proxy), 1.0, "sent once more");
+        // A 1 MiB answer cut after its first DATA frame (16 KiB), then one cut before any
+        // message: each read is answered by another member, sent there once more.
+        for (frames, what) in [(2, "after the first DATA frame"), (1, "after the headers")] {
+            let relay = pinned(&relays, &mut client).await;
+            let retried = retries(&proxy);
+            let mut reader = client.clone();
+            let read = cut_after(relay, frames, async move { reader.get("/broken/big", None).await }).await;
+            let read = read.unwrap_or_else(|error| panic!("a read cut {what} failed: {error}"));
+            assert_eq!(read.kvs().len(), 1, "cut {what}");
+            assert!(read.kvs()[0].value() == &value[..], "cut {what}: another value came back");
+            assert_eq!(retries(&proxy) - retried, 1.0, "cut {what}: sent once more");
+        }
 
-    // A write whose answer is cut once its first frame header has passed.
-    let relay = runtime.block_on(CuttingRelay::start(cluster.client_addrs()[0]));
-    let proxy = proxy_behind(&relay);
-    let endpoint = proxy.endpoint();
-    let written = runtime.block_on(async {
-        let mut client = client_of(&endpoint, auth).await;
-        relay.slow_down(1);
-        let before = relay.answered();
-        let write = tokio::spawn(async move { client.put("/broken/write", "once", None).await });
-        relay.wait_answered(before, 9).await;
-        relay.cut();
-        write.await.expect("write task")
+        // A write cut after its answer's headers: etcd applied it; the proxy does not send it
+        // again, and says it may or may not have been applied.
+        let relay = pinned(&relays, &mut client).await;
+        let retried = retries(&proxy);
+        let mut writer = client.clone();
+        let written = cut_after(relay, 1, async move { writer.put("/broken/write", "once", None).await }).await;
+        let (code, message) = grpc_status(written);
+        assert_eq!(code, "Unavailable");
+        assert!(message.contains(OUTCOME_UNKNOWN), "{message}");
+        assert_eq!(retries(&proxy) - retried, 0.0, "a write is never sent again");
+        let mut direct = client_of(&cluster.client_urls()[0], auth).await;
+        let stored = direct.get("/broken/write", None).await.expect("read directly");
+        let versions: Vec<i64> = stored.kvs().iter().map(|kv| kv.version()).collect();
+        assert_eq!(versions, [1], "applied once");
     });
-    let (code, message) = grpc_status(written);
-    assert_eq!(code, "Unavailable");
-    assert!(message.contains(OUTCOME_UNKNOWN), "{message}");
-    assert_eq!(retries(&proxy), 0.0, "a write is never sent again");
-    let stored = runtime.block_on(async {
-        let mut direct = client_of(&cluster.client_urls()[1], auth).await;
-        direct.get("/broken/write", None).await.expect("read directly")
-    });
-    // etcd has almost always applied it by the cut; under load the cut may come first. Never twice.
-    let versions: Vec<i64> = stored.kvs().iter().map(|kv| kv.version()).collect();
-    assert!(versions == [1] || versions.is_empty(), "applied at most once: versions {versions:?}");
 }
 
 fn broken_answers_of_clients(version: EtcdVersion) {
