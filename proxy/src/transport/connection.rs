@@ -36,8 +36,12 @@ pub struct Connection {
 
 impl Connection {
     /// Runs the HTTP/2 handshake over `io` and spawns the task that drives the connection;
-    /// `member` names it in logs.
-    pub async fn handshake<T>(io: T, member: Arc<str>) -> Result<Connection, h2::Error>
+    /// `member` names it in logs; `closing` ends it, with every stream on it.
+    pub async fn handshake<T>(
+        io: T,
+        member: Arc<str>,
+        closing: tokio_util::sync::CancellationToken,
+    ) -> Result<Connection, h2::Error>
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -60,6 +64,7 @@ impl Connection {
             let outcome = tokio::select! {
                 result = &mut connection => result.map_err(|e| e.to_string()),
                 why = keep_pinging(pings) => Err(why),
+                _ = closing.cancelled() => Err("the proxy stopped using this member".to_owned()),
             };
             ended.store(true, Relaxed);
             if let Err(error) = outcome {

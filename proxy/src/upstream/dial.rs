@@ -32,7 +32,7 @@ impl Cluster {
     }
 
     async fn dial(&self, member: &Member) -> Result<Connection, UpstreamError> {
-        self.dial_with(member, self.tls.as_ref().map(|tls| tls.current())).await
+        self.dial_with(member, self.tls_config().map(|tls| tls.current())).await
     }
 
     async fn dial_with(
@@ -62,7 +62,10 @@ impl Cluster {
 
     /// The upstream TLS config, for the certificate reloader.
     pub fn tls_config(&self) -> Option<Arc<crate::tls::Reloadable<rustls::ClientConfig>>> {
-        self.tls.clone()
+        match self.tls.read() {
+            Ok(tls) => tls.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
     /// Tries a reloaded upstream TLS config before adopting it: every member that has a
@@ -76,7 +79,7 @@ impl Cluster {
         &self,
         candidate: Arc<rustls::ClientConfig>,
     ) -> Result<RedialCounts, (RedialCounts, String)> {
-        let Some(current) = &self.tls else {
+        let Some(current) = self.tls_config() else {
             return Err((
                 RedialCounts { redialled: 0, failed: 0 },
                 "the upstream connections do not use TLS".to_owned(),
@@ -139,7 +142,7 @@ async fn handshake<T>(io: T, member: &Member) -> Result<Connection, UpstreamErro
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    Connection::handshake(io, member.name())
+    Connection::handshake(io, member.name(), member.retired.clone())
         .await
         .map_err(|source| UpstreamError::Handshake { endpoint: member.endpoint.url(), source })
 }

@@ -20,6 +20,11 @@ use super::{Cluster, Lane, Member};
 impl Cluster {
     /// Marks a member unhealthy after a failed request or check, and moves the pin away from it.
     pub fn mark_failed(&self, member: &Member, error: &dyn std::fmt::Display) {
+        // A member of a cluster the proxy switched away from fails as its connections close;
+        // its position may be a current member's, whose pin must not move for it.
+        if member.retired.is_cancelled() {
+            return;
+        }
         member.stats.failures.fetch_add(1, Relaxed);
         if let Ok(mut last) = member.last_error.lock() {
             *last = Some(error.to_string());
@@ -85,6 +90,7 @@ impl Cluster {
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
+                    _ = member.retired.cancelled() => return,
                     _ = ticker.tick() => {}
                 }
                 // A check must finish within the interval, or it is a failure: a member that

@@ -38,6 +38,9 @@ pub struct Member {
     pub stats: MemberStats,
     /// What the cluster view knows about this endpoint's member (id, learner, still in the cluster).
     pub role: MemberRole,
+    /// Cancelled when the proxy stops using this member (the cluster was switched): closes its
+    /// connections, so that streams on them move to the members that replaced it.
+    pub(super) retired: tokio_util::sync::CancellationToken,
 }
 
 impl Member {
@@ -54,6 +57,7 @@ impl Member {
             last_error: Mutex::new(None),
             stats: MemberStats::default(),
             role: MemberRole::default(),
+            retired: tokio_util::sync::CancellationToken::new(),
         }
     }
 

@@ -54,8 +54,9 @@ pub struct Cluster {
     /// view discovers a member, so a request only pays for one read lock and an `Arc` clone.
     members: RwLock<Arc<Vec<Arc<Member>>>>,
     preferred: AtomicUsize,
-    /// Replaced when the certificate files change (see `reload`); read at every dial.
-    tls: Option<Arc<crate::tls::Reloadable<rustls::ClientConfig>>>,
+    /// Replaced when the certificate files change (see `reload`), and as a whole when the
+    /// cluster is switched; read at every dial.
+    tls: RwLock<Option<Arc<crate::tls::Reloadable<rustls::ClientConfig>>>>,
     dial_timeout: Duration,
     /// Health-check period and stop signal, kept so that discovered members get checked too.
     health_checks: Mutex<Option<(Duration, CancellationToken)>>,
@@ -79,7 +80,7 @@ impl Cluster {
         Ok(Arc::new(Cluster {
             members: RwLock::new(Arc::new(members)),
             preferred: AtomicUsize::new(0),
-            tls,
+            tls: RwLock::new(tls),
             dial_timeout: config.dial_timeout,
             health_checks: Mutex::new(None),
             view: ClusterView::new(config),
@@ -189,6 +190,50 @@ impl Cluster {
         connection
             .send(request, upload)
             .map_err(|source| UpstreamError::NotSent { endpoint: member.endpoint.url(), source })
+    }
+
+    /// Serves every later request from the members at `endpoints`, dialled with `tls`, instead
+    /// of the current ones (a migration's cutover). The current members' connections are
+    /// closed, so that streams on them (Watch, keep-alives) resume on the new members; calls in
+    /// flight on them fail over as after any member failure.
+    pub fn switch_to(self: &Arc<Self>, endpoints: &[Endpoint], tls: Option<Arc<rustls::ClientConfig>>) {
+        let replacements: Vec<Arc<Member>> =
+            endpoints.iter().enumerate().map(|(index, endpoint)| Arc::new(Member::new(endpoint, index))).collect();
+        {
+            let mut guard = match self.tls.write() {
+                Ok(guard) => guard,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            *guard = tls.map(|config| Arc::new(crate::tls::Reloadable::new(config)));
+        }
+        let retired = {
+            let mut guard = match self.members.write() {
+                Ok(guard) => guard,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            self.preferred.store(0, Relaxed);
+            std::mem::replace(&mut *guard, Arc::new(replacements.clone()))
+        };
+        self.view.forget_leader();
+        // Until their first health check, the new members are tried anyway (see `attempt_order`);
+        // marking them healthy at once lets the pinned member take requests without waiting.
+        for member in &replacements {
+            self.mark_healthy(member);
+        }
+        let checks = self.health_checks.lock().ok().and_then(|c| c.clone());
+        if let Some((interval, stop)) = checks {
+            for member in &replacements {
+                self.spawn_health_check(Arc::clone(member), interval, stop.clone());
+            }
+        }
+        for member in retired.iter() {
+            member.retired.cancel();
+        }
+        tracing::info!(
+            members = %endpoints.iter().map(|e| e.url()).collect::<Vec<_>>().join(","),
+            "the proxy now serves clients from another cluster"
+        );
+        self.refresh_in_background();
     }
 
     /// `--dial-timeout`, which also bounds the cluster view's own calls.

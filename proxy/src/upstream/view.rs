@@ -63,6 +63,11 @@ impl ClusterView {
         self.leader.load(Relaxed)
     }
 
+    /// Forgets the leader (the cluster was switched); the next refresh finds the new one.
+    pub fn forget_leader(&self) {
+        self.leader.store(0, Relaxed);
+    }
+
     /// Where a call should go (see [`target_for`]).
     pub fn target(&self, route: &Route, request: Option<&Bytes>) -> Target {
         routing::target_for(route, request, self.learner_serializable_reads)
