@@ -25,6 +25,8 @@ pub struct Config {
     pub learner_serializable_reads: bool,
     /// Where the admin HTTP server binds, if anywhere.
     pub metrics_addr: Option<SocketAddr>,
+    /// The bearer token of the admin calls that change or read out the cluster; `None` refuses them.
+    pub admin_token: Option<crate::auth::Secret>,
     /// Client-facing TLS; `None` means plaintext (h2c).
     pub listener_tls: Option<crate::tls::ListenerTlsFiles>,
     /// Upstream TLS; `None` means plaintext to etcd.

@@ -197,6 +197,8 @@ pub enum ProxyFailure {
     RangePageWithoutMessage,
     /// etcd's Range page could not be decoded.
     RangePageUndecodable(String),
+    /// A change the running migration cannot carry to the new cluster, with why.
+    Migrating(&'static str),
 }
 
 impl ProxyFailure {
@@ -283,6 +285,7 @@ impl ProxyFailure {
             NoRangePage => (Code::ResourceExhausted, format!("{P}: etcd returned no page for the range")),
             RangePageWithoutMessage => (Code::Internal, format!("{P}: etcd answered a Range page without a message")),
             RangePageUndecodable(error) => (Code::Internal, format!("{P}: cannot decode etcd's Range page: {error}")),
+            Migrating(why) => (Code::FailedPrecondition, (*why).to_owned()),
         }
     }
 }

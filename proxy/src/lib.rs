@@ -15,8 +15,9 @@
 //! - the answer goes back as etcd's bytes, and its outcome is counted in [`admin`]'s metrics.
 //!
 //! Beside the path: [`cli`] reads the command line into a validated [`config::Config`]; [`tls`]
-//! builds, reloads and tracks certificates; [`admin`] serves `/health` and `/metrics`; [`error`]
-//! is every status the proxy makes itself, in [`etcd_errors`]' words where etcd has them.
+//! builds, reloads and tracks certificates; [`admin`] serves `/health`, `/metrics` and the
+//! migration's calls; [`migrate`] mirrors the cluster onto a new one, revision for revision;
+//! [`error`] is every status the proxy makes itself, in [`etcd_errors`]' words where etcd has them.
 //! Modules only depend downward: the transport and [`grpc`] on nothing, [`upstream`] never on the
 //! request path, the configuration never on the command line.
 
@@ -32,6 +33,7 @@ mod etcd_errors;
 mod fuzz;
 mod grpc;
 mod listener;
+mod migrate;
 mod server;
 mod tls;
 mod transport;
@@ -52,6 +54,7 @@ pub fn install_crypto_provider() {
 pub fn execute(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Certs(args) => cli::certs::run(args),
+        Command::Migrate(args) => cli::migrate::run(args),
         Command::Start(args) => {
             let config = match args.merge_config_file().and_then(|args| args.validate()) {
                 Ok(config) => config,

@@ -14,6 +14,7 @@ use crate::call::Forwarder;
 use crate::config::Config;
 use crate::listener::accept::AcceptBackoff;
 use crate::listener::{http2_server, ClientConnection};
+use crate::migrate::{ClusterAccess, Migration};
 use crate::tls::{CertRegistry, Reloadable, Side, TlsError};
 use crate::upstream::Cluster;
 
@@ -66,18 +67,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // Auth sessions live as long as the process: a restart makes clients authenticate again.
     let auth = Arc::new(AuthSessions::new(config.auth.clone()));
     tokio::spawn(expire_idle_sessions(Arc::clone(&auth), stop.clone()));
+    // A migration to a new cluster, idle until `etcd-compat-proxy migrate` starts one.
+    let migration = Migration::new(ClusterAccess::source_of(&config), Arc::clone(&cluster));
     // The request path, shared by every client connection.
     let forwarder = Forwarder::new(
         Arc::clone(&cluster),
         Arc::clone(&metrics),
         config.budget.clone(),
         Arc::clone(&auth),
+        Arc::clone(&migration),
         &config.limits,
         stop.clone(),
     );
-    // The admin server answers `/health` and `/metrics` on its own port.
+    // The admin server answers `/health`, `/metrics` and the migration's calls on its own port.
     if let Some(admin_listener) = admin_listener {
-        let admin = Arc::new(Admin { upstream: Arc::clone(&cluster), metrics: Arc::clone(&metrics) });
+        let admin = Arc::new(Admin {
+            upstream: Arc::clone(&cluster),
+            metrics: Arc::clone(&metrics),
+            migration,
+            token: config.admin_token.clone(),
+        });
         tokio::spawn(serve_admin(admin, admin_listener, stop.clone()));
     }
 

@@ -76,12 +76,22 @@ pub struct ClusterSpec {
     /// Appended to every member's command line; etcd keeps the last occurrence of a
     /// flag, so these can override the harness defaults.
     pub extra_args: Vec<String>,
+    /// A snapshot every member's data directory is restored from (with etcd 3.5's `etcdutl`)
+    /// before its first start; `None` starts an empty cluster.
+    pub restore_from: Option<PathBuf>,
 }
 
 impl ClusterSpec {
     /// A plain-http cluster of `members` members without extra flags.
     pub fn new(version: EtcdVersion, members: usize) -> ClusterSpec {
-        ClusterSpec { version, members, tls: None, extra_args: Vec::new() }
+        ClusterSpec { version, members, tls: None, extra_args: Vec::new(), restore_from: None }
+    }
+
+    /// The same spec, with every member seeded from `snapshot` (as a cluster moved to new
+    /// machines is: same data and revisions, new members and cluster id).
+    pub fn restored_from(mut self, snapshot: &Path) -> ClusterSpec {
+        self.restore_from = Some(snapshot.to_path_buf());
+        self
     }
 
     /// The same spec with TLS on.
@@ -211,11 +221,48 @@ impl EtcdCluster {
 
     fn boot(&mut self) -> anyhow::Result<()> {
         let cluster_token = unique_cluster_token();
+        if let Some(snapshot) = self.spec.restore_from.clone() {
+            self.restore(&snapshot, &cluster_token)?;
+        }
         for index in 0..self.members.len() {
             self.spawn_member(index, Some(&cluster_token))?;
         }
         let everyone: Vec<usize> = (0..self.members.len()).collect();
         self.wait_ready(&everyone)
+    }
+
+    /// Restores every member's data directory from `snapshot` with etcd 3.5's `etcdutl`.
+    fn restore(&self, snapshot: &Path, cluster_token: &str) -> anyhow::Result<()> {
+        let etcdutl = EtcdVersion::V3_5.etcdutl_bin();
+        let scheme = self.scheme();
+        let initial_cluster = self
+            .members
+            .iter()
+            .map(|member| format!("{}={scheme}://127.0.0.1:{}", member.name, member.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        for member in &self.members {
+            let output = Command::new(&etcdutl)
+                .arg("snapshot")
+                .arg("restore")
+                .arg(snapshot)
+                .arg(format!("--name={}", member.name))
+                .arg(format!("--data-dir={}", member.data_dir.display()))
+                .arg(format!("--initial-cluster={initial_cluster}"))
+                .arg(format!("--initial-cluster-token={cluster_token}"))
+                .arg(format!("--initial-advertise-peer-urls={scheme}://127.0.0.1:{}", member.peer_port))
+                .output()
+                .with_context(|| format!("running {}", etcdutl.display()))?;
+            if !output.status.success() {
+                bail!(
+                    "etcdutl snapshot restore {} for {} failed: {}",
+                    snapshot.display(),
+                    member.name,
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+        }
+        Ok(())
     }
 
     /// `cluster_token` is set for the first run only; on restart etcd takes the cluster

@@ -63,6 +63,13 @@ impl EtcdVersion {
         self.checked_binary("etcdctl", "version")
     }
 
+    /// Path of etcd 3.5's `etcdutl` (3.4 has none: `etcdctl snapshot restore` does its work).
+    ///
+    /// Panics if it is missing after installing dependencies once.
+    pub fn etcdutl_bin(self) -> PathBuf {
+        self.checked_binary("etcdutl", "version")
+    }
+
     fn checked_binary(self, name: &str, version_arg: &str) -> PathBuf {
         let path = self.bin_dir().join(name);
         if !path.is_file() {

@@ -1,22 +1,31 @@
 //! The admin HTTP server on `--metrics-addr`: `/health` (etcd's shape plus the proxy's view of
-//! each member) and `/metrics` (the counters of [`metrics`], which the whole proxy writes to).
-//! Reads the cluster and the certificates; nothing it serves feeds back into a call.
+//! each member), `/metrics` (the counters of [`metrics`], which the whole proxy writes to) and
+//! the migration's calls under `/migrate/` ([`migrate`]), which `etcd-compat-proxy migrate`
+//! makes. Reads the cluster and the certificates; nothing it serves feeds back into a call.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::auth::Secret;
+use crate::migrate::Migration;
 use crate::upstream::Cluster;
 
 pub use metrics::{ClosedBecause, Metrics, Refusal};
 
 pub mod metrics;
+mod migrate;
+
+/// An admin answer's body: whole, or streamed (a snapshot); an error cuts the connection so
+/// that the reader sees an incomplete answer rather than a short one.
+type AdminBody = UnsyncBoxBody<Bytes, std::io::Error>;
 
 /// What the admin endpoints read from.
 pub struct Admin {
@@ -24,6 +33,10 @@ pub struct Admin {
     pub upstream: Arc<Cluster>,
     /// The request counters.
     pub metrics: Arc<Metrics>,
+    /// The migration the `/migrate/` calls drive.
+    pub migration: Arc<Migration>,
+    /// `--admin-token-file`'s token; `None` refuses the calls that need it.
+    pub token: Option<Secret>,
 }
 
 impl Admin {
@@ -31,7 +44,7 @@ impl Admin {
     pub async fn serve_connection(self: Arc<Self>, stream: TcpStream) {
         let service = hyper::service::service_fn(move |request| {
             let admin = Arc::clone(&self);
-            async move { Ok::<_, Infallible>(admin.answer(&request)) }
+            async move { Ok::<_, Infallible>(admin.answer(request).await) }
         });
         if let Err(error) =
             hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
@@ -40,20 +53,21 @@ impl Admin {
         }
     }
 
-    fn answer(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn answer(&self, request: Request<Incoming>) -> Response<AdminBody> {
         match request.uri().path() {
             "/health" => self.health(),
             "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", self.metrics.render(&self.upstream)),
+            path if path.starts_with("/migrate/") => self.migrate(request).await,
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found: the admin server serves /health and /metrics\n".to_owned(),
+                "not found: the admin server serves /health, /metrics and /migrate/\n".to_owned(),
             ),
         }
     }
 
     /// etcd's `/health` shape (`health`, `reason`) plus the proxy's view of each member.
-    fn health(&self) -> Response<Full<Bytes>> {
+    fn health(&self) -> Response<AdminBody> {
         let healthy = self.upstream.any_healthy();
         let leader = self.upstream.view.leader();
         let members: Vec<String> = self
@@ -118,8 +132,9 @@ fn cluster_fields(member: &crate::upstream::Member, leader: u64) -> String {
     )
 }
 
-fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<AdminBody> {
+    let whole = Full::new(Bytes::from(body)).map_err(|never: Infallible| match never {});
+    let mut response = Response::new(whole.boxed_unsync());
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
     response

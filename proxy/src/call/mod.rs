@@ -48,6 +48,7 @@ use crate::budget::{BudgetPolicy, ClientBudget, KeySizeEstimate, LimitedLog};
 use crate::config::ClientLimits;
 use crate::error::{CallError, ProxyFailure};
 use crate::grpc::{self, CallShape, Code, MethodKind, Replay, Route};
+use crate::migrate::Migration;
 use crate::transport::RecvBody;
 use crate::upstream::{Cluster, Member};
 
@@ -76,6 +77,8 @@ pub struct Forwarder {
     message_limits: MessageLimits,
     /// Largest unary answer read whole from etcd (`--max-buffered-response-bytes`).
     max_buffered_response: usize,
+    /// Holds the auth store still while a migration mirrors the cluster.
+    migration: Arc<Migration>,
 }
 
 /// A call once admitted and read: what every kind of call is served from.
@@ -97,6 +100,7 @@ impl Forwarder {
         metrics: Arc<Metrics>,
         budget: BudgetPolicy,
         auth: Arc<AuthSessions>,
+        migration: Arc<Migration>,
         limits: &ClientLimits,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
@@ -111,6 +115,7 @@ impl Forwarder {
                 stall_timeout: limits.request_body_timeout,
             },
             max_buffered_response: limits.max_buffered_response,
+            migration,
         })
     }
 
@@ -177,11 +182,25 @@ impl Forwarder {
                 Ok(Box::pin(self.serve_authenticate(call, client_addr)).await)
             }
             MethodKind::Range | MethodKind::Unary => {
+                // The mirror cannot carry users and roles to the new cluster: they stay still.
+                if route.changes_auth_store {
+                    if let Some(why) = self.migration.auth_store_frozen() {
+                        return Ok(status_response(call.record, ProxyFailure::Migrating(why)));
+                    }
+                }
                 let limit = match self.budget.classify(&call.headers) {
                     ClientBudget::Limited { bytes, rule } if route.kind == MethodKind::Range => {
                         return Box::pin(self.serve_limited_range(call, bytes, &rule)).await;
                     }
                     budget => budget.bytes(),
+                };
+                // During a cutover, writes wait here until clients are switched (or not).
+                let _pass = match route.replay {
+                    Replay::Idempotent => None,
+                    _ => match self.migration.hold.try_pass() {
+                        Some(pass) => Some(pass),
+                        None => Some(Box::pin(self.migration.hold.pass()).await),
+                    },
                 };
                 let answer = self.forward_unary(&mut call).await;
                 self.unary_response(call, answer, limit)

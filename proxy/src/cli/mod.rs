@@ -1,9 +1,11 @@
 //! The command line: `start` (the proxy, with flags compatible with `etcd grpc-proxy start`,
-//! each also an environment variable and a TOML key) and `certs` (the certificate runbook).
+//! each also an environment variable and a TOML key), `certs` (the certificate runbook) and
+//! `migrate` (the move to a new cluster, driven through a running proxy).
 //! Reads and checks what the operator wrote, and hands the rest of the proxy a validated
 //! [`crate::config::Config`]; nothing else depends on it.
 
 pub mod certs;
+pub mod migrate;
 pub mod start;
 
 use clap::{Parser, Subcommand};
@@ -27,4 +29,6 @@ pub enum Command {
     Start(Box<start::StartArgs>),
     /// Create, renew and inspect certificates for etcd and this proxy.
     Certs(certs::CertsArgs),
+    /// Move clients to a new cluster, revision for revision, through the running proxy.
+    Migrate(migrate::MigrateArgs),
 }

@@ -80,9 +80,13 @@ pub struct StartArgs {
     #[arg(long, env = "ETCD_COMPAT_PROXY_LEARNER_SERIALIZABLE_READS", num_args = 0..=1, default_missing_value = "true", help = with_default("Let learners serve serializable Range requests (after every voting member); otherwise learners get no client requests", defaults::LEARNER_SERIALIZABLE_READS))]
     pub learner_serializable_reads: Option<bool>,
 
-    /// Serve `/metrics` and `/health` over HTTP on this URL, e.g. `http://127.0.0.1:6633`.
+    /// Serve `/metrics` and `/health` over HTTP on this URL, e.g. `http://127.0.0.1:6633`; also the admin calls of `etcd-compat-proxy migrate`.
     #[arg(long, env = "ETCD_COMPAT_PROXY_METRICS_ADDR", value_name = "URL")]
     pub metrics_addr: Option<String>,
+
+    /// File holding the bearer token that admin calls which change or read out the cluster (`migrate snapshot`, `mirror`, `verify`, `abort`) must present; without it they are refused. Make one with `head -c 32 /dev/urandom | base64 > FILE`.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
 
     /// Client side: the proxy's TLS certificate (PEM) presented to clients; enables TLS on the listener.
     #[arg(long, env = "ETCD_COMPAT_PROXY_CERT_FILE", value_name = "FILE")]
@@ -300,6 +304,7 @@ impl StartArgs {
             cluster_refresh_interval,
             learner_serializable_reads,
             metrics_addr,
+            admin_token_file,
             cert_file,
             key_file,
             trusted_ca_file,
@@ -434,6 +439,14 @@ impl StartArgs {
             other => return Err(ConfigError::invalid("member-list", other, "expected proxy or real")),
         };
         let metrics_addr = self.metrics_addr.as_deref().map(parse_metrics_addr).transpose()?;
+        let admin_token = self.admin_token_file.as_deref().map(read_admin_token).transpose()?;
+        if admin_token.is_some() && metrics_addr.is_none() {
+            return Err(ConfigError::invalid(
+                "admin-token-file",
+                &self.admin_token_file.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+                "admin calls are served on --metrics-addr, which is not set; set both",
+            ));
+        }
         let legacy = legacy_exception(self.legacy_client_ca_file, self.legacy_client_expired_until)?;
         let listener_tls = listener_tls_files(
             self.cert_file,
@@ -536,6 +549,7 @@ impl StartArgs {
             )?,
             learner_serializable_reads: self.learner_serializable_reads.unwrap_or(defaults::LEARNER_SERIALIZABLE_READS),
             metrics_addr,
+            admin_token,
             listener_tls,
             upstream_tls,
             max_concurrent_streams,
@@ -626,6 +640,23 @@ fn read_password_file(flag: &'static str, path: &std::path::Path) -> Result<Vec<
         return Err(ConfigError::invalid(flag, &shown, "the password file is empty"));
     }
     Ok(password)
+}
+
+/// Shortest admin token accepted: a guessable one would open the admin calls to anyone who can
+/// reach the admin address.
+const MIN_ADMIN_TOKEN_BYTES: usize = 16;
+
+/// Reads `--admin-token-file`: its content without the trailing newline, at least 16 bytes.
+pub fn read_admin_token(path: &std::path::Path) -> Result<crate::auth::Secret, ConfigError> {
+    let token = read_password_file("admin-token-file", path)?;
+    if token.len() < MIN_ADMIN_TOKEN_BYTES || token.iter().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+        return Err(ConfigError::invalid(
+            "admin-token-file",
+            &path.display().to_string(),
+            "the token must be one line of at least 16 printable characters; make one with `head -c 32 /dev/urandom | base64`",
+        ));
+    }
+    Ok(crate::auth::Secret::new(token))
 }
 
 fn refuse_if_set<T>(flag: &'static str, value: Option<T>, why: &'static str) -> Result<(), ConfigError> {

@@ -60,6 +60,8 @@ pub struct Route {
     pub leader_first: bool,
     /// Whether it is `Cluster/MemberList`, whose answers may name the proxy.
     pub member_list: bool,
+    /// Whether it changes users, roles, permissions or auth itself (an `Auth` call that is not a read).
+    pub changes_auth_store: bool,
 }
 
 /// Methods the proxy serves in its own way, by path.
@@ -131,7 +133,8 @@ static ROUTES: LazyLock<HashMap<&'static str, Route>> = LazyLock::new(|| {
                 },
             };
             let member_list = m.path == "/etcdserverpb.Cluster/MemberList";
-            (m.path, Route { index, shape, kind, replay, leader_first, member_list })
+            let changes_auth_store = m.path.starts_with("/etcdserverpb.Auth/") && !READ_ONLY.contains(&m.path);
+            (m.path, Route { index, shape, kind, replay, leader_first, member_list, changes_auth_store })
         })
         .collect()
 });
@@ -145,6 +148,7 @@ pub fn route(path: &str) -> Route {
         replay: Replay::Never,
         leader_first: false,
         member_list: false,
+        changes_auth_store: false,
     })
 }
 

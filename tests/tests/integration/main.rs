@@ -10,5 +10,6 @@ mod failover;
 mod hardening;
 mod harness_smoke;
 mod lifecycle;
+mod migration;
 mod size_budget;
 mod support;
