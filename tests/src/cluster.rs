@@ -79,12 +79,21 @@ pub struct ClusterSpec {
     /// A snapshot every member's data directory is restored from (with etcd 3.5's `etcdutl`)
     /// before its first start; `None` starts an empty cluster.
     pub restore_from: Option<PathBuf>,
+    /// `USER:PASSWORD` for the readiness probes, for a cluster that starts with auth on (one
+    /// restored from a snapshot of such a cluster).
+    pub probe_user: Option<String>,
 }
 
 impl ClusterSpec {
     /// A plain-http cluster of `members` members without extra flags.
     pub fn new(version: EtcdVersion, members: usize) -> ClusterSpec {
-        ClusterSpec { version, members, tls: None, extra_args: Vec::new(), restore_from: None }
+        ClusterSpec { version, members, tls: None, extra_args: Vec::new(), restore_from: None, probe_user: None }
+    }
+
+    /// The same spec, with readiness probes made as `user` (`USER:PASSWORD`).
+    pub fn with_probe_user(mut self, user: &str) -> ClusterSpec {
+        self.probe_user = Some(user.to_owned());
+        self
     }
 
     /// The same spec, with every member seeded from `snapshot` (as a cluster moved to new
@@ -408,6 +417,8 @@ impl EtcdCluster {
 
     fn probe_etcdctl(&self, endpoints: &str, args: &[&str]) -> anyhow::Result<Output> {
         let mut full_args: Vec<&str> = PROBE_TIMEOUT_ARGS.to_vec();
+        let user = self.spec.probe_user.as_ref().map(|user| format!("--user={user}"));
+        full_args.extend(user.as_deref());
         full_args.extend_from_slice(args);
         let mut command = etcdctl_command(self.spec.version, endpoints, self.client_tls(), &full_args);
         command.output().with_context(|| format!("running {command:?}"))

@@ -194,6 +194,32 @@ fn mirror_replays_every_revision_with_the_same_numbers() {
     let human = migrate_ok("status", &proxy, &token, &[]);
     assert!(human.contains("phase:            mirroring") && human.contains("(lag 0 revisions)"), "{human}");
 
+    // A compaction of the source is applied to the target at the same revision.
+    let compact_at = source_revision - 5;
+    runtime.block_on(client.compact(compact_at, None)).expect("compact through the proxy");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let old = runtime.block_on(direct.get("/m/live/00000", Some(GetOptions::new().with_revision(compact_at - 1))));
+        match old {
+            Err(error) if error.to_string().contains("required revision has been compacted") => break,
+            other => assert!(Instant::now() < deadline, "the target was not compacted: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let current = runtime.block_on(direct.get("/m/live/00000", Some(GetOptions::new().with_revision(compact_at))));
+    assert!(current.is_ok(), "compacted at the source's revision, not later: {current:?}");
+    let verified = migrate_ok("verify", &proxy, &token, &[]);
+    assert!(verified.starts_with(&format!("equal at revision {source_revision} (")), "after compaction: {verified}");
+
+    // Users changed on the source around the proxy: reported, and cutover refused until fixed.
+    source.etcdctl_ok(&["user", "add", "around", "--new-user-password=pw"]);
+    let changed = wait_for_status(&proxy, "the auth-store change is noticed", |s| s["auth_store_changed"] == true);
+    assert!(changed["error"].as_str().unwrap_or("").starts_with("users, roles or permissions changed on the source"));
+    let token_arg = path(&token);
+    let (code, _, stderr) = migrate(&["cutover", "--admin", proxy.metrics_url(), "--admin-token-file", &token_arg]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("not cutting over: users, roles or permissions changed on the source"), "{stderr}");
+
     // A write sent to the target behind the mirror's back stops it, naming the revision and key.
     runtime.block_on(direct.put("/m/intruder", "x", None)).expect("direct write");
     let failed = wait_for_status(&proxy, "the mirror notices the foreign write", |s| s["phase"] == "failed");
@@ -479,6 +505,16 @@ fn cutover_that_cannot_catch_up_changes_nothing() {
         .expect("target restored from the snapshot");
     migrate_ok("mirror", &proxy, &token, &["--to", &target.client_endpoints_csv()]);
 
+    // A mirror stopped and started again (as after a proxy restart) goes on from the target's revision.
+    runtime.block_on(client.put("/c/between", "b", None)).expect("put");
+    migrate_ok("abort", &proxy, &token, &[]);
+    runtime.block_on(client.put("/c/after-abort", "a", None)).expect("put");
+    let mut target_direct = runtime.block_on(connect(&target.client_urls()[0]));
+    let target_revision = runtime.block_on(revision_of(&mut target_direct));
+    let again = migrate_ok("mirror", &proxy, &token, &["--to", &target.client_endpoints_csv()]);
+    assert!(again.contains(&format!("at revision {target_revision}")), "{again}");
+    drop(target_direct);
+
     // The target stops answering; writes still go to the source, and the mirror falls behind.
     target.freeze(0).expect("SIGSTOP the target");
     let writing = Arc::new(AtomicBool::new(true));
@@ -514,4 +550,109 @@ fn cutover_that_cannot_catch_up_changes_nothing() {
     let (code, _, stderr) = migrate(&["abort", "--admin", proxy.metrics_url(), "--admin-token-file", &token_arg]);
     assert_eq!(code, 2);
     assert!(stderr.contains("the cutover is done"), "{stderr}");
+}
+
+#[test]
+fn cutover_with_auth_on_to_a_tls_cluster_keeps_clients_logged_in() {
+    const ROOT_PASSWORD: &str = "root-pw";
+    const APP_PASSWORD: &str = "app-pw";
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token = token_file(&dir, TOKEN);
+    let source = EtcdCluster::start(ClusterSpec::new(EtcdVersion::V3_4, 1)).expect("source cluster");
+    for args in [
+        vec!["user", "add", "root", "--new-user-password", ROOT_PASSWORD],
+        vec!["role", "add", "app"],
+        vec!["role", "grant-permission", "app", "--prefix=true", "readwrite", "/app/"],
+        vec!["user", "add", "app", "--new-user-password", APP_PASSWORD],
+        vec!["user", "grant-role", "app", "app"],
+        vec!["auth", "enable"],
+    ] {
+        source.etcdctl_ok(&args);
+    }
+    let password_file = dir.path().join("root-password");
+    std::fs::write(&password_file, ROOT_PASSWORD).expect("write the password");
+    let proxy = start_proxy(vec![
+        format!("--endpoints={}", source.client_endpoints_csv()),
+        "--user=root".to_owned(),
+        format!("--password-file={}", path(&password_file)),
+        format!("--admin-token-file={}", path(&token)),
+    ]);
+    let runtime = runtime();
+    // `app` logs in through the proxy once, before the migration, and never again.
+    let app = runtime.block_on(async {
+        let options = etcd_client::ConnectOptions::new().with_user("app", APP_PASSWORD);
+        Client::connect([format!("http://{}", proxy.listen_addr())], Some(options)).await.expect("app logs in")
+    });
+    let start = runtime.block_on(app.clone().put("/app/first", "f", None)).expect("put").header().expect("h").revision();
+    let watched = watch_prefix(&runtime, &app, "/app/", start + 1);
+    let writing = Arc::new(AtomicBool::new(true));
+    let writer = runtime.spawn({
+        let (mut app, writing) = (app.clone(), Arc::clone(&writing));
+        async move {
+            let mut acknowledged = Vec::new();
+            let mut i = 0;
+            while writing.load(Ordering::Relaxed) {
+                let key = format!("/app/{i:05}");
+                match app.put(key.as_str(), "v", None).await {
+                    Ok(put) => acknowledged.push((key, put.header().expect("header").revision())),
+                    Err(error) => panic!("a write failed during the migration: {key}: {error}"),
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            acknowledged
+        }
+    });
+
+    let (snapshot_file, _) = snapshot(&proxy, &token, &dir);
+    let pki = etcd_compat_certs::DevPki::create(dir.path(), "target").expect("target pki");
+    let spec = ClusterSpec::new(EtcdVersion::V3_5, 1)
+        .with_tls(etcd_compat_tests::TlsSpec::from_dev_pki(&pki))
+        .restored_from(&snapshot_file)
+        .with_probe_user(&format!("root:{ROOT_PASSWORD}"));
+    let target = EtcdCluster::start(spec).expect("TLS target restored from the snapshot");
+    let target_url = target.client_urls()[0].clone();
+    assert!(target_url.starts_with("https://"));
+    migrate_ok(
+        "mirror",
+        &proxy,
+        &token,
+        &[
+            "--to",
+            &target_url,
+            "--to-cacert",
+            &path(&pki.ca_cert),
+            "--to-cert",
+            &path(&pki.client_cert),
+            "--to-key",
+            &path(&pki.client_key),
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let cut = migrate_ok("cutover", &proxy, &token, &[]);
+    assert!(cut.contains(&format!("clients are now served by {target_url}")), "{cut}");
+    std::thread::sleep(Duration::from_millis(1500));
+    writing.store(false, Ordering::Relaxed);
+    let acknowledged = runtime.block_on(writer).expect("writer");
+    std::thread::sleep(Duration::from_millis(500));
+    let seen: Vec<(String, i64)> =
+        watched.lock().expect("lock").iter().filter(|(k, _)| k.as_str() != "/app/first").cloned().collect();
+    assert_eq!(seen, acknowledged, "app's watch saw every write once, in order, across the cutover");
+
+    // Read straight from the new cluster as root: app's writes are there at their revisions.
+    let stored = runtime.block_on(async {
+        let tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(&pki.ca_cert).expect("ca")))
+            .identity(etcd_client::Identity::from_pem(
+                std::fs::read(&pki.client_cert).expect("cert"),
+                std::fs::read(&pki.client_key).expect("key"),
+            ));
+        let options = etcd_client::ConnectOptions::new().with_tls(tls).with_user("root", ROOT_PASSWORD);
+        let mut root = Client::connect([target_url.as_str()], Some(options)).await.expect("root on the target");
+        let answer = root.get("/app/0", Some(GetOptions::new().with_prefix())).await.expect("read");
+        answer.kvs().iter().map(|kv| (kv.key_str().unwrap().to_owned(), kv.mod_revision())).collect::<Vec<_>>()
+    });
+    assert_eq!(stored, acknowledged);
+    assert!(acknowledged.len() > 100, "{}", acknowledged.len());
+    assert!(!proxy.log_contents().contains(ROOT_PASSWORD) && !proxy.log_contents().contains(TOKEN));
 }
