@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Client, EventType, GetOptions, LeaseGrantOptions, LeaseKeepAliveStream, LeaseKeeper, LeaseTimeToLiveOptions,
-    PutOptions, Txn, TxnOp, WatchOptions,
+    Client, DeleteOptions, EventType, GetOptions, LeaseGrantOptions, LeaseKeepAliveStream, LeaseKeeper,
+    LeaseTimeToLiveOptions, PutOptions, Txn, TxnOp, WatchOptions,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -200,6 +200,7 @@ async fn apply(
     events: &[&etcd_client::Event],
 ) -> Result<(), MigrateError> {
     let mut operations = Vec::with_capacity(events.len());
+    let (mut deleted, mut put) = (Vec::new(), Vec::new());
     for event in events {
         let Some(kv) = event.kv() else { continue };
         match event.event_type() {
@@ -209,9 +210,17 @@ async fn apply(
                 }
                 let options = PutOptions::new().with_lease(kv.lease());
                 operations.push(TxnOp::put(kv.key(), kv.value(), Some(options)));
+                put.push(kv.key());
             }
-            EventType::Delete => operations.push(TxnOp::delete(kv.key(), None)),
+            EventType::Delete => deleted.push(kv.key().to_vec()),
         }
+    }
+    if operations.len() + deleted.len() > ETCD_DEFAULT_MAX_TXN_OPS {
+        for (from, to) in deleted_ranges(target, &mut deleted, &put).await? {
+            operations.push(TxnOp::delete(from, Some(DeleteOptions::new().with_range(to))));
+        }
+    } else {
+        operations.extend(deleted.into_iter().map(|key| TxnOp::delete(key, None)));
     }
     let answer = target.txn(Txn::new().and_then(operations)).await.map_err(|error| {
         let hint = if error.to_string().contains("too many operations in txn request") {
@@ -229,6 +238,88 @@ async fn apply(
         return Err(foreign_write(target, revision - 1, landed).await);
     }
     Ok(())
+}
+
+/// `--max-txn-ops` of an etcd left at its default: a revision with more changes is replayed with
+/// its deletions as ranges.
+const ETCD_DEFAULT_MAX_TXN_OPS: usize = 128;
+
+/// The deletions of one revision as few key ranges: each range covers a run of deleted keys with
+/// no other key of the target between them, nor a key the same revision puts. The target holds
+/// the source's keys as of the revision before, so each range deletes exactly those keys. Keys
+/// are read from the target a page at a time; `deleted` is sorted in place.
+async fn deleted_ranges(
+    target: &mut Client,
+    deleted: &mut [Vec<u8>],
+    puts: &[&[u8]],
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, MigrateError> {
+    deleted.sort();
+    let (Some(first), Some(last)) = (deleted.first(), deleted.last()) else { return Ok(Vec::new()) };
+    let mut end = last.clone();
+    end.push(0);
+    // Every key of the target from the first deleted key to the last, in order.
+    let mut present = Vec::new();
+    let mut from = first.clone();
+    loop {
+        let options = GetOptions::new()
+            .with_range(end.clone())
+            .with_keys_only()
+            .with_limit(1000)
+            .with_sort(etcd_client::SortTarget::Key, etcd_client::SortOrder::Ascend);
+        let page = target
+            .get(from.clone(), Some(options))
+            .await
+            .map_err(|e| MigrateError::etcd("reading the target's keys around a large deletion", e))?;
+        let more = page.more();
+        present.extend(page.kvs().iter().map(|kv| kv.key().to_vec()));
+        match (more, present.last()) {
+            (true, Some(last)) => {
+                from = last.clone();
+                from.push(0);
+            }
+            _ => break,
+        }
+    }
+    // A key the same revision puts must stay outside every range, present on the target or not.
+    present.extend(puts.iter().map(|key| key.to_vec()));
+    present.sort();
+    present.dedup();
+    let mut ranges = Vec::new();
+    let mut run: Option<(Vec<u8>, Vec<u8>)> = None;
+    let mut wanted = deleted.iter().peekable();
+    for key in present {
+        let is_deleted = wanted.peek().is_some_and(|next| **next == key);
+        let breaks_run = !is_deleted || puts.contains(&key.as_slice());
+        if is_deleted {
+            wanted.next();
+        }
+        if breaks_run {
+            ranges.extend(run.take());
+        }
+        if is_deleted {
+            match &mut run {
+                Some((_, to)) => {
+                    *to = key;
+                    to.push(0);
+                }
+                None => {
+                    let mut to = key.clone();
+                    to.push(0);
+                    run = Some((key, to));
+                }
+            }
+        }
+    }
+    ranges.extend(run);
+    // Deleted keys missing on the target mean it diverged.
+    if wanted.next().is_some() {
+        return Err(MigrateError::Setup(
+            "a key the source deleted is missing on the target: the target has diverged from the source; abort, \
+             restore it from a new snapshot"
+                .to_owned(),
+        ));
+    }
+    Ok(ranges)
 }
 
 /// The error for a target whose revision moved past `applied` without the mirror: names the

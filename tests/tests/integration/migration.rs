@@ -161,6 +161,22 @@ fn mirror_replays_every_revision_with_the_same_numbers() {
         client.put("/m/leased-during", "d", Some(PutOptions::new().with_lease(lease))).await.expect("leased put");
         lease
     });
+    // Revisions that change more keys than a Txn may hold (etcd's --max-txn-ops is 128): a
+    // prefix deletion, and one transaction deleting two prefixes around a key it puts.
+    runtime.block_on(async {
+        for prefix in ["/m/bulk/", "/m/t/a/", "/m/t/c/"] {
+            for i in 0..150 {
+                client.put(format!("{prefix}{i:03}"), "x", None).await.expect("put");
+            }
+        }
+        client.delete("/m/bulk/", Some(etcd_client::DeleteOptions::new().with_prefix())).await.expect("delete");
+        let both = etcd_client::Txn::new().and_then([
+            etcd_client::TxnOp::delete("/m/t/a/", Some(etcd_client::DeleteOptions::new().with_prefix())),
+            etcd_client::TxnOp::put("/m/t/b", "between", None),
+            etcd_client::TxnOp::delete("/m/t/c/", Some(etcd_client::DeleteOptions::new().with_prefix())),
+        ]);
+        client.txn(both).await.expect("txn");
+    });
     std::thread::sleep(Duration::from_millis(1500));
     writing.store(false, Ordering::Relaxed);
     let acknowledged = runtime.block_on(writer).expect("writer");
@@ -184,6 +200,13 @@ fn mirror_replays_every_revision_with_the_same_numbers() {
         assert_eq!(stored, acknowledged, "the target holds exactly the acknowledged writes, at their revisions");
         let leases: Vec<i64> = direct.leases().await.expect("leases").leases().iter().map(|l| l.id()).collect();
         assert!(leases.contains(&lease_before) && leases.contains(&lease_during), "{leases:x?}");
+        let left = direct.get("/m/", Some(GetOptions::new().with_prefix().with_keys_only())).await.expect("read");
+        let left: Vec<&str> =
+            left.kvs().iter().map(|kv| kv.key_str().unwrap()).filter(|k| !k.starts_with("/m/live/")).collect();
+        assert!(
+            left.contains(&"/m/t/b") && !left.iter().any(|k| k.starts_with("/m/bulk/") || k.starts_with("/m/t/a/")),
+            "{left:?}"
+        );
         for (key, lease) in [("/m/leased-before", lease_before), ("/m/leased-during", lease_during)] {
             let kv = direct.get(key, None).await.expect("read").kvs().first().cloned().expect("the leased key");
             assert_eq!(kv.lease(), lease, "{key}");
@@ -583,7 +606,8 @@ fn cutover_with_auth_on_to_a_tls_cluster_keeps_clients_logged_in() {
         let options = etcd_client::ConnectOptions::new().with_user("app", APP_PASSWORD);
         Client::connect([format!("http://{}", proxy.listen_addr())], Some(options)).await.expect("app logs in")
     });
-    let start = runtime.block_on(app.clone().put("/app/first", "f", None)).expect("put").header().expect("h").revision();
+    let start =
+        runtime.block_on(app.clone().put("/app/first", "f", None)).expect("put").header().expect("h").revision();
     let watched = watch_prefix(&runtime, &app, "/app/", start + 1);
     let writing = Arc::new(AtomicBool::new(true));
     let writer = runtime.spawn({
