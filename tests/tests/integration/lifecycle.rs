@@ -55,6 +55,7 @@ fn every_flag_has_an_environment_twin_and_help() {
         "listen-addr",
         "advertise-client-url",
         "metrics-addr",
+        "admin-token-file",
         "cert-file",
         "key-file",
         "trusted-ca-file",

@@ -274,6 +274,24 @@ fn admin_calls_need_the_token_and_a_seeded_target() {
     let open = start_proxy(vec![endpoints.clone()]);
     let (code, stdout, _) = migrate(&["status", "--admin", open.metrics_url()]);
     assert_eq!((code, stdout.as_str()), (0, "phase:            idle\n"));
+    // The admin address also comes from the environment, or from the proxy's own TOML file.
+    let output = Command::new(PROXY_BIN)
+        .args(["migrate", "status", "--output", "json"])
+        .env("ETCD_COMPAT_PROXY_ADMIN", open.metrics_url())
+        .output()
+        .expect("run migrate");
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("{\"phase\":\"idle\","), "{output:?}");
+    let toml = dir.path().join("proxy.toml");
+    std::fs::write(
+        &toml,
+        format!("metrics-addr = \"{}\"\nadmin-token-file = \"{}\"\n", open.metrics_url(), path(&token)),
+    )
+    .expect("write the TOML file");
+    let (code, stdout, _) = migrate(&["status", "--config", &path(&toml)]);
+    assert_eq!((code, stdout.as_str()), (0, "phase:            idle\n"));
+    let (code, _, stderr) = migrate(&["status"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("no admin address: pass --admin URL"), "{stderr}");
     let out = path(&dir.path().join("refused.db"));
     let (code, _, stderr) = migrate(&["snapshot", "--admin", open.metrics_url(), "--out", &out]);
     assert_eq!(code, 2);
