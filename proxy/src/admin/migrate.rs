@@ -129,7 +129,7 @@ impl Admin {
         // The first message tells the size, for the command's progress bar.
         let first = match snapshot.message().await {
             Ok(Some(first)) => first,
-            Ok(None) => return migrate_error(&MigrateError::etcd("taking a snapshot", "etcd sent nothing")),
+            Ok(None) => return migrate_error(&MigrateError::answer("taking a snapshot", "etcd sent nothing")),
             Err(failure) => return migrate_error(&MigrateError::etcd("taking a snapshot", failure)),
         };
         let expected = first.blob().len() as u64 + first.remaining_bytes();

@@ -29,8 +29,10 @@ use super::{ClusterAccess, MigrateError, Migration};
 
 /// How often the mirror checks the target's revision, leases and the source's auth store.
 const TICK: Duration = Duration::from_secs(1);
-/// How often the source's compaction revision is looked up.
-const COMPACTION_CHECK: Duration = Duration::from_secs(5);
+/// How often the source's compaction revision and auth store are looked up.
+const SLOW_CHECKS: Duration = Duration::from_secs(5);
+/// How long the mirror keeps trying to go on through errors that may pass.
+const OUTAGE_LIMIT: Duration = Duration::from_secs(60);
 /// How long the compaction probe waits for etcd to say a watch from revision 1 is compacted.
 const COMPACTION_PROBE_WAIT: Duration = Duration::from_millis(500);
 /// A key no client uses, watched by the compaction probe.
@@ -109,85 +111,150 @@ pub async fn run(migration: Arc<Migration>, prepared: Prepared, run: u64, stop: 
 
 async fn replay(migration: &Migration, prepared: Prepared, run: u64) -> Result<(), MigrateError> {
     let Prepared { mut source, mut target, seed_revision, .. } = prepared;
-    let mut applied = seed_revision;
-    let mut leases = LeaseMirror::default();
-    leases.sync(migration, run, &mut source, &mut target).await?;
-    let auth_store = auth_store_digest(&mut source).await;
-    let mut compaction = Compaction { source: 0, target: 0, checked: None };
-
-    let options = WatchOptions::new().with_from_key().with_start_revision(seed_revision + 1);
-    let mut watch = source
-        .watch(vec![0u8], Some(options))
-        .await
-        .map_err(|e| MigrateError::etcd("watching the source from the seed revision", e))?;
-    let mut tick = tokio::time::interval(TICK);
+    let mut mirror = Replay {
+        applied: seed_revision,
+        leases: LeaseMirror::default(),
+        compaction: Compaction { source: 0, target: 0, checked: None },
+        auth_store: auth_store_digest(&mut source).await,
+        auth_checked: Instant::now(),
+        outage: None,
+    };
+    // A member restarting or a connection lost on either side pauses the mirror, which then
+    // goes on from the next revision it has not replayed; only a long outage stops it.
     loop {
-        tokio::select! {
-            message = watch.message() => {
-                let answer = message
-                    .map_err(|e| MigrateError::etcd("the source's watch", e))?
-                    .ok_or_else(|| MigrateError::etcd("the source's watch", "etcd closed it"))?;
-                if answer.canceled() {
-                    return Err(watch_cancelled(answer.compact_revision(), answer.cancel_reason(), applied));
-                }
-                let source_revision = answer.header().map_or(0, |h| h.revision());
-                // One answer holds whole revisions (etcd never splits a revision's events
-                // across answers unless the watch asks for fragments, which this one does not).
-                let mut revisions: BTreeMap<i64, Vec<&etcd_client::Event>> = BTreeMap::new();
-                for event in answer.events() {
-                    let revision = event.kv().map_or(0, |kv| kv.mod_revision());
-                    revisions.entry(revision).or_default().push(event);
-                }
-                for (revision, events) in revisions {
-                    if revision != applied + 1 {
-                        return Err(MigrateError::Setup(format!(
-                            "the source's watch skipped from revision {applied} to {revision}; the mirror cannot \
-                             carry a gap: abort, take a new snapshot and mirror again"
-                        )));
+        let error = match mirror.follow(migration, run, &mut source, &mut target).await {
+            Ok(()) => return Ok(()),
+            Err(error) if !error.is_transient() => return Err(error),
+            Err(error) => error,
+        };
+        let began = *mirror.outage.get_or_insert_with(|| {
+            tracing::warn!("the mirror paused: {error}; trying again every second");
+            Instant::now()
+        });
+        if began.elapsed() >= OUTAGE_LIMIT {
+            return Err(MigrateError::Setup(format!(
+                "the mirror could not go on for {}s: {error}",
+                OUTAGE_LIMIT.as_secs()
+            )));
+        }
+        tokio::time::sleep(TICK).await;
+    }
+}
+
+/// The mirror's progress, kept across the watches it opens.
+struct Replay {
+    /// The last source revision replayed onto the target.
+    applied: i64,
+    leases: LeaseMirror,
+    compaction: Compaction,
+    /// The source's auth store when mirroring began; `None` when it cannot be read.
+    auth_store: Option<String>,
+    auth_checked: Instant,
+    /// Since when the mirror has been failing to go on, if it is.
+    outage: Option<Instant>,
+}
+
+impl Replay {
+    /// Watches the source from the next revision to replay and replays until stopped (`Ok`) or
+    /// an error.
+    async fn follow(
+        &mut self,
+        migration: &Migration,
+        run: u64,
+        source: &mut Client,
+        target: &mut Client,
+    ) -> Result<(), MigrateError> {
+        self.leases.sync(migration, run, source, target).await?;
+        let options = WatchOptions::new().with_from_key().with_start_revision(self.applied + 1);
+        let mut watch =
+            source.watch(vec![0u8], Some(options)).await.map_err(|e| MigrateError::etcd("watching the source", e))?;
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                message = watch.message() => {
+                    let answer = message
+                        .map_err(|e| MigrateError::etcd("the source's watch", e))?
+                        .ok_or_else(|| MigrateError::answer("the source's watch", "etcd closed it"))?;
+                    if answer.canceled() {
+                        return Err(watch_cancelled(answer.compact_revision(), answer.cancel_reason(), self.applied));
                     }
-                    apply(&mut source, &mut target, &mut leases, revision, &events).await?;
-                    applied = revision;
-                    let alive = migration.update(run, |state| {
-                        state.applied_revision = revision;
-                        state.source_revision = state.source_revision.max(source_revision).max(revision);
-                        state.transactions += 1;
-                    });
-                    if !alive {
+                    let source_revision = answer.header().map_or(0, |h| h.revision());
+                    // One answer holds whole revisions (etcd never splits a revision's events
+                    // across answers unless the watch asks for fragments, which this one does not).
+                    let mut revisions: BTreeMap<i64, Vec<&etcd_client::Event>> = BTreeMap::new();
+                    for event in answer.events() {
+                        let revision = event.kv().map_or(0, |kv| kv.mod_revision());
+                        revisions.entry(revision).or_default().push(event);
+                    }
+                    for (revision, events) in revisions {
+                        if revision != self.applied + 1 {
+                            return Err(MigrateError::Setup(format!(
+                                "the source's watch skipped from revision {} to {revision}; the mirror cannot \
+                                 carry a gap: abort, take a new snapshot and mirror again",
+                                self.applied
+                            )));
+                        }
+                        apply(source, target, &mut self.leases, revision, &events).await?;
+                        self.applied = revision;
+                        self.outage = None;
+                        let alive = migration.update(run, |state| {
+                            state.applied_revision = revision;
+                            state.source_revision = state.source_revision.max(source_revision).max(revision);
+                            state.transactions += 1;
+                        });
+                        if !alive {
+                            return Ok(());
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    if !self.check(migration, run, source, target).await? {
                         return Ok(());
                     }
-                }
-            }
-            _ = tick.tick() => {
-                let (_, target_revision) = current_revision(&mut target, "the target").await?;
-                if target_revision != applied {
-                    return Err(foreign_write(&mut target, applied, target_revision).await);
-                }
-                let (_, source_revision) = current_revision(&mut source, "the source").await?;
-                leases.sync(migration, run, &mut source, &mut target).await?;
-                compaction.follow(&mut source, &mut target, applied).await?;
-                let changed = match &auth_store {
-                    Some(before) => auth_store_digest(&mut source).await.is_some_and(|now| &now != before),
-                    None => false,
-                };
-                if changed {
-                    tracing::warn!("the source's users, roles or permissions changed during mirroring; they are not mirrored");
-                }
-                let alive = migration.update(run, |state| {
-                    state.source_revision = state.source_revision.max(source_revision);
-                    if changed && !state.auth_store_changed {
-                        state.auth_store_changed = true;
-                        state.error = Some(
-                            "users, roles or permissions changed on the source during mirroring (not through this \
-                             proxy); they are not mirrored: make the same change on the target, or abort and start \
-                             again from a new snapshot, before cutover".to_owned(),
-                        );
-                    }
-                });
-                if !alive {
-                    return Ok(());
+                    self.outage = None;
                 }
             }
         }
+    }
+
+    /// The once-a-second work beside the watch: the target's revision, leases, compaction, and
+    /// (less often) the auth store. False when the mirror was stopped.
+    async fn check(
+        &mut self,
+        migration: &Migration,
+        run: u64,
+        source: &mut Client,
+        target: &mut Client,
+    ) -> Result<bool, MigrateError> {
+        let (_, target_revision) = current_revision(target, "the target").await?;
+        if target_revision != self.applied {
+            return Err(foreign_write(target, self.applied, target_revision).await);
+        }
+        let (_, source_revision) = current_revision(source, "the source").await?;
+        self.leases.sync(migration, run, source, target).await?;
+        self.compaction.follow(source, target, self.applied).await?;
+        let mut changed = false;
+        if self.auth_checked.elapsed() >= SLOW_CHECKS {
+            self.auth_checked = Instant::now();
+            if let Some(before) = &self.auth_store {
+                changed = auth_store_digest(source).await.is_some_and(|now| &now != before);
+            }
+        }
+        if changed {
+            tracing::warn!("the source's users, roles or permissions changed during mirroring; they are not mirrored");
+        }
+        Ok(migration.update(run, |state| {
+            state.source_revision = state.source_revision.max(source_revision);
+            if changed && !state.auth_store_changed {
+                state.auth_store_changed = true;
+                state.error = Some(
+                    "users, roles or permissions changed on the source during mirroring (not through this proxy); \
+                     they are not mirrored: make the same change on the target, or abort and start again from a \
+                     new snapshot, before cutover"
+                        .to_owned(),
+                );
+            }
+        }))
     }
 }
 
@@ -222,18 +289,30 @@ async fn apply(
     } else {
         operations.extend(deleted.into_iter().map(|key| TxnOp::delete(key, None)));
     }
-    let answer = target.txn(Txn::new().and_then(operations)).await.map_err(|error| {
-        let hint = if error.to_string().contains("too many operations in txn request") {
-            format!(
-                "; revision {revision} changed {} keys at once: raise the target's --max-txn-ops to at least that",
+    let landed = match target.txn(Txn::new().and_then(operations)).await {
+        Ok(answer) => answer.header().map_or(0, |h| h.revision()),
+        Err(error) if error.to_string().contains("too many operations in txn request") => {
+            return Err(MigrateError::Setup(format!(
+                "replaying revision {revision} onto the target: it changed {} keys at once, more than the target's \
+                 --max-txn-ops: raise it to at least that and start the mirror again",
                 events.len()
-            )
-        } else {
-            String::new()
-        };
-        MigrateError::etcd(format!("replaying revision {revision} onto the target{hint}"), error)
-    })?;
-    let landed = answer.header().map_or(0, |h| h.revision());
+            )))
+        }
+        Err(error) => {
+            let failed = MigrateError::etcd(format!("replaying revision {revision} onto the target"), error);
+            if !failed.is_transient() {
+                return Err(failed);
+            }
+            // The transaction may have been applied before its answer was lost: the target's
+            // revision says whether (the mirror is its only writer).
+            match current_revision(target, "the target").await {
+                Ok((_, now)) if now == revision => now,
+                Ok((_, now)) if now == revision - 1 => return Err(failed),
+                Ok((_, now)) => now,
+                Err(_) => return Err(failed),
+            }
+        }
+    };
     if landed != revision {
         return Err(foreign_write(target, revision - 1, landed).await);
     }
@@ -365,7 +444,7 @@ fn watch_cancelled(compact_revision: i64, reason: &str, applied: i64) -> Migrate
             applied + 1
         ))
     } else {
-        MigrateError::etcd("the source's watch", format!("etcd cancelled it: {reason}"))
+        MigrateError::answer("the source's watch", &format!("etcd cancelled it: {reason}"))
     }
 }
 
@@ -377,7 +456,7 @@ pub(super) async fn current_revision(client: &mut Client, side: &str) -> Result<
         .await
         .map_err(|e| MigrateError::etcd(format!("reading {side}'s revision"), e))?;
     let header =
-        answer.header().ok_or_else(|| MigrateError::etcd(format!("reading {side}'s revision"), "no header"))?;
+        answer.header().ok_or_else(|| MigrateError::answer(format!("reading {side}'s revision"), "no header"))?;
     Ok((header.cluster_id(), header.revision()))
 }
 
@@ -516,7 +595,7 @@ struct Compaction {
 
 impl Compaction {
     async fn follow(&mut self, source: &mut Client, target: &mut Client, applied: i64) -> Result<(), MigrateError> {
-        if self.checked.is_none_or(|at| at.elapsed() >= COMPACTION_CHECK) {
+        if self.checked.is_none_or(|at| at.elapsed() >= SLOW_CHECKS) {
             self.checked = Some(Instant::now());
             if let Some(revision) = compaction_revision(source).await {
                 self.source = self.source.max(revision);

@@ -34,8 +34,7 @@ pub use compare::Comparison;
 pub use hold::WriteHold;
 
 /// Where a migration stands, as `migrate status` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     /// No target cluster.
     Idle,
@@ -49,6 +48,26 @@ pub enum Phase {
     Aborted,
     /// The mirror stopped on an error; clients stayed on the source.
     Failed,
+}
+
+impl Phase {
+    /// The name `migrate status` shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Mirroring => "mirroring",
+            Phase::CuttingOver => "cutting-over",
+            Phase::CutOver => "cut-over",
+            Phase::Aborted => "aborted",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+impl Serialize for Phase {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
+    }
 }
 
 /// What `GET /migrate/status` answers.
@@ -83,20 +102,44 @@ pub struct MigrationStatus {
 /// Why a migration command was refused or failed, in words that say what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
-    #[error("a migration is already {0:?}; run `etcd-compat-proxy migrate abort` first to start again")]
+    #[error("the migration is {}; wait for it, or run `etcd-compat-proxy migrate abort` to start again", .0.name())]
     Busy(Phase),
     #[error("no target cluster is being mirrored; start with `etcd-compat-proxy migrate mirror`")]
     NoTarget,
     #[error("{0}")]
     Setup(String),
     #[error("{what}: {error}")]
-    Etcd { what: String, error: String },
+    Etcd { what: String, error: String, transient: bool },
 }
 
 impl MigrateError {
-    /// An etcd call that failed, with what it was for.
-    pub(crate) fn etcd(what: impl Into<String>, error: impl std::fmt::Display) -> Self {
-        MigrateError::Etcd { what: what.into(), error: error.to_string() }
+    /// An etcd call that failed, with what it was for; `error` says whether trying again may help.
+    pub(crate) fn etcd(what: impl Into<String>, error: etcd_client::Error) -> Self {
+        let transient = match &error {
+            etcd_client::Error::GRpcStatus(status) => {
+                use crate::grpc::Code;
+                let code: i32 = status.code().into();
+                [Code::Unavailable, Code::DeadlineExceeded, Code::Unknown, Code::Cancelled]
+                    .iter()
+                    .any(|c| *c as i32 == code)
+            }
+            etcd_client::Error::TransportError(_)
+            | etcd_client::Error::IoError(_)
+            | etcd_client::Error::WatchError(_) => true,
+            etcd_client::Error::LeaseKeepAliveError(_) => true,
+            _ => false,
+        };
+        MigrateError::Etcd { what: what.into(), error: error.to_string(), transient }
+    }
+
+    /// An answer from etcd that is not what it should be.
+    pub(crate) fn answer(what: impl Into<String>, why: &str) -> Self {
+        MigrateError::Etcd { what: what.into(), error: why.to_owned(), transient: true }
+    }
+
+    /// Whether the same work may succeed later (a member restarting, a connection lost).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, MigrateError::Etcd { transient: true, .. })
     }
 }
 
@@ -211,7 +254,7 @@ impl Migration {
     pub async fn start_mirror(self: &Arc<Self>, target: ClusterAccess) -> Result<i64, MigrateError> {
         {
             let state = self.lock();
-            if matches!(state.phase, Phase::Mirroring | Phase::CuttingOver | Phase::CutOver) {
+            if matches!(state.phase, Phase::Mirroring | Phase::CuttingOver) {
                 return Err(MigrateError::Busy(state.phase));
             }
         }
@@ -221,7 +264,7 @@ impl Migration {
         let endpoints = target.endpoints.join(",");
         let run = {
             let mut state = self.lock();
-            if matches!(state.phase, Phase::Mirroring | Phase::CuttingOver | Phase::CutOver) {
+            if matches!(state.phase, Phase::Mirroring | Phase::CuttingOver) {
                 return Err(MigrateError::Busy(state.phase));
             }
             let run = state.run + 1;
@@ -385,7 +428,7 @@ impl Migration {
                 (state.phase, state.applied_revision, state.error.clone())
             };
             if phase != Phase::CuttingOver {
-                return Err(format!("the mirror stopped ({})", error.unwrap_or_else(|| format!("{phase:?}"))));
+                return Err(format!("the mirror stopped ({})", error.unwrap_or_else(|| phase.name().to_owned())));
             }
             if applied >= revision {
                 // A write that reached the source around the proxy would be lost after the

@@ -698,3 +698,57 @@ fn cutover_with_auth_on_to_a_tls_cluster_keeps_clients_logged_in() {
     assert!(acknowledged.len() > 100, "{}", acknowledged.len());
     assert!(!proxy.log_contents().contains(ROOT_PASSWORD) && !proxy.log_contents().contains(TOKEN));
 }
+
+#[test]
+fn mirror_goes_on_through_member_restarts_on_both_sides() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token = token_file(&dir, TOKEN);
+    let mut source = EtcdCluster::start(ClusterSpec::new(EtcdVersion::V3_4, 3)).expect("source cluster");
+    let proxy = start_proxy(vec![
+        format!("--endpoints={}", source.client_endpoints_csv()),
+        format!("--admin-token-file={}", path(&token)),
+    ]);
+    let runtime = runtime();
+    let client = runtime.block_on(connect(&format!("http://{}", proxy.listen_addr())));
+    let (snapshot_file, _) = snapshot(&proxy, &token, &dir);
+    let mut target = EtcdCluster::start(ClusterSpec::new(EtcdVersion::V3_5, 1).restored_from(&snapshot_file))
+        .expect("target restored from the snapshot");
+    migrate_ok("mirror", &proxy, &token, &["--to", &target.client_endpoints_csv()]);
+
+    // A writer that keeps going whatever a restart costs it.
+    let writing = Arc::new(AtomicBool::new(true));
+    let writer = runtime.spawn({
+        let (mut client, writing) = (client.clone(), Arc::clone(&writing));
+        async move {
+            let mut i = 0;
+            while writing.load(Ordering::Relaxed) {
+                let _ = client.put(format!("/r/{i:05}"), "v", None).await;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    for index in 0..3 {
+        source.stop(index).expect("stop a source member");
+        std::thread::sleep(Duration::from_millis(500));
+        source.restart(index).expect("start it again");
+    }
+    target.stop(0).expect("stop the target");
+    std::thread::sleep(Duration::from_secs(2));
+    target.restart(0).expect("start the target again");
+    std::thread::sleep(Duration::from_millis(500));
+    writing.store(false, Ordering::Relaxed);
+    runtime.block_on(writer).expect("writer");
+
+    let mut direct = runtime.block_on(connect(&source.client_urls()[0]));
+    let last = runtime.block_on(revision_of(&mut direct));
+    let status = wait_for_status(&proxy, "the mirror catches up after the restarts", |s| {
+        s["applied_revision"] == last || s["phase"] != "mirroring"
+    });
+    assert_eq!(status["phase"], "mirroring", "{status}");
+    assert_eq!(status["error"], serde_json::Value::Null, "{status}");
+    let verified = migrate_ok("verify", &proxy, &token, &[]);
+    assert!(verified.starts_with(&format!("equal at revision {last} (")), "{verified}");
+    let log = proxy.log_contents();
+    assert!(log.contains("the mirror paused: "), "the target's restart paused the mirror: {log}");
+}
