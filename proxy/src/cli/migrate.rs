@@ -356,7 +356,7 @@ async fn take_snapshot(admin: &AdminClient, args: SnapshotArgs) -> Result<ExitCo
     }
     file.sync_all().map_err(|e| Failed(format!("cannot write {}: {e}", partial.display())))?;
     drop(file);
-    progress.done();
+    progress.finish(written);
     let facts = read_snapshot_facts(&partial).map_err(|error| {
         let _ = std::fs::remove_file(&partial);
         Failed(error.to_string())
@@ -426,7 +426,21 @@ impl Progress {
     }
 
     fn show(&mut self, written: u64) {
-        if !self.terminal || self.shown.elapsed() < Duration::from_millis(100) {
+        if self.shown.elapsed() >= Duration::from_millis(100) {
+            self.draw(written);
+        }
+    }
+
+    /// The last state, whatever the time since the previous one, and the end of the line.
+    fn finish(&mut self, written: u64) {
+        self.draw(written);
+        if self.terminal {
+            eprintln!();
+        }
+    }
+
+    fn draw(&mut self, written: u64) {
+        if !self.terminal {
             return;
         }
         self.shown = Instant::now();
@@ -445,12 +459,6 @@ impl Progress {
             None => format!("snapshot {:.1} MiB", mib(written)),
         };
         eprint!("\r{line}");
-    }
-
-    fn done(&self) {
-        if self.terminal {
-            eprintln!();
-        }
     }
 }
 
