@@ -19,7 +19,7 @@ use hyper::body::{Frame, Incoming};
 use serde::Deserialize;
 
 use super::{reply, Admin, AdminBody};
-use crate::migrate::{ClusterAccess, MigrateError, TlsFiles};
+use crate::migrate::{ClusterAccess, MigrateError, MigrationStatus, Phase, TlsFiles};
 
 /// Largest request body an admin call reads.
 const MAX_REQUEST_BODY: usize = 64 * 1024;
@@ -236,6 +236,34 @@ fn target_access(wanted: MirrorRequest, source: &ClusterAccess) -> Result<Cluste
     let tls =
         endpoints.iter().any(|e| e.starts_with("https://")).then_some(TlsFiles { cas: wanted.to_cacert, client_cert });
     Ok(ClusterAccess { endpoints, tls, credentials: source.credentials.clone(), unsupported: None })
+}
+
+/// The migration's series for `/metrics`: its phase (one series per phase, 1 for the current
+/// one) and, once mirroring began, the revisions and the lag to alert on.
+pub(super) fn render_metrics(status: &MigrationStatus, out: &mut String) {
+    use std::fmt::Write;
+    out.push_str("# HELP etcd_compat_proxy_migration_phase The migration's phase (1 for the current one).\n# TYPE etcd_compat_proxy_migration_phase gauge\n");
+    for phase in [Phase::Idle, Phase::Mirroring, Phase::CuttingOver, Phase::CutOver, Phase::Aborted, Phase::Failed] {
+        let _ = writeln!(
+            out,
+            "etcd_compat_proxy_migration_phase{{phase=\"{}\"}} {}",
+            phase.name(),
+            u8::from(phase == status.phase)
+        );
+    }
+    if status.seed_revision.is_none() {
+        return;
+    }
+    for (name, help, value) in [
+        ("source_revision", "The source cluster's revision when last seen.", status.source_revision),
+        ("applied_revision", "The last source revision replayed onto the target.", status.applied_revision),
+        ("lag_revisions", "Source revisions not yet replayed onto the target.", status.lag_revisions),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP etcd_compat_proxy_migration_{name} {help}\n# TYPE etcd_compat_proxy_migration_{name} gauge\netcd_compat_proxy_migration_{name} {value}"
+        );
+    }
 }
 
 /// Compares two secrets in time that does not depend on where they differ.

@@ -56,7 +56,11 @@ impl Admin {
     async fn answer(&self, request: Request<Incoming>) -> Response<AdminBody> {
         match request.uri().path() {
             "/health" => self.health(),
-            "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", self.metrics.render(&self.upstream)),
+            "/metrics" => {
+                let mut text = self.metrics.render(&self.upstream);
+                migrate::render_metrics(&self.migration.status(), &mut text);
+                reply(StatusCode::OK, "text/plain; version=0.0.4", text)
+            }
             path if path.starts_with("/migrate/") => self.migrate(request).await,
             _ => reply(
                 StatusCode::NOT_FOUND,

@@ -63,8 +63,8 @@ impl Prepared {
 pub async fn prepare(source: &ClusterAccess, target: &ClusterAccess) -> Result<Prepared, MigrateError> {
     let mut source = source.connect("the source cluster").await?;
     let mut target = target.connect("the target cluster").await?;
-    let (source_cluster, source_revision) = current_revision(&mut source, "the source").await?;
-    let (target_cluster, seed_revision) = current_revision(&mut target, "the target").await?;
+    let (source_cluster, source_revision) = current_revision(&mut source, "the source").await.map_err(needs_user)?;
+    let (target_cluster, seed_revision) = current_revision(&mut target, "the target").await.map_err(needs_user)?;
     if source_cluster == target_cluster {
         return Err(MigrateError::Setup(format!(
             "--to names the source cluster itself (cluster id {source_cluster:x}); name the new cluster's members"
@@ -98,6 +98,20 @@ pub async fn prepare(source: &ClusterAccess, target: &ClusterAccess) -> Result<P
     Ok(Prepared { source, target, seed_revision, source_revision })
 }
 
+/// Adds what to do to an auth refusal: the migration acts as the proxy's `--user`.
+fn needs_user(error: MigrateError) -> MigrateError {
+    let text = error.to_string();
+    if text.contains("user name is empty") || text.contains("permission denied") || text.contains("invalid auth token")
+    {
+        MigrateError::Setup(format!(
+            "{text}: with auth on, the migration acts as the proxy's --user on both clusters, which must be root \
+             (or may read every key, lease and the auth store)"
+        ))
+    } else {
+        error
+    }
+}
+
 /// Mirrors until `stop` is cancelled or a failure, which is recorded in `migration`.
 pub async fn run(migration: Arc<Migration>, prepared: Prepared, run: u64, stop: CancellationToken) {
     let outcome = tokio::select! {
@@ -115,7 +129,16 @@ async fn replay(migration: &Migration, prepared: Prepared, run: u64) -> Result<(
         applied: seed_revision,
         leases: LeaseMirror::default(),
         compaction: Compaction { source: 0, target: 0, checked: None },
-        auth_store: auth_store_digest(&mut source).await,
+        auth_store: match auth_store_digest(&mut source).await {
+            Some(digest) => Some(digest),
+            None => {
+                tracing::warn!(
+                    "the mirror cannot read the source's users and roles (is --user root?): changes to them made \
+                     around the proxy during mirroring will not be noticed"
+                );
+                None
+            }
+        },
         auth_checked: Instant::now(),
         outage: None,
     };

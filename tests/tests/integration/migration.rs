@@ -12,7 +12,7 @@ use etcd_client::{Client, GetOptions, PutOptions};
 use etcd_compat_tests::{ClusterSpec, EtcdCluster, EtcdVersion, ProxyProcess};
 use tempfile::TempDir;
 
-use crate::support::{connect, grpc_status, path, run_proxy, runtime, start_proxy, PROXY_BIN};
+use crate::support::{connect, grpc_status, metric, path, run_proxy, runtime, start_proxy, PROXY_BIN};
 
 const TOKEN: &str = "migration-test-token-0123456789abcdef";
 
@@ -216,6 +216,11 @@ fn mirror_replays_every_revision_with_the_same_numbers() {
     assert!(verified.starts_with(&format!("equal at revision {source_revision} (")), "{verified}");
     let human = migrate_ok("status", &proxy, &token, &[]);
     assert!(human.contains("phase:            mirroring") && human.contains("(lag 0 revisions)"), "{human}");
+    let (_, metrics) = proxy.http_get("/metrics");
+    assert_eq!(metric(&metrics, "etcd_compat_proxy_migration_phase{phase=\"mirroring\"}"), Some(1.0), "{metrics}");
+    assert_eq!(metric(&metrics, "etcd_compat_proxy_migration_phase{phase=\"idle\"}"), Some(0.0));
+    assert_eq!(metric(&metrics, "etcd_compat_proxy_migration_lag_revisions"), Some(0.0));
+    assert_eq!(metric(&metrics, "etcd_compat_proxy_migration_applied_revision"), Some(source_revision as f64));
 
     // A compaction of the source is applied to the target at the same revision.
     let compact_at = source_revision - 5;
@@ -522,6 +527,8 @@ fn cutover_moves_clients_to_the_new_cluster_without_a_failed_call() {
         assert!(seen == writes, "{name}: the events differ from the writes");
     }
     let status = wait_for_status(&proxy, "the migration is done", |s| s["phase"] == "cut-over");
+    let (_, metrics) = proxy.http_get("/metrics");
+    assert_eq!(metric(&metrics, "etcd_compat_proxy_migration_phase{phase=\"cut-over\"}"), Some(1.0), "{metrics}");
     assert_eq!(status["error"], serde_json::Value::Null, "{status}");
     // Auth-store changes are allowed again, now on the new cluster.
     runtime.block_on(client.user_add("after-cutover", "pw", None)).expect("user add after the cutover");
