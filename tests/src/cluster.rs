@@ -240,16 +240,21 @@ impl EtcdCluster {
         self.wait_ready(&everyone)
     }
 
+    /// `--initial-cluster`: every member's name and peer URL.
+    fn initial_cluster(&self) -> String {
+        let scheme = self.scheme();
+        self.members
+            .iter()
+            .map(|member| format!("{}={scheme}://127.0.0.1:{}", member.name, member.peer_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     /// Restores every member's data directory from `snapshot` with etcd 3.5's `etcdutl`.
     fn restore(&self, snapshot: &Path, cluster_token: &str) -> anyhow::Result<()> {
         let etcdutl = EtcdVersion::V3_5.etcdutl_bin();
         let scheme = self.scheme();
-        let initial_cluster = self
-            .members
-            .iter()
-            .map(|member| format!("{}={scheme}://127.0.0.1:{}", member.name, member.peer_port))
-            .collect::<Vec<_>>()
-            .join(",");
+        let initial_cluster = self.initial_cluster();
         for member in &self.members {
             let output = Command::new(&etcdutl)
                 .arg("snapshot")
@@ -279,12 +284,7 @@ impl EtcdCluster {
     fn spawn_member(&mut self, index: usize, cluster_token: Option<&str>) -> anyhow::Result<()> {
         let etcd = self.members[index].version.etcd_bin();
         let scheme = self.scheme();
-        let initial_cluster = self
-            .members
-            .iter()
-            .map(|member| format!("{}={scheme}://127.0.0.1:{}", member.name, member.peer_port))
-            .collect::<Vec<_>>()
-            .join(",");
+        let initial_cluster = self.initial_cluster();
         let member = &self.members[index];
         let client_url = format!("{scheme}://127.0.0.1:{}", member.client_port);
         let peer_url = format!("{scheme}://127.0.0.1:{}", member.peer_port);

@@ -48,6 +48,22 @@ fn token_file(dir: &TempDir, token: &str) -> std::path::PathBuf {
     file
 }
 
+/// A 3.4.23 source cluster of `members` with the proxy in front (`--admin-token-file` set, plus
+/// `proxy_args`): the temporary directory, the token file, the cluster and the proxy.
+fn source_behind_proxy(
+    members: usize,
+    proxy_args: &[String],
+) -> (TempDir, std::path::PathBuf, EtcdCluster, ProxyProcess) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token = token_file(&dir, TOKEN);
+    let source = EtcdCluster::start(ClusterSpec::new(EtcdVersion::V3_4, members)).expect("source cluster");
+    let mut args =
+        vec![format!("--endpoints={}", source.client_endpoints_csv()), format!("--admin-token-file={}", path(&token))];
+    args.extend_from_slice(proxy_args);
+    let proxy = start_proxy(args);
+    (dir, token, source, proxy)
+}
+
 /// The JSON status, polled until `done` holds (10 s at most).
 fn wait_for_status(proxy: &ProxyProcess, what: &str, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -84,13 +100,7 @@ async fn revision_of(client: &mut Client) -> i64 {
 
 #[test]
 fn mirror_replays_every_revision_with_the_same_numbers() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let token = token_file(&dir, TOKEN);
-    let source = EtcdCluster::start(ClusterSpec::new(EtcdVersion::V3_4, 1)).expect("source cluster");
-    let proxy = start_proxy(vec![
-        format!("--endpoints={}", source.client_endpoints_csv()),
-        format!("--admin-token-file={}", path(&token)),
-    ]);
+    let (dir, token, source, proxy) = source_behind_proxy(1, &[]);
     let endpoint = format!("http://{}", proxy.listen_addr());
     let runtime = runtime();
     let mut client = runtime.block_on(connect(&endpoint));
@@ -106,17 +116,7 @@ fn mirror_replays_every_revision_with_the_same_numbers() {
         lease
     });
     let keeping = Arc::new(AtomicBool::new(true));
-    let keeper = runtime.spawn({
-        let (mut client, keeping) = (client.clone(), Arc::clone(&keeping));
-        async move {
-            let (mut keeper, mut answers) = client.lease_keep_alive(lease_before).await.expect("keep-alive");
-            while keeping.load(Ordering::Relaxed) {
-                keeper.keep_alive().await.expect("renew");
-                answers.message().await.expect("renewed").expect("answer");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-        }
-    });
+    let keeper = keep_alive(&runtime, &client, lease_before, &keeping);
     // A writer through the proxy for the whole run, recording what etcd acknowledged.
     let writing = Arc::new(AtomicBool::new(true));
     let writer = runtime.spawn({
@@ -367,6 +367,26 @@ fn admin_calls_need_the_token_and_a_seeded_target() {
     assert!(stderr.contains("admin calls are served on --metrics-addr, which is not set"), "{stderr}");
 }
 
+/// Keeps `lease` alive through `client` every second until `keeping` is cleared; panics if the
+/// lease expires or its keep-alives fail.
+fn keep_alive(
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    lease: i64,
+    keeping: &Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    let (mut client, keeping) = (client.clone(), Arc::clone(keeping));
+    runtime.spawn(async move {
+        let (mut keeper, mut answers) = client.lease_keep_alive(lease).await.expect("keep-alive");
+        while keeping.load(Ordering::Relaxed) {
+            keeper.keep_alive().await.expect("renew");
+            let answer = answers.message().await.expect("renewed").expect("answer");
+            assert!(answer.ttl() > 0, "the lease expired");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    })
+}
+
 /// What a prefix watcher through the proxy saw: (key, mod_revision) per event, in order.
 type Seen = Arc<std::sync::Mutex<Vec<(String, i64)>>>;
 
@@ -419,13 +439,7 @@ fn spawn_writers(
 
 #[test]
 fn cutover_moves_clients_to_the_new_cluster_without_a_failed_call() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let token = token_file(&dir, TOKEN);
-    let source = EtcdCluster::start(ClusterSpec::new(EtcdVersion::V3_4, 1)).expect("source cluster");
-    let proxy = start_proxy(vec![
-        format!("--endpoints={}", source.client_endpoints_csv()),
-        format!("--admin-token-file={}", path(&token)),
-    ]);
+    let (dir, token, source, proxy) = source_behind_proxy(1, &[]);
     let runtime = runtime();
     let mut client = runtime.block_on(connect(&format!("http://{}", proxy.listen_addr())));
 
@@ -436,18 +450,7 @@ fn cutover_moves_clients_to_the_new_cluster_without_a_failed_call() {
         (lease, put.header().expect("header").revision())
     });
     let keeping = Arc::new(AtomicBool::new(true));
-    let keeper = runtime.spawn({
-        let (mut client, keeping) = (client.clone(), Arc::clone(&keeping));
-        async move {
-            let (mut keeper, mut answers) = client.lease_keep_alive(lease_before).await.expect("keep-alive");
-            while keeping.load(Ordering::Relaxed) {
-                keeper.keep_alive().await.expect("renew");
-                let answer = answers.message().await.expect("renewed").expect("answer");
-                assert!(answer.ttl() > 0, "the lease expired");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    });
+    let keeper = keep_alive(&runtime, &client, lease_before, &keeping);
     let watched_from_now = watch_prefix(&runtime, &client, "/c/", first_revision + 1);
     let writing = Arc::new(AtomicBool::new(true));
     let writers = spawn_writers(&runtime, &client, &writing, 4);
@@ -538,13 +541,7 @@ fn cutover_moves_clients_to_the_new_cluster_without_a_failed_call() {
 
 #[test]
 fn cutover_that_cannot_catch_up_changes_nothing() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let token = token_file(&dir, TOKEN);
-    let source = EtcdCluster::start(ClusterSpec::new(EtcdVersion::V3_4, 1)).expect("source cluster");
-    let proxy = start_proxy(vec![
-        format!("--endpoints={}", source.client_endpoints_csv()),
-        format!("--admin-token-file={}", path(&token)),
-    ]);
+    let (dir, token, source, proxy) = source_behind_proxy(1, &[]);
     let runtime = runtime();
     let mut client = runtime.block_on(connect(&format!("http://{}", proxy.listen_addr())));
     runtime.block_on(client.put("/c/seed", "s", None)).expect("put");
@@ -604,9 +601,11 @@ fn cutover_that_cannot_catch_up_changes_nothing() {
 fn cutover_with_auth_on_to_a_tls_cluster_keeps_clients_logged_in() {
     const ROOT_PASSWORD: &str = "root-pw";
     const APP_PASSWORD: &str = "app-pw";
-    let dir = tempfile::tempdir().expect("temp dir");
-    let token = token_file(&dir, TOKEN);
-    let source = EtcdCluster::start(ClusterSpec::new(EtcdVersion::V3_4, 1)).expect("source cluster");
+    let secrets = tempfile::tempdir().expect("temp dir");
+    let password_file = secrets.path().join("root-password");
+    std::fs::write(&password_file, ROOT_PASSWORD).expect("write the password");
+    let user_args = ["--user=root".to_owned(), format!("--password-file={}", path(&password_file))];
+    let (dir, token, source, proxy) = source_behind_proxy(1, &user_args);
     for args in [
         vec!["user", "add", "root", "--new-user-password", ROOT_PASSWORD],
         vec!["role", "add", "app"],
@@ -617,14 +616,6 @@ fn cutover_with_auth_on_to_a_tls_cluster_keeps_clients_logged_in() {
     ] {
         source.etcdctl_ok(&args);
     }
-    let password_file = dir.path().join("root-password");
-    std::fs::write(&password_file, ROOT_PASSWORD).expect("write the password");
-    let proxy = start_proxy(vec![
-        format!("--endpoints={}", source.client_endpoints_csv()),
-        "--user=root".to_owned(),
-        format!("--password-file={}", path(&password_file)),
-        format!("--admin-token-file={}", path(&token)),
-    ]);
     let runtime = runtime();
     // `app` logs in through the proxy once, before the migration, and never again.
     let app = runtime.block_on(async {
@@ -708,13 +699,7 @@ fn cutover_with_auth_on_to_a_tls_cluster_keeps_clients_logged_in() {
 
 #[test]
 fn mirror_goes_on_through_member_restarts_on_both_sides() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let token = token_file(&dir, TOKEN);
-    let mut source = EtcdCluster::start(ClusterSpec::new(EtcdVersion::V3_4, 3)).expect("source cluster");
-    let proxy = start_proxy(vec![
-        format!("--endpoints={}", source.client_endpoints_csv()),
-        format!("--admin-token-file={}", path(&token)),
-    ]);
+    let (dir, token, mut source, proxy) = source_behind_proxy(3, &[]);
     let runtime = runtime();
     let client = runtime.block_on(connect(&format!("http://{}", proxy.listen_addr())));
     let (snapshot_file, _) = snapshot(&proxy, &token, &dir);
