@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::listener::accept::AcceptBackoff;
 use crate::listener::{http2_server, ClientConnection};
 use crate::migrate::{ClusterAccess, Migration};
-use crate::tls::{CertRegistry, Reloadable, Side, TlsError};
+use crate::tls::{CertRegistry, Reloadable, SharedUpstreamFiles, Side, TlsError};
 use crate::upstream::Cluster;
 
 /// Why the proxy could not start.
@@ -60,7 +60,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // The cluster behind the proxy: members, their connections, health and the cluster view.
     let cluster = Cluster::new(&config)?;
     // TLS files watched on both sides: a renewed certificate or CA is used without a restart.
-    watch_tls_files(&config, listener_tls.clone(), &cluster, &certificates, stop.clone())?;
+    let upstream_files: SharedUpstreamFiles = Arc::new(std::sync::RwLock::new(config.upstream_tls.clone()));
+    watch_tls_files(&config, listener_tls.clone(), &cluster, &upstream_files, &certificates, stop.clone())?;
     // Health checks and the view's refresh keep requests away from members that cannot serve.
     cluster.spawn_health_checks(config.health_interval, stop.clone());
     cluster.spawn_view_refresh(stop.clone());
@@ -68,7 +69,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let auth = Arc::new(AuthSessions::new(config.auth.clone()));
     tokio::spawn(expire_idle_sessions(Arc::clone(&auth), stop.clone()));
     // A migration to a new cluster, idle until `etcd-compat-proxy migrate` starts one.
-    let migration = Migration::new(ClusterAccess::source_of(&config), Arc::clone(&cluster));
+    let migration = Migration::new(ClusterAccess::source_of(&config), Arc::clone(&cluster), upstream_files);
     // The request path, shared by every client connection.
     let forwarder = Forwarder::new(
         Arc::clone(&cluster),
@@ -174,6 +175,7 @@ fn watch_tls_files(
     config: &Config,
     listener: Option<Arc<Reloadable<rustls::ServerConfig>>>,
     cluster: &Arc<Cluster>,
+    upstream_files: &SharedUpstreamFiles,
     registry: &Arc<CertRegistry>,
     stop: CancellationToken,
 ) -> Result<(), TlsError> {
@@ -183,7 +185,10 @@ fn watch_tls_files(
         let legacy_counter = registry.legacy_counter();
         sides.push(WatchedSide {
             side: Side::Listener,
-            paths: files.paths(),
+            paths: Box::new({
+                let files = files.clone();
+                move || files.paths()
+            }),
             apply: Box::new(move || {
                 let result = crate::tls::build_listener(&files, &legacy_counter).map(|built| {
                     listener.replace(built.config);
@@ -193,17 +198,23 @@ fn watch_tls_files(
             }),
         });
     }
-    if let Some(files) = config.upstream_tls.clone().filter(|_| cluster.tls_config().is_some()) {
-        registry.publish(Side::Upstream, crate::tls::build_upstream(&files)?.certs);
-        let pool = Arc::clone(cluster);
-        let counts = Arc::clone(registry);
-        sides.push(WatchedSide {
-            side: Side::Upstream,
-            paths: files.paths(),
-            apply: Box::new(move || {
-                let built = crate::tls::build_upstream(&files);
+    if let Some(files) = config.upstream_tls.as_ref().filter(|_| cluster.tls_config().is_some()) {
+        registry.publish(Side::Upstream, crate::tls::build_upstream(files)?.certs);
+    }
+    // Always watched: a migration's cutover may bring TLS files to a plaintext upstream.
+    let watched = Arc::clone(upstream_files);
+    let pool = Arc::clone(cluster);
+    let counts = Arc::clone(registry);
+    sides.push(WatchedSide {
+        side: Side::Upstream,
+        paths: Box::new(move || read_shared(&watched).map(|files| files.paths()).unwrap_or_default()),
+        apply: Box::new({
+            let upstream_files = Arc::clone(upstream_files);
+            move || {
+                let built = read_shared(&upstream_files).map(|files| crate::tls::build_upstream(&files));
                 let (pool, counts) = (Arc::clone(&pool), Arc::clone(&counts));
                 Box::pin(async move {
+                    let Some(built) = built else { return Ok(Vec::new()) };
                     let built = built.map_err(|error| error.to_string())?;
                     match pool.adopt_tls_config(built.config).await {
                         Ok(redials) => {
@@ -225,11 +236,18 @@ fn watch_tls_files(
                         }
                     }
                 })
-            }),
-        });
-    }
+            }
+        }),
+    });
     crate::tls::reload::spawn(sides, Arc::clone(registry), config.cert_reload_interval, stop);
     Ok(())
+}
+
+fn read_shared(files: &SharedUpstreamFiles) -> Option<crate::tls::UpstreamTlsFiles> {
+    match files.read() {
+        Ok(files) => files.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    }
 }
 
 /// Forgets idle proxy-token sessions once a minute.

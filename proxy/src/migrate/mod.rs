@@ -162,6 +162,8 @@ pub struct Migration {
     source: Mutex<ClusterAccess>,
     /// The cluster the request path sends calls to, switched at cutover.
     serving: Arc<Cluster>,
+    /// The upstream TLS files the reloader watches, replaced by the target's at cutover.
+    upstream_files: crate::tls::SharedUpstreamFiles,
     state: Mutex<State>,
     /// Read by the request path for auth-store changes only, so that it never takes the lock.
     auth_frozen: AtomicBool,
@@ -189,11 +191,17 @@ struct State {
 }
 
 impl Migration {
-    /// An idle migration whose source is `serving`, reached as a client through `source`.
-    pub fn new(source: ClusterAccess, serving: Arc<Cluster>) -> Arc<Self> {
+    /// An idle migration whose source is `serving`, reached as a client through `source`, with
+    /// its TLS files in `upstream_files`.
+    pub fn new(
+        source: ClusterAccess,
+        serving: Arc<Cluster>,
+        upstream_files: crate::tls::SharedUpstreamFiles,
+    ) -> Arc<Self> {
         Arc::new(Migration {
             source: Mutex::new(source),
             serving,
+            upstream_files,
             hold: WriteHold::default(),
             state: Mutex::new(State {
                 phase: Phase::Idle,
@@ -378,6 +386,9 @@ impl Migration {
             Ok(revision) => {
                 let (endpoints, tls) = serving;
                 self.serving.switch_to(&endpoints, tls);
+                // From now on the target's files are the ones reloaded when they change.
+                *self.upstream_files.write().unwrap_or_else(PoisonError::into_inner) =
+                    target.tls.as_ref().map(upstream_tls_files);
                 {
                     let mut state = self.lock();
                     if let Some(stop) = state.stop.take() {
@@ -502,17 +513,21 @@ fn serving_members(target: &ClusterAccess) -> Result<(Vec<Endpoint>, Option<Arc<
         .collect::<Result<Vec<_>, _>>()?;
     let tls = match &target.tls {
         Some(files) => {
-            let files = crate::tls::UpstreamTlsFiles {
-                cas: files.cas.clone(),
-                client_cert: files.client_cert.clone(),
-                insecure_skip_verify: false,
-                server_cn: None,
-            };
-            let config = crate::tls::client_config(&files)
+            let config = crate::tls::client_config(&upstream_tls_files(files))
                 .map_err(|error| MigrateError::Setup(format!("the target's TLS files: {error}")))?;
             Some(config)
         }
         None => None,
     };
     Ok((endpoints, tls))
+}
+
+/// The target's TLS files as the upstream's (the same rules as `--cacert`/`--cert`/`--key`).
+fn upstream_tls_files(files: &TlsFiles) -> crate::tls::UpstreamTlsFiles {
+    crate::tls::UpstreamTlsFiles {
+        cas: files.cas.clone(),
+        client_cert: files.client_cert.clone(),
+        insecure_skip_verify: false,
+        server_cn: None,
+    }
 }

@@ -51,6 +51,10 @@ pub struct UpstreamTlsFiles {
     pub server_cn: Option<String>,
 }
 
+/// The upstream TLS files in use, shared by the reloader and the migration, which replaces them
+/// when it switches clusters; `None` while the upstream is plaintext.
+pub type SharedUpstreamFiles = std::sync::Arc<std::sync::RwLock<Option<UpstreamTlsFiles>>>;
+
 impl UpstreamTlsFiles {
     /// Every file the upstream TLS is built from, for change detection.
     pub fn paths(&self) -> Vec<PathBuf> {

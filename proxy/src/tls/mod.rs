@@ -11,7 +11,7 @@ pub mod reload;
 pub mod status;
 pub mod verify;
 
-pub use files::{LegacyClientException, ListenerTlsFiles, UpstreamTlsFiles};
+pub use files::{LegacyClientException, ListenerTlsFiles, SharedUpstreamFiles, UpstreamTlsFiles};
 pub use reload::Reloadable;
 pub use status::{format_unix, now_unix, CertRegistry, ExpiryPolicy, LoadedCert, Side};
 

@@ -57,12 +57,15 @@ pub type ApplyResult = Result<Vec<LoadedCert>, String>;
 /// Rebuilds, checks and installs one side's config.
 pub type Apply = Box<dyn Fn() -> Pin<Box<dyn Future<Output = ApplyResult> + Send>> + Send + Sync>;
 
+/// Lists the files a side is built from now (the upstream side's change at a migration's cutover).
+pub type Paths = Box<dyn Fn() -> Vec<PathBuf> + Send + Sync>;
+
 /// One side's files and how to reload them.
 pub struct WatchedSide {
     /// Which side, for logs and metrics.
     pub side: Side,
     /// Every file the side is built from.
-    pub paths: Vec<PathBuf>,
+    pub paths: Paths,
     /// Rebuild, check and install.
     pub apply: Apply,
 }
@@ -78,7 +81,7 @@ pub fn spawn(sides: Vec<WatchedSide>, registry: Arc<CertRegistry>, interval: Dur
             None
         }
     };
-    let mut seen: Vec<u64> = sides.iter().map(|side| fingerprint(&side.paths)).collect();
+    let mut seen: Vec<u64> = sides.iter().map(|side| fingerprint(&(side.paths)())).collect();
     tokio::spawn(async move {
         registry.warn_expiring(now_unix(), None);
         let mut last_warning = Instant::now();
@@ -94,13 +97,18 @@ pub fn spawn(sides: Vec<WatchedSide>, registry: Arc<CertRegistry>, interval: Dur
                 tracing::info!(sides = sides.len(), "SIGHUP: reloading certificates");
             }
             for (side, last) in sides.iter().zip(seen.iter_mut()) {
-                let now_seen = fingerprint(&side.paths);
+                let paths = (side.paths)();
+                if paths.is_empty() {
+                    // A side without TLS (a plaintext upstream) has nothing to reload.
+                    continue;
+                }
+                let now_seen = fingerprint(&paths);
                 if !forced {
                     if now_seen == *last {
                         continue;
                     }
                     tokio::time::sleep(SETTLE).await;
-                    if fingerprint(&side.paths) != now_seen {
+                    if fingerprint(&(side.paths)()) != now_seen {
                         // Still being written; the next tick looks again.
                         continue;
                     }

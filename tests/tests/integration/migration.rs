@@ -671,6 +671,22 @@ fn cutover_with_auth_on_to_a_tls_cluster_keeps_clients_logged_in() {
     std::thread::sleep(Duration::from_millis(500));
     let cut = migrate_ok("cutover", &proxy, &token, &[]);
     assert!(cut.contains(&format!("clients are now served by {target_url}")), "{cut}");
+    // From the cutover on, the target's TLS files are the upstream's: loaded, shown and watched.
+    let ca_series = format!(
+        "etcd_compat_proxy_certificate_expiry_timestamp_seconds{{role=\"upstream-ca\",path=\"{}\"",
+        path(&pki.ca_cert)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, metrics) = proxy.http_get("/metrics");
+        let applied =
+            metric(&metrics, "etcd_compat_proxy_certificate_reloads_total{side=\"upstream\",outcome=\"applied\"}");
+        if applied == Some(1.0) && metrics.contains(&ca_series) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the target's TLS files were not taken up: {metrics}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     std::thread::sleep(Duration::from_millis(1500));
     writing.store(false, Ordering::Relaxed);
     let acknowledged = runtime.block_on(writer).expect("writer");
