@@ -10,6 +10,8 @@
 #                                    through it once per round and target (~1 minute in all)
 #   scripts/bench.sh --big           everything, `range 1GiB paged` included (it is opt-in: a plain
 #                                    run or `--only range` leaves it out)
+#   scripts/bench.sh --pin           each proxy on a core of its own (etcd and the load generator on
+#                                    CPU 0, proxies on CPU 1), as a sidecar; report in bench/RESULTS-pinned.md
 #   scripts/bench.sh --help          every flag
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -65,6 +65,11 @@ struct Args {
     /// the same rounds, so a change is compared under the same machine load.
     #[arg(long, value_name = "FILE")]
     baseline_bin: Option<PathBuf>,
+    /// Give each proxy a core of its own, as a sidecar has: etcd and the load generator run on
+    /// CPU 0 (for every target, direct included), each proxy on CPU 1. The report goes to
+    /// bench/RESULTS-pinned.md unless --output says otherwise. Needs 2 CPUs and `taskset`.
+    #[arg(long)]
+    pin: bool,
 }
 
 /// Timing of every run, after --quick is applied.
@@ -121,19 +126,23 @@ fn run(args: Args) -> Result<()> {
         eprintln!("warning: this is a debug build of the load generator; scripts/bench.sh builds --release");
     }
     let workspace = workspace_root();
-    let output = args.output.clone().unwrap_or_else(|| workspace.join("bench").join("RESULTS.md"));
+    let report_name = if args.pin { "RESULTS-pinned.md" } else { "RESULTS.md" };
+    let output = args.output.clone().unwrap_or_else(|| workspace.join("bench").join(report_name));
+    // Before any thread or process starts: they inherit this process's CPU.
+    let pinning = if args.pin { Some(targets::pin_to_first_cpu()?) } else { None };
     let command = std::env::var(INVOCATION_ENV).unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" "));
     let mut info = RunInfo {
         rounds: settings.rounds,
         warmup: settings.warmup,
         window: settings.window,
         watch_rate: settings.watch_rate,
+        pinned: pinning.is_some(),
         ..RunInfo::collect(&workspace, &EtcdVersion::V3_4.etcd_bin(), command)
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
     eprintln!("starting etcd {} and the proxies", info.etcd_version);
-    let mut targets = Targets::start(&proxy_bin, args.baseline_bin.as_deref())?;
+    let mut targets = Targets::start(&proxy_bin, args.baseline_bin.as_deref(), pinning)?;
     let data_dir = targets.etcd_data_dir();
     let medium = if data_dir.starts_with("/dev/shm") { "tmpfs" } else { "disk" };
     info.etcd_data_dir = format!("on {medium} ({})", data_dir.display());

@@ -73,6 +73,8 @@ pub struct RunInfo {
     pub watch_rate: u32,
     /// Extra data loaded for opt-in workloads, one line each.
     pub data: Vec<String>,
+    /// Whether etcd and the load generator ran on CPU 0 and each proxy on CPU 1 (`--pin`).
+    pub pinned: bool,
 }
 
 impl RunInfo {
@@ -112,6 +114,7 @@ impl RunInfo {
             window: Duration::ZERO,
             watch_rate: 0,
             data: Vec::new(),
+            pinned: false,
         }
     }
 }
@@ -154,6 +157,14 @@ pub fn render(
     let _ = writeln!(out, "- etcd: {}, one member, data dir {}", info.etcd_version, info.etcd_data_dir);
     let _ = writeln!(out, "- etcd-compat-proxy: {}", info.proxy_revision);
     let _ = writeln!(out, "- Command: `{}`", info.command);
+    if info.pinned {
+        let _ = writeln!(
+            out,
+            "- Pinned (`--pin`): etcd and the load generator on CPU 0 for every target, each proxy on CPU 1, as a \
+             sidecar with a core of its own; a proxy's CPU then no longer takes from the client's throughput, \
+             and what remains is what it costs etcd and the client."
+        );
+    }
     let _ = writeln!(
         out,
         "- Method: {} round(s); per round each target gets {:.1} s warm-up and a {:.1} s window, targets alternating \

@@ -55,8 +55,37 @@ struct ManagedProxy {
     process: ProxyProcess,
 }
 
+/// The CPU each proxy runs on when the benchmark pins processes (`--pin`).
+#[derive(Debug, Clone, Copy)]
+pub struct Pinning {
+    proxy_cpu: usize,
+}
+
+/// Moves this process to CPU 0, for `--pin`; what it starts afterwards (etcd, the load
+/// generator's threads) inherits that CPU, and proxies are started on CPU 1.
+pub fn pin_to_first_cpu() -> Result<Pinning> {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    anyhow::ensure!(cpus >= 2, "--pin needs 2 CPUs, this machine offers {cpus}");
+    let status = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", "0", &std::process::id().to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("running taskset (util-linux) for --pin")?;
+    anyhow::ensure!(status.success(), "taskset could not move the benchmark to CPU 0: {status}");
+    Ok(Pinning { proxy_cpu: 1 })
+}
+
 impl ManagedProxy {
-    fn start(kind: TargetKind, bin: &Path, args: Vec<String>) -> Result<ManagedProxy> {
+    fn start(kind: TargetKind, bin: &Path, args: Vec<String>, pinning: Option<Pinning>) -> Result<ManagedProxy> {
+        // Pinned, the proxy runs under `taskset -c 1`, which execs it: the pid stays the proxy's.
+        let (bin, args) = match pinning {
+            Some(pinning) => {
+                let mut wrapped = vec!["-c".to_owned(), pinning.proxy_cpu.to_string(), bin.display().to_string()];
+                wrapped.extend(args);
+                (Path::new("taskset"), wrapped)
+            }
+            None => (bin, args),
+        };
         let process = ProxyProcess::start(bin, args.clone())
             .with_context(|| format!("starting {} ({} {})", kind.label(), bin.display(), args.join(" ")))?;
         Ok(ManagedProxy { kind, bin: bin.to_path_buf(), args, process })
@@ -89,7 +118,7 @@ pub struct Targets {
 
 impl Targets {
     /// Starts etcd 3.4 (one member) and the proxies; blocks until each accepts connections.
-    pub fn start(compat_proxy_bin: &Path, baseline_bin: Option<&Path>) -> Result<Targets> {
+    pub fn start(compat_proxy_bin: &Path, baseline_bin: Option<&Path>, pinning: Option<Pinning>) -> Result<Targets> {
         // The opt-in 1 GiB workload would come close to etcd's default 2 GiB backend quota (and
         // raise a NOSPACE alarm with history); the quota is only a limit, nothing is allocated
         // for it, so every run gets the 8 GiB etcd documents as its recommended maximum.
@@ -111,11 +140,13 @@ impl Targets {
                 format!("--endpoints={member}"),
                 format!("--data-dir={}", grpc_proxy_dir.path().display()),
             ],
+            pinning,
         )?;
         let compat_args = vec!["start".to_owned(), format!("--endpoints={member}")];
-        let compat_proxy = ManagedProxy::start(TargetKind::CompatProxy, compat_proxy_bin, compat_args.clone())?;
+        let compat_proxy =
+            ManagedProxy::start(TargetKind::CompatProxy, compat_proxy_bin, compat_args.clone(), pinning)?;
         let baseline =
-            baseline_bin.map(|bin| ManagedProxy::start(TargetKind::Baseline, bin, compat_args)).transpose()?;
+            baseline_bin.map(|bin| ManagedProxy::start(TargetKind::Baseline, bin, compat_args, pinning)).transpose()?;
         Ok(Targets { grpc_proxy, compat_proxy, baseline, cluster, _grpc_proxy_dir: grpc_proxy_dir })
     }
 
