@@ -128,17 +128,18 @@ fn run(args: Args) -> Result<()> {
     let workspace = workspace_root();
     let report_name = if args.pin { "RESULTS-pinned.md" } else { "RESULTS.md" };
     let output = args.output.clone().unwrap_or_else(|| workspace.join("bench").join(report_name));
-    // Before any thread or process starts: they inherit this process's CPU.
-    let pinning = if args.pin { Some(targets::pin_to_first_cpu()?) } else { None };
     let command = std::env::var(INVOCATION_ENV).unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" "));
     let mut info = RunInfo {
         rounds: settings.rounds,
         warmup: settings.warmup,
         window: settings.window,
         watch_rate: settings.watch_rate,
-        pinned: pinning.is_some(),
+        pinned: args.pin,
         ..RunInfo::collect(&workspace, &EtcdVersion::V3_4.etcd_bin(), command)
     };
+    // After the machine's CPUs were counted, before any thread or process starts: they inherit
+    // this process's CPU.
+    let pinning = if args.pin { Some(targets::pin_to_first_cpu()?) } else { None };
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
     eprintln!("starting etcd {} and the proxies", info.etcd_version);
