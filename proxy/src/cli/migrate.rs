@@ -107,7 +107,7 @@ pub struct MirrorArgs {
 pub struct CutoverArgs {
     /// The longest writes may be held while the mirror catches up, e.g. `2s`, `500ms`; if it
     /// does not catch up in time, nothing changes and the held writes go on to the current cluster.
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_hold)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_hold)]
     pub max_hold: Duration,
     #[command(flatten)]
     pub output: OutputArgs,

@@ -297,6 +297,8 @@ fn admin_calls_need_the_token_and_a_seeded_target() {
     let (code, _, stderr) = migrate(&["status"]);
     assert_eq!(code, 2);
     assert!(stderr.contains("no admin address: pass --admin URL"), "{stderr}");
+    let (_, help, _) = migrate(&["cutover", "--help"]);
+    assert!(help.contains("--max-hold <DURATION>") && help.contains("[default: 5s]"), "{help}");
     let out = path(&dir.path().join("refused.db"));
     let (code, _, stderr) = migrate(&["snapshot", "--admin", open.metrics_url(), "--out", &out]);
     assert_eq!(code, 2);
@@ -468,6 +470,8 @@ fn cutover_moves_clients_to_the_new_cluster_without_a_failed_call() {
     let watched_from_old = watch_prefix(&runtime, &client, "/c/", first_revision);
     std::thread::sleep(Duration::from_millis(500));
 
+    let verified = migrate_ok("verify", &proxy, &token, &[]);
+    assert!(verified.starts_with("equal at revision "), "{verified}");
     let cut = migrate_ok("cutover", &proxy, &token, &["--max-hold", "2s"]);
     let held_ms: u64 = cut
         .split("writes were held for ")
