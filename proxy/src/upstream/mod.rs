@@ -62,6 +62,9 @@ pub struct Cluster {
     health_checks: Mutex<Option<(Duration, CancellationToken)>>,
     /// Leader, learners and discovery (see [`ClusterView`]).
     pub view: ClusterView,
+    /// Counts [`Cluster::switch_to`] calls, so that what a view refresh learned from the members
+    /// it started with is not applied to the ones that replaced them.
+    switches: AtomicUsize,
 }
 
 impl Cluster {
@@ -84,6 +87,7 @@ impl Cluster {
             dial_timeout: config.dial_timeout,
             health_checks: Mutex::new(None),
             view: ClusterView::new(config),
+            switches: AtomicUsize::new(0),
         }))
     }
 
@@ -95,16 +99,26 @@ impl Cluster {
         }
     }
 
-    /// Adds a member discovered from the cluster's member list and starts checking its health;
-    /// returns the existing one if the endpoint is already known.
-    pub fn add_member(self: &Arc<Self>, endpoint: &Endpoint) -> Arc<Member> {
+    /// Which member set a view refresh starts with (see [`Cluster::switch_to`]).
+    pub(crate) fn member_set(&self) -> usize {
+        self.switches.load(Relaxed)
+    }
+
+    /// Adds a member discovered from the member list of member set `set` and starts checking
+    /// its health; returns the existing one if the endpoint is already known, and `None` if the
+    /// cluster was switched since (the list describes a cluster the proxy no longer serves).
+    pub fn add_member(self: &Arc<Self>, endpoint: &Endpoint, set: usize) -> Option<Arc<Member>> {
         let added = {
             let mut guard = match self.members.write() {
                 Ok(guard) => guard,
                 Err(poisoned) => poisoned.into_inner(),
             };
+            // Checked under the lock `switch_to` replaces the members under.
+            if self.switches.load(Relaxed) != set {
+                return None;
+            }
             if let Some(known) = guard.iter().find(|m| m.endpoint == *endpoint) {
-                return Arc::clone(known);
+                return Some(Arc::clone(known));
             }
             let member = Arc::new(Member::new(endpoint, guard.len()));
             let mut members = Vec::clone(&guard);
@@ -117,7 +131,7 @@ impl Cluster {
         if let Some((interval, stop)) = checks {
             self.spawn_health_check(Arc::clone(&added), interval, stop);
         }
-        added
+        Some(added)
     }
 
     #[cfg(test)]
@@ -212,6 +226,7 @@ impl Cluster {
                 Err(poisoned) => poisoned.into_inner(),
             };
             self.preferred.store(0, Relaxed);
+            self.switches.fetch_add(1, Relaxed);
             std::mem::replace(&mut *guard, Arc::new(replacements.clone()))
         };
         self.view.forget_leader();

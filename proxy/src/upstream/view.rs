@@ -200,6 +200,7 @@ impl Cluster {
     }
 
     async fn refresh_once(self: &Arc<Self>) {
+        let set = self.member_set();
         let members = self.members();
         let call_timeout = self.dial_timeout().min(Duration::from_secs(2));
         let statuses = futures_util::future::join_all(members.iter().map(|member| {
@@ -230,6 +231,10 @@ impl Cluster {
                 Err(_) => tracing::debug!(member = %member.name(), "cluster view: Status got no answer in time"),
             }
         }
+        if self.member_set() != set {
+            // Switched to another cluster meanwhile: these answers describe the old one.
+            return;
+        }
         let leader = leader_from_statuses(&terms);
         let previous = self.view.leader.swap(leader, Relaxed);
         if previous != leader {
@@ -257,11 +262,16 @@ impl Cluster {
             }
         }
         let Some(listed) = listed else { return };
-        self.apply_member_list(&listed);
+        self.apply_member_list(&listed, set);
     }
 
-    fn apply_member_list(self: &Arc<Self>, listed: &[etcd_compat_proto::etcdserverpb::Member]) {
+    /// Applies the member list that a member of member set `set` answered.
+    fn apply_member_list(self: &Arc<Self>, listed: &[etcd_compat_proto::etcdserverpb::Member], set: usize) {
+        // Read before the check: members read after a switch always fail it.
         let members = self.members();
+        if self.member_set() != set {
+            return;
+        }
         let mut first_endpoint_of: Vec<u64> = Vec::new();
         for member in members.iter() {
             let id = member.role.id();
@@ -285,7 +295,7 @@ impl Cluster {
         let known: Vec<(u64, Endpoint)> = members.iter().map(|m| (m.role.id(), m.endpoint.clone())).collect();
         for (position, endpoint) in discover(&known, listed, self.view.upstream_tls) {
             let entry = &listed[position];
-            let added = self.add_member(&endpoint);
+            let Some(added) = self.add_member(&endpoint, set) else { return };
             added.role.id.store(entry.id, Relaxed);
             added.role.set_learner(entry.is_learner, &added.name());
             if let Ok(mut name) = added.role.name.lock() {
@@ -343,7 +353,7 @@ mod tests {
         seeds[1].role.id.store(2, Relaxed);
         // Member 1 was removed, member 2 is a learner, member 3 is new.
         let list = vec![listed(2, &["http://127.0.0.1:2002"], true), listed(3, &["http://127.0.0.1:2003"], false)];
-        upstream.apply_member_list(&list);
+        upstream.apply_member_list(&list, 0);
         let members = upstream.members();
         assert_eq!(members.len(), 3);
         assert!(members[0].role.is_departed());
@@ -356,10 +366,31 @@ mod tests {
         assert!(upstream.attempt_order().iter().all(|m| m.role.id() == 3));
         // The learner's promotion puts it back into the pool; listing again adds nothing.
         let list = vec![listed(2, &["http://127.0.0.1:2002"], false), listed(3, &["http://127.0.0.1:2003"], false)];
-        upstream.apply_member_list(&list);
+        upstream.apply_member_list(&list, 0);
         let ids: Vec<u64> = upstream.attempt_order().iter().map(|m| m.role.id()).collect();
         assert_eq!(ids, vec![2, 3]);
         assert_eq!(upstream.members().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_member_list_from_before_a_switch_changes_nothing_after_it() {
+        let args = crate::cli::start::StartArgs {
+            endpoints: Some(vec!["http://127.0.0.1:2101".into(), "http://127.0.0.1:2102".into()]),
+            ..Default::default()
+        };
+        let upstream = Cluster::new(&args.validate().unwrap()).unwrap();
+        let before = upstream.member_set();
+        let target = Endpoint::parse("http://127.0.0.1:2201", false).unwrap();
+        upstream.switch_to(std::slice::from_ref(&target), None);
+        // The old cluster's list, answered by a refresh that started before the switch.
+        let old = vec![listed(1, &["http://127.0.0.1:2101"], false), listed(2, &["http://127.0.0.1:2103"], false)];
+        upstream.apply_member_list(&old, before);
+        let members = upstream.members();
+        assert_eq!(members.iter().map(|m| m.endpoint.url()).collect::<Vec<_>>(), vec!["http://127.0.0.1:2201"]);
+        assert!(!members[0].role.is_departed(), "the new member is not marked as gone by the old list");
+        let discovered = Endpoint::parse("http://127.0.0.1:2103", false).unwrap();
+        assert!(upstream.add_member(&discovered, before).is_none(), "no old member comes back");
+        assert!(upstream.add_member(&discovered, upstream.member_set()).is_some());
     }
 
     #[test]
