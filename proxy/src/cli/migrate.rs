@@ -349,12 +349,12 @@ async fn take_snapshot(admin: &AdminClient, args: SnapshotArgs) -> Result<ExitCo
             Failed(format!("the snapshot stream broke after {written} bytes: {e}; take the snapshot again"))
         })?;
         if let Ok(data) = frame.into_data() {
-            file.write_all(&data).map_err(|e| Failed(format!("cannot write {}: {e}", partial.display())))?;
+            file.write_all(&data).map_err(|e| unwritable(&partial, &e))?;
             written += data.len() as u64;
             progress.show(written);
         }
     }
-    file.sync_all().map_err(|e| Failed(format!("cannot write {}: {e}", partial.display())))?;
+    file.sync_all().map_err(|e| unwritable(&partial, &e))?;
     drop(file);
     progress.finish(written);
     let facts = read_snapshot_facts(&partial).map_err(|error| {
@@ -374,6 +374,16 @@ async fn take_snapshot(admin: &AdminClient, args: SnapshotArgs) -> Result<ExitCo
     );
     println!("{}", restore_commands(&args.out, facts.revision, args.members.max(1), admin));
     Ok(ExitCode::SUCCESS)
+}
+
+/// A snapshot file that could not be written (a full disk): removed, so that no partial
+/// snapshot is left to be restored by mistake.
+fn unwritable(partial: &Path, error: &std::io::Error) -> Failed {
+    let _ = std::fs::remove_file(partial);
+    Failed(format!(
+        "cannot write {}: {error}; nothing was kept, free space and take the snapshot again",
+        partial.display()
+    ))
 }
 
 fn partial_path(out: &Path) -> PathBuf {
