@@ -155,11 +155,15 @@ fn mirror_replays_every_revision_with_the_same_numbers() {
              or the cutover"
         )
     );
-    // A lease granted during mirroring, with a key.
-    let lease_during = runtime.block_on(async {
+    // A lease granted during mirroring, with a key; another one granted and revoked.
+    let (lease_during, lease_revoked) = runtime.block_on(async {
         let lease = client.lease_grant(60, None).await.expect("lease").id();
         client.put("/m/leased-during", "d", Some(PutOptions::new().with_lease(lease))).await.expect("leased put");
-        lease
+        let revoked = client.lease_grant(60, None).await.expect("lease").id();
+        client.put("/m/leased-revoked", "r", Some(PutOptions::new().with_lease(revoked))).await.expect("leased put");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        client.lease_revoke(revoked).await.expect("revoke");
+        (lease, revoked)
     });
     // Revisions that change more keys than a Txn may hold (etcd's --max-txn-ops is 128): a
     // prefix deletion, and one transaction deleting two prefixes around a key it puts.
@@ -200,6 +204,13 @@ fn mirror_replays_every_revision_with_the_same_numbers() {
         assert_eq!(stored, acknowledged, "the target holds exactly the acknowledged writes, at their revisions");
         let leases: Vec<i64> = direct.leases().await.expect("leases").leases().iter().map(|l| l.id()).collect();
         assert!(leases.contains(&lease_before) && leases.contains(&lease_during), "{leases:x?}");
+        // The revoked lease is gone from the target too, after its key (deleted at the revoke's revision).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while direct.leases().await.expect("leases").leases().iter().any(|l| l.id() == lease_revoked) {
+            assert!(Instant::now() < deadline, "lease {lease_revoked:x} was not revoked on the target");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(direct.get("/m/leased-revoked", None).await.expect("read").count(), 0);
         let left = direct.get("/m/", Some(GetOptions::new().with_prefix().with_keys_only())).await.expect("read");
         let left: Vec<&str> =
             left.kvs().iter().map(|kv| kv.key_str().unwrap()).filter(|k| !k.starts_with("/m/live/")).collect();
