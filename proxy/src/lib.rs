@@ -24,6 +24,7 @@
 mod admin;
 mod auth;
 mod budget;
+mod cache;
 mod call;
 mod cli;
 mod config;

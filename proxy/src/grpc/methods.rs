@@ -45,6 +45,34 @@ pub enum MethodKind {
     ClientStream,
 }
 
+/// Which keys a successful call may have changed, for the serializable-read cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writes {
+    /// None: reads, and calls that change no key.
+    Nothing,
+    /// The request's key (field 1): Put.
+    Key,
+    /// The request's key and range end (fields 1 and 2): DeleteRange.
+    Range,
+    /// The Puts and DeleteRanges of a Txn's branches.
+    Txn,
+    /// Keys the request does not name: a revoked lease's, a lock's or an election's.
+    Unknown,
+}
+
+/// Methods that change keys, and how their requests name them.
+const WRITES: &[(&str, Writes)] = &[
+    ("/etcdserverpb.KV/Put", Writes::Key),
+    ("/etcdserverpb.KV/DeleteRange", Writes::Range),
+    ("/etcdserverpb.KV/Txn", Writes::Txn),
+    ("/etcdserverpb.Lease/LeaseRevoke", Writes::Unknown),
+    ("/v3lockpb.Lock/Lock", Writes::Unknown),
+    ("/v3lockpb.Lock/Unlock", Writes::Unknown),
+    ("/v3electionpb.Election/Campaign", Writes::Unknown),
+    ("/v3electionpb.Election/Proclaim", Writes::Unknown),
+    ("/v3electionpb.Election/Resign", Writes::Unknown),
+];
+
 /// What the proxy knows about one gRPC method path.
 #[derive(Debug, Clone, Copy)]
 pub struct Route {
@@ -62,6 +90,8 @@ pub struct Route {
     pub member_list: bool,
     /// Whether it changes users, roles, permissions or auth itself (an `Auth` call that is not a read).
     pub changes_auth_store: bool,
+    /// Which keys it changes, for the serializable-read cache.
+    pub writes: Writes,
 }
 
 /// Methods the proxy serves in its own way, by path.
@@ -134,7 +164,8 @@ static ROUTES: LazyLock<HashMap<&'static str, Route>> = LazyLock::new(|| {
             };
             let member_list = m.path == "/etcdserverpb.Cluster/MemberList";
             let changes_auth_store = m.path.starts_with("/etcdserverpb.Auth/") && !READ_ONLY.contains(&m.path);
-            (m.path, Route { index, shape, kind, replay, leader_first, member_list, changes_auth_store })
+            let writes = WRITES.iter().find(|(path, _)| *path == m.path).map_or(Writes::Nothing, |(_, w)| *w);
+            (m.path, Route { index, shape, kind, replay, leader_first, member_list, changes_auth_store, writes })
         })
         .collect()
 });
@@ -149,6 +180,7 @@ pub fn route(path: &str) -> Route {
         leader_first: false,
         member_list: false,
         changes_auth_store: false,
+        writes: Writes::Nothing,
     })
 }
 
@@ -189,5 +221,10 @@ mod tests {
         for path in READ_ONLY {
             assert!(ROUTES.contains_key(path), "{path} is not in the protos");
         }
+        for (path, _) in WRITES {
+            assert!(ROUTES.contains_key(path), "{path} is not in the protos");
+        }
+        assert_eq!(route("/etcdserverpb.KV/Txn").writes, Writes::Txn);
+        assert_eq!(route("/etcdserverpb.KV/Range").writes, Writes::Nothing);
     }
 }
