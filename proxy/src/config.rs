@@ -53,6 +53,8 @@ pub struct Config {
     pub cert_expiry: crate::tls::ExpiryPolicy,
     /// How often TLS files are checked for changes.
     pub cert_reload_interval: Duration,
+    /// Memory for cached serializable Range answers; 0: no cache.
+    pub serializable_cache_bytes: usize,
 }
 
 /// Bounds on what one client connection or call may make the proxy hold or wait for, so that

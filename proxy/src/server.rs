@@ -74,10 +74,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let forwarder = Forwarder::new(
         Arc::clone(&cluster),
         Arc::clone(&metrics),
-        config.budget.clone(),
         Arc::clone(&auth),
         Arc::clone(&migration),
-        &config.limits,
+        &config,
         stop.clone(),
     );
     // The admin server answers `/health`, `/metrics` and the migration's calls on its own port.

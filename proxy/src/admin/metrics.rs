@@ -65,6 +65,8 @@ pub struct Metrics {
     budget: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// Certificates in use, their expiry and reload counters.
     pub certificates: std::sync::Arc<crate::tls::CertRegistry>,
+    /// The serializable-read cache's counters, once the request path made one.
+    pub read_cache: std::sync::OnceLock<std::sync::Arc<crate::cache::CacheStats>>,
 }
 
 impl Default for Metrics {
@@ -84,6 +86,7 @@ impl Default for Metrics {
             stream_pauses: AtomicU64::new(0),
             budget: Mutex::new(BTreeMap::new()),
             certificates: std::sync::Arc::default(),
+            read_cache: std::sync::OnceLock::new(),
         }
     }
 }
@@ -293,6 +296,9 @@ impl Metrics {
             let _ = writeln!(out, "etcd_compat_proxy_requests_refused_total{{reason=\"{label}\"}} {}", n.load(Relaxed));
         }
         self.certificates.render(&mut out);
+        if let Some(cache) = self.read_cache.get() {
+            cache.render(&mut out);
+        }
         for (name, help, value) in [
             (
                 "auth_renewals_total",

@@ -17,7 +17,8 @@ use super::relay::Buffered;
 use super::{Forwarder, UnaryAnswer};
 
 impl Forwarder {
-    /// A Range from a client with a size budget; `None` when it is simply forwarded.
+    /// A Range from a client with a size budget, and whether it is etcd's whole answer (not
+    /// paged, cut or refused); `None` when it is simply forwarded.
     pub(super) async fn limited_range(
         &self,
         headers: &HeaderMap,
@@ -26,7 +27,7 @@ impl Forwarder {
         budget: usize,
         rule: &str,
         session: Option<&Session>,
-    ) -> Option<Buffered> {
+    ) -> Option<(Buffered, bool)> {
         // Compressed (flag 1) or malformed frames are left for etcd to judge.
         let request = grpc::decode_framed::<RangeRequest>(message)?;
         if !budget::pageable(&request) {
@@ -65,7 +66,7 @@ impl Forwarder {
             }
             budget::Answer::Assembled(framed, outcome) => (outcome, Buffered::message_ok(framed)),
             budget::Answer::Refused(why) => (budget::Outcome::Refused, Buffered::status(why.status())),
-            budget::Answer::Upstream(failed) => return Some(failed),
+            budget::Answer::Upstream(failed) => return Some((failed, false)),
         };
         self.sender.metrics.budget_applied(outcome, self.budget.truncate_prefix_label(&key));
         if outcome != budget::Outcome::Whole && self.limited_log.should_log(&key) {
@@ -79,6 +80,6 @@ impl Forwarder {
         } else {
             tracing::debug!(key = %budget::printable(&key), rule, budget, outcome = outcome.label(), "limited Range");
         }
-        Some(response)
+        Some((response, outcome == budget::Outcome::Whole))
     }
 }

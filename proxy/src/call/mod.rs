@@ -27,6 +27,8 @@
 
 pub mod admission;
 mod attempts;
+mod cache_watch;
+mod cached_read;
 pub mod client_queue;
 pub mod keepalive;
 mod limited_range;
@@ -45,7 +47,9 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{Metrics, Refusal};
 use crate::auth::{self, AuthSessions, ClientInfo, Identity, Session};
 use crate::budget::{BudgetPolicy, ClientBudget, KeySizeEstimate, LimitedLog};
-use crate::config::ClientLimits;
+use crate::cache::KeyRange;
+use crate::cache::ReadCache;
+use crate::config::Config;
 use crate::error::{CallError, ProxyFailure};
 use crate::grpc::{self, CallShape, Code, MethodKind, Replay, Route};
 use crate::migrate::Migration;
@@ -79,6 +83,8 @@ pub struct Forwarder {
     max_buffered_response: usize,
     /// Holds the auth store still while a migration mirrors the cluster.
     migration: Arc<Migration>,
+    /// Answers to serializable Ranges (`--serializable-cache-bytes`); `None` when off.
+    read_cache: Option<Arc<ReadCache<Buffered>>>,
 }
 
 /// A call once admitted and read: what every kind of call is served from.
@@ -94,19 +100,23 @@ struct Admitted {
 }
 
 impl Forwarder {
-    /// The forwarder of calls to `cluster`, as the sessions of `auth`.
+    /// The forwarder of calls to `cluster`, as the sessions of `auth`, by `config`'s rules.
     pub fn new(
         cluster: Arc<Cluster>,
         metrics: Arc<Metrics>,
-        budget: BudgetPolicy,
         auth: Arc<AuthSessions>,
         migration: Arc<Migration>,
-        limits: &ClientLimits,
+        config: &Config,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
+        let limits = &config.limits;
+        let read_cache = cached_read::read_cache(config.serializable_cache_bytes);
+        if let Some(cache) = &read_cache {
+            let _ = metrics.read_cache.set(cache.stats());
+        }
         Arc::new(Forwarder {
             sender: Arc::new(Sender::new(cluster, metrics, auth)),
-            budget,
+            budget: config.budget.clone(),
             key_sizes: KeySizeEstimate::default(),
             limited_log: LimitedLog::default(),
             shutdown,
@@ -116,6 +126,7 @@ impl Forwarder {
             },
             max_buffered_response: limits.max_buffered_response,
             migration,
+            read_cache,
         })
     }
 
@@ -188,9 +199,20 @@ impl Forwarder {
                         return Ok(status_response(call.record, ProxyFailure::Migrating(why)));
                     }
                 }
-                let limit = match self.budget.classify(&call.headers) {
+                let budget = self.budget.classify(&call.headers);
+                // Serializable Ranges of fleets polling the same keys: answered from memory.
+                let cacheable = match route.kind {
+                    MethodKind::Range => self.cacheable(&call),
+                    _ => None,
+                };
+                if cacheable.is_some() {
+                    if let Some(answer) = self.cached_answer(&call, budget.bytes()) {
+                        return Ok(answer.finish(call.record));
+                    }
+                }
+                let limit = match budget {
                     ClientBudget::Limited { bytes, rule } if route.kind == MethodKind::Range => {
-                        return Box::pin(self.serve_limited_range(call, bytes, &rule)).await;
+                        return Box::pin(self.serve_limited_range(call, bytes, &rule, cacheable)).await;
                     }
                     budget => budget.bytes(),
                 };
@@ -203,6 +225,14 @@ impl Forwarder {
                     },
                 };
                 let answer = self.forward_unary(&mut call).await;
+                if let Ok(Ok(answered)) = &answer {
+                    match (cacheable, answered) {
+                        (Some(range), UnaryAnswer::Whole(whole)) => self.remember(&call, range, whole),
+                        (Some(_), UnaryAnswer::Large { .. }) => {}
+                        // Before the client hears its write succeeded, no cached answer hides it.
+                        (None, answered) => self.written(&call, answered),
+                    }
+                }
                 self.unary_response(call, answer, limit)
             }
             MethodKind::Watch => Ok(Box::pin(self.serve_watch(call)).await),
@@ -231,12 +261,19 @@ impl Forwarder {
         mut call: Admitted,
         budget: usize,
         rule: &str,
+        cacheable: Option<KeyRange>,
     ) -> Result<Response<ResponseBody>, h2::Error> {
         if let PendingBody::Buffered(message) = &call.body {
             let limited =
                 self.limited_range(&call.headers, &call.path_and_query, message, budget, rule, call.session.as_deref());
             match admission::within(call.deadline, Box::pin(limited)).await {
-                Ok(Some(answer)) => return Ok(answer.finish(call.record)),
+                Ok(Some((answer, whole))) => {
+                    // Only etcd's own answer is stored: pages assembled for this budget are not.
+                    if let (Some(range), true) = (cacheable, whole) {
+                        self.remember(&call, range, &answer);
+                    }
+                    return Ok(answer.finish(call.record));
+                }
                 Ok(None) => {}
                 Err(refused) => return Ok(self.refuse(call.record, refused)),
             }

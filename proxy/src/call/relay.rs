@@ -315,6 +315,7 @@ fn oversize_answer(length: usize, budget: usize) -> Option<ProxyFailure> {
 
 /// A whole gRPC response held by the proxy: used where the proxy must read etcd's answer
 /// before answering (paged Ranges), or answers itself.
+#[derive(Clone)]
 pub struct Buffered {
     status: http::StatusCode,
     headers: HeaderMap,
@@ -383,6 +384,21 @@ impl Buffered {
     pub fn with_message(mut self, framed: Bytes) -> Buffered {
         self.data = vec![framed];
         self
+    }
+
+    /// The same answer in memory of its own: chunks read from a connection may share a buffer
+    /// much larger than themselves, which a long-lived copy would keep alive.
+    pub fn detached(&self) -> Buffered {
+        let mut data = Vec::with_capacity(self.data.iter().map(Bytes::len).sum());
+        for chunk in &self.data {
+            data.extend_from_slice(chunk);
+        }
+        Buffered {
+            status: self.status,
+            headers: self.headers.clone(),
+            data: if data.is_empty() { Vec::new() } else { vec![Bytes::from(data)] },
+            trailers: self.trailers.clone(),
+        }
     }
 
     /// The gRPC status, from the headers (trailers-only) or the trailers.

@@ -46,6 +46,8 @@ mod defaults {
     pub const HANDSHAKE_TIMEOUT: &str = "10s";
     pub const IDLE_CONNECTION_TIMEOUT: &str = "3m";
     pub const REQUEST_BODY_TIMEOUT: &str = "10s";
+    /// Room for the hot keys of a large fleet; a small fraction of what etcd itself holds.
+    pub const SERIALIZABLE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 }
 
 /// A flag's help text with its default, so that the default is written only in [`defaults`].
@@ -218,6 +220,10 @@ pub struct StartArgs {
     #[arg(long, env = "ETCD_COMPAT_PROXY_REQUEST_BODY_TIMEOUT", value_name = "DURATION", help = with_default("Longest pause allowed while a request message is incomplete; the call then ends with DeadlineExceeded", defaults::REQUEST_BODY_TIMEOUT))]
     pub request_body_timeout: Option<String>,
 
+    // --- Serving many identical clients (see README, "Serving a fleet"). ---
+    #[arg(long, env = "ETCD_COMPAT_PROXY_SERIALIZABLE_CACHE_BYTES", value_name = "BYTES", help = with_default("Memory for answers to serializable Ranges, kept coherent by a watch of the cached keys and by writes made through the proxy; `0` turns the cache off", defaults::SERIALIZABLE_CACHE_BYTES))]
+    pub serializable_cache_bytes: Option<u64>,
+
     // --- grpc-proxy flags that have no meaning here: accepted so unit files keep working. ---
     /// Accepted for grpc-proxy compatibility; the proxy keeps no persistent data.
     #[arg(long, env = "ETCD_COMPAT_PROXY_DATA_DIR", value_name = "DIR")]
@@ -337,6 +343,7 @@ impl StartArgs {
             max_request_bytes,
             max_header_list_bytes,
             max_buffered_response_bytes,
+            serializable_cache_bytes,
             handshake_timeout,
             idle_connection_timeout,
             request_body_timeout,
@@ -567,6 +574,10 @@ impl StartArgs {
                 defaults::SHUTDOWN_GRACE,
             )?,
             ignored_flags: ignored,
+            serializable_cache_bytes: usize::try_from(
+                self.serializable_cache_bytes.unwrap_or(defaults::SERIALIZABLE_CACHE_BYTES),
+            )
+            .unwrap_or(usize::MAX),
             cert_expiry,
             cert_reload_interval: parse_duration_setting(
                 "cert-reload-interval",
