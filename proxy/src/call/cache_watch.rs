@@ -63,6 +63,7 @@ async fn run(
     };
     let Ok(opened) = opened else { return "no member took the stream" };
     let (parts, mut body) = opened.response.into_parts();
+    tracing::debug!(member = %opened.member, "cache watch stream open");
     if Code::from_headers(&parts.headers).is_some_and(|code| code != Code::Ok) {
         return "etcd refused the stream";
     }
@@ -75,7 +76,14 @@ async fn run(
                 None => return "no range left to watch",
             },
             frame = body.frame() => {
-                let Some(Ok(frame)) = frame else { return "the stream broke or ended" };
+                let frame = match frame {
+                    Some(Ok(frame)) => frame,
+                    Some(Err(error)) => {
+                        tracing::debug!(member = %opened.member, %error, "cache watch stream broke");
+                        return "the stream broke";
+                    }
+                    None => return "the stream ended",
+                };
                 let Ok(data) = frame.into_data() else { return "etcd ended the stream" };
                 messages.push(&data);
                 while let Some(message) = messages.next_message() {
@@ -94,6 +102,7 @@ fn on_message(cache: &ReadCache<Buffered>, message: &Bytes) -> Result<(), &'stat
         return Err("etcd sent a message the proxy cannot read");
     };
     if facts.canceled {
+        tracing::debug!(watch = facts.watch_id, reason = facts.cancel_reason, "etcd cancelled a cache watch");
         let token_refused =
             etcd_errors::WATCH_TOKEN_CANCEL_REASONS.iter().any(|reason| facts.cancel_reason.ends_with(reason));
         if token_refused {

@@ -35,6 +35,16 @@ impl Forwarder {
         }
     }
 
+    /// What etcd's answer to `call` changes in the cache: a cacheable Range's answer is stored,
+    /// and a write clears what it touched before the client hears it succeeded.
+    pub(super) fn update_cache(&self, call: &Admitted, cacheable: Option<KeyRange>, answer: &UnaryAnswer) {
+        match (cacheable, answer) {
+            (Some(range), UnaryAnswer::Whole(whole)) => self.remember(call, range, whole),
+            (Some(_), UnaryAnswer::Large { .. }) => {}
+            (None, answer) => self.written(call, answer),
+        }
+    }
+
     /// Stores etcd's successful answer to `call` over `range`, and starts the user's watch
     /// stream when it is the user's first cached range.
     pub(super) fn remember(&self, call: &Admitted, range: KeyRange, answer: &Buffered) {
@@ -42,10 +52,11 @@ impl Forwarder {
         if answer.code() != Some(Code::Ok) {
             return;
         }
-        let Some(message) = answer.message() else { return };
-        let Some(revision) = cache::header_revision(&message) else { return };
-        // A copy of its own: the answer's bytes may share a connection buffer many times larger.
+        // A copy of its own, in one piece: the answer's bytes may share a connection buffer
+        // many times larger, or come in several chunks (a limited client's answer).
         let stored = answer.detached();
+        let Some(message) = stored.message() else { return };
+        let Some(revision) = cache::header_revision(&message) else { return };
         let user = call.session.as_deref().map(|s| Arc::from(s.user()));
         let cost = message.len() + HEADERS_COST;
         let request = Bytes::copy_from_slice(request);

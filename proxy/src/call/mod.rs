@@ -226,12 +226,7 @@ impl Forwarder {
                 };
                 let answer = self.forward_unary(&mut call).await;
                 if let Ok(Ok(answered)) = &answer {
-                    match (cacheable, answered) {
-                        (Some(range), UnaryAnswer::Whole(whole)) => self.remember(&call, range, whole),
-                        (Some(_), UnaryAnswer::Large { .. }) => {}
-                        // Before the client hears its write succeeded, no cached answer hides it.
-                        (None, answered) => self.written(&call, answered),
-                    }
+                    self.update_cache(&call, cacheable, answered);
                 }
                 self.unary_response(call, answer, limit)
             }
@@ -279,6 +274,9 @@ impl Forwarder {
             }
         }
         let answer = self.forward_unary(&mut call).await;
+        if let Ok(Ok(answered)) = &answer {
+            self.update_cache(&call, cacheable, answered);
+        }
         self.unary_response(call, answer, Some(budget))
     }
 

@@ -11,5 +11,6 @@ mod hardening;
 mod harness_smoke;
 mod lifecycle;
 mod migration;
+mod read_cache;
 mod size_budget;
 mod support;
