@@ -55,6 +55,8 @@ pub struct Config {
     pub cert_reload_interval: Duration,
     /// Memory for cached serializable Range answers; 0: no cache.
     pub serializable_cache_bytes: usize,
+    /// Whether identical client watches share upstream watches.
+    pub watch_coalescing: bool,
 }
 
 /// Bounds on what one client connection or call may make the proxy hold or wait for, so that

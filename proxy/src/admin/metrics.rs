@@ -67,6 +67,14 @@ pub struct Metrics {
     pub certificates: std::sync::Arc<crate::tls::CertRegistry>,
     /// The serializable-read cache's counters, once the request path made one.
     pub read_cache: std::sync::OnceLock<std::sync::Arc<crate::cache::CacheStats>>,
+    /// Watch coalescing's counters, once the request path made its hub.
+    pub watch_coalescing: std::sync::OnceLock<std::sync::Arc<dyn RenderMetrics>>,
+}
+
+/// Series of a part of the request path that keeps its own counters.
+pub trait RenderMetrics: Send + Sync {
+    /// Appends the series in Prometheus text format.
+    fn render(&self, out: &mut String);
 }
 
 impl Default for Metrics {
@@ -87,6 +95,7 @@ impl Default for Metrics {
             budget: Mutex::new(BTreeMap::new()),
             certificates: std::sync::Arc::default(),
             read_cache: std::sync::OnceLock::new(),
+            watch_coalescing: std::sync::OnceLock::new(),
         }
     }
 }
@@ -298,6 +307,9 @@ impl Metrics {
         self.certificates.render(&mut out);
         if let Some(cache) = self.read_cache.get() {
             cache.render(&mut out);
+        }
+        if let Some(coalescing) = self.watch_coalescing.get() {
+            coalescing.render(&mut out);
         }
         for (name, help, value) in [
             (

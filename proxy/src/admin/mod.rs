@@ -18,7 +18,7 @@ use crate::auth::Secret;
 use crate::migrate::Migration;
 use crate::upstream::Cluster;
 
-pub use metrics::{ClosedBecause, Metrics, Refusal};
+pub use metrics::{ClosedBecause, Metrics, Refusal, RenderMetrics};
 
 pub mod metrics;
 mod migrate;

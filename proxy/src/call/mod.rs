@@ -35,6 +35,7 @@ mod limited_range;
 pub mod relay;
 mod session;
 pub mod watch;
+mod watch_hub;
 
 use std::sync::Arc;
 
@@ -85,6 +86,8 @@ pub struct Forwarder {
     migration: Arc<Migration>,
     /// Answers to serializable Ranges (`--serializable-cache-bytes`); `None` when off.
     read_cache: Option<Arc<ReadCache<Buffered>>>,
+    /// Shared upstream watches (`--watch-coalescing`); `None` when off.
+    watch_hub: Option<Arc<watch_hub::WatchHub>>,
 }
 
 /// A call once admitted and read: what every kind of call is served from.
@@ -114,8 +117,21 @@ impl Forwarder {
         if let Some(cache) = &read_cache {
             let _ = metrics.read_cache.set(cache.stats());
         }
+        let sender = Arc::new(Sender::new(cluster, metrics, auth));
+        let stream_limits = StreamLimits {
+            messages: MessageLimits {
+                max_message: limits.max_request_message,
+                stall_timeout: limits.request_body_timeout,
+            },
+            max_buffered: limits.max_buffered_response,
+        };
+        let watch_hub = config.watch_coalescing.then(|| watch_hub::WatchHub::new(Arc::clone(&sender), stream_limits));
+        if let Some(hub) = &watch_hub {
+            let stats: Arc<dyn crate::admin::RenderMetrics> = hub.stats().clone();
+            let _ = sender.metrics.watch_coalescing.set(stats);
+        }
         Arc::new(Forwarder {
-            sender: Arc::new(Sender::new(cluster, metrics, auth)),
+            sender,
             budget: config.budget.clone(),
             key_sizes: KeySizeEstimate::default(),
             limited_log: LimitedLog::default(),
@@ -127,6 +143,7 @@ impl Forwarder {
             max_buffered_response: limits.max_buffered_response,
             migration,
             read_cache,
+            watch_hub,
         })
     }
 
@@ -391,7 +408,9 @@ impl Forwarder {
         let limit = self.budget.classify(&headers).bytes();
         let shutdown = self.shutdown.clone().cancelled_owned();
         let sender = Arc::clone(&self.sender);
-        let response = watch::serve(sender, session, headers, client, record, shutdown, self.stream_limits()).await;
+        let limits = self.stream_limits();
+        let hub = self.watch_hub.as_ref();
+        let response = watch::serve(sender, hub, session, headers, client, record, shutdown, limits).await;
         match limit {
             Some(budget) => response.map(|body| body.split_watch_responses(budget)),
             None => response,

@@ -29,10 +29,11 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use etcd_compat_proto::etcdserverpb::{watch_request, WatchCreateRequest, WatchRequest};
+use etcd_compat_proto::etcdserverpb::{watch_request, WatchCreateRequest, WatchRequest, WatchResponse};
 use http::HeaderMap;
 use http_body::{Body, Frame};
 use hyper::body::Incoming;
+use prost::Message;
 use tokio::sync::oneshot;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
@@ -41,12 +42,13 @@ use crate::auth::Session;
 use crate::error::ProxyFailure;
 use crate::etcd_errors;
 use crate::grpc::{self, Code, MessageReader, WireValue};
-use crate::transport::{self, FeedReceiver, FeedSender, RecvBody};
+use crate::transport::{self, FeedReceiver, FeedSender, RecvBody, RequestBody};
 
 use super::admission::{MessageLimits, Refused, StreamLimits};
 use super::attempts::Sender;
 use super::client_queue::{self, QueueSender};
 use super::relay::{CallRecord, ResponseBody, StreamHead};
+use super::watch_hub::{Delivery, Inbox, InboxReceiver, ShareKey, WatchHub};
 
 /// How long the relay keeps trying to find a member before ending the client's stream.
 const RESUME_DEADLINE: Duration = Duration::from_secs(30);
@@ -86,8 +88,10 @@ const MAX_QUEUED_REQUESTS: usize = 64 * 1024;
 /// Serves one Watch call: the relay runs in its own task, and the client is answered once etcd
 /// answered the first upstream stream (answering earlier would tell it the watch exists before
 /// it does: clients that write right after `watch()` returns would miss their own first event).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn serve(
     sender: Arc<Sender>,
+    hub: Option<&Arc<WatchHub>>,
     session: Option<Arc<Session>>,
     headers: HeaderMap,
     client: Incoming,
@@ -97,9 +101,38 @@ pub(super) async fn serve(
 ) -> http::Response<ResponseBody> {
     let (head, started) = oneshot::channel();
     let (to_client, from_relay) = client_queue::channel(limits.max_buffered);
-    let relay = WatchRelay::new(sender, session, headers, client, to_client, head, limits.messages);
+    let client = RequestBody::Streaming(client);
+    let mut relay = WatchRelay::new(sender, session, headers, client, to_client, head, limits.messages);
+    if let Some(hub) = hub {
+        let (inbox, deliveries) = hub.inbox(limits.max_buffered);
+        relay.coalescing = Some(Coalescing { hub: Arc::clone(hub), inbox, deliveries, counted: (0, 0) });
+    }
     tokio::spawn(relay.run());
     ResponseBody::when_started(started, from_relay, record, shutdown, "watch").await
+}
+
+/// Runs the upstream stream of a user's shared watches (see `watch_hub`): a relay whose client
+/// is the hub, so that shared watches survive member loss and token expiry as any other.
+pub(super) fn spawn_shared_stream(
+    sender: Arc<Sender>,
+    session: Option<Arc<Session>>,
+    headers: HeaderMap,
+    requests: RequestBody,
+    to_hub: QueueSender,
+    limits: StreamLimits,
+) {
+    let (head, _) = oneshot::channel();
+    let relay = WatchRelay::new(sender, session, headers, requests, to_hub, head, limits.messages);
+    tokio::spawn(relay.run());
+}
+
+/// A relay's link to the hub of shared watches.
+struct Coalescing {
+    hub: Arc<WatchHub>,
+    inbox: Inbox,
+    deliveries: InboxReceiver,
+    /// What this relay added to the hub's gauges: (client watches, own upstream watches).
+    counted: (u64, u64),
 }
 
 /// A watch the client has been told exists.
@@ -107,6 +140,28 @@ struct ActiveWatch {
     create: WatchCreateRequest,
     /// The first revision the client has not received (0 until known).
     next_revision: i64,
+    /// Whether its events come from its own upstream watch or a shared one.
+    sharing: Sharing,
+}
+
+/// Where a watch's events come from (see `watch_hub`).
+enum Sharing {
+    /// Its own upstream watch.
+    Own,
+    /// Its own watch, while subscribed to a shared one: it switches once its own has delivered
+    /// up to `from` (once known); the shared watch's messages wait in `held` until then.
+    Joining { key: ShareKey, from: Option<i64>, held: VecDeque<Bytes>, held_bytes: usize },
+    /// The shared watch; events up to `skip_through` came from its own before the switch.
+    Shared { key: ShareKey, skip_through: i64 },
+}
+
+impl Sharing {
+    fn key(&self) -> Option<&ShareKey> {
+        match self {
+            Sharing::Own => None,
+            Sharing::Joining { key, .. } | Sharing::Shared { key, .. } => Some(key),
+        }
+    }
 }
 
 /// A create sent upstream whose `created` answer has not arrived.
@@ -136,7 +191,7 @@ struct WatchRelay {
     sender: Arc<Sender>,
     session: Option<Arc<Session>>,
     headers: HeaderMap,
-    client: Option<Incoming>,
+    client: Option<RequestBody>,
     client_messages: MessageReader,
     /// Longest pause inside an incomplete client message.
     stall_timeout: Duration,
@@ -164,6 +219,14 @@ struct WatchRelay {
     finished: bool,
     /// When the current search for a member began.
     resuming_since: Option<Instant>,
+    /// The hub of shared watches, unless coalescing is off or this relay is the hub's.
+    coalescing: Option<Coalescing>,
+    /// Own watches cancelled on switching to a shared one: etcd's confirmation is not the client's.
+    own_cancels: Vec<i64>,
+    /// The latest message from etcd, whose header answers a cancel the proxy makes itself.
+    latest: Option<Bytes>,
+    /// Watches were added, removed or switched since the gauges were last updated.
+    recount: bool,
 }
 
 impl WatchRelay {
@@ -171,7 +234,7 @@ impl WatchRelay {
         sender: Arc<Sender>,
         session: Option<Arc<Session>>,
         headers: HeaderMap,
-        client: Incoming,
+        client: RequestBody,
         to_client: QueueSender,
         head: oneshot::Sender<StreamHead>,
         limits: MessageLimits,
@@ -200,6 +263,10 @@ impl WatchRelay {
             head: Some(head),
             finished: false,
             resuming_since: None,
+            coalescing: None,
+            own_cancels: Vec::new(),
+            latest: None,
+            recount: false,
         }
     }
 
@@ -217,7 +284,11 @@ impl WatchRelay {
             let client = self.poll_client(cx);
             let stalled = self.poll_stall(cx);
             let upstream = self.poll_upstream(cx);
-            if !client && !stalled && !upstream {
+            let shared = self.poll_deliveries(cx);
+            if self.recount {
+                self.update_gauges();
+            }
+            if !client && !stalled && !upstream && !shared {
                 // Woken as well when the client goes away or, when paused, has caught up.
                 let waiting = match self.upstream {
                     Upstream::Paused => self.to_client.poll_room(cx),
@@ -321,7 +392,13 @@ impl WatchRelay {
         if between_streams {
             self.held_bytes += message.len();
         }
-        let Some(watch_request::RequestUnion::CreateRequest(mut create)) = request.and_then(|r| r.request_union) else {
+        let union = request.and_then(|r| r.request_union);
+        if let Some(watch_request::RequestUnion::CancelRequest(cancel)) = &union {
+            if self.leave_shared(cancel.watch_id) {
+                return;
+            }
+        }
+        let Some(watch_request::RequestUnion::CreateRequest(mut create)) = union else {
             // Cancels and progress requests carry ids that are the same upstream.
             match between_streams {
                 true => self.held.push(message),
@@ -433,6 +510,21 @@ impl WatchRelay {
             self.deliver(message);
             return;
         };
+        self.latest = Some(message.clone());
+        if facts.canceled && !facts.created {
+            if let Some(at) = self.own_cancels.iter().position(|&id| id == facts.watch_id) {
+                // The confirmation of an own watch cancelled on switching to a shared one.
+                self.own_cancels.swap_remove(at);
+                return;
+            }
+        }
+        let shared =
+            matches!(self.watches.get(&facts.watch_id), Some(ActiveWatch { sharing: Sharing::Shared { .. }, .. }));
+        if shared && !facts.created {
+            // Events of the own watch still in flight when it was cancelled: the shared watch
+            // delivers them. (A refused create may carry any id.)
+            return;
+        }
         if facts.created {
             let Some(pending) = self.pending.pop_front() else {
                 self.deliver(message);
@@ -460,27 +552,32 @@ impl WatchRelay {
                 self.next_auto_id = facts.watch_id + 1;
             }
             let recreation = pending.recreation;
-            self.watches.insert(facts.watch_id, ActiveWatch { create: pending.create, next_revision });
+            let watch = ActiveWatch { create: pending.create, next_revision, sharing: Sharing::Own };
+            self.watches.insert(facts.watch_id, watch);
+            self.recount = true;
             if !recreation {
                 self.deliver(message);
             }
+            self.join_shared(facts.watch_id);
             return;
         }
         if facts.canceled {
-            self.watches.remove(&facts.watch_id);
+            if let Some(watch) = self.watches.remove(&facts.watch_id) {
+                self.recount = true;
+                self.unsubscribe(facts.watch_id, &watch.sharing);
+            }
         } else if facts.watch_id == -1 {
             // A progress answer for the whole stream: every watch has seen up to this revision.
             for watch in self.watches.values_mut() {
                 watch.next_revision = watch.next_revision.max(facts.header_revision + 1);
             }
         } else if let Some(watch) = self.watches.get_mut(&facts.watch_id) {
-            if facts.events > 0 && !facts.fragment {
-                watch.next_revision = watch.next_revision.max(facts.last_event_revision + 1);
-            } else if facts.events == 0 {
-                watch.next_revision = watch.next_revision.max(facts.header_revision + 1);
-            }
+            advance(watch, &facts);
         }
         self.deliver(message);
+        if !facts.canceled && facts.watch_id != -1 {
+            self.try_switch(facts.watch_id);
+        }
     }
 
     /// etcd ended the stream: with a status worth passing on, or because it is going away.
@@ -519,8 +616,21 @@ impl WatchRelay {
         let (to_upstream, receiver) = transport::feed();
         self.to_upstream = to_upstream;
         let mut recreations = Vec::with_capacity(self.watches.len());
+        // Shared watches are not on this stream; those joining one watch on their own again.
+        let joining: Vec<i64> = self
+            .watches
+            .iter()
+            .filter(|(_, w)| matches!(w.sharing, Sharing::Joining { .. }))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in joining {
+            self.stop_joining(id);
+        }
         // Watch 0 cannot be asked for by id (0 means "pick one"), so it goes first on a fresh stream.
         for (&id, watch) in &self.watches {
+            if !matches!(watch.sharing, Sharing::Own) {
+                continue;
+            }
             let mut create = watch.create.clone();
             create.watch_id = id;
             if watch.next_revision > 0 {
@@ -529,8 +639,15 @@ impl WatchRelay {
             recreations.push(PendingCreate { create, recreation: true, token_renewed: rejected.is_some() });
         }
         let count = recreations.len() as u64;
-        self.watches.clear();
-        let unanswered: Vec<PendingCreate> = self.pending.drain(..).collect();
+        let mut unanswered: Vec<PendingCreate> = self.pending.drain(..).collect();
+        // The new stream's counter cannot know the ids of watches that are not on it (shared
+        // ones): unanswered creates take the id the client's stream would have given them.
+        for pending in unanswered.iter_mut().filter(|p| p.create.watch_id == 0 && !p.recreation) {
+            pending.create.watch_id = self.take_auto_id();
+        }
+        self.watches.retain(|_, watch| matches!(watch.sharing, Sharing::Shared { .. }));
+        self.own_cancels.clear();
+        self.recount = true;
         for pending in recreations.into_iter().chain(unanswered) {
             self.to_upstream.send(encode_create(&pending.create));
             self.pending.push_back(pending);
@@ -546,6 +663,246 @@ impl WatchRelay {
         let session = self.session.clone();
         self.upstream =
             Upstream::Opening(open(Arc::clone(&self.sender), session, self.headers.clone(), receiver, rejected));
+    }
+}
+
+impl WatchRelay {
+    /// Subscribes the newly created own watch `id` to the shared watch of the same request.
+    fn join_shared(&mut self, id: i64) {
+        let Some(coalescing) = &self.coalescing else { return };
+        let Some(watch) = self.watches.get_mut(&id) else { return };
+        let Some(key) = ShareKey::of(self.session.as_deref(), &watch.create) else { return };
+        coalescing.hub.subscribe(
+            &key,
+            self.session.as_ref(),
+            &watch.create,
+            id,
+            watch.next_revision,
+            &coalescing.inbox,
+        );
+        watch.sharing = Sharing::Joining { key, from: None, held: VecDeque::new(), held_bytes: 0 };
+    }
+
+    /// Switches a joining watch to the shared one once its own has delivered everything up to
+    /// where the shared watch takes over (and its own can be cancelled now).
+    fn try_switch(&mut self, id: i64) {
+        if !matches!(self.upstream, Upstream::Open { .. }) {
+            return;
+        }
+        let Some(watch) = self.watches.get_mut(&id) else { return };
+        let Sharing::Joining { from: Some(from), .. } = &watch.sharing else { return };
+        let delivered_through = watch.next_revision - 1;
+        if delivered_through < *from {
+            return;
+        }
+        let Sharing::Joining { key, held, .. } = std::mem::replace(&mut watch.sharing, Sharing::Own) else { return };
+        watch.sharing = Sharing::Shared { key, skip_through: delivered_through };
+        let cancel = WatchRequest {
+            request_union: Some(watch_request::RequestUnion::CancelRequest(
+                etcd_compat_proto::etcdserverpb::WatchCancelRequest { watch_id: id },
+            )),
+        };
+        self.to_upstream.send(grpc::frame_message(&cancel));
+        self.own_cancels.push(id);
+        self.recount = true;
+        for message in held {
+            self.deliver_shared(id, message);
+        }
+    }
+
+    /// Takes what the hub delivered, while the client is reading; true if anything happened.
+    fn poll_deliveries(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(coalescing) = self.coalescing.as_mut() else { return false };
+        if self.to_client.is_full() {
+            // Left in the inbox: past its limit the hub moves these watches to their own.
+            let _ = self.to_client.poll_room(cx);
+            return false;
+        }
+        let held_limit = coalescing.inbox.limit();
+        let delivery = match coalescing.deliveries.poll_next(cx) {
+            Poll::Ready(Some(delivery)) => delivery,
+            Poll::Ready(None) | Poll::Pending => return false,
+        };
+        match delivery {
+            Delivery::Joinable { client_id, from } => {
+                if let Some(ActiveWatch { sharing: Sharing::Joining { from: joinable, .. }, .. }) =
+                    self.watches.get_mut(&client_id)
+                {
+                    *joinable = Some(from);
+                    self.try_switch(client_id);
+                }
+            }
+            Delivery::Message { client_id, message } => match self.watches.get_mut(&client_id) {
+                Some(ActiveWatch { sharing: Sharing::Joining { held, held_bytes, .. }, .. }) => {
+                    *held_bytes += message.len();
+                    held.push_back(message);
+                    if *held_bytes > held_limit {
+                        // Its own watch is far behind the shared one: it stays on its own.
+                        self.stop_joining(client_id);
+                    }
+                }
+                Some(ActiveWatch { sharing: Sharing::Shared { .. }, .. }) => self.deliver_shared(client_id, message),
+                // Left the shared watch meanwhile.
+                _ => {}
+            },
+            Delivery::Detached { client_id } => self.detached(client_id),
+        }
+        true
+    }
+
+    /// A message of the shared watch for the client's watch `id`.
+    fn deliver_shared(&mut self, id: i64, message: Bytes) {
+        let Some(Ok(facts)) = (message.first() == Some(&0)).then(|| read_facts(&message[5..])) else { return };
+        let Some(watch) = self.watches.get_mut(&id) else { return };
+        let Sharing::Shared { skip_through, .. } = &mut watch.sharing else { return };
+        if facts.canceled {
+            // Compacted while the shared watch resumed: the client's watch ends as its own would.
+            self.watches.remove(&id);
+            self.recount = true;
+            self.latest = Some(message.clone());
+            self.deliver(message);
+            return;
+        }
+        let message = if facts.events > 0 && facts.last_event_revision <= *skip_through {
+            return;
+        } else if facts.events > 1 && *skip_through != i64::MIN {
+            // May hold events its own watch delivered before the switch.
+            let kept = without_events_through(&message, *skip_through);
+            *skip_through = i64::MIN;
+            match kept {
+                Some(kept) => kept,
+                None => return,
+            }
+        } else if facts.events == 0 && facts.header_revision <= *skip_through {
+            return;
+        } else {
+            if facts.events > 0 {
+                *skip_through = i64::MIN;
+            }
+            message
+        };
+        advance(watch, &facts);
+        self.latest = Some(message.clone());
+        self.deliver(message);
+    }
+
+    /// The hub no longer serves watch `id`: it watches on its own from its next revision.
+    fn detached(&mut self, id: i64) {
+        let Some(watch) = self.watches.get_mut(&id) else { return };
+        let was_shared = matches!(watch.sharing, Sharing::Shared { .. });
+        watch.sharing = Sharing::Own;
+        self.recount = true;
+        if !was_shared {
+            // Its own watch never stopped.
+            return;
+        }
+        match self.upstream {
+            // Watch 0 can only be had on a fresh stream; the next stream re-creates the others.
+            Upstream::Open { .. } | Upstream::Opening(_) if id != 0 => {
+                let mut create = watch.create.clone();
+                create.watch_id = id;
+                create.start_revision = watch.next_revision;
+                self.to_upstream.send(encode_create(&create));
+                self.watches.remove(&id);
+                self.pending.push_back(PendingCreate { create, recreation: true, token_renewed: false });
+            }
+            Upstream::Open { .. } | Upstream::Opening(_) => self.reopen(None),
+            Upstream::Paused | Upstream::Backoff(_) | Upstream::Closed => {}
+        }
+    }
+
+    /// The client cancelled watch `id`: a shared watch's cancel is answered by the proxy (etcd
+    /// never had it on this stream); true if it was.
+    fn leave_shared(&mut self, id: i64) -> bool {
+        let Some(watch) = self.watches.get(&id) else { return false };
+        match &watch.sharing {
+            Sharing::Own => false,
+            Sharing::Joining { .. } => {
+                self.stop_joining(id);
+                false
+            }
+            Sharing::Shared { .. } => {
+                if let Some(watch) = self.watches.remove(&id) {
+                    self.unsubscribe(id, &watch.sharing);
+                }
+                self.recount = true;
+                let header = self
+                    .latest
+                    .as_ref()
+                    .and_then(|latest| WatchResponse::decode(&latest[5..]).ok())
+                    .and_then(|response| response.header);
+                let answer = WatchResponse { header, watch_id: id, canceled: true, ..Default::default() };
+                self.deliver(grpc::frame_message(&answer));
+                true
+            }
+        }
+    }
+
+    /// Watch `id` stops joining a shared watch and stays on its own.
+    fn stop_joining(&mut self, id: i64) {
+        let Some(watch) = self.watches.get_mut(&id) else { return };
+        if let Sharing::Joining { .. } = watch.sharing {
+            let sharing = std::mem::replace(&mut watch.sharing, Sharing::Own);
+            self.unsubscribe(id, &sharing);
+        }
+    }
+
+    fn unsubscribe(&self, id: i64, sharing: &Sharing) {
+        if let (Some(coalescing), Some(key)) = (&self.coalescing, sharing.key()) {
+            coalescing.hub.unsubscribe(key, coalescing.inbox.relay(), id);
+        }
+    }
+
+    /// Brings the hub's gauges of client and upstream watches up to date with this relay's.
+    fn update_gauges(&mut self) {
+        self.recount = false;
+        let Some(coalescing) = self.coalescing.as_mut() else { return };
+        let clients = self.watches.len() as u64;
+        let own = self.watches.values().filter(|w| !matches!(w.sharing, Sharing::Shared { .. })).count() as u64;
+        coalescing.publish(clients, own);
+    }
+}
+
+impl Drop for WatchRelay {
+    fn drop(&mut self) {
+        for (&id, watch) in &self.watches {
+            self.unsubscribe(id, &watch.sharing);
+        }
+        if let Some(coalescing) = self.coalescing.as_mut() {
+            coalescing.publish(0, 0);
+        }
+    }
+}
+
+impl Coalescing {
+    /// Replaces what this relay counts in the hub's gauges.
+    fn publish(&mut self, clients: u64, own: u64) {
+        let stats = self.hub.stats();
+        let (old_clients, old_own) = self.counted;
+        stats.client_watches.fetch_add(clients.wrapping_sub(old_clients), std::sync::atomic::Ordering::Relaxed);
+        stats.own_upstream_watches.fetch_add(own.wrapping_sub(old_own), std::sync::atomic::Ordering::Relaxed);
+        self.counted = (clients, own);
+    }
+}
+
+/// Moves a watch's next revision past what `facts` delivered.
+fn advance(watch: &mut ActiveWatch, facts: &ResponseFacts) {
+    if facts.events > 0 && !facts.fragment {
+        watch.next_revision = watch.next_revision.max(facts.last_event_revision + 1);
+    } else if facts.events == 0 {
+        watch.next_revision = watch.next_revision.max(facts.header_revision + 1);
+    }
+}
+
+/// `framed` (a WatchResponse) without its events up to revision `through`; `None` if none is left.
+fn without_events_through(framed: &Bytes, through: i64) -> Option<Bytes> {
+    let Ok(mut response) = WatchResponse::decode(&framed[5..]) else { return Some(framed.clone()) };
+    let before = response.events.len();
+    response.events.retain(|event| event.kv.as_ref().is_some_and(|kv| kv.mod_revision > through));
+    match response.events.len() {
+        0 => None,
+        kept if kept == before => Some(framed.clone()),
+        _ => Some(grpc::frame_message(&response)),
     }
 }
 

@@ -48,6 +48,7 @@ mod defaults {
     pub const REQUEST_BODY_TIMEOUT: &str = "10s";
     /// Room for the hot keys of a large fleet; a small fraction of what etcd itself holds.
     pub const SERIALIZABLE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+    pub const WATCH_COALESCING: bool = true;
 }
 
 /// A flag's help text with its default, so that the default is written only in [`defaults`].
@@ -224,6 +225,9 @@ pub struct StartArgs {
     #[arg(long, env = "ETCD_COMPAT_PROXY_SERIALIZABLE_CACHE_BYTES", value_name = "BYTES", help = with_default("Memory for answers to serializable Ranges, kept coherent by a watch of the cached keys and by writes made through the proxy; `0` turns the cache off", defaults::SERIALIZABLE_CACHE_BYTES))]
     pub serializable_cache_bytes: Option<u64>,
 
+    #[arg(long, env = "ETCD_COMPAT_PROXY_WATCH_COALESCING", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", help = with_default("Client watches that ask for the same thing as the same etcd user share one upstream watch, so that etcd sends each event once", defaults::WATCH_COALESCING))]
+    pub watch_coalescing: Option<bool>,
+
     // --- grpc-proxy flags that have no meaning here: accepted so unit files keep working. ---
     /// Accepted for grpc-proxy compatibility; the proxy keeps no persistent data.
     #[arg(long, env = "ETCD_COMPAT_PROXY_DATA_DIR", value_name = "DIR")]
@@ -344,6 +348,7 @@ impl StartArgs {
             max_header_list_bytes,
             max_buffered_response_bytes,
             serializable_cache_bytes,
+            watch_coalescing,
             handshake_timeout,
             idle_connection_timeout,
             request_body_timeout,
@@ -578,6 +583,7 @@ impl StartArgs {
                 self.serializable_cache_bytes.unwrap_or(defaults::SERIALIZABLE_CACHE_BYTES),
             )
             .unwrap_or(usize::MAX),
+            watch_coalescing: self.watch_coalescing.unwrap_or(defaults::WATCH_COALESCING),
             cert_expiry,
             cert_reload_interval: parse_duration_setting(
                 "cert-reload-interval",

@@ -899,13 +899,13 @@ fn slow_watchers_do_not_stall_others(version: EtcdVersion) {
         for reader in readers {
             reader.await.expect("watcher task");
         }
-        // Each watcher fell more than --max-buffered-response-bytes (4 MiB) behind: its upstream
-        // watch was paused, then re-created from its next undelivered revision.
+        // Each watcher fell more than --max-buffered-response-bytes (4 MiB) behind: its relay
+        // was paused (its own upstream watches closed, the shared watch's messages left in its
+        // bounded inbox, or it was detached from the shared watch), then resumed from its next
+        // undelivered revision.
         let (_, metrics) = deployment.proxy.http_get("/metrics");
         let pauses = metric(&metrics, "etcd_compat_proxy_stream_pauses_total").expect("pauses metric");
-        let recreations = metric(&metrics, "etcd_compat_proxy_watch_recreations_total").expect("recreations metric");
         assert!(pauses >= WATCHERS as f64, "{pauses} pauses for {WATCHERS} watchers");
-        assert!(recreations >= pauses, "{recreations} re-created watches after {pauses} pauses");
     });
 }
 

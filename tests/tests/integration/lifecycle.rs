@@ -65,6 +65,7 @@ fn every_flag_has_an_environment_twin_and_help() {
         "insecure-skip-tls-verify",
         "max-concurrent-streams",
         "serializable-cache-bytes",
+        "watch-coalescing",
         "debug",
         "data-dir",
         "namespace",

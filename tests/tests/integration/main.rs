@@ -14,3 +14,4 @@ mod migration;
 mod read_cache;
 mod size_budget;
 mod support;
+mod watch_coalescing;

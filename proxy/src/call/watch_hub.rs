@@ -1,0 +1,480 @@
+//! Watch coalescing: client watches that ask for the same thing (key, range end, filters,
+//! `prev_kv`, `progress_notify`) as the same etcd user share one upstream watch, so that etcd
+//! sends each event once however many clients watch it.
+//!
+//! A client's watch always starts as a watch of its own, on its relay's upstream stream (see
+//! `watch`): etcd checks its permission, answers `created` with its own header, and serves its
+//! start revision, compaction cancel included, exactly as it would directly. Once created, the
+//! relay subscribes it here. The shared watch runs on one upstream stream per user, itself a
+//! relay (so it survives member loss and token expiry as any relayed stream does), and the hub
+//! tells the subscriber from which revision on it will deliver every event ([`Delivery::Joinable`]);
+//! the relay switches over as soon as its own watch has delivered that far, and cancels its own.
+//!
+//! A subscriber whose relay does not take its deliveries (its client is not reading) past a
+//! bounded backlog is detached ([`Delivery::Detached`]): its relay goes back to a watch of its
+//! own from its next undelivered revision, and the shared watch goes on for the others. When the
+//! last subscriber leaves, the shared watch is cancelled; when a user's last one goes, its stream.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use etcd_compat_proto::etcdserverpb::{watch_request, WatchCancelRequest, WatchCreateRequest, WatchRequest};
+use http::{HeaderMap, HeaderValue};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::auth::Session;
+use crate::grpc::{self, MessageReader};
+use crate::transport::{self, FeedSender, RequestBody};
+
+use super::admission::StreamLimits;
+use super::attempts::Sender;
+use super::client_queue::{self, QueueReceiver};
+use super::watch::{self, read_facts};
+
+/// The etcd user a shared watch runs as; `None`: no auth.
+type User = Option<Arc<str>>;
+
+/// What a shared watch is: its user and its create request with the start revision and the
+/// watch id cleared.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct ShareKey {
+    user: User,
+    create: Bytes,
+}
+
+impl ShareKey {
+    /// The key of `create` as `session`'s user; `None` for watches that are not shared
+    /// (fragmented ones, whose split the proxy does not reassemble across members).
+    pub(crate) fn of(session: Option<&Session>, create: &WatchCreateRequest) -> Option<ShareKey> {
+        if create.fragment {
+            return None;
+        }
+        let normalized = WatchCreateRequest { start_revision: 0, watch_id: 0, ..create.clone() };
+        Some(ShareKey {
+            user: session.map(|s| Arc::from(s.user())),
+            create: Bytes::from(prost::Message::encode_to_vec(&normalized)),
+        })
+    }
+}
+
+/// What the hub sends a client's relay about one of its watches (by the client's watch id).
+pub(crate) enum Delivery {
+    /// From now on the shared watch delivers every event after revision `from`.
+    Joinable { client_id: i64, from: i64 },
+    /// A message of the shared watch, carrying the client's watch id.
+    Message { client_id: i64, message: Bytes },
+    /// The shared watch serves this watch no more (its relay fell behind, or the shared stream
+    /// was lost): the relay watches on its own again from its next undelivered revision.
+    Detached { client_id: i64 },
+}
+
+/// A relay's mailbox, counted in bytes so that the hub knows when the relay is behind.
+#[derive(Clone)]
+pub(crate) struct Inbox {
+    deliveries: UnboundedSender<Delivery>,
+    queued: Arc<AtomicUsize>,
+    limit: usize,
+    relay: u64,
+}
+
+/// The relay's end of its [`Inbox`].
+pub(crate) struct InboxReceiver {
+    deliveries: UnboundedReceiver<Delivery>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl InboxReceiver {
+    /// The next delivery, if one is waiting.
+    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        let delivery = std::task::ready!(self.deliveries.poll_recv(cx));
+        if let Some(Delivery::Message { message, .. }) = &delivery {
+            self.queued.fetch_sub(message.len(), Ordering::Relaxed);
+        }
+        Poll::Ready(delivery)
+    }
+}
+
+impl Inbox {
+    fn send(&self, delivery: Delivery) -> bool {
+        if let Delivery::Message { message, .. } = &delivery {
+            self.queued.fetch_add(message.len(), Ordering::Relaxed);
+        }
+        self.deliveries.send(delivery).is_ok()
+    }
+
+    fn is_behind(&self) -> bool {
+        self.queued.load(Ordering::Relaxed) > self.limit
+    }
+
+    /// Identifies the relay this inbox belongs to.
+    pub(crate) fn relay(&self) -> u64 {
+        self.relay
+    }
+
+    /// Bytes past which the relay's watches are detached.
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
+/// Counters of the hub, rendered in `/metrics`.
+#[derive(Default)]
+pub struct CoalescingStats {
+    shared_watches: AtomicU64,
+    subscribers: AtomicU64,
+    detached: AtomicU64,
+    /// Client watches, shared or not (kept by the relays).
+    pub(crate) client_watches: AtomicU64,
+    /// Watches of the relays' own upstream streams (kept by the relays).
+    pub(crate) own_upstream_watches: AtomicU64,
+}
+
+impl crate::admin::RenderMetrics for CoalescingStats {
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let upstream = self.shared_watches.load(Ordering::Relaxed) + self.own_upstream_watches.load(Ordering::Relaxed);
+        let series: [(&str, &str, &str, u64); 5] = [
+            ("watch_client_watches", "gauge", "Watches clients have open through the proxy.", self.client_watches.load(Ordering::Relaxed)),
+            ("watch_upstream_watches", "gauge", "Watches the proxy has open at etcd: shared ones plus clients' own.", upstream),
+            ("watch_shared_watches", "gauge", "Upstream watches shared by client watches that ask for the same thing as the same user.", self.shared_watches.load(Ordering::Relaxed)),
+            ("watch_shared_subscribers", "gauge", "Client watches served by a shared upstream watch.", self.subscribers.load(Ordering::Relaxed)),
+            ("watch_detached_total", "counter", "Client watches moved off a shared watch to one of their own because their client fell behind, or the shared stream was lost.", self.detached.load(Ordering::Relaxed)),
+        ];
+        for (name, kind, help, value) in series {
+            let _ = writeln!(out, "# HELP etcd_compat_proxy_{name} {help}\n# TYPE etcd_compat_proxy_{name} {kind}");
+            let _ = writeln!(out, "etcd_compat_proxy_{name} {value}");
+        }
+    }
+}
+
+/// Every shared watch of the process.
+pub(crate) struct WatchHub {
+    sender: Arc<Sender>,
+    limits: StreamLimits,
+    state: Mutex<HubState>,
+    next_relay: AtomicU64,
+    stats: Arc<CoalescingStats>,
+}
+
+#[derive(Default)]
+struct HubState {
+    shared: HashMap<ShareKey, SharedWatch>,
+    by_id: HashMap<i64, ShareKey>,
+    streams: HashMap<User, HubStream>,
+    /// Upstream ids are chosen by the hub, never 0 (which asks etcd to pick one).
+    next_id: i64,
+    next_generation: u64,
+}
+
+/// A user's upstream stream of shared watches.
+struct HubStream {
+    requests: FeedSender,
+    watches: usize,
+    generation: u64,
+}
+
+struct SharedWatch {
+    id: i64,
+    /// The revision it was created from: the first subscriber's next one.
+    start: i64,
+    /// Every event after this revision is delivered; `None` until etcd created the watch.
+    position: Option<i64>,
+    subscribers: Vec<Subscriber>,
+}
+
+struct Subscriber {
+    client_id: i64,
+    inbox: Inbox,
+}
+
+impl WatchHub {
+    /// The hub of the relays sending with `sender`.
+    pub(crate) fn new(sender: Arc<Sender>, limits: StreamLimits) -> Arc<WatchHub> {
+        Arc::new(WatchHub {
+            sender,
+            limits,
+            state: Mutex::new(HubState { next_id: 1, ..HubState::default() }),
+            next_relay: AtomicU64::new(1),
+            stats: Arc::default(),
+        })
+    }
+
+    /// The hub's counters, shared with the relays and `/metrics`.
+    pub(crate) fn stats(&self) -> &Arc<CoalescingStats> {
+        &self.stats
+    }
+
+    /// A mailbox for a new relay; deliveries past `limit` bytes detach its watches.
+    pub(crate) fn inbox(&self, limit: usize) -> (Inbox, InboxReceiver) {
+        let (deliveries, receiver) = unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let relay = self.next_relay.fetch_add(1, Ordering::Relaxed);
+        (
+            Inbox { deliveries, queued: Arc::clone(&queued), limit, relay },
+            InboxReceiver { deliveries: receiver, queued },
+        )
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HubState> {
+        // Every change completes before anything that could panic: a poisoned lock is usable.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Subscribes the client watch `client_id` (whose own watch has delivered everything before
+    /// `next_revision`) to the shared watch `key`, created from `next_revision` if there is none.
+    pub(crate) fn subscribe(
+        self: &Arc<Self>,
+        key: &ShareKey,
+        session: Option<&Arc<Session>>,
+        create: &WatchCreateRequest,
+        client_id: i64,
+        next_revision: i64,
+        inbox: &Inbox,
+    ) {
+        let mut state = self.lock();
+        self.stats.subscribers.fetch_add(1, Ordering::Relaxed);
+        let subscriber = Subscriber { client_id, inbox: inbox.clone() };
+        if let Some(shared) = state.shared.get_mut(key) {
+            if let Some(from) = shared.position {
+                subscriber.inbox.send(Delivery::Joinable { client_id, from });
+            }
+            shared.subscribers.push(subscriber);
+            return;
+        }
+        let id = state.next_id;
+        state.next_id += 1;
+        let request = WatchCreateRequest { start_revision: next_revision, watch_id: id, ..create.clone() };
+        let stream = match state.streams.get_mut(&key.user) {
+            Some(stream) => stream,
+            None => {
+                let generation = state.next_generation;
+                state.next_generation += 1;
+                let requests = self.open_stream(key.user.clone(), session.cloned(), generation);
+                state.streams.entry(key.user.clone()).or_insert(HubStream { requests, watches: 0, generation })
+            }
+        };
+        stream.watches += 1;
+        stream.requests.send(encode(watch_request::RequestUnion::CreateRequest(request)));
+        state.by_id.insert(id, key.clone());
+        state.shared.insert(
+            key.clone(),
+            SharedWatch { id, start: next_revision, position: None, subscribers: vec![subscriber] },
+        );
+        self.stats.shared_watches.fetch_add(1, Ordering::Relaxed);
+        // Until etcd answers, the subscriber keeps its own watch; `Joinable` follows `created`.
+    }
+
+    /// Ends the subscription of `relay`'s watch `client_id` to `key`.
+    pub(crate) fn unsubscribe(&self, key: &ShareKey, relay: u64, client_id: i64) {
+        let mut state = self.lock();
+        let Some(shared) = state.shared.get_mut(key) else { return };
+        let before = shared.subscribers.len();
+        shared.subscribers.retain(|s| !(s.inbox.relay == relay && s.client_id == client_id));
+        let removed = before - shared.subscribers.len();
+        self.stats.subscribers.fetch_sub(removed as u64, Ordering::Relaxed);
+        if shared.subscribers.is_empty() {
+            self.cancel_shared(&mut state, key);
+        }
+    }
+
+    /// Cancels the shared watch `key` at etcd and forgets it; ends its user's stream with the last.
+    fn cancel_shared(&self, state: &mut HubState, key: &ShareKey) {
+        let Some(shared) = state.shared.remove(key) else { return };
+        state.by_id.remove(&shared.id);
+        self.stats.shared_watches.fetch_sub(1, Ordering::Relaxed);
+        let Some(stream) = state.streams.get_mut(&key.user) else { return };
+        stream.watches -= 1;
+        if stream.watches == 0 {
+            // Closing the request side ends the stream at etcd, which ends its relay.
+            state.streams.remove(&key.user);
+        } else {
+            let cancel = WatchCancelRequest { watch_id: shared.id };
+            stream.requests.send(encode(watch_request::RequestUnion::CancelRequest(cancel)));
+        }
+    }
+
+    /// Starts `user`'s stream of shared watches: a relay whose client is the hub.
+    fn open_stream(self: &Arc<Self>, user: User, session: Option<Arc<Session>>, generation: u64) -> FeedSender {
+        let (requests, receiver) = transport::feed();
+        let (to_hub, from_relay) = client_queue::channel(self.limits.max_buffered);
+        let mut headers = HeaderMap::with_capacity(2);
+        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+        let client = RequestBody::Channel(receiver);
+        watch::spawn_shared_stream(Arc::clone(&self.sender), session, headers, client, to_hub, self.limits);
+        tokio::spawn(Arc::clone(self).dispatch(user, generation, from_relay));
+        requests
+    }
+
+    /// Fans the messages of `user`'s stream out to the subscribers, until the stream ends.
+    async fn dispatch(self: Arc<Self>, user: User, generation: u64, mut from_relay: QueueReceiver) {
+        let mut messages = MessageReader::default();
+        while let Some(frame) = std::future::poll_fn(|cx| from_relay.poll_next(cx)).await {
+            let Ok(data) = frame.into_data() else { break };
+            messages.push(&data);
+            while let Some(message) = messages.next_message() {
+                self.on_message(&message);
+            }
+        }
+        tracing::debug!(
+            user = user.as_deref().unwrap_or(""),
+            "shared watch stream ended; its subscribers watch on their own"
+        );
+        let mut state = self.lock();
+        if state.streams.get(&user).is_none_or(|stream| stream.generation != generation) {
+            return;
+        }
+        state.streams.remove(&user);
+        let keys: Vec<ShareKey> = state.shared.keys().filter(|key| key.user == user).cloned().collect();
+        for key in keys {
+            if let Some(shared) = state.shared.remove(&key) {
+                state.by_id.remove(&shared.id);
+                self.stats.shared_watches.fetch_sub(1, Ordering::Relaxed);
+                self.detach_all(shared.subscribers);
+            }
+        }
+    }
+
+    fn detach_all(&self, subscribers: Vec<Subscriber>) {
+        for subscriber in subscribers {
+            self.stats.subscribers.fetch_sub(1, Ordering::Relaxed);
+            self.stats.detached.fetch_add(1, Ordering::Relaxed);
+            subscriber.inbox.send(Delivery::Detached { client_id: subscriber.client_id });
+        }
+    }
+
+    /// One message of a shared stream.
+    fn on_message(&self, message: &Bytes) {
+        let Some(Ok(facts)) = (message.first() == Some(&0)).then(|| read_facts(&message[5..])) else { return };
+        let mut state = self.lock();
+        let Some(key) = state.by_id.get(&facts.watch_id).cloned() else { return };
+        if facts.created && facts.canceled {
+            // etcd refused it (compacted, or the user lost its permission): each subscriber
+            // asks again on its own and gets etcd's answer.
+            if let Some(shared) = state.shared.remove(&key) {
+                state.by_id.remove(&shared.id);
+                self.stats.shared_watches.fetch_sub(1, Ordering::Relaxed);
+                if let Some(stream) = state.streams.get_mut(&key.user) {
+                    stream.watches -= 1;
+                }
+                self.detach_all(shared.subscribers);
+            }
+            return;
+        }
+        let Some(shared) = state.shared.get_mut(&key) else { return };
+        if facts.created {
+            // Created from `start`: every event after the revision before it will come.
+            let from = shared.start - 1;
+            shared.position = Some(from);
+            for subscriber in &shared.subscribers {
+                subscriber.inbox.send(Delivery::Joinable { client_id: subscriber.client_id, from });
+            }
+            return;
+        }
+        if facts.canceled {
+            // Compacted while resuming after a member loss: each subscriber's watch ends the way
+            // its own would have.
+            let Some(shared) = state.shared.remove(&key) else { return };
+            state.by_id.remove(&shared.id);
+            self.stats.shared_watches.fetch_sub(1, Ordering::Relaxed);
+            if let Some(stream) = state.streams.get_mut(&key.user) {
+                stream.watches -= 1;
+            }
+            let mut rewritten = Rewritten::new(message);
+            for subscriber in shared.subscribers {
+                self.stats.subscribers.fetch_sub(1, Ordering::Relaxed);
+                let message = rewritten.for_id(subscriber.client_id);
+                subscriber.inbox.send(Delivery::Message { client_id: subscriber.client_id, message });
+            }
+            return;
+        }
+        if facts.events > 0 && !facts.fragment {
+            shared.position = Some(shared.position.unwrap_or(0).max(facts.last_event_revision));
+        } else if facts.events == 0 {
+            shared.position = Some(shared.position.unwrap_or(0).max(facts.header_revision));
+        }
+        let mut rewritten = Rewritten::new(message);
+        let mut detached = Vec::new();
+        shared.subscribers.retain(|subscriber| {
+            if subscriber.inbox.is_behind() {
+                detached.push(Subscriber { client_id: subscriber.client_id, inbox: subscriber.inbox.clone() });
+                return false;
+            }
+            let message = rewritten.for_id(subscriber.client_id);
+            subscriber.inbox.send(Delivery::Message { client_id: subscriber.client_id, message })
+        });
+        let emptied = shared.subscribers.is_empty();
+        if !detached.is_empty() {
+            tracing::debug!(watches = detached.len(), "watch clients fell behind; moving them off the shared watch");
+        }
+        self.detach_all(detached);
+        if emptied {
+            self.cancel_shared(&mut state, &key);
+        }
+    }
+}
+
+/// A message with its watch id replaced per subscriber: most clients use the same id (0, their
+/// stream's first watch), so each distinct id is written once.
+struct Rewritten<'a> {
+    message: &'a Bytes,
+    last: Option<(i64, Bytes)>,
+}
+
+impl<'a> Rewritten<'a> {
+    fn new(message: &'a Bytes) -> Self {
+        Rewritten { message, last: None }
+    }
+
+    fn for_id(&mut self, id: i64) -> Bytes {
+        match &self.last {
+            Some((last, bytes)) if *last == id => bytes.clone(),
+            _ => {
+                let bytes = with_watch_id(self.message, id);
+                self.last = Some((id, bytes.clone()));
+                bytes
+            }
+        }
+    }
+}
+
+/// `framed` (a framed WatchResponse) with its watch id (field 2) set to `id`, every other field
+/// as etcd wrote it, in etcd's order (the header first).
+pub(crate) fn with_watch_id(framed: &Bytes, id: i64) -> Bytes {
+    let message = &framed[5..];
+    let mut out = Vec::with_capacity(framed.len() + 11);
+    out.extend_from_slice(&[0; 5]);
+    let mut written = false;
+    for field in grpc::fields(message) {
+        let Ok(field) = field else { return framed.clone() };
+        if field.number == 2 {
+            continue;
+        }
+        if field.number > 2 && !written {
+            put_watch_id(&mut out, id);
+            written = true;
+        }
+        out.extend_from_slice(&message[field.span]);
+    }
+    if !written {
+        put_watch_id(&mut out, id);
+    }
+    let length = (out.len() - 5) as u32;
+    out[1..5].copy_from_slice(&length.to_be_bytes());
+    Bytes::from(out)
+}
+
+/// proto3 leaves a zero id out.
+fn put_watch_id(out: &mut Vec<u8>, id: i64) {
+    if id != 0 {
+        out.push(0x10);
+        grpc::put_varint(out, id as u64);
+    }
+}
+
+fn encode(request: watch_request::RequestUnion) -> Bytes {
+    grpc::frame_message(&WatchRequest { request_union: Some(request) })
+}

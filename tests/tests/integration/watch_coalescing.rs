@@ -1,0 +1,369 @@
+//! Watch coalescing against real etcd: client watches that ask for the same thing as the same
+//! user share one upstream watch, and each client still sees exactly what it would see
+//! directly: its ids, its events from its own start revision with its filters and `prev_kv`,
+//! compaction cancels; across a member kill and a token expiry; a stalled client delays nobody
+//! and loses nothing; a user never gets events of keys it may not read.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, ConnectOptions, EventType, WatchFilterType, WatchOptions, WatchStream};
+use etcd_compat_tests::{ClusterSpec, EtcdCluster, EtcdVersion};
+
+use crate::support::{both_versions, connect, metric, runtime, Deployment, Wire};
+
+/// One event as a client sees it: type, key, value, mod revision, previous value.
+type SeenEvent = (&'static str, String, String, i64, Option<String>);
+
+/// What one watch stream saw, by watch id: its creation, events in order, and its cancel.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Seen {
+    created: Vec<i64>,
+    events: BTreeMap<i64, Vec<SeenEvent>>,
+    /// (watch id, compact revision, reason)
+    canceled: Vec<(i64, i64, String)>,
+}
+
+fn gauge(deployment: &Deployment, series: &str) -> f64 {
+    let (_, text) = deployment.proxy.http_get("/metrics");
+    metric(&text, series).unwrap_or_else(|| panic!("{series} missing from /metrics"))
+}
+
+/// The options of watch `i` of the mix: start revisions now and in the past, filters, prev_kv.
+fn mixed_options(i: usize) -> WatchOptions {
+    let mut options = WatchOptions::new().with_prefix();
+    let start = [0, 0, 3, 8, 15][i % 5];
+    if start > 0 {
+        options = options.with_start_revision(start);
+    }
+    options = match i % 3 {
+        0 => options,
+        1 => options.with_filters([WatchFilterType::NoPut]),
+        _ => options.with_filters([WatchFilterType::NoDelete]),
+    };
+    if (i / 3) % 2 == 1 {
+        options = options.with_prev_key();
+    }
+    options
+}
+
+/// Opens `streams` watch streams of `per_stream` watches each on `prefix`, with the mix of
+/// options; waits until every watch is created.
+async fn open_mixed(client: &mut Client, prefix: &str, streams: usize, per_stream: usize) -> Vec<(WatchStream, Seen)> {
+    let mut opened = Vec::new();
+    for s in 0..streams {
+        let mut stream = client.watch(prefix, Some(mixed_options(s * per_stream))).await.expect("watch");
+        for j in 1..per_stream {
+            stream.watch(prefix, Some(mixed_options(s * per_stream + j))).await.expect("another watch");
+        }
+        let mut seen = Seen::default();
+        while seen.created.len() < per_stream {
+            let response = tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .expect("created in time")
+                .expect("watch response")
+                .expect("stream open");
+            record(&mut seen, &response);
+        }
+        opened.push((stream, seen));
+    }
+    opened
+}
+
+fn record(seen: &mut Seen, response: &etcd_client::WatchResponse) {
+    let id = response.watch_id();
+    if response.created() {
+        seen.created.push(id);
+    }
+    if response.canceled() {
+        seen.canceled.push((id, response.compact_revision(), response.cancel_reason().to_owned()));
+    }
+    for event in response.events() {
+        let kv = event.kv().expect("event kv");
+        let kind = match event.event_type() {
+            EventType::Put => "PUT",
+            EventType::Delete => "DELETE",
+        };
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        seen.events.entry(id).or_default().push((
+            kind,
+            text(kv.key()),
+            text(kv.value()),
+            kv.mod_revision(),
+            event.prev_kv().map(|prev| text(prev.value())),
+        ));
+    }
+}
+
+/// Reads every stream until it has had no message for a while: `quiet` for the first, which
+/// lets everything in flight arrive, a moment for the others.
+async fn drain(streams: &mut [(WatchStream, Seen)], quiet: Duration) {
+    let mut wait = quiet;
+    for (stream, seen) in streams.iter_mut() {
+        while let Ok(Ok(Some(response))) = tokio::time::timeout(wait, stream.message()).await {
+            record(seen, &response);
+        }
+        wait = Duration::from_millis(50);
+    }
+}
+
+/// 20 puts under `prefix`: revisions 2 to 21 on a fresh cluster.
+async fn history(client: &mut Client, prefix: &str) {
+    for n in 0..20 {
+        client.put(format!("{prefix}k{}", n % 7), format!("h{n}"), None).await.expect("put");
+    }
+}
+
+/// Puts and deletes under `prefix`, `rounds` times.
+async fn churn(client: &mut Client, prefix: &str, rounds: usize) {
+    for n in 0..rounds {
+        client.put(format!("{prefix}k{}", n % 5), format!("v{n}"), None).await.expect("put");
+        if n % 4 == 3 {
+            client.delete(format!("{prefix}k{}", (n + 2) % 5), None).await.expect("delete");
+        }
+    }
+}
+
+fn coalesced_watchers_see_what_direct_watchers_see(version: EtcdVersion) {
+    let deployment = Deployment::start(version, 1, Wire::Plain, &[]);
+    runtime().block_on(async {
+        let mut writer = connect(&deployment.endpoint).await;
+        history(&mut writer, "/p/").await;
+        let mut through_proxy = connect(&deployment.endpoint).await;
+        let mut direct = connect(&deployment.cluster.client_urls()[0]).await;
+        // 200 watches: 40 streams of 5, through the proxy and directly, the same mix.
+        let mut proxied = open_mixed(&mut through_proxy, "/p/", 40, 5).await;
+        let mut directly = open_mixed(&mut direct, "/p/", 40, 5).await;
+        churn(&mut writer, "/p/", 40).await;
+        drain(&mut proxied, Duration::from_millis(500)).await;
+        drain(&mut directly, Duration::from_millis(100)).await;
+        let events: usize = proxied.iter().map(|(_, seen)| seen.events.values().map(Vec::len).sum::<usize>()).sum();
+        assert!(events > 2000, "only {events} events delivered");
+        for (n, ((_, through), (_, direct))) in proxied.iter().zip(&directly).enumerate() {
+            assert_eq!(through, direct, "stream {n}");
+        }
+        // Six kinds of watch (filters by prev_kv): six upstream watches serve all 200.
+        assert_eq!(gauge(&deployment, "etcd_compat_proxy_watch_client_watches"), 200.0);
+        assert_eq!(gauge(&deployment, "etcd_compat_proxy_watch_shared_watches"), 6.0);
+        assert_eq!(gauge(&deployment, "etcd_compat_proxy_watch_upstream_watches"), 6.0);
+
+        // A watch from a compacted revision is cancelled the same way through the proxy.
+        writer.compact(30, None).await.expect("compact");
+        let mut compacted = Vec::new();
+        for client in [&mut through_proxy, &mut direct] {
+            let options = WatchOptions::new().with_prefix().with_start_revision(5);
+            let mut stream = client.watch("/p/", Some(options)).await.expect("watch");
+            let mut seen = Seen::default();
+            while seen.canceled.is_empty() {
+                let response = stream.message().await.expect("response").expect("open");
+                record(&mut seen, &response);
+            }
+            compacted.push(seen);
+        }
+        assert_eq!(compacted[0], compacted[1]);
+        assert_eq!(compacted[0].canceled[0].1, 30);
+        // Streams that end leave nothing upstream.
+        drop(proxied);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while gauge(&deployment, "etcd_compat_proxy_watch_upstream_watches") > 0.0 {
+            assert!(Instant::now() < deadline, "upstream watches left after every client went");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}
+both_versions!(coalesced_watchers_see_what_direct_watchers_see => coalesced_like_direct_3_4, coalesced_like_direct_3_5);
+
+/// Every change made under `/app/` as (kind, key, value, revision), in order.
+type Truth = Vec<SeenEvent>;
+
+async fn write_through_elections(writer: &mut Client, truth: &mut Truth, key: String, value: String) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match writer.put(key.as_str(), value.as_str(), None).await {
+            Ok(answer) => {
+                let revision = answer.header().expect("header").revision();
+                truth.push(("PUT", key, value, revision, None));
+                return;
+            }
+            Err(error) => {
+                assert!(Instant::now() < deadline, "writes fail for 15 s: {error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Streams of `app`'s watches on `/app/` from revision `start` (0: from now).
+async fn watches_of_app_prefix(client: &mut Client, count: usize, start: i64) -> Vec<(WatchStream, Seen)> {
+    let mut opened = Vec::new();
+    for _ in 0..count {
+        let mut options = WatchOptions::new().with_prefix();
+        if start > 0 {
+            options = options.with_start_revision(start);
+        }
+        let mut stream = client.watch("/app/", Some(options)).await.expect("watch");
+        let mut seen = Seen::default();
+        while seen.created.is_empty() {
+            let response = stream.message().await.expect("response").expect("open");
+            record(&mut seen, &response);
+        }
+        opened.push((stream, seen));
+    }
+    opened
+}
+
+fn coalesced_watches_survive_member_kill_and_token_expiry(version: EtcdVersion) {
+    let spec = ClusterSpec::new(version, 3).with_extra_args(["--auth-token-ttl=2"]);
+    let mut deployment = Deployment::start_with(spec, Wire::Plain, &[]);
+    enable_auth(&deployment.cluster);
+    runtime().block_on(async {
+        let app = || Some(ConnectOptions::new().with_user("app", "apppw"));
+        let mut client = Client::connect([deployment.endpoint.as_str()], app()).await.expect("connect");
+        let mut writer = Client::connect([deployment.endpoint.as_str()], app()).await.expect("connect");
+        let mut truth = Truth::new();
+        for n in 0..5 {
+            write_through_elections(&mut writer, &mut truth, format!("/app/k{n}"), format!("a{n}")).await;
+        }
+        let first = truth[0].3;
+        let mut watches = watches_of_app_prefix(&mut client, 30, 0).await;
+        watches.extend(watches_of_app_prefix(&mut client, 20, first).await);
+        for n in 0..10 {
+            write_through_elections(&mut writer, &mut truth, format!("/app/k{n}"), format!("b{n}")).await;
+        }
+        // The shared stream lives on the first member the proxy lists.
+        deployment.cluster.kill(0).expect("kill member 0");
+        for n in 0..10 {
+            write_through_elections(&mut writer, &mut truth, format!("/app/k{n}"), format!("c{n}")).await;
+        }
+        // Every token expires; new watches are then asked for on the shared stream.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        watches.extend(watches_of_app_prefix(&mut client, 10, first).await);
+        for n in 0..10 {
+            write_through_elections(&mut writer, &mut truth, format!("/app/k{n}"), format!("d{n}")).await;
+        }
+        drain(&mut watches, Duration::from_millis(1500)).await;
+        let since = |start: i64| -> Vec<SeenEvent> { truth.iter().filter(|e| e.3 >= start).cloned().collect() };
+        for (n, (_, seen)) in watches.iter().enumerate() {
+            let id = seen.created[0];
+            let expected = if n < 30 { since(truth[5].3) } else { since(first) };
+            assert_eq!(seen.events.get(&id).cloned().unwrap_or_default(), expected, "watch {n}");
+            assert!(seen.canceled.is_empty(), "watch {n}: {:?}", seen.canceled);
+        }
+        assert!(gauge(&deployment, "etcd_compat_proxy_watch_shared_watches") >= 1.0);
+    });
+}
+both_versions!(coalesced_watches_survive_member_kill_and_token_expiry => coalesced_survive_kill_and_expiry_3_4, coalesced_survive_kill_and_expiry_3_5);
+
+/// `root`; `app` with read-write on `/app/`; `other` with read-write on `/other/`; auth on.
+fn enable_auth(cluster: &EtcdCluster) {
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["role", "add", "app"],
+        &["role", "grant-permission", "app", "--prefix=true", "readwrite", "/app/"],
+        &["user", "add", "app:apppw"],
+        &["user", "grant-role", "app", "app"],
+        &["role", "add", "other"],
+        &["role", "grant-permission", "other", "--prefix=true", "readwrite", "/other/"],
+        &["user", "add", "other:otherpw"],
+        &["user", "grant-role", "other", "other"],
+        &["auth", "enable"],
+    ] {
+        cluster.etcdctl_ok(args);
+    }
+}
+
+fn a_user_never_receives_events_it_may_not_read(version: EtcdVersion) {
+    let deployment = Deployment::start(version, 1, Wire::Plain, &[]);
+    enable_auth(&deployment.cluster);
+    runtime().block_on(async {
+        let login = |user: &str, password: &str| Some(ConnectOptions::new().with_user(user, password));
+        let mut app = Client::connect([deployment.endpoint.as_str()], login("app", "apppw")).await.expect("app");
+        let mut root = Client::connect([deployment.endpoint.as_str()], login("root", "rootpw")).await.expect("root");
+        let mut other =
+            Client::connect([deployment.endpoint.as_str()], login("other", "otherpw")).await.expect("other");
+        let mut direct_other =
+            Client::connect(deployment.cluster.client_urls(), login("other", "otherpw")).await.expect("direct");
+        let mut app_watches = watches_of_app_prefix(&mut app, 3, 0).await;
+        let mut root_watches = watches_of_app_prefix(&mut root, 2, 0).await;
+        // `other` asks for the same watch: refused as etcd refuses it directly.
+        let mut refused = Vec::new();
+        for client in [&mut other, &mut direct_other] {
+            let mut stream = client.watch("/app/", Some(WatchOptions::new().with_prefix())).await.expect("watch");
+            let mut seen = Seen::default();
+            while seen.canceled.is_empty() {
+                let response = stream.message().await.expect("response").expect("open");
+                record(&mut seen, &response);
+            }
+            refused.push((stream, seen));
+        }
+        assert_eq!(refused[0].1, refused[1].1);
+        assert!(refused[0].1.canceled[0].2.contains("permission denied"), "{:?}", refused[0].1);
+        for n in 0..5 {
+            app.put(format!("/app/k{n}"), "v", None).await.expect("put");
+        }
+        drain(&mut app_watches, Duration::from_millis(500)).await;
+        drain(&mut root_watches, Duration::from_millis(100)).await;
+        drain(&mut refused, Duration::from_millis(300)).await;
+        for (_, seen) in app_watches.iter().chain(&root_watches) {
+            assert_eq!(seen.events.values().map(Vec::len).sum::<usize>(), 5);
+        }
+        assert!(refused[0].1.events.is_empty(), "other received {:?}", refused[0].1.events);
+        // One shared watch per user: app's and root's.
+        assert_eq!(gauge(&deployment, "etcd_compat_proxy_watch_shared_watches"), 2.0);
+    });
+}
+both_versions!(a_user_never_receives_events_it_may_not_read => no_events_without_permission_3_4, no_events_without_permission_3_5);
+
+fn a_stalled_watcher_delays_nobody_and_loses_nothing(version: EtcdVersion) {
+    let deployment = Deployment::start(version, 1, Wire::Plain, &["--max-buffered-response-bytes=65536"]);
+    runtime().block_on(async {
+        let mut writer = connect(&deployment.endpoint).await;
+        // Its own connection: a client that stops reading holds its connection's window too.
+        let mut stalled_client = connect(&deployment.endpoint).await;
+        let mut stalled = stalled_client.watch("/s/", Some(WatchOptions::new().with_prefix())).await.expect("watch");
+        let created = stalled.message().await.expect("created").expect("open");
+        assert!(created.created());
+        let mut readers = Vec::new();
+        for _ in 0..10 {
+            let mut client = connect(&deployment.endpoint).await;
+            let mut stream = client.watch("/s/", Some(WatchOptions::new().with_prefix())).await.expect("watch");
+            assert!(stream.message().await.expect("created").expect("open").created());
+            readers.push((client, stream));
+        }
+        let value = "x".repeat(16 * 1024);
+        let mut revisions = Vec::new();
+        for n in 0..200 {
+            let answer = writer.put(format!("/s/k{}", n % 10), value.as_str(), None).await.expect("put");
+            revisions.push(answer.header().expect("header").revision());
+        }
+        // The others get everything while one client reads nothing.
+        for (n, (_, stream)) in readers.iter_mut().enumerate() {
+            let mut got = Vec::new();
+            while got.len() < revisions.len() {
+                let response = tokio::time::timeout(Duration::from_secs(10), stream.message())
+                    .await
+                    .unwrap_or_else(|_| panic!("reader {n} stalled with {} of {} events", got.len(), revisions.len()))
+                    .expect("response")
+                    .expect("open");
+                got.extend(response.events().iter().map(|e| e.kv().expect("kv").mod_revision()));
+            }
+            assert_eq!(got, revisions, "reader {n}");
+        }
+        assert!(
+            gauge(&deployment, "etcd_compat_proxy_watch_detached_total") >= 1.0,
+            "the stalled watch was never detached"
+        );
+        // The stalled client reads at last: every event, in order, once.
+        let mut got = Vec::new();
+        while got.len() < revisions.len() {
+            let response = tokio::time::timeout(Duration::from_secs(10), stalled.message())
+                .await
+                .expect("the stalled watch resumes")
+                .expect("response")
+                .expect("open");
+            got.extend(response.events().iter().map(|e| e.kv().expect("kv").mod_revision()));
+        }
+        assert_eq!(got, revisions);
+    });
+}
+both_versions!(a_stalled_watcher_delays_nobody_and_loses_nothing => stalled_watcher_delays_nobody_3_4, stalled_watcher_delays_nobody_3_5);
