@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Benchmarks one etcd 3.4.23 member directly, through `etcd grpc-proxy` and through
 # etcd-compat-proxy, in one run: installs what is missing, builds both binaries in release
-# mode, runs them, prints a markdown table and writes it to bench/RESULTS.md.
+# mode, runs them, prints a markdown table and writes it to bench/RESULTS.md. Workloads that
+# read serializably also run against etcd-compat-proxy with its cache off
+# (`etcd-compat-proxy (no cache)`, --serializable-cache-bytes 0).
 #
 #   scripts/bench.sh                 full run (3 alternating rounds, 5 s windows; ~10 minutes)
 #   scripts/bench.sh --quick         smoke run (1 round, 1 s windows; ~1.5 minutes)

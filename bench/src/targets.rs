@@ -1,5 +1,6 @@
-//! The targets: one etcd member, `etcd grpc-proxy` and etcd-compat-proxy in front of it, and
-//! optionally a second etcd-compat-proxy build to compare a change against.
+//! The targets: one etcd member, `etcd grpc-proxy` and etcd-compat-proxy in front of it, the
+//! same etcd-compat-proxy with its serializable-read cache off, and optionally a second
+//! etcd-compat-proxy build to compare a change against.
 //!
 //! Every process is owned by a harness type that kills it when dropped, so nothing outlives
 //! the bench, whether it returns, fails or panics.
@@ -11,10 +12,13 @@ use anyhow::{anyhow, bail, Context, Result};
 use etcd_compat_tests::{ClusterSpec, EtcdCluster, EtcdVersion, ProxyProcess};
 use tempfile::TempDir;
 
-use crate::workloads::{self, Pids};
+use crate::workloads::{self, Pids, Workload};
 
 /// etcd's backend quota: 8 GiB, room for the 1 GiB paged-range data and its history.
 const ETCD_QUOTA_ARG: &str = "--quota-backend-bytes=8589934592";
+/// Turns etcd-compat-proxy's serializable-read cache off, for the target that shows what the
+/// cache is worth.
+const NO_CACHE_ARGS: [&str; 2] = ["--serializable-cache-bytes", "0"];
 /// How long a proxy gets to answer its first gRPC request after its port opened.
 const GRPC_READY_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -27,14 +31,22 @@ pub enum TargetKind {
     GrpcProxy,
     /// This repository's proxy.
     CompatProxy,
+    /// The same build with `--serializable-cache-bytes 0`, only for workloads whose reads the
+    /// cache could answer.
+    CompatProxyNoCache,
     /// Another build of this repository's proxy (`--baseline-bin`), to measure a change.
     Baseline,
 }
 
 impl TargetKind {
     /// Every target, in the order each round visits them.
-    pub const ALL: [TargetKind; 4] =
-        [TargetKind::Direct, TargetKind::GrpcProxy, TargetKind::CompatProxy, TargetKind::Baseline];
+    pub const ALL: [TargetKind; 5] = [
+        TargetKind::Direct,
+        TargetKind::GrpcProxy,
+        TargetKind::CompatProxy,
+        TargetKind::CompatProxyNoCache,
+        TargetKind::Baseline,
+    ];
 
     /// Name used in the table.
     pub fn label(self) -> &'static str {
@@ -42,6 +54,7 @@ impl TargetKind {
             TargetKind::Direct => "direct",
             TargetKind::GrpcProxy => "grpc-proxy",
             TargetKind::CompatProxy => "etcd-compat-proxy",
+            TargetKind::CompatProxyNoCache => "etcd-compat-proxy (no cache)",
             TargetKind::Baseline => "baseline",
         }
     }
@@ -110,6 +123,7 @@ pub struct Targets {
     // Proxies are declared first so they are dropped (killed) before etcd.
     grpc_proxy: ManagedProxy,
     compat_proxy: ManagedProxy,
+    compat_no_cache: Option<ManagedProxy>,
     baseline: Option<ManagedProxy>,
     cluster: EtcdCluster,
     /// `--data-dir` of grpc-proxy, so it never writes into the working directory.
@@ -117,8 +131,14 @@ pub struct Targets {
 }
 
 impl Targets {
-    /// Starts etcd 3.4 (one member) and the proxies; blocks until each accepts connections.
-    pub fn start(compat_proxy_bin: &Path, baseline_bin: Option<&Path>, pinning: Option<Pinning>) -> Result<Targets> {
+    /// Starts etcd 3.4 (one member) and the proxies, the cache-off one only if `no_cache`;
+    /// blocks until each accepts connections.
+    pub fn start(
+        compat_proxy_bin: &Path,
+        baseline_bin: Option<&Path>,
+        no_cache: bool,
+        pinning: Option<Pinning>,
+    ) -> Result<Targets> {
         // The opt-in 1 GiB workload would come close to etcd's default 2 GiB backend quota (and
         // raise a NOSPACE alarm with history); the quota is only a limit, nothing is allocated
         // for it, so every run gets the 8 GiB etcd documents as its recommended maximum.
@@ -145,9 +165,17 @@ impl Targets {
         let compat_args = vec!["start".to_owned(), format!("--endpoints={member}")];
         let compat_proxy =
             ManagedProxy::start(TargetKind::CompatProxy, compat_proxy_bin, compat_args.clone(), pinning)?;
+        let compat_no_cache = no_cache
+            .then(|| {
+                let mut args = compat_args.clone();
+                args.extend(NO_CACHE_ARGS.map(str::to_owned));
+                ManagedProxy::start(TargetKind::CompatProxyNoCache, compat_proxy_bin, args, pinning)
+            })
+            .transpose()?;
+        // The baseline keeps its own defaults: a build older than the cache has no flag for it.
         let baseline =
             baseline_bin.map(|bin| ManagedProxy::start(TargetKind::Baseline, bin, compat_args, pinning)).transpose()?;
-        Ok(Targets { grpc_proxy, compat_proxy, baseline, cluster, _grpc_proxy_dir: grpc_proxy_dir })
+        Ok(Targets { grpc_proxy, compat_proxy, compat_no_cache, baseline, cluster, _grpc_proxy_dir: grpc_proxy_dir })
     }
 
     /// Data directory of the etcd member.
@@ -165,13 +193,28 @@ impl Targets {
             TargetKind::Direct => None,
             TargetKind::GrpcProxy => Some(&mut self.grpc_proxy),
             TargetKind::CompatProxy => Some(&mut self.compat_proxy),
+            TargetKind::CompatProxyNoCache => self.compat_no_cache.as_mut(),
             TargetKind::Baseline => self.baseline.as_mut(),
         }
     }
 
     /// The targets of this run, in the order each round visits them.
     pub fn kinds(&self) -> Vec<TargetKind> {
-        TargetKind::ALL.into_iter().filter(|&kind| kind != TargetKind::Baseline || self.baseline.is_some()).collect()
+        TargetKind::ALL
+            .into_iter()
+            .filter(|&kind| match kind {
+                TargetKind::Direct | TargetKind::GrpcProxy | TargetKind::CompatProxy => true,
+                TargetKind::CompatProxyNoCache => self.compat_no_cache.is_some(),
+                TargetKind::Baseline => self.baseline.is_some(),
+            })
+            .collect()
+    }
+
+    /// The targets `workload` visits: the cache-off proxy only where the cache could answer, as
+    /// elsewhere it would be the same proxy measured twice, at the cost of a longer run.
+    pub fn kinds_for(&self, workload: &Workload) -> Vec<TargetKind> {
+        let serializable = workload.reads_serializably();
+        self.kinds().into_iter().filter(|&kind| kind != TargetKind::CompatProxyNoCache || serializable).collect()
     }
 
     /// Checks that etcd still runs (fatal if not) and restarts the proxy of `kind` if it died;

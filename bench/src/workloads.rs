@@ -87,6 +87,15 @@ impl Workload {
     pub fn needs_huge_data(&self) -> bool {
         matches!(self.kind, Kind::PagedPass)
     }
+
+    /// Whether the workload's reads are serializable Ranges, which etcd-compat-proxy may answer
+    /// from its cache: only these are worth measuring with the cache off as well.
+    pub fn reads_serializably(&self) -> bool {
+        match &self.kind {
+            Kind::Unary { op: UnaryOp::Get(query), .. } => query.serializable,
+            Kind::Unary { .. } | Kind::Watch { .. } | Kind::KeepAlive { .. } | Kind::PagedPass => false,
+        }
+    }
 }
 
 /// The shape of a workload.
