@@ -7,8 +7,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use etcd_compat_proto::etcdserverpb::{watch_request, WatchCancelRequest, WatchCreateRequest, WatchRequest};
-use http::{HeaderMap, HeaderValue};
+use etcd_compat_proto::etcdserverpb::{watch_request, WatchCreateRequest};
 use http_body_util::BodyExt;
 
 use crate::auth::Session;
@@ -19,7 +18,7 @@ use crate::transport;
 
 use super::attempts::Sender;
 use super::relay::Buffered;
-use super::watch::read_facts;
+use super::watch::{self, read_facts};
 
 /// Runs `watcher`'s stream until the cache closes its channel (no range left to watch) or the
 /// stream ends; then the user's answers are forgotten.
@@ -47,9 +46,7 @@ async fn run(
     commands: &mut tokio::sync::mpsc::UnboundedReceiver<WatchCommand>,
 ) -> &'static str {
     let (to_upstream, receiver) = transport::feed();
-    let mut headers = HeaderMap::with_capacity(2);
-    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    let headers = grpc::own_call_headers();
     let mut opening = std::pin::pin!(sender.open_watch_stream(session, headers, receiver, None));
     // Creates asked for while etcd answers wait in the feed.
     let opened = loop {
@@ -117,17 +114,16 @@ fn on_message(cache: &ReadCache<Buffered>, message: &Bytes) -> Result<(), &'stat
 }
 
 fn encode(command: WatchCommand) -> Bytes {
-    let request = match command {
+    match command {
         WatchCommand::Create { id, range, start_revision } => {
-            watch_request::RequestUnion::CreateRequest(WatchCreateRequest {
+            watch::frame_request(watch_request::RequestUnion::CreateRequest(WatchCreateRequest {
                 key: range.key,
                 range_end: range.range_end,
                 start_revision,
                 watch_id: id,
                 ..Default::default()
-            })
+            }))
         }
-        WatchCommand::Cancel { id } => watch_request::RequestUnion::CancelRequest(WatchCancelRequest { watch_id: id }),
-    };
-    grpc::frame_message(&WatchRequest { request_union: Some(request) })
+        WatchCommand::Cancel { id } => watch::frame_cancel(id),
+    }
 }

@@ -29,7 +29,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use etcd_compat_proto::etcdserverpb::{watch_request, WatchCreateRequest, WatchRequest, WatchResponse};
+use etcd_compat_proto::etcdserverpb::{
+    watch_request, WatchCancelRequest, WatchCreateRequest, WatchRequest, WatchResponse,
+};
 use http::HeaderMap;
 use http_body::{Body, Frame};
 use hyper::body::Incoming;
@@ -223,7 +225,7 @@ struct WatchRelay {
     coalescing: Option<Coalescing>,
     /// Own watches cancelled on switching to a shared one: etcd's confirmation is not the client's.
     own_cancels: Vec<i64>,
-    /// The latest message from etcd, whose header answers a cancel the proxy makes itself.
+    /// The latest `created` answer from etcd, whose header answers a cancel the proxy makes itself.
     latest: Option<Bytes>,
     /// Watches were added, removed or switched since the gauges were last updated.
     recount: bool,
@@ -510,7 +512,11 @@ impl WatchRelay {
             self.deliver(message);
             return;
         };
-        self.latest = Some(message.clone());
+        if facts.created && self.coalescing.is_some() {
+            // Copied (a slice would keep its whole receive buffer): its header answers a cancel the
+            // proxy makes itself.
+            self.latest = Some(Bytes::copy_from_slice(&message));
+        }
         if facts.canceled && !facts.created {
             if let Some(at) = self.own_cancels.iter().position(|&id| id == facts.watch_id) {
                 // The confirmation of an own watch cancelled on switching to a shared one.
@@ -697,12 +703,7 @@ impl WatchRelay {
         }
         let Sharing::Joining { key, held, .. } = std::mem::replace(&mut watch.sharing, Sharing::Own) else { return };
         watch.sharing = Sharing::Shared { key, skip_through: delivered_through };
-        let cancel = WatchRequest {
-            request_union: Some(watch_request::RequestUnion::CancelRequest(
-                etcd_compat_proto::etcdserverpb::WatchCancelRequest { watch_id: id },
-            )),
-        };
-        self.to_upstream.send(grpc::frame_message(&cancel));
+        self.to_upstream.send(frame_cancel(id));
         self.own_cancels.push(id);
         self.recount = true;
         for message in held {
@@ -782,7 +783,6 @@ impl WatchRelay {
             message
         };
         advance(watch, &facts);
-        self.latest = Some(message.clone());
         self.deliver(message);
     }
 
@@ -918,8 +918,17 @@ fn open(
 }
 
 fn encode_create(create: &WatchCreateRequest) -> Bytes {
-    let request = WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create.clone())) };
-    grpc::frame_message(&request)
+    frame_request(watch_request::RequestUnion::CreateRequest(create.clone()))
+}
+
+/// A framed WatchRequest: what the relays, the hub and the cache's watch streams send etcd.
+pub(super) fn frame_request(request: watch_request::RequestUnion) -> Bytes {
+    grpc::frame_message(&WatchRequest { request_union: Some(request) })
+}
+
+/// The framed cancel of watch `id`.
+pub(super) fn frame_cancel(id: i64) -> Bytes {
+    frame_request(watch_request::RequestUnion::CancelRequest(WatchCancelRequest { watch_id: id }))
 }
 
 /// Reads the facts the relay needs from an encoded WatchResponse.

@@ -21,8 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use etcd_compat_proto::etcdserverpb::{watch_request, WatchCancelRequest, WatchCreateRequest, WatchRequest};
-use http::{HeaderMap, HeaderValue};
+use etcd_compat_proto::etcdserverpb::{watch_request, WatchCreateRequest};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::auth::Session;
@@ -257,7 +256,7 @@ impl WatchHub {
             }
         };
         stream.watches += 1;
-        stream.requests.send(encode(watch_request::RequestUnion::CreateRequest(request)));
+        stream.requests.send(watch::frame_request(watch_request::RequestUnion::CreateRequest(request)));
         state.by_id.insert(id, key.clone());
         state.shared.insert(
             key.clone(),
@@ -291,8 +290,7 @@ impl WatchHub {
             // Closing the request side ends the stream at etcd, which ends its relay.
             state.streams.remove(&key.user);
         } else {
-            let cancel = WatchCancelRequest { watch_id: shared.id };
-            stream.requests.send(encode(watch_request::RequestUnion::CancelRequest(cancel)));
+            stream.requests.send(watch::frame_cancel(shared.id));
         }
     }
 
@@ -300,9 +298,7 @@ impl WatchHub {
     fn open_stream(self: &Arc<Self>, user: User, session: Option<Arc<Session>>, generation: u64) -> FeedSender {
         let (requests, receiver) = transport::feed();
         let (to_hub, from_relay) = client_queue::channel(self.limits.max_buffered);
-        let mut headers = HeaderMap::with_capacity(2);
-        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+        let headers = grpc::own_call_headers();
         let client = RequestBody::Channel(receiver);
         watch::spawn_shared_stream(Arc::clone(&self.sender), session, headers, client, to_hub, self.limits);
         tokio::spawn(Arc::clone(self).dispatch(user, generation, from_relay));
@@ -473,8 +469,4 @@ fn put_watch_id(out: &mut Vec<u8>, id: i64) {
         out.push(0x10);
         grpc::put_varint(out, id as u64);
     }
-}
-
-fn encode(request: watch_request::RequestUnion) -> Bytes {
-    grpc::frame_message(&WatchRequest { request_union: Some(request) })
 }

@@ -26,6 +26,14 @@ pub fn parse_grpc_timeout(value: &[u8]) -> Option<std::time::Duration> {
     })
 }
 
+/// The headers of a call the proxy makes itself (its watch streams).
+pub fn own_call_headers() -> http::HeaderMap {
+    let mut headers = http::HeaderMap::with_capacity(2);
+    headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+    headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+    headers
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
