@@ -5,9 +5,10 @@
 # read serializably also run against etcd-compat-proxy with its cache off
 # (`etcd-compat-proxy (no cache)`, --serializable-cache-bytes 0).
 #
-#   scripts/bench.sh                 full run (3 alternating rounds, 5 s windows; ~10 minutes)
-#   scripts/bench.sh --quick         smoke run (1 round, 1 s windows; ~1.5 minutes)
-#   scripts/bench.sh --only watch    just the workloads whose name contains "watch"
+#   scripts/bench.sh                 full run (3 alternating rounds, 5 s windows; ~15 minutes)
+#   scripts/bench.sh --quick         smoke run (1 round, 1 s windows; ~2 minutes)
+#   scripts/bench.sh --only watch    just the workloads whose name contains "watch" (fan-out to
+#                                    100-10000 watchers, on one key or one prefix)
 #   scripts/bench.sh --only 1GiB     just `range 1GiB paged`: loads 1 GiB into etcd, then pages
 #                                    through it once per round and target (~1 minute in all)
 #   scripts/bench.sh --big           everything, `range 1GiB paged` included (it is opt-in: a plain

@@ -52,7 +52,7 @@ struct Args {
     /// Smoke run: 1 round, 1 s windows, 0.5 s warm-up (overrides --rounds, --seconds, --warmup).
     #[arg(long)]
     quick: bool,
-    /// Puts per second of the watch workloads' writer.
+    /// Puts per second of the watch workloads' writer (the 10000-watcher ones Put a tenth as often).
     #[arg(long, default_value_t = 100)]
     watch_rate: u32,
     /// Where to write the markdown report [default: <workspace>/bench/RESULTS.md].
@@ -310,8 +310,24 @@ mod tests {
         assert!(names(&["range"], true).contains(&big));
         assert_eq!(names(&["1GiB"], false), vec![big]);
         assert_eq!(names(&["range 1GiB"], false), vec![big]);
-        assert_eq!(names(&["watch", "paged"], false), vec!["watch fanout 100", "watch fanout 1000", big]);
+        assert_eq!(
+            names(&["watch", "paged"], false),
+            vec![
+                "watch fanout 100 key",
+                "watch fanout 1000 key",
+                "watch fanout 1000 prefix",
+                "watch fanout 10000 key",
+                "watch fanout 10000 prefix",
+                big
+            ]
+        );
         assert!(select_workloads(&["nothing".to_owned()], true).is_err());
+    }
+
+    #[test]
+    fn watch_families_are_selected_by_name() {
+        assert_eq!(names(&["prefix"], false), vec!["watch fanout 1000 prefix", "watch fanout 10000 prefix"]);
+        assert_eq!(names(&["10000"], false), vec!["watch fanout 10000 key", "watch fanout 10000 prefix"]);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::stats::{
     format_cpu_per_op, format_latency, format_mib, format_mib_delta, format_rate, format_rate_short, median_index,
 };
 use crate::targets::TargetKind;
-use crate::workloads::{Measurement, Workload, PASS_TIMEOUT};
+use crate::workloads::{Kind, Measurement, Workload, PASS_TIMEOUT};
 
 /// Longest failure message quoted inside the table; the full text goes below it.
 const CELL_MESSAGE_CHARS: usize = 140;
@@ -145,6 +145,12 @@ fn target_order(results: &[WorkloadResult]) -> String {
     labels.join(", ")
 }
 
+/// `text` with the run's settings in place of `{watch_rate}` and `{watch_rate/10}`.
+fn fill(text: &str, info: &RunInfo) -> String {
+    text.replace("{watch_rate}", &info.watch_rate.to_string())
+        .replace("{watch_rate/10}", &(f64::from(info.watch_rate) / 10.0).to_string())
+}
+
 /// Renders the whole report.
 pub fn render(
     info: &RunInfo,
@@ -236,16 +242,20 @@ pub fn render(
     let _ = writeln!(out);
     let _ = writeln!(out, "## Workloads\n");
     for workload in workloads {
-        let _ = writeln!(out, "- `{}`: {}.", workload.name, workload.about);
+        let _ = writeln!(out, "- `{}`: {}.", workload.name, fill(workload.about, info));
     }
     let _ = writeln!(out);
     let _ = writeln!(out, "## How to read this\n");
     for line in METHOD_NOTES {
-        let _ = writeln!(out, "- {}", line.replace("{watch_rate}", &info.watch_rate.to_string()));
+        let _ = writeln!(out, "- {line}");
+    }
+    if workloads.iter().any(|workload| matches!(workload.kind, Kind::Watch { .. })) {
+        let _ = writeln!(out, "- {}", fill(WATCH_NOTE, info));
     }
     if results.iter().any(|result| result.rows.iter().any(|row| row.kind == TargetKind::CompatProxyNoCache)) {
         let _ = writeln!(out, "- {NO_CACHE_NOTE}");
     }
+    let _ = writeln!(out, "- {GRPC_PROXY_NOTE}");
     if paged {
         for line in PAGED_NOTES {
             let _ = writeln!(out, "- {line}");
@@ -382,25 +392,35 @@ const METHOD_NOTES: &[&str] = &[
     "Every response is checked (Range counts and value sizes, Put revisions, watch event keys, order and count, \
      keep-alive lease ids and TTLs); any error or a request unanswered for 10 s fails that target's row instead of \
      being counted.",
-    "CPU/op is (utime+stime) of the process over the window from /proc/<pid>/stat, divided by the operations (or \
-     delivered events) completed in the window; proxy RSS is VmRSS when the window closes.",
-    "Watch workloads: a writer Puts the watched key {watch_rate} times a second straight to etcd (not through the \
-     target), so the proxy's CPU is spent on fan-out alone; throughput is events delivered per second over all \
-     watchers and stays near watchers x {watch_rate} while a target keeps up. After the window every watcher must \
-     have received every Put.",
+    "CPU/op is (utime+stime) of the process over the window from /proc/<pid>/stat, divided by the ops completed in \
+     the window: a request, a keep-alive, or in watch rows one event delivered to one watcher. Proxy RSS is VmRSS \
+     when the window closes, except in the watch rows, where it is the peak over \
+     the whole run, from before the first connection to the last event (VmHWM reset through \
+     /proc/<pid>/clear_refs, or 50 ms VmRSS samples where the reset is refused). Either way memory a proxy kept from \
+     an earlier workload counts, which is why the watch workloads run from the smallest fan-out to the largest.",
     "etcd's history is compacted (physically) after every window so no run inherits another's garbage.",
-    "etcd grpc-proxy is not a plain forwarder, which explains some of its rows: it answers serializable Ranges from \
-     its own cache (hence etcd CPU/op near zero for `range 1key serializable`), coalesces identical watchers into \
-     one etcd watcher (lower etcd CPU per event), and answers LeaseKeepAlive from its own clientv3 lessor, which \
-     renews a lease only every TTL/3 (20 s with the 60 s TTL used here), so a client that waits for each answer \
-     stalls and the 10 s limit fails the row. etcd-compat-proxy forwards every call and stream to etcd as is, \
-     except serializable Ranges, which it answers from its cache while the cache is on.",
 ];
+
+const WATCH_NOTE: &str = "Watch workloads: a writer Puts straight to etcd (not through the target), {watch_rate} \
+    times a second ({watch_rate/10} with 10000 watchers, so that those rows ask for as many events as the \
+    1000-watcher rows and differ in streams held), to the watched key, or in turn to 100 keys under the watched prefix; \
+    the proxy's CPU is thus spent on fan-out alone. Watchers are spread 100 to a connection (10 to a connection in \
+    `watch fanout 100 key`), like a fleet of agents; opening the connections and creating the watches happen before \
+    the warm-up. Throughput is events delivered per second over all watchers and stays near watchers x Puts/s while a \
+    target keeps up; an op is one event delivered to one watcher, so CPU/op is CPU per delivered event. After the \
+    window every watcher must have received every Put.";
 
 const NO_CACHE_NOTE: &str = "`etcd-compat-proxy (no cache)` is the same build as `etcd-compat-proxy`, started with \
     `--serializable-cache-bytes 0` (the default keeps 64 MiB of answers); it runs only the workloads whose reads are \
     serializable Ranges, the ones its cache could answer, so the pair shows what the cache saves etcd and what it \
     costs the proxy. `baseline`, when measured, keeps its own defaults.";
+
+const GRPC_PROXY_NOTE: &str = "etcd grpc-proxy is not a plain forwarder, which explains some of its rows: it answers \
+    serializable Ranges from its own cache (hence etcd CPU/op near zero for `range 1key serializable`), coalesces \
+    identical watchers into one etcd watcher (lower etcd CPU per event), and answers LeaseKeepAlive from its own \
+    clientv3 lessor, which renews a lease only every TTL/3 (20 s with the 60 s TTL used here), so a client that waits \
+    for each answer stalls and the 10 s limit fails the row. etcd-compat-proxy forwards every call and stream to etcd \
+    as is, except serializable Ranges, which it answers from its cache while the cache is on.";
 
 fn table_row(result: &WorkloadResult, row: &TargetRow, direct: Option<f64>) -> String {
     let label = row.kind.label();
@@ -570,6 +590,15 @@ mod tests {
             rows: vec![row(TargetKind::Direct), row(TargetKind::CompatProxy), row(TargetKind::CompatProxyNoCache)],
         };
         assert_eq!(target_order(&[put, read]), "direct, etcd-compat-proxy, etcd-compat-proxy (no cache)");
+    }
+
+    #[test]
+    fn workload_texts_name_the_run_settings() {
+        let info = RunInfo {
+            watch_rate: 25,
+            ..RunInfo::collect(Path::new("/nonexistent"), Path::new("/nonexistent/etcd"), String::new())
+        };
+        assert_eq!(fill("{watch_rate}/s, {watch_rate/10}/s", &info), "25/s, 2.5/s");
     }
 
     #[test]

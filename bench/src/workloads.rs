@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, KvClient, LeaseClient, WatchClient, WatchOptions};
 use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{timeout, timeout_at, MissedTickBehavior};
 
 use crate::procfs;
@@ -64,9 +64,12 @@ const RSS_SAMPLE_INTERVAL: Duration = Duration::from_millis(50);
 /// Bytes per unit of the paged workload's throughput.
 const MIB: u64 = 1024 * 1024;
 const WATCH_KEY: &str = "bench/watch";
-/// The watch writer's values: an 8-byte send timestamp, padded.
+const WATCH_PREFIX: &str = "bench/watchdir/";
+/// Keys the prefix writer cycles through, so that events come from many keys, as a fleet's
+/// jobs do, and the watched range is never a single key in disguise.
+const WATCH_PREFIX_KEYS: u64 = 100;
+/// The watch writers' values: an 8-byte send timestamp, padded.
 const WATCH_VALUE_LEN: usize = 64;
-
 /// One named workload of the table.
 pub struct Workload {
     /// Name used in the table and matched by `--only`.
@@ -102,13 +105,66 @@ impl Workload {
 pub enum Kind {
     /// `concurrency` workers, each issuing one request at a time, over `conns` connections.
     Unary { concurrency: usize, conns: usize, op: UnaryOp },
-    /// `watchers` watch streams on one key over `conns` connections, fed by a steady writer.
-    Watch { watchers: usize, conns: usize },
+    /// `watchers` watch streams on one key or prefix over `conns` connections, fed by a steady
+    /// writer at `--watch-rate` / `rate_divisor` Puts a second.
+    Watch { watchers: usize, conns: usize, scope: WatchScope, rate_divisor: u32 },
     /// `streams` LeaseKeepAlive streams, each with one keep-alive in flight at a time.
     KeepAlive { streams: usize, conns: usize },
     /// One client reads the whole [`HUGE_PREFIX`] once, page by page like a legacy client
     /// (`limit`, then last key + "\0" while `more`); throughput is MiB of values per second.
     PagedPass,
+}
+
+/// What the watchers of a fan-out workload watch, and so where its writer Puts.
+#[derive(Debug, Clone, Copy)]
+pub enum WatchScope {
+    /// [`WATCH_KEY`], the one key the writer Puts.
+    Key,
+    /// [`WATCH_PREFIX`], under which the writer cycles through [`WATCH_PREFIX_KEYS`] keys.
+    Prefix,
+}
+
+impl WatchScope {
+    fn watched(self) -> Watched {
+        match self {
+            WatchScope::Key => Watched { key: WATCH_KEY, prefix: false },
+            WatchScope::Prefix => Watched { key: WATCH_PREFIX, prefix: true },
+        }
+    }
+
+    /// The key of the writer's `n`th Put.
+    fn key(self, n: u64) -> String {
+        match self {
+            WatchScope::Key => WATCH_KEY.to_owned(),
+            WatchScope::Prefix => format!("{WATCH_PREFIX}{:03}", n % WATCH_PREFIX_KEYS),
+        }
+    }
+}
+
+/// A key, or every key under a prefix, as a watch stream asks for it.
+#[derive(Debug, Clone, Copy)]
+struct Watched {
+    key: &'static str,
+    prefix: bool,
+}
+
+impl Watched {
+    fn options(self, start_revision: i64) -> WatchOptions {
+        let options = WatchOptions::new().with_start_revision(start_revision);
+        if self.prefix {
+            options.with_prefix()
+        } else {
+            options
+        }
+    }
+
+    fn contains(self, key: &[u8]) -> bool {
+        if self.prefix {
+            key.starts_with(self.key.as_bytes())
+        } else {
+            key == self.key.as_bytes()
+        }
+    }
 }
 
 /// The request a unary worker repeats.
@@ -134,6 +190,15 @@ pub struct Query {
 pub fn all() -> Vec<Workload> {
     let get = |concurrency, query| Kind::Unary { concurrency, conns: 1, op: UnaryOp::Get(query) };
     let one_key = |serializable| Query { key: ONE_KEY, prefix: false, serializable, count: 1, value_len: VALUE_LEN };
+    let watch = |name, about, watchers, conns, scope, rate_divisor| Workload {
+        name,
+        unit: "events/s",
+        about,
+        kind: Kind::Watch { watchers, conns, scope, rate_divisor },
+        opt_in: false,
+    };
+    // The watch workloads grow from one to the next: a proxy keeps memory it once needed, so a
+    // small fan-out measured after a large one would show the large one's peak.
     vec![
         Workload {
             name: "put 256B c64 conn1",
@@ -183,20 +248,52 @@ pub fn all() -> Vec<Workload> {
             ),
             opt_in: false,
         },
-        Workload {
-            name: "watch fanout 100",
-            unit: "events/s",
-            about: "100 watch streams on one key over 10 connections; latency is Put sent -> event received",
-            kind: Kind::Watch { watchers: 100, conns: 10 },
-            opt_in: false,
-        },
-        Workload {
-            name: "watch fanout 1000",
-            unit: "events/s",
-            about: "1000 watch streams on one key over 10 connections; latency is Put sent -> event received",
-            kind: Kind::Watch { watchers: 1000, conns: 10 },
-            opt_in: false,
-        },
+        watch(
+            "watch fanout 100 key",
+            "100 watch streams on one key over 10 connections, the writer Puts it {watch_rate} times a second; an op is \
+             an event delivered to one watcher, latency is Put sent -> event received",
+            100,
+            10,
+            WatchScope::Key,
+            1,
+        ),
+        watch(
+            "watch fanout 1000 key",
+            "1000 watch streams on one key over 10 connections (100 each), the writer Puts it {watch_rate} times a \
+             second; as above",
+            1000,
+            10,
+            WatchScope::Key,
+            1,
+        ),
+        watch(
+            "watch fanout 1000 prefix",
+            "1000 watch streams on the prefix `bench/watchdir/` over 10 connections (100 each), the writer Puts \
+             {watch_rate} times a second to the 100 keys under it in turn; as above",
+            1000,
+            10,
+            WatchScope::Prefix,
+            1,
+        ),
+        watch(
+            "watch fanout 10000 key",
+            "10000 watch streams on one key over 100 connections (100 each), the writer Puts it {watch_rate/10} times \
+             a second, a tenth as often, so that it asks for as many events as `watch fanout 1000 key` and the two \
+             differ in streams held; as above",
+            10_000,
+            100,
+            WatchScope::Key,
+            10,
+        ),
+        watch(
+            "watch fanout 10000 prefix",
+            "10000 watch streams on the prefix `bench/watchdir/` over 100 connections (100 each), the writer Puts \
+             {watch_rate/10} times a second to the 100 keys under it in turn; as above",
+            10_000,
+            100,
+            WatchScope::Prefix,
+            10,
+        ),
         Workload {
             name: "lease keepalive",
             unit: "keep-alives/s",
@@ -257,7 +354,8 @@ pub struct Measurement {
     pub etcd_cpu: Duration,
     /// CPU time the proxy used during the window.
     pub proxy_cpu: Option<Duration>,
-    /// Proxy resident memory when the window closed (for a paged pass: its peak).
+    /// Proxy resident memory when the window closed (for a paged pass, and for the workloads
+    /// that hold watch streams, its peak over the whole run).
     pub proxy_rss: Option<u64>,
     /// What a paged pass measured beyond the common columns.
     pub pass: Option<PassDetail>,
@@ -290,7 +388,9 @@ impl Measurement {
 pub async fn run(workload: &Workload, ctx: &RunContext) -> Result<Measurement> {
     let measurement = match &workload.kind {
         Kind::Unary { concurrency, conns, op } => run_unary(ctx, *concurrency, *conns, op).await?,
-        Kind::Watch { watchers, conns } => run_watch(ctx, *watchers, *conns).await?,
+        Kind::Watch { watchers, conns, scope, rate_divisor } => {
+            run_watch(ctx, *watchers, *conns, *scope, *rate_divisor).await?
+        }
         Kind::KeepAlive { streams, conns } => run_keepalive(ctx, *streams, *conns).await?,
         Kind::PagedPass => run_paged_pass(ctx).await?,
     };
@@ -391,6 +491,18 @@ pub async fn populate_huge(control: &Client) -> Result<String> {
     ))
 }
 
+/// etcd's current revision, read through `control`.
+async fn current_revision(control: &Client) -> Result<i64> {
+    control
+        .kv_client()
+        .get(ONE_KEY, Some(GetOptions::new().with_count_only()))
+        .await
+        .context("reading the current revision")?
+        .header()
+        .map(|header| header.revision())
+        .ok_or_else(|| anyhow!("Range answer without a header"))
+}
+
 fn huge_key(index: usize) -> String {
     format!("{HUGE_PREFIX}{index:05}")
 }
@@ -403,13 +515,7 @@ fn huge_value_bytes() -> u64 {
 /// that one run's garbage is neither carried into nor cleaned up during the next run.
 pub async fn compact(control: &Client, compacted: &mut i64) -> Result<()> {
     let mut kv = control.kv_client();
-    let revision = kv
-        .get(ONE_KEY, Some(GetOptions::new().with_count_only()))
-        .await
-        .context("reading the current revision")?
-        .header()
-        .map(|header| header.revision())
-        .ok_or_else(|| anyhow!("Range answer without a header"))?;
+    let revision = current_revision(control).await?;
     if revision > *compacted {
         let options = etcd_client::CompactionOptions::new().with_physical();
         kv.compact(revision, Some(options)).await.with_context(|| format!("compacting to revision {revision}"))?;
@@ -681,30 +787,18 @@ async fn run_paged_pass(ctx: &RunContext) -> Result<Measurement> {
         .context("the first Range")?;
 
     let rss_idle = ctx.pids.proxy.map(procfs::rss_bytes).transpose().context("reading the proxy's idle RSS")?;
-    // Without the reset VmHWM would be the peak of every earlier workload too.
-    let peak_from_hwm = match ctx.pids.proxy {
-        Some(pid) => match procfs::reset_peak_rss(pid) {
-            Ok(()) => true,
-            Err(error) => {
-                eprintln!("  cannot reset the proxy's VmHWM, using 50 ms VmRSS samples only: {error:#}");
-                false
-            }
-        },
-        None => false,
-    };
-    let sampling = Arc::new(AtomicBool::new(true));
-    let sampler = ctx.pids.proxy.map(|pid| tokio::spawn(sample_peak_rss(pid, sampling.clone())));
+    let mut peak_rss = PeakRss::start(ctx.pids.proxy);
 
     let before = Sample::take(ctx.pids, &Shared::default())?;
     let mut latencies = Vec::new();
     let passed = timeout(PASS_TIMEOUT, paged_pass(&mut kv, &mut latencies)).await;
     let after = Sample::take(ctx.pids, &Shared::default())?;
     let rss_after = ctx.pids.proxy.map(procfs::rss_bytes).transpose().context("reading the proxy's RSS")?;
-    sampling.store(false, Ordering::Relaxed);
-    let sampled = match sampler {
-        Some(task) => Some(task.await.context("the RSS sampler died")?),
+    let rss_peak = match peak_rss.as_mut() {
+        Some(peak) => Some(peak.stop().await?),
         None => None,
     };
+    let peak_from_hwm = peak_rss.as_ref().is_some_and(|peak| peak.from_hwm);
     let pages = match passed {
         Ok(pages) => pages?,
         Err(_) => bail!(
@@ -712,14 +806,6 @@ async fn run_paged_pass(ctx: &RunContext) -> Result<Measurement> {
             latencies.len(),
             latencies.iter().max().map_or_else(|| "-".to_owned(), |&n| format_latency(Duration::from_nanos(n)))
         ),
-    };
-    let hwm = match ctx.pids.proxy {
-        Some(pid) if peak_from_hwm => Some(procfs::peak_rss_bytes(pid).context("reading the proxy's VmHWM")?),
-        _ => None,
-    };
-    let rss_peak = match (hwm, sampled) {
-        (Some(hwm), Some(sampled)) => Some(hwm.max(sampled)),
-        (hwm, sampled) => hwm.or(sampled),
     };
     latencies.sort_unstable();
     let at = |p| crate::stats::percentile(&latencies, p).map(Duration::from_nanos);
@@ -804,63 +890,90 @@ async fn sample_peak_rss(pid: u32, running: Arc<AtomicBool>) -> u64 {
     peak
 }
 
+/// A proxy's peak RSS over part of a run: VmHWM, reset when tracking starts (otherwise it would
+/// be the peak of every earlier workload too), and the highest of VmRSS samples, for a kernel
+/// that refuses the reset.
+struct PeakRss {
+    pid: u32,
+    /// Whether the reset worked, so that VmHWM counts.
+    from_hwm: bool,
+    sampling: Arc<AtomicBool>,
+    sampler: Option<JoinHandle<u64>>,
+}
+
+impl PeakRss {
+    /// Starts tracking `pid`; `None` when there is no proxy to track.
+    fn start(pid: Option<u32>) -> Option<PeakRss> {
+        let pid = pid?;
+        let from_hwm = match procfs::reset_peak_rss(pid) {
+            Ok(()) => true,
+            Err(error) => {
+                eprintln!("  cannot reset the proxy's VmHWM, using 50 ms VmRSS samples only: {error:#}");
+                false
+            }
+        };
+        let sampling = Arc::new(AtomicBool::new(true));
+        let sampler = Some(tokio::spawn(sample_peak_rss(pid, sampling.clone())));
+        Some(PeakRss { pid, from_hwm, sampling, sampler })
+    }
+
+    /// Stops the sampling and returns the peak since [`PeakRss::start`].
+    async fn stop(&mut self) -> Result<u64> {
+        self.sampling.store(false, Ordering::Relaxed);
+        let sampled = match self.sampler.take() {
+            Some(task) => task.await.context("the RSS sampler died")?,
+            None => 0,
+        };
+        let hwm =
+            if self.from_hwm { procfs::peak_rss_bytes(self.pid).context("reading the proxy's VmHWM")? } else { 0 };
+        Ok(hwm.max(sampled))
+    }
+}
+
+impl Drop for PeakRss {
+    // A run that fails half-way never calls stop, and its sampler must not outlive it.
+    fn drop(&mut self) {
+        self.sampling.store(false, Ordering::Relaxed);
+    }
+}
+
 // ------------------------------------------------------------------ watch
 
-async fn run_watch(ctx: &RunContext, watchers: usize, conns: usize) -> Result<Measurement> {
+async fn run_watch(
+    ctx: &RunContext,
+    watchers: usize,
+    conns: usize,
+    scope: WatchScope,
+    rate_divisor: u32,
+) -> Result<Measurement> {
+    // Tracked from before the connections open: they and their streams are most of what a
+    // fan-out costs the proxy in memory.
+    let mut peak_rss = PeakRss::start(ctx.pids.proxy);
     let clients = connect_many(&ctx.endpoint, conns).await?;
-    let current = ctx
-        .control
-        .kv_client()
-        .get(WATCH_KEY, None)
-        .await
-        .context("reading the current revision")?
-        .header()
-        .map(|header| header.revision())
-        .ok_or_else(|| anyhow!("Range answer without a header"))?;
-    // Nothing else writes during the run, so every watcher must see exactly the writer's Puts.
-    let start_revision = current + 1;
     let shared = Arc::new(Shared::default());
-    let created = Arc::new(AtomicUsize::new(0));
     let (finished_tx, finished_rx) = watch::channel(None);
-    let epoch = Instant::now();
-
+    let plan = WatchPlan {
+        watched: scope.watched(),
+        // Nothing else writes during the run, so every watcher must see exactly the writer's Puts.
+        start_revision: current_revision(&ctx.control).await? + 1,
+        epoch: Instant::now(),
+        shared: shared.clone(),
+        finished: finished_rx,
+    };
     let mut tasks = JoinSet::new();
-    for index in 0..watchers {
-        let watcher = Watcher {
-            index,
-            client: clients[index % conns].watch_client(),
-            start_revision,
-            epoch,
-            shared: shared.clone(),
-            created: created.clone(),
-            finished: finished_rx.clone(),
-        };
-        tasks.spawn(watcher.run());
-    }
-    let setup_deadline = Instant::now() + WATCH_SETUP_TIMEOUT;
-    while created.load(Ordering::Relaxed) < watchers {
-        if let Some(error) = shared.error() {
-            bail!("creating watchers: {error}");
-        }
-        if Instant::now() >= setup_deadline {
-            bail!(
-                "only {} of {watchers} watchers were created within {WATCH_SETUP_TIMEOUT:?}",
-                created.load(Ordering::Relaxed)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    open_watchers(&mut tasks, &clients, watchers, &plan).await?;
 
-    let writer_stop = Arc::new(AtomicBool::new(false));
+    let interval = Duration::from_secs_f64(f64::from(rate_divisor) / f64::from(ctx.watch_rate));
     let writer = tokio::spawn(write_steadily(
         ctx.control.kv_client(),
-        ctx.watch_rate,
-        epoch,
-        writer_stop.clone(),
+        interval,
+        plan.epoch,
         shared.clone(),
+        move |n| (scope.key(n), true),
+        "the watch writer, sent to etcd directly".to_owned(),
     ));
     let window = measure_window(ctx, &shared).await;
-    writer_stop.store(true, Ordering::Relaxed);
+    shared.stop.store(true, Ordering::Relaxed);
     let puts = match writer.await {
         Ok(puts) => puts,
         Err(join_error) => {
@@ -878,52 +991,113 @@ async fn run_watch(ctx: &RunContext, watchers: usize, conns: usize) -> Result<Me
         )
     })
     .await?;
-    Ok(finish(window?, &latencies))
+    let mut measurement = finish(window?, &latencies);
+    if let Some(peak) = peak_rss.as_mut() {
+        measurement.proxy_rss = Some(peak.stop().await?);
+    }
+    Ok(measurement)
 }
 
-/// Puts to the watched key `rate` times a second until told to stop; returns the Put count.
+/// Puts `interval` apart until `shared.stop`, each Put to the key `key_of(n)` gives for the
+/// `n`th; returns how many Puts went to keys it marked watched.
 async fn write_steadily(
     mut kv: KvClient,
-    rate: u32,
+    interval: Duration,
     epoch: Instant,
-    stop: Arc<AtomicBool>,
     shared: Arc<Shared>,
+    key_of: impl Fn(u64) -> (String, bool),
+    who: String,
 ) -> u64 {
-    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
+    let mut ticker = tokio::time::interval(interval);
     // A late tick must not be followed by a burst: the pace is the point.
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut puts = 0;
+    let mut watched_puts = 0;
     loop {
         ticker.tick().await;
-        if stop.load(Ordering::Relaxed) || shared.failed() {
-            return puts;
+        if shared.stop.load(Ordering::Relaxed) || shared.failed() {
+            return watched_puts;
         }
         let sent_micros = u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
         let mut value = sent_micros.to_le_bytes().to_vec();
         value.resize(WATCH_VALUE_LEN, b'w');
-        match timeout(OP_TIMEOUT, kv.put(WATCH_KEY, value, None)).await {
-            Ok(Ok(_)) => puts += 1,
+        let (key, watched) = key_of(puts);
+        match timeout(OP_TIMEOUT, kv.put(key, value, None)).await {
+            Ok(Ok(_)) => {
+                puts += 1;
+                watched_puts += u64::from(watched);
+            }
             Ok(Err(error)) => {
-                shared.fail(anyhow::Error::new(error).context("the watch writer's Put (sent to etcd directly)"));
-                return puts;
+                shared.fail(anyhow::Error::new(error).context(format!("Put by {who}")));
+                return watched_puts;
             }
             Err(_) => {
-                shared.fail(anyhow!("the watch writer's Put got no answer within {OP_TIMEOUT:?}"));
-                return puts;
+                shared.fail(anyhow!("a Put by {who} got no answer within {OP_TIMEOUT:?}"));
+                return watched_puts;
             }
         }
     }
+}
+
+/// What every watcher of one run shares.
+struct WatchPlan {
+    watched: Watched,
+    start_revision: i64,
+    /// The writers' timestamps count from here.
+    epoch: Instant,
+    shared: Arc<Shared>,
+    /// Becomes `Some(puts)` once the writers stopped after `puts` Puts to watched keys.
+    finished: watch::Receiver<Option<u64>>,
+}
+
+/// Opens `count` watch streams as `plan` says, spread over `clients`, and waits until every
+/// one was created, so that the window measures delivery, not setup.
+async fn open_watchers(
+    tasks: &mut JoinSet<Vec<u64>>,
+    clients: &[Client],
+    count: usize,
+    plan: &WatchPlan,
+) -> Result<()> {
+    let created = Arc::new(AtomicUsize::new(0));
+    for index in 0..count {
+        let watcher = Watcher {
+            index,
+            client: clients[index % clients.len()].watch_client(),
+            watched: plan.watched,
+            start_revision: plan.start_revision,
+            epoch: plan.epoch,
+            shared: plan.shared.clone(),
+            created: created.clone(),
+            finished: plan.finished.clone(),
+        };
+        tasks.spawn(watcher.run());
+    }
+    let setup_deadline = Instant::now() + WATCH_SETUP_TIMEOUT;
+    while created.load(Ordering::Relaxed) < count {
+        if let Some(error) = plan.shared.error() {
+            bail!("creating watchers: {error}");
+        }
+        if Instant::now() >= setup_deadline {
+            bail!(
+                "only {} of {count} watchers were created within {WATCH_SETUP_TIMEOUT:?}",
+                created.load(Ordering::Relaxed)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 /// One watch stream and the checks on what it receives.
 struct Watcher {
     index: usize,
     client: WatchClient,
+    watched: Watched,
     start_revision: i64,
     epoch: Instant,
     shared: Arc<Shared>,
     created: Arc<AtomicUsize>,
-    /// Becomes `Some(puts)` once the writer stopped after `puts` Puts.
+    /// Becomes `Some(puts)` once the writers stopped after `puts` Puts to watched keys.
     finished: watch::Receiver<Option<u64>>,
 }
 
@@ -941,8 +1115,8 @@ impl Watcher {
     }
 
     async fn receive(&mut self) -> Result<Vec<u64>> {
-        let options = WatchOptions::new().with_start_revision(self.start_revision);
-        let mut stream = timeout(OP_TIMEOUT, self.client.watch(WATCH_KEY, Some(options)))
+        let options = self.watched.options(self.start_revision);
+        let mut stream = timeout(OP_TIMEOUT, self.client.watch(self.watched.key, Some(options)))
             .await
             .map_err(|_| anyhow!("the Watch call got no answer within {OP_TIMEOUT:?}"))?
             .context("starting the Watch call")?;
@@ -984,9 +1158,11 @@ impl Watcher {
                 ensure!(event.event_type() == EventType::Put, "unexpected {:?} event", event.event_type());
                 let kv = event.kv().ok_or_else(|| anyhow!("event without a key-value"))?;
                 ensure!(
-                    kv.key() == WATCH_KEY.as_bytes(),
-                    "event for key {:?}, watched {WATCH_KEY:?}",
-                    String::from_utf8_lossy(kv.key())
+                    self.watched.contains(kv.key()),
+                    "event for key {:?}, watched {:?}{}",
+                    String::from_utf8_lossy(kv.key()),
+                    self.watched.key,
+                    if self.watched.prefix { " as a prefix" } else { "" }
                 );
                 ensure!(
                     kv.mod_revision() > last_revision,
