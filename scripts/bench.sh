@@ -9,6 +9,8 @@
 #   scripts/bench.sh --quick         smoke run (1 round, 1 s windows; ~2 minutes)
 #   scripts/bench.sh --only watch    just the workloads whose name contains "watch" (fan-out to
 #                                    100-10000 watchers, on one key or one prefix)
+#   scripts/bench.sh --only fleet    just `fleet mixed`: agents watching a prefix and polling a
+#                                    key with serializable Ranges (--fleet-agents, default 200)
 #   scripts/bench.sh --only 1GiB     just `range 1GiB paged`: loads 1 GiB into etcd, then pages
 #                                    through it once per round and target (~1 minute in all)
 #   scripts/bench.sh --big           everything, `range 1GiB paged` included (it is opt-in: a plain

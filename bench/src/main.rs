@@ -55,6 +55,9 @@ struct Args {
     /// Puts per second of the watch workloads' writer (the 10000-watcher ones Put a tenth as often).
     #[arg(long, default_value_t = 100)]
     watch_rate: u32,
+    /// Agents of `fleet mixed`, 100 to a connection.
+    #[arg(long, default_value_t = 200)]
+    fleet_agents: usize,
     /// Where to write the markdown report [default: <workspace>/bench/RESULTS.md].
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
@@ -78,6 +81,7 @@ struct Settings {
     warmup: Duration,
     window: Duration,
     watch_rate: u32,
+    fleet_agents: usize,
 }
 
 impl Settings {
@@ -88,11 +92,13 @@ impl Settings {
         ensure!(seconds > 0.0 && seconds.is_finite(), "--seconds must be positive");
         ensure!(warmup >= 0.0 && warmup.is_finite(), "--warmup must not be negative");
         ensure!(args.watch_rate >= 1, "--watch-rate must be at least 1");
+        ensure!(args.fleet_agents >= 1, "--fleet-agents must be at least 1");
         Ok(Settings {
             rounds,
             warmup: Duration::from_secs_f64(warmup),
             window: Duration::from_secs_f64(seconds),
             watch_rate: args.watch_rate,
+            fleet_agents: args.fleet_agents,
         })
     }
 }
@@ -134,6 +140,7 @@ fn run(args: Args) -> Result<()> {
         warmup: settings.warmup,
         window: settings.window,
         watch_rate: settings.watch_rate,
+        fleet_agents: settings.fleet_agents,
         pinned: args.pin,
         ..RunInfo::collect(&workspace, &EtcdVersion::V3_4.etcd_bin(), command)
     };
@@ -232,6 +239,7 @@ async fn bench(
                     warmup: settings.warmup,
                     window: settings.window,
                     watch_rate: settings.watch_rate,
+                    fleet_agents: settings.fleet_agents,
                 };
                 let prefix = format!("[{}] round {round}/{} {label}", workload.name, settings.rounds);
                 match workloads::run(workload, &ctx).await {
@@ -244,6 +252,13 @@ async fn bench(
                             latency(measurement.p50),
                             latency(measurement.p99)
                         );
+                        if let Some(events) = measurement.events {
+                            eprintln!(
+                                "{prefix}: {} watch events delivered ({} events/s)",
+                                format_rate(events as f64),
+                                format_rate(events as f64 / measurement.elapsed.as_secs_f64())
+                            );
+                        }
                         if let Some(pass) = &measurement.pass {
                             let mib = |value: Option<u64>| value.map_or_else(|| "-".to_owned(), format_mib);
                             eprintln!(
@@ -325,15 +340,16 @@ mod tests {
     }
 
     #[test]
-    fn watch_families_are_selected_by_name() {
+    fn watch_families_and_the_fleet_are_selected_by_name() {
         assert_eq!(names(&["prefix"], false), vec!["watch fanout 1000 prefix", "watch fanout 10000 prefix"]);
         assert_eq!(names(&["10000"], false), vec!["watch fanout 10000 key", "watch fanout 10000 prefix"]);
+        assert_eq!(names(&["fleet"], false), vec!["fleet mixed"]);
     }
 
     #[test]
     fn only_serializable_reads_visit_the_cache_off_proxy() {
         let serializable: Vec<&str> =
             workloads::all().into_iter().filter(Workload::reads_serializably).map(|workload| workload.name).collect();
-        assert_eq!(serializable, vec!["range 1key serializable"]);
+        assert_eq!(serializable, vec!["range 1key serializable", "fleet mixed"]);
     }
 }

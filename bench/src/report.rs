@@ -9,7 +9,7 @@ use crate::stats::{
     format_cpu_per_op, format_latency, format_mib, format_mib_delta, format_rate, format_rate_short, median_index,
 };
 use crate::targets::TargetKind;
-use crate::workloads::{Kind, Measurement, Workload, PASS_TIMEOUT};
+use crate::workloads::{conns_for, Kind, Measurement, Workload, PASS_TIMEOUT};
 
 /// Longest failure message quoted inside the table; the full text goes below it.
 const CELL_MESSAGE_CHARS: usize = 140;
@@ -71,6 +71,8 @@ pub struct RunInfo {
     pub window: Duration,
     /// Puts per second of the watch writer.
     pub watch_rate: u32,
+    /// Agents of the fleet workload.
+    pub fleet_agents: usize,
     /// Extra data loaded for opt-in workloads, one line each.
     pub data: Vec<String>,
     /// Whether etcd and the load generator ran on CPU 0 and each proxy on CPU 1 (`--pin`).
@@ -113,6 +115,7 @@ impl RunInfo {
             warmup: Duration::ZERO,
             window: Duration::ZERO,
             watch_rate: 0,
+            fleet_agents: 0,
             data: Vec::new(),
             pinned: false,
         }
@@ -145,10 +148,13 @@ fn target_order(results: &[WorkloadResult]) -> String {
     labels.join(", ")
 }
 
-/// `text` with the run's settings in place of `{watch_rate}` and `{watch_rate/10}`.
+/// `text` with the run's settings in place of `{watch_rate}`, `{watch_rate/10}`,
+/// `{fleet_agents}` and `{fleet_conns}`.
 fn fill(text: &str, info: &RunInfo) -> String {
     text.replace("{watch_rate}", &info.watch_rate.to_string())
         .replace("{watch_rate/10}", &(f64::from(info.watch_rate) / 10.0).to_string())
+        .replace("{fleet_agents}", &info.fleet_agents.to_string())
+        .replace("{fleet_conns}", &conns_for(info.fleet_agents).to_string())
 }
 
 /// Renders the whole report.
@@ -224,6 +230,9 @@ pub fn render(
         if result.rows.iter().any(|row| row.rounds.iter().any(|round| round.pass.is_some())) {
             out.push_str(&pass_table(result));
         }
+        if result.rows.iter().any(|row| row.rounds.iter().any(|round| round.events.is_some())) {
+            out.push_str(&events_table(result));
+        }
     }
     let _ = writeln!(out, "## Anomalies\n");
     let growth = pass_rss_growth(results);
@@ -251,6 +260,9 @@ pub fn render(
     }
     if workloads.iter().any(|workload| matches!(workload.kind, Kind::Watch { .. })) {
         let _ = writeln!(out, "- {}", fill(WATCH_NOTE, info));
+    }
+    if workloads.iter().any(|workload| matches!(workload.kind, Kind::Fleet)) {
+        let _ = writeln!(out, "- {}", fill(FLEET_NOTE, info));
     }
     if results.iter().any(|result| result.rows.iter().any(|row| row.kind == TargetKind::CompatProxyNoCache)) {
         let _ = writeln!(out, "- {NO_CACHE_NOTE}");
@@ -393,8 +405,9 @@ const METHOD_NOTES: &[&str] = &[
      keep-alive lease ids and TTLs); any error or a request unanswered for 10 s fails that target's row instead of \
      being counted.",
     "CPU/op is (utime+stime) of the process over the window from /proc/<pid>/stat, divided by the ops completed in \
-     the window: a request, a keep-alive, or in watch rows one event delivered to one watcher. Proxy RSS is VmRSS \
-     when the window closes, except in the watch rows, where it is the peak over \
+     the window: a request, a keep-alive, in watch rows one event delivered to one watcher, in `fleet mixed` one \
+     poll. Proxy RSS is VmRSS \
+     when the window closes, except in the rows that hold watch streams (watch and fleet), where it is the peak over \
      the whole run, from before the first connection to the last event (VmHWM reset through \
      /proc/<pid>/clear_refs, or 50 ms VmRSS samples where the reset is refused). Either way memory a proxy kept from \
      an earlier workload counts, which is why the watch workloads run from the smallest fan-out to the largest.",
@@ -410,6 +423,14 @@ const WATCH_NOTE: &str = "Watch workloads: a writer Puts straight to etcd (not t
     target keeps up; an op is one event delivered to one watcher, so CPU/op is CPU per delivered event. After the \
     window every watcher must have received every Put.";
 
+const FLEET_NOTE: &str = "`fleet mixed`: {fleet_agents} agents over {fleet_conns} connection(s), each with a watch \
+    stream on `/fleet/jobs/` and a loop of serializable Ranges of `/fleet/config`, 10 ms apart (first polls staggered \
+    over those 10 ms), and 2 writers through the target, as a fleet's control plane would write. An op is a poll: \
+    throughput is polls per second, p50/p99 are per poll, and CPU/op is CPU per poll, which includes the cost of \
+    delivering the watch events and of the writers' Puts (about 20 a second), since the window has no way to tell them \
+    apart. The events delivered to the agents are in the table \"watch events delivered\" below the main one; after \
+    the window every agent must have received every job Put.";
+
 const NO_CACHE_NOTE: &str = "`etcd-compat-proxy (no cache)` is the same build as `etcd-compat-proxy`, started with \
     `--serializable-cache-bytes 0` (the default keeps 64 MiB of answers); it runs only the workloads whose reads are \
     serializable Ranges, the ones its cache could answer, so the pair shows what the cache saves etcd and what it \
@@ -421,6 +442,37 @@ const GRPC_PROXY_NOTE: &str = "etcd grpc-proxy is not a plain forwarder, which e
     clientv3 lessor, which renews a lease only every TTL/3 (20 s with the 60 s TTL used here), so a client that waits \
     for each answer stalls and the 10 s limit fails the row. etcd-compat-proxy forwards every call and stream to etcd \
     as is, except serializable Ranges, which it answers from its cache while the cache is on.";
+
+/// The events a workload's watchers received beside its ops (the fleet), per target: the main
+/// table has no column for them.
+fn events_table(result: &WorkloadResult) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "### `{}`, watch events delivered\n", result.name);
+    let _ = writeln!(out, "| target | throughput | p99 | events in the window | events/s | every round: events/s |");
+    let _ = writeln!(out, "|---|--:|--:|--:|--:|---|");
+    let events_per_second = |round: &Measurement| round.events.unwrap_or(0) as f64 / round.elapsed.as_secs_f64();
+    for row in &result.rows {
+        let label = row.kind.label();
+        let Some(median) = row.median().filter(|_| row.failure.is_none()) else {
+            let what = row.failure.as_deref().map_or_else(|| "not run".to_owned(), |f| format!("FAILED: {}", cell(f)));
+            let _ = writeln!(out, "| {label} | {what} | | | | |");
+            continue;
+        };
+        let rounds: Vec<String> = row.rounds.iter().map(|round| format_rate_short(events_per_second(round))).collect();
+        let _ = writeln!(
+            out,
+            "| {label} | {} {} | {} | {} | {} | {} |",
+            format_rate(median.throughput()),
+            result.unit,
+            median.p99.map_or_else(|| "-".to_owned(), format_latency),
+            median.events.map_or_else(|| "-".to_owned(), |events| format_rate(events as f64)),
+            format_rate(events_per_second(median)),
+            rounds.join(" / ")
+        );
+    }
+    let _ = writeln!(out);
+    out
+}
 
 fn table_row(result: &WorkloadResult, row: &TargetRow, direct: Option<f64>) -> String {
     let label = row.kind.label();
@@ -481,6 +533,7 @@ mod tests {
             etcd_cpu: Duration::from_millis(100),
             proxy_cpu: Some(Duration::from_millis(50)),
             proxy_rss: Some(10 * 1024 * 1024),
+            events: None,
             pass: None,
         }
     }
@@ -593,12 +646,41 @@ mod tests {
     }
 
     #[test]
+    fn events_table_shows_what_the_fleet_delivered_beside_its_polls() {
+        let fleet = |polls, events| Measurement { events: Some(events), ..measurement(polls) };
+        let result = WorkloadResult {
+            name: "fleet mixed",
+            unit: "ops/s",
+            rows: vec![
+                TargetRow {
+                    kind: TargetKind::CompatProxyNoCache,
+                    rounds: vec![fleet(900, 3800), fleet(1000, 3700), fleet(800, 3900)],
+                    failure: None,
+                },
+                TargetRow { kind: TargetKind::GrpcProxy, rounds: Vec::new(), failure: Some("round 1: x".to_owned()) },
+            ],
+        };
+        let table = events_table(&result);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0], "### `fleet mixed`, watch events delivered");
+        assert_eq!(
+            lines[4],
+            "| etcd-compat-proxy (no cache) | 900 ops/s | 2.00 ms | 3,800 | 3,800 | 3,800 / 3,700 / 3,900 |"
+        );
+        assert_eq!(lines[5], "| grpc-proxy | FAILED: round 1: x | | | | |");
+    }
+
+    #[test]
     fn workload_texts_name_the_run_settings() {
         let info = RunInfo {
             watch_rate: 25,
+            fleet_agents: 250,
             ..RunInfo::collect(Path::new("/nonexistent"), Path::new("/nonexistent/etcd"), String::new())
         };
-        assert_eq!(fill("{watch_rate}/s, {watch_rate/10}/s", &info), "25/s, 2.5/s");
+        assert_eq!(
+            fill("{watch_rate}/s, {watch_rate/10}/s, {fleet_agents} agents on {fleet_conns}", &info),
+            "25/s, 2.5/s, 250 agents on 3"
+        );
     }
 
     #[test]

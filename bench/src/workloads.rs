@@ -70,6 +70,28 @@ const WATCH_PREFIX: &str = "bench/watchdir/";
 const WATCH_PREFIX_KEYS: u64 = 100;
 /// The watch writers' values: an 8-byte send timestamp, padded.
 const WATCH_VALUE_LEN: usize = 64;
+/// Watch streams per client connection, in the fleet as in the 1000- and 10000-watcher rows: a
+/// fleet's agents reach the proxy over many connections, and 100 connections for 10000 watchers
+/// stay far below the usual soft limit of 1024 file descriptors (bench, proxy and etcd alike),
+/// so no rlimit needs raising.
+pub const WATCHERS_PER_CONN: usize = 100;
+/// The legacy fleet: agents watch the jobs prefix and poll the config key.
+const FLEET_JOBS: &str = "/fleet/jobs/";
+const FLEET_CONFIG: &str = "/fleet/config";
+/// Job keys each fleet writer cycles through.
+const FLEET_JOB_KEYS: u64 = 50;
+const FLEET_WRITERS: u64 = 2;
+const FLEET_WRITE_INTERVAL: Duration = Duration::from_millis(100);
+/// Every this many Puts a fleet writer changes the config instead of a job: a config change
+/// about once a second across both writers, rare next to the polls, as in a real fleet.
+const FLEET_CONFIG_EVERY: u64 = 20;
+/// An agent's pause between two polls: agents do other work between reads, and without a pause
+/// 200 agents would be 200 closed-loop clients, a load test rather than a fleet.
+const FLEET_POLL_PAUSE: Duration = Duration::from_millis(10);
+/// What every fleet poll must read.
+const FLEET_POLL: Query =
+    Query { key: FLEET_CONFIG, prefix: false, serializable: true, count: 1, value_len: WATCH_VALUE_LEN };
+
 /// One named workload of the table.
 pub struct Workload {
     /// Name used in the table and matched by `--only`.
@@ -96,9 +118,15 @@ impl Workload {
     pub fn reads_serializably(&self) -> bool {
         match &self.kind {
             Kind::Unary { op: UnaryOp::Get(query), .. } => query.serializable,
+            Kind::Fleet => true,
             Kind::Unary { .. } | Kind::Watch { .. } | Kind::KeepAlive { .. } | Kind::PagedPass => false,
         }
     }
+}
+
+/// Connections that `agents` fleet agents (or watchers) are spread over.
+pub fn conns_for(agents: usize) -> usize {
+    agents.div_ceil(WATCHERS_PER_CONN).max(1)
 }
 
 /// The shape of a workload.
@@ -113,6 +141,10 @@ pub enum Kind {
     /// One client reads the whole [`HUGE_PREFIX`] once, page by page like a legacy client
     /// (`limit`, then last key + "\0" while `more`); throughput is MiB of values per second.
     PagedPass,
+    /// `--fleet-agents` agents, each watching [`FLEET_JOBS`] and polling [`FLEET_CONFIG`] with a
+    /// serializable Range every [`FLEET_POLL_PAUSE`], while [`FLEET_WRITERS`] writers Put through
+    /// the target; the ops are the polls, the events are counted beside them.
+    Fleet,
 }
 
 /// What the watchers of a fan-out workload watch, and so where its writer Puts.
@@ -302,6 +334,17 @@ pub fn all() -> Vec<Workload> {
             opt_in: false,
         },
         Workload {
+            name: "fleet mixed",
+            unit: "ops/s",
+            about: "{fleet_agents} agents over {fleet_conns} connection(s) (at most 100 each), every one \
+                    watching the prefix `/fleet/jobs/` and polling the key `/fleet/config` with a serializable Range, \
+                    10 ms between an answer and the next poll; 2 writers, each on a connection of its own through \
+                    the target, Put under the prefix every 100 ms, every 20th Put going to `/fleet/config` instead. \
+                    An op is a poll, p50/p99 are per poll; the events delivered are in their own table",
+            kind: Kind::Fleet,
+            opt_in: false,
+        },
+        Workload {
             name: "range 1GiB paged",
             unit: "MiB/s",
             about: "one client reads 1 GiB (16384 keys x 64 KiB values, loaded straight to etcd) once, in Ranges with \
@@ -337,6 +380,8 @@ pub struct RunContext {
     pub window: Duration,
     /// Puts per second of the watch writer.
     pub watch_rate: u32,
+    /// Agents of the fleet workload.
+    pub fleet_agents: usize,
 }
 
 /// The outcome of one measured window.
@@ -357,6 +402,8 @@ pub struct Measurement {
     /// Proxy resident memory when the window closed (for a paged pass, and for the workloads
     /// that hold watch streams, its peak over the whole run).
     pub proxy_rss: Option<u64>,
+    /// Watch events delivered inside the window, where they are not the ops (the fleet).
+    pub events: Option<u64>,
     /// What a paged pass measured beyond the common columns.
     pub pass: Option<PassDetail>,
 }
@@ -393,6 +440,7 @@ pub async fn run(workload: &Workload, ctx: &RunContext) -> Result<Measurement> {
         }
         Kind::KeepAlive { streams, conns } => run_keepalive(ctx, *streams, *conns).await?,
         Kind::PagedPass => run_paged_pass(ctx).await?,
+        Kind::Fleet => run_fleet(ctx).await?,
     };
     // A target that answers nothing must not show up as a slow success.
     ensure!(measurement.ops > 0, "no operation completed within the {:?} window", ctx.window);
@@ -418,6 +466,7 @@ async fn connect_many(endpoint: &str, count: usize) -> Result<Vec<Client>> {
 pub async fn populate(control: &Client) -> Result<()> {
     let mut kv = control.kv_client();
     kv.put(ONE_KEY, vec![b'o'; VALUE_LEN], None).await.context("writing the single range key")?;
+    kv.put(FLEET_CONFIG, vec![b'c'; WATCH_VALUE_LEN], None).await.context("writing the fleet's config key")?;
     const WRITERS: usize = 8;
     let mut writers = JoinSet::new();
     for shard in 0..WRITERS {
@@ -441,6 +490,7 @@ pub async fn populate(control: &Client) -> Result<()> {
             query.execute(&mut kv).await.with_context(|| format!("checking the data of {:?}", workload.name))?;
         }
     }
+    FLEET_POLL.execute(&mut kv).await.context("checking the fleet's config key")?;
     Ok(())
 }
 
@@ -588,6 +638,8 @@ struct Shared {
     stop: AtomicBool,
     /// Operations (or events) completed so far, window or not.
     done: AtomicU64,
+    /// Watch events received so far where they are not the ops (the fleet), window or not.
+    events: AtomicU64,
     failed: AtomicBool,
     first_error: Mutex<Option<String>>,
 }
@@ -626,6 +678,7 @@ fn nanos(duration: Duration) -> u64 {
 struct Sample {
     at: Instant,
     done: u64,
+    events: u64,
     etcd_cpu: Duration,
     proxy_cpu: Option<Duration>,
 }
@@ -635,6 +688,7 @@ impl Sample {
         Ok(Sample {
             at: Instant::now(),
             done: shared.done.load(Ordering::Relaxed),
+            events: shared.events.load(Ordering::Relaxed),
             etcd_cpu: procfs::cpu_time(pids.etcd).context("sampling etcd")?,
             proxy_cpu: pids.proxy.map(procfs::cpu_time).transpose().context("sampling the proxy")?,
         })
@@ -644,6 +698,7 @@ impl Sample {
 /// The raw numbers of a window, before latencies are attached.
 struct Window {
     ops: u64,
+    events: u64,
     elapsed: Duration,
     etcd_cpu: Duration,
     proxy_cpu: Option<Duration>,
@@ -663,6 +718,7 @@ async fn measure_window(ctx: &RunContext, shared: &Shared) -> Result<Window> {
     let proxy_rss = ctx.pids.proxy.map(procfs::rss_bytes).transpose().context("reading the proxy's RSS")?;
     Ok(Window {
         ops: after.done - before.done,
+        events: after.events - before.events,
         elapsed: after.at - before.at,
         etcd_cpu: after.etcd_cpu.saturating_sub(before.etcd_cpu),
         proxy_cpu: after.proxy_cpu.zip(before.proxy_cpu).map(|(after, before)| after.saturating_sub(before)),
@@ -724,6 +780,7 @@ fn finish(window: Window, latencies: &[u64]) -> Measurement {
         etcd_cpu: window.etcd_cpu,
         proxy_cpu: window.proxy_cpu,
         proxy_rss: window.proxy_rss,
+        events: None,
         pass: None,
     }
 }
@@ -736,7 +793,7 @@ async fn run_unary(ctx: &RunContext, concurrency: usize, conns: usize, op: &Unar
     let mut workers = JoinSet::new();
     for worker in 0..concurrency {
         let kv = clients[worker % conns].kv_client().max_decoding_message_size(MAX_DECODE);
-        workers.spawn(unary_worker(worker, concurrency, kv, op.clone(), shared.clone()));
+        workers.spawn(unary_worker(worker, concurrency, kv, op.clone(), Duration::ZERO, shared.clone()));
     }
     let window = measure_window(ctx, &shared).await;
     shared.stop.store(true, Ordering::Relaxed);
@@ -747,7 +804,15 @@ async fn run_unary(ctx: &RunContext, concurrency: usize, conns: usize, op: &Unar
     Ok(finish(window?, &latencies))
 }
 
-async fn unary_worker(worker: usize, workers: usize, mut kv: KvClient, op: UnaryOp, shared: Arc<Shared>) -> Vec<u64> {
+/// Repeats `op` until told to stop, waiting `pause` after each answer.
+async fn unary_worker(
+    worker: usize,
+    workers: usize,
+    mut kv: KvClient,
+    op: UnaryOp,
+    pause: Duration,
+    shared: Arc<Shared>,
+) -> Vec<u64> {
     let mut latencies = Vec::new();
     // Workers interleave over the key space so concurrent Puts hit different keys.
     let mut key_index = worker as u64;
@@ -765,6 +830,9 @@ async fn unary_worker(worker: usize, workers: usize, mut kv: KvClient, op: Unary
             }
         }
         key_index += workers as u64;
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
     }
     latencies
 }
@@ -817,6 +885,7 @@ async fn run_paged_pass(ctx: &RunContext) -> Result<Measurement> {
         etcd_cpu: after.etcd_cpu.saturating_sub(before.etcd_cpu),
         proxy_cpu: after.proxy_cpu.zip(before.proxy_cpu).map(|(after, before)| after.saturating_sub(before)),
         proxy_rss: rss_peak,
+        events: None,
         pass: Some(PassDetail { pages, rss_idle, rss_peak, rss_after, peak_from_hwm }),
     })
 }
@@ -957,6 +1026,7 @@ async fn run_watch(
         // Nothing else writes during the run, so every watcher must see exactly the writer's Puts.
         start_revision: current_revision(&ctx.control).await? + 1,
         epoch: Instant::now(),
+        counts: Counts::Ops,
         shared: shared.clone(),
         finished: finished_rx,
     };
@@ -1039,12 +1109,22 @@ async fn write_steadily(
     }
 }
 
+/// What a watcher's events are to its workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counts {
+    /// The ops themselves: counted in `done`, their latency recorded while the window is open.
+    Ops,
+    /// Load beside the ops (the fleet's polls): counted in `events` only.
+    Events,
+}
+
 /// What every watcher of one run shares.
 struct WatchPlan {
     watched: Watched,
     start_revision: i64,
     /// The writers' timestamps count from here.
     epoch: Instant,
+    counts: Counts,
     shared: Arc<Shared>,
     /// Becomes `Some(puts)` once the writers stopped after `puts` Puts to watched keys.
     finished: watch::Receiver<Option<u64>>,
@@ -1066,6 +1146,7 @@ async fn open_watchers(
             watched: plan.watched,
             start_revision: plan.start_revision,
             epoch: plan.epoch,
+            counts: plan.counts,
             shared: plan.shared.clone(),
             created: created.clone(),
             finished: plan.finished.clone(),
@@ -1095,6 +1176,7 @@ struct Watcher {
     watched: Watched,
     start_revision: i64,
     epoch: Instant,
+    counts: Counts,
     shared: Arc<Shared>,
     created: Arc<AtomicUsize>,
     /// Becomes `Some(puts)` once the writers stopped after `puts` Puts to watched keys.
@@ -1175,15 +1257,106 @@ impl Watcher {
                     .get(..8)
                     .and_then(|bytes| bytes.try_into().ok())
                     .ok_or_else(|| anyhow!("event value of {} bytes has no timestamp", kv.value().len()))?;
-                if self.shared.measuring.load(Ordering::Relaxed) {
-                    let sent = Duration::from_micros(u64::from_le_bytes(stamp));
-                    latencies.push(nanos(self.epoch.elapsed().saturating_sub(sent)));
-                }
                 received += 1;
-                self.shared.done.fetch_add(1, Ordering::Relaxed);
+                match self.counts {
+                    Counts::Ops => {
+                        if self.shared.measuring.load(Ordering::Relaxed) {
+                            let sent = Duration::from_micros(u64::from_le_bytes(stamp));
+                            latencies.push(nanos(self.epoch.elapsed().saturating_sub(sent)));
+                        }
+                        self.shared.done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Counts::Events => {
+                        self.shared.events.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
         }
     }
+}
+
+// ------------------------------------------------------------------ fleet
+
+/// The legacy fleet ([`Kind::Fleet`]): its agents' watch streams are opened first, then the
+/// agents poll and the writers write, through the target, for the warm-up and the window.
+async fn run_fleet(ctx: &RunContext) -> Result<Measurement> {
+    let agents = ctx.fleet_agents;
+    let mut peak_rss = PeakRss::start(ctx.pids.proxy);
+    let clients = connect_many(&ctx.endpoint, conns_for(agents)).await?;
+    // The writers stand for the fleet's control plane: clients of their own, not agents.
+    let writer_clients = connect_many(&ctx.endpoint, FLEET_WRITERS as usize).await?;
+    let shared = Arc::new(Shared::default());
+    let (finished_tx, finished_rx) = watch::channel(None);
+    let plan = WatchPlan {
+        watched: Watched { key: FLEET_JOBS, prefix: true },
+        // Only the writers write during the run, so every agent must see every job they Put.
+        start_revision: current_revision(&ctx.control).await? + 1,
+        epoch: Instant::now(),
+        counts: Counts::Events,
+        shared: shared.clone(),
+        finished: finished_rx,
+    };
+    let mut tasks = JoinSet::new();
+    open_watchers(&mut tasks, &clients, agents, &plan).await?;
+
+    for agent in 0..agents {
+        let kv = clients[agent % clients.len()].kv_client();
+        // A fleet's agents do not poll in step: their first polls are spread over one pause.
+        let stagger = FLEET_POLL_PAUSE.mul_f64(agent as f64 / agents as f64);
+        let shared = shared.clone();
+        tasks.spawn(async move {
+            tokio::time::sleep(stagger).await;
+            unary_worker(agent, agents, kv, UnaryOp::Get(FLEET_POLL), FLEET_POLL_PAUSE, shared).await
+        });
+    }
+    let mut writers = JoinSet::new();
+    for (writer, client) in (0u64..).zip(&writer_clients) {
+        // The writers change the config half a cycle apart, so it changes at an even pace.
+        let config_turn = writer * FLEET_CONFIG_EVERY / FLEET_WRITERS;
+        let key_of = move |n: u64| {
+            if n % FLEET_CONFIG_EVERY == config_turn {
+                (FLEET_CONFIG.to_owned(), false)
+            } else {
+                (format!("{FLEET_JOBS}w{writer}-{:02}", n % FLEET_JOB_KEYS), true)
+            }
+        };
+        writers.spawn(write_steadily(
+            client.kv_client(),
+            FLEET_WRITE_INTERVAL,
+            plan.epoch,
+            shared.clone(),
+            key_of,
+            format!("fleet writer {writer}, through the target"),
+        ));
+    }
+    let window = measure_window(ctx, &shared).await;
+    shared.stop.store(true, Ordering::Relaxed);
+    let mut puts = 0;
+    while let Some(joined) = writers.join_next().await {
+        match joined {
+            Ok(watched_puts) => puts += watched_puts,
+            Err(join_error) => shared.fail(anyhow!("a fleet writer died: {join_error}")),
+        }
+    }
+    finished_tx.send_replace(Some(puts));
+    let expected = puts * agents as u64;
+    let delivered = shared.clone();
+    let latencies = collect(&mut tasks, &shared, WATCH_DRAIN_TIMEOUT, move || {
+        format!(
+            "only {} of {expected} events ({puts} job Puts x {agents} agents) arrived within {WATCH_DRAIN_TIMEOUT:?} \
+             after the writers stopped, or a poll was still unanswered",
+            delivered.events.load(Ordering::Relaxed)
+        )
+    })
+    .await?;
+    let window = window?;
+    let events = window.events;
+    let mut measurement = finish(window, &latencies);
+    measurement.events = Some(events);
+    if let Some(peak) = peak_rss.as_mut() {
+        measurement.proxy_rss = Some(peak.stop().await?);
+    }
+    Ok(measurement)
 }
 
 // ------------------------------------------------------------------ lease keep-alive
