@@ -440,8 +440,9 @@ const GRPC_PROXY_NOTE: &str = "etcd grpc-proxy is not a plain forwarder, which e
     serializable Ranges from its own cache (hence etcd CPU/op near zero for `range 1key serializable`), coalesces \
     identical watchers into one etcd watcher (lower etcd CPU per event), and answers LeaseKeepAlive from its own \
     clientv3 lessor, which renews a lease only every TTL/3 (20 s with the 60 s TTL used here), so a client that waits \
-    for each answer stalls and the 10 s limit fails the row. etcd-compat-proxy forwards every call and stream to etcd \
-    as is, except serializable Ranges, which it answers from its cache while the cache is on.";
+    for each answer stalls and the 10 s limit fails the row. etcd-compat-proxy forwards every call and stream to etcd, \
+    except that it answers serializable Ranges from its cache (`--serializable-cache-bytes`) and lets identical \
+    watches of one etcd user share one etcd watch (`--watch-coalescing`), both on by default.";
 
 /// The events a workload's watchers received beside its ops (the fleet), per target: the main
 /// table has no column for them.
