@@ -79,6 +79,9 @@ enum Upstream {
     Backoff(Pin<Box<tokio::time::Sleep>>),
     /// The client fell behind; re-opened once it has read half of what is held for it.
     Paused,
+    /// Every watch is served by a shared one: no stream is kept at etcd until the client asks
+    /// for a watch again or one goes back to its own.
+    Idle,
     /// The client's stream is ending.
     Closed,
 }
@@ -381,6 +384,10 @@ impl WatchRelay {
                 self.client = None;
                 self.stall = None;
                 self.to_upstream = FeedSender::closed();
+                if matches!(self.upstream, Upstream::Idle) {
+                    // No stream at etcd to end it: ended as etcd ends it.
+                    self.end(grpc::status_headers(Code::Ok, ""));
+                }
                 true
             }
         }
@@ -390,7 +397,8 @@ impl WatchRelay {
         let request = grpc::decode_framed::<WatchRequest>(&message);
         // Between two upstream streams (paused, or waiting for a member) requests wait for the
         // next one: creates as pending creates, which every new stream gets, the rest after them.
-        let between_streams = matches!(self.upstream, Upstream::Paused | Upstream::Backoff(_));
+        let idle = matches!(self.upstream, Upstream::Idle);
+        let between_streams = idle || matches!(self.upstream, Upstream::Paused | Upstream::Backoff(_));
         if between_streams {
             self.held_bytes += message.len();
         }
@@ -406,6 +414,9 @@ impl WatchRelay {
                 true => self.held.push(message),
                 false => self.to_upstream.send(message),
             }
+            if idle {
+                self.reopen(None);
+            }
             return;
         };
         if self.moved && create.watch_id == 0 {
@@ -418,6 +429,9 @@ impl WatchRelay {
             self.to_upstream.send(message);
         }
         self.pending.push_back(PendingCreate { create, recreation: false, token_renewed: false });
+        if idle {
+            self.reopen(None);
+        }
     }
 
     /// The next id etcd would assign on the client's original stream (0 means "let etcd pick").
@@ -433,7 +447,7 @@ impl WatchRelay {
     /// Drives the upstream stream; true if anything happened.
     fn poll_upstream(&mut self, cx: &mut Context<'_>) -> bool {
         match &mut self.upstream {
-            Upstream::Closed => false,
+            Upstream::Closed | Upstream::Idle => false,
             Upstream::Paused => match self.to_client.poll_room(cx) {
                 Poll::Pending => false,
                 Poll::Ready(()) => {
@@ -709,6 +723,25 @@ impl WatchRelay {
         for message in held {
             self.deliver_shared(id, message);
         }
+        self.idle_if_unneeded();
+    }
+
+    /// Closes the upstream stream once it carries nothing: every watch shared, nothing asked
+    /// for and unanswered. A fleet's clients then cost etcd no stream each.
+    fn idle_if_unneeded(&mut self) {
+        let unneeded = matches!(self.upstream, Upstream::Open { .. })
+            && self.head.is_none()
+            && self.client.is_some()
+            && self.pending.is_empty()
+            && self.held.is_empty()
+            && self.watches.values().all(|w| matches!(w.sharing, Sharing::Shared { .. }));
+        if unneeded {
+            self.upstream = Upstream::Idle;
+            self.moved = true;
+            self.to_upstream = FeedSender::closed();
+            self.upstream_messages = MessageReader::default();
+            self.own_cancels.clear();
+        }
     }
 
     /// Takes what the hub delivered, while the client is reading; true if anything happened.
@@ -807,6 +840,7 @@ impl WatchRelay {
                 self.pending.push_back(PendingCreate { create, recreation: true, token_renewed: false });
             }
             Upstream::Open { .. } | Upstream::Opening(_) => self.reopen(None),
+            Upstream::Idle => self.reopen(None),
             Upstream::Paused | Upstream::Backoff(_) | Upstream::Closed => {}
         }
     }
