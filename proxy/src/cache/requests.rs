@@ -52,16 +52,35 @@ pub enum Written {
 /// The range of a Range request the cache may answer: serializable, at the latest revision.
 /// `message` is the request without its frame prefix.
 pub fn cacheable_range(message: &[u8]) -> Option<KeyRange> {
+    // Every Range reaches this test: a walk of its own, which allocates nothing and stops at
+    // the first field it cannot read.
     let (mut key, mut range_end): (&[u8], &[u8]) = (&[], &[]);
     let (mut serializable, mut at_revision) = (false, false);
-    grpc::for_each_field(message, |field, value, _| match (field, value) {
-        (1, WireValue::Bytes(bytes)) => key = bytes,
-        (2, WireValue::Bytes(bytes)) => range_end = bytes,
-        (4, WireValue::Varint(revision)) => at_revision = revision != 0,
-        (7, WireValue::Varint(flag)) => serializable = flag != 0,
-        _ => {}
-    })
-    .ok()?;
+    let mut at = 0;
+    while at < message.len() {
+        let tag = varint(message, &mut at)?;
+        match tag & 7 {
+            0 => {
+                let value = varint(message, &mut at)?;
+                match tag >> 3 {
+                    4 => at_revision = value != 0,
+                    7 => serializable = value != 0,
+                    _ => {}
+                }
+            }
+            2 => {
+                let length = usize::try_from(varint(message, &mut at)?).ok()?;
+                let bytes = message.get(at..at.checked_add(length)?)?;
+                at += length;
+                match tag >> 3 {
+                    1 => key = bytes,
+                    2 => range_end = bytes,
+                    _ => {}
+                }
+            }
+            _ => return None,
+        }
+    }
     (serializable && !at_revision)
         .then(|| KeyRange { key: Bytes::copy_from_slice(key), range_end: Bytes::copy_from_slice(range_end) })
 }
@@ -109,18 +128,41 @@ fn txn_writes(message: &[u8], out: &mut Vec<KeyRange>) -> bool {
 }
 
 /// The revision in an answer's header: field 1 of every KV, lock and election response, which
-/// etcd encodes first, so that the start of a longer answer is enough.
+/// etcd encodes first, so that the start of a longer answer is enough. Every write's answer is
+/// read here, so the walk is a tight one: a header holds only varints.
 pub fn header_revision(message: &[u8]) -> Option<i64> {
-    let first = grpc::fields(message).next()?.ok()?;
-    let (1, WireValue::Bytes(header)) = (first.number, first.value) else { return None };
-    let mut revision = None;
-    grpc::for_each_field(header, |field, value, _| {
-        if let (3, WireValue::Varint(r)) = (field, value) {
-            revision = Some(r as i64);
+    let mut at = 0;
+    if varint(message, &mut at)? != (1 << 3 | 2) {
+        return None;
+    }
+    let length = usize::try_from(varint(message, &mut at)?).ok()?;
+    let header = message.get(at..at.checked_add(length)?)?;
+    let mut at = 0;
+    while at < header.len() {
+        let tag = varint(header, &mut at)?;
+        if tag & 7 != 0 {
+            return None;
         }
-    })
-    .ok()?;
-    revision
+        let value = varint(header, &mut at)?;
+        if tag >> 3 == 3 {
+            return i64::try_from(value).ok();
+        }
+    }
+    None
+}
+
+/// The varint at `*at`, which is moved past it.
+fn varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *bytes.get(*at)?;
+        *at += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte < 0x80 {
+            return Some(value);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -145,6 +187,20 @@ mod tests {
         assert_eq!(cacheable_range(&request(false, 0)), None);
         assert_eq!(cacheable_range(&request(true, 7)), None);
         assert_eq!(cacheable_range(b"\xff\xff"), None);
+        let every_field = RangeRequest {
+            key: "k".into(),
+            range_end: "l".into(),
+            limit: 10,
+            sort_order: 1,
+            sort_target: 2,
+            serializable: true,
+            keys_only: true,
+            count_only: true,
+            min_mod_revision: 1 << 33,
+            max_create_revision: 5,
+            ..Default::default()
+        };
+        assert_eq!(cacheable_range(&every_field.encode_to_vec()), Some(range("k", "l")));
     }
 
     #[test]
@@ -207,5 +263,8 @@ mod tests {
         assert_eq!(header_revision(&encoded), Some(42));
         assert_eq!(header_revision(&encoded[..encoded.len() - 1]), Some(42), "the header alone is enough");
         assert_eq!(header_revision(&[]), None);
+        let big = ResponseHeader { cluster_id: u64::MAX, member_id: 1 << 62, revision: 1 << 40, raft_term: 9 };
+        let answer = RangeResponse { header: Some(big), ..Default::default() };
+        assert_eq!(header_revision(&answer.encode_to_vec()), Some(1 << 40));
     }
 }

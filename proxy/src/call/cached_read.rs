@@ -55,8 +55,8 @@ impl Forwarder {
         // A copy of its own, in one piece: the answer's bytes may share a connection buffer
         // many times larger, or come in several chunks (a limited client's answer).
         let stored = answer.detached();
-        let Some(message) = stored.message() else { return };
-        let Some(revision) = cache::header_revision(&message) else { return };
+        let Some(message) = stored.message_bytes() else { return };
+        let Some(revision) = cache::header_revision(message) else { return };
         let user = call.session.as_deref().map(|s| Arc::from(s.user()));
         let cost = message.len() + HEADERS_COST;
         let request = Bytes::copy_from_slice(request);
@@ -75,8 +75,11 @@ impl Forwarder {
         }
         // etcd writes the header first: a relayed answer's first chunk holds its revision.
         let revision = match answer {
-            UnaryAnswer::Whole(whole) if whole.code() != Some(Code::Ok) => return,
-            UnaryAnswer::Whole(whole) => whole.message().and_then(|message| cache::header_revision(&message)),
+            // etcd's failures carry no message (trailers only): only successes are read.
+            UnaryAnswer::Whole(whole) => match whole.message_bytes() {
+                Some(message) => cache::header_revision(message),
+                None => return,
+            },
             UnaryAnswer::Large { first, .. } => first.get(5..).and_then(cache::header_revision),
         };
         let Some(revision) = revision else {

@@ -435,7 +435,13 @@ impl Buffered {
     /// The single uncompressed message of the answer, without its frame prefix.
     pub fn message(&self) -> Option<Bytes> {
         let [data] = self.data.as_slice() else { return None };
-        (data.first() == Some(&0) && grpc::framed_length(data) == Some(data.len())).then(|| data.slice(5..))
+        self.message_bytes().map(|message| data.slice_ref(message))
+    }
+
+    /// [`Buffered::message`], borrowed: no reference count moves (every write's answer is read).
+    pub fn message_bytes(&self) -> Option<&[u8]> {
+        let [data] = self.data.as_slice() else { return None };
+        (data.first() == Some(&0) && grpc::framed_length(data) == Some(data.len())).then(|| &data[5..])
     }
 
     /// Turns it into the client's response, recording the call's status.
