@@ -16,6 +16,7 @@ mod cluster;
 mod deps;
 mod etcdctl;
 mod http;
+mod link;
 mod logs;
 mod ports;
 mod proxy;
@@ -25,6 +26,7 @@ pub use cluster::{ClusterSpec, EtcdCluster, MemberInfo, TlsSpec, MAX_MEMBERS};
 pub use deps::{etcd3_python, workspace_root, EtcdVersion};
 pub use etcdctl::{etcdctl, etcdctl_command, etcdctl_ok, ClientTls};
 pub use http::http_get;
+pub use link::FaultyLink;
 pub use ports::free_port;
 pub use proxy::ProxyProcess;
 pub use wire::{

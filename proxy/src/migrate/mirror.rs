@@ -187,6 +187,9 @@ impl Replay {
         source: &mut Client,
         target: &mut Client,
     ) -> Result<(), MigrateError> {
+        if !self.take_lost_answer(migration, run, source, target).await? {
+            return Ok(());
+        }
         self.leases.sync(migration, run, source, target).await?;
         let options = WatchOptions::new().with_from_key().with_start_revision(self.applied + 1);
         let mut watch =
@@ -238,6 +241,38 @@ impl Replay {
                 }
             }
         }
+    }
+
+    /// Counts as replayed a transaction that landed on the target although its answer was lost
+    /// (the connection broke after etcd applied it, and reading the revision failed too): the
+    /// target is then exactly one revision ahead, holding the source's next revision. Anything
+    /// else one revision ahead is left for `check` to report as a foreign write. False when the
+    /// mirror was stopped.
+    async fn take_lost_answer(
+        &mut self,
+        migration: &Migration,
+        run: u64,
+        source: &mut Client,
+        target: &mut Client,
+    ) -> Result<bool, MigrateError> {
+        let next = self.applied + 1;
+        let (_, target_revision) = current_revision(target, "the target").await?;
+        if target_revision != next {
+            return Ok(true);
+        }
+        let on_target = changes_at(target, next, "the target").await?;
+        if on_target != changes_at(source, next, "the source").await? {
+            return Ok(true);
+        }
+        tracing::info!(
+            revision = next,
+            "the target holds the revision whose answer was lost; the mirror goes on after it"
+        );
+        self.applied = next;
+        Ok(migration.update(run, |state| {
+            state.applied_revision = next;
+            state.transactions += 1;
+        }))
     }
 
     /// The once-a-second work beside the watch: the target's revision, leases, compaction, and
@@ -457,6 +492,45 @@ async fn first_event_after(target: &mut Client, applied: i64) -> Option<(i64, Ve
     .ok()
     .flatten();
     found
+}
+
+/// One revision's changes as (deleted, key, value, lease), sorted: the same on both sides when
+/// the target's revision is the source's replayed, whatever order the transaction had.
+async fn changes_at(
+    client: &mut Client,
+    revision: i64,
+    side: &str,
+) -> Result<Vec<(bool, Vec<u8>, Vec<u8>, i64)>, MigrateError> {
+    let reading = format!("reading revision {revision} on {side}");
+    let options = WatchOptions::new().with_from_key().with_start_revision(revision);
+    let mut watch = client.watch(vec![0u8], Some(options)).await.map_err(|e| MigrateError::etcd(reading.clone(), e))?;
+    // etcd sends a revision's events in one answer, so the first answer with events has them all.
+    let first = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match watch.message().await {
+                Ok(Some(answer)) if answer.canceled() => {
+                    return Err(MigrateError::answer(reading.clone(), "etcd cancelled the watch (compacted?)"))
+                }
+                Ok(Some(answer)) if !answer.events().is_empty() => return Ok(answer),
+                Ok(Some(_)) => continue,
+                Ok(None) => return Err(MigrateError::answer(reading.clone(), "etcd closed the watch")),
+                Err(error) => return Err(MigrateError::etcd(reading.clone(), error)),
+            }
+        }
+    })
+    .await
+    .map_err(|_| MigrateError::answer(reading.clone(), "no events within 5s"))??;
+    let mut changes: Vec<_> = first
+        .events()
+        .iter()
+        .filter_map(|event| event.kv().map(|kv| (event, kv)))
+        .filter(|(_, kv)| kv.mod_revision() == revision)
+        .map(|(event, kv)| {
+            (event.event_type() == EventType::Delete, kv.key().to_vec(), kv.value().to_vec(), kv.lease())
+        })
+        .collect();
+    changes.sort();
+    Ok(changes)
 }
 
 fn watch_cancelled(compact_revision: i64, reason: &str, applied: i64) -> MigrateError {

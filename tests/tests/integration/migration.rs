@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions, PutOptions};
-use etcd_compat_tests::{ClusterSpec, EtcdCluster, EtcdVersion, ProxyProcess};
+use etcd_compat_tests::{ClusterSpec, EtcdCluster, EtcdVersion, FaultyLink, ProxyProcess};
 use tempfile::TempDir;
 
 use crate::support::{connect, grpc_status, metric, path, run_proxy, runtime, start_proxy, PROXY_BIN};
@@ -774,4 +774,55 @@ fn mirror_goes_on_through_member_restarts_on_both_sides() {
     assert!(verified.starts_with(&format!("equal at revision {last} (")), "{verified}");
     let log = proxy.log_contents();
     assert!(log.contains("the mirror paused: "), "the target's restart paused the mirror: {log}");
+}
+
+#[test]
+fn mirror_counts_a_transaction_whose_answer_was_lost() {
+    let (dir, token, _source, proxy) = source_behind_proxy(1, &[]);
+    let runtime = runtime();
+    let mut client = runtime.block_on(connect(&format!("http://{}", proxy.listen_addr())));
+    let (snapshot_file, _) = snapshot(&proxy, &token, &dir);
+    let target = EtcdCluster::start(ClusterSpec::new(EtcdVersion::V3_5, 1).restored_from(&snapshot_file))
+        .expect("target restored from the snapshot");
+    let target_url = &target.client_urls()[0];
+    let target_addr = target_url.trim_start_matches("http://").parse().expect("the target's address");
+    let link = FaultyLink::start(target_addr).expect("a link to the target");
+    migrate_ok("mirror", &proxy, &token, &["--to", &format!("http://{}", link.addr())]);
+    let mut direct_target = runtime.block_on(connect(target_url));
+
+    runtime.block_on(client.put("/before", "1", None)).expect("put");
+    let before = runtime.block_on(revision_of(&mut client));
+    wait_for_status(&proxy, "the mirror replays the first put", |s| s["applied_revision"] == before);
+
+    // The mirror's transaction reaches the target, its answer does not; then the connection
+    // breaks and the target cannot be reached for a while, so the mirror cannot read whether
+    // the transaction landed.
+    link.lose_answers(true);
+    runtime.block_on(client.put("/lost-answer", "2", None)).expect("put");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while runtime.block_on(revision_of(&mut direct_target)) != before + 1 {
+        assert!(Instant::now() < deadline, "the mirror's transaction never reached the target");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    link.refuse(true);
+    link.cut();
+    link.lose_answers(false);
+    std::thread::sleep(Duration::from_millis(1500));
+    link.refuse(false);
+
+    runtime.block_on(client.put("/after", "3", None)).expect("put");
+    let after = runtime.block_on(revision_of(&mut client));
+    let status =
+        wait_for_status(&proxy, "the mirror goes on", |s| s["applied_revision"] == after || s["phase"] != "mirroring");
+    assert_eq!(status["phase"], "mirroring", "{status}");
+    assert_eq!(status["error"], serde_json::Value::Null, "{status}");
+    assert_eq!(status["transactions"], 3, "{status}");
+    assert_eq!(runtime.block_on(revision_of(&mut direct_target)), after);
+    let verified = migrate_ok("verify", &proxy, &token, &[]);
+    assert!(verified.starts_with(&format!("equal at revision {after} (")), "{verified}");
+    let log = proxy.log_contents();
+    assert!(
+        log.contains("the target holds the revision whose answer was lost; the mirror goes on after it"),
+        "the lost answer was recognised: {log}"
+    );
 }
