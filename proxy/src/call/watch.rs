@@ -21,7 +21,7 @@
 //! held, the watches are re-created from the next revision not yet delivered, exactly as after
 //! the loss of a member. The client misses nothing and holds at most that much of the proxy.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -149,6 +149,75 @@ struct ActiveWatch {
     sharing: Sharing,
 }
 
+/// A relay's watches by client id, in id order. A sorted vector rather than a `BTreeMap`, whose
+/// first node has room for eleven: a stream holds one watch or a few, and a fleet many streams.
+#[derive(Default)]
+struct Watches(Vec<(i64, ActiveWatch)>);
+
+impl Watches {
+    fn find(&self, id: i64) -> Result<usize, usize> {
+        self.0.binary_search_by_key(&id, |(key, _)| *key)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn contains_key(&self, id: &i64) -> bool {
+        self.find(*id).is_ok()
+    }
+
+    fn get(&self, id: &i64) -> Option<&ActiveWatch> {
+        self.find(*id).ok().map(|at| &self.0[at].1)
+    }
+
+    fn get_mut(&mut self, id: &i64) -> Option<&mut ActiveWatch> {
+        self.find(*id).ok().map(|at| &mut self.0[at].1)
+    }
+
+    fn insert(&mut self, id: i64, watch: ActiveWatch) {
+        match self.find(id) {
+            Ok(at) => self.0[at].1 = watch,
+            Err(at) => {
+                if self.0.len() == self.0.capacity() {
+                    // Grows 1, 2, 4, ... rather than starting at four.
+                    self.0.reserve_exact(self.0.len().max(1));
+                }
+                self.0.insert(at, (id, watch));
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &i64) -> Option<ActiveWatch> {
+        self.find(*id).ok().map(|at| self.0.remove(at).1)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&i64, &ActiveWatch)> {
+        self.0.iter().map(|(id, watch)| (id, watch))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &ActiveWatch> {
+        self.0.iter().map(|(_, watch)| watch)
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut ActiveWatch> {
+        self.0.iter_mut().map(|(_, watch)| watch)
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&i64, &mut ActiveWatch) -> bool) {
+        self.0.retain_mut(|(id, watch)| keep(id, watch));
+    }
+}
+
+impl<'a> IntoIterator for &'a Watches {
+    type Item = (&'a i64, &'a ActiveWatch);
+    type IntoIter = std::iter::Map<std::slice::Iter<'a, (i64, ActiveWatch)>, fn(&'a (i64, ActiveWatch)) -> Self::Item>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(id, watch)| (id, watch))
+    }
+}
+
 /// Where a watch's events come from (see `watch_hub`).
 enum Sharing {
     /// Its own upstream watch.
@@ -207,7 +276,7 @@ struct WatchRelay {
     to_upstream: FeedSender,
     /// Token generation the current upstream stream was opened with.
     token_generation: Option<u64>,
-    watches: BTreeMap<i64, ActiveWatch>,
+    watches: Watches,
     pending: VecDeque<PendingCreate>,
     /// Cancels and progress requests the client sent between two upstream streams.
     held: Vec<Bytes>,
@@ -258,7 +327,7 @@ impl WatchRelay {
             upstream_messages: MessageReader::default(),
             to_upstream,
             token_generation: None,
-            watches: BTreeMap::new(),
+            watches: Watches::default(),
             pending: VecDeque::new(),
             held: Vec::new(),
             held_bytes: 0,

@@ -16,17 +16,16 @@
 //! last subscriber leaves, the shared watch is cancelled; when a user's last one goes, its stream.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use etcd_compat_proto::etcdserverpb::{watch_request, WatchCreateRequest};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::auth::Session;
 use crate::grpc::{self, MessageReader};
-use crate::transport::{self, FeedSender, RequestBody};
+use crate::transport::{self, mailbox, FeedSender, MailboxReceiver, MailboxSender, RequestBody};
 
 use super::admission::StreamLimits;
 use super::attempts::Sender;
@@ -73,39 +72,34 @@ pub(crate) enum Delivery {
 /// A relay's mailbox, counted in bytes so that the hub knows when the relay is behind.
 #[derive(Clone)]
 pub(crate) struct Inbox {
-    deliveries: UnboundedSender<Delivery>,
-    queued: Arc<AtomicUsize>,
+    deliveries: MailboxSender<Delivery>,
     limit: usize,
     relay: u64,
 }
 
 /// The relay's end of its [`Inbox`].
 pub(crate) struct InboxReceiver {
-    deliveries: UnboundedReceiver<Delivery>,
-    queued: Arc<AtomicUsize>,
+    deliveries: MailboxReceiver<Delivery>,
 }
 
 impl InboxReceiver {
     /// The next delivery, if one is waiting.
     pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
-        let delivery = std::task::ready!(self.deliveries.poll_recv(cx));
-        if let Some(Delivery::Message { message, .. }) = &delivery {
-            self.queued.fetch_sub(message.len(), Ordering::Relaxed);
-        }
-        Poll::Ready(delivery)
+        self.deliveries.poll_next(cx)
     }
 }
 
 impl Inbox {
     fn send(&self, delivery: Delivery) -> bool {
-        if let Delivery::Message { message, .. } = &delivery {
-            self.queued.fetch_add(message.len(), Ordering::Relaxed);
-        }
-        self.deliveries.send(delivery).is_ok()
+        let weight = match &delivery {
+            Delivery::Message { message, .. } => message.len(),
+            Delivery::Joinable { .. } | Delivery::Detached { .. } => 0,
+        };
+        self.deliveries.send(delivery, weight)
     }
 
     fn is_behind(&self) -> bool {
-        self.queued.load(Ordering::Relaxed) > self.limit
+        self.deliveries.queued() > self.limit
     }
 
     /// Identifies the relay this inbox belongs to.
@@ -208,13 +202,9 @@ impl WatchHub {
 
     /// A mailbox for a new relay; deliveries past `limit` bytes detach its watches.
     pub(crate) fn inbox(&self, limit: usize) -> (Inbox, InboxReceiver) {
-        let (deliveries, receiver) = unbounded_channel();
-        let queued = Arc::new(AtomicUsize::new(0));
+        let (deliveries, receiver) = mailbox();
         let relay = self.next_relay.fetch_add(1, Ordering::Relaxed);
-        (
-            Inbox { deliveries, queued: Arc::clone(&queued), limit, relay },
-            InboxReceiver { deliveries: receiver, queued },
-        )
+        (Inbox { deliveries, limit, relay }, InboxReceiver { deliveries: receiver })
     }
 
     fn lock(&self) -> MutexGuard<'_, HubState> {

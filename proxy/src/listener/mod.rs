@@ -86,7 +86,10 @@ impl ClientConnection {
         let forwarder = self.forwarder;
         let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
             request.extensions_mut().insert(client.clone());
-            Arc::clone(&forwarder).serve(request)
+            // Boxed: hyper keeps a stream's task as large as the service's future for the
+            // stream's whole life, and a call's future (sized by the longest unary path) would
+            // otherwise cost every long-lived Watch stream a few KiB after it has answered.
+            Box::pin(Arc::clone(&forwarder).serve(request))
         });
         let connection = http2.serve_connection(io, service);
         tokio::pin!(connection);

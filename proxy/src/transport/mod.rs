@@ -1,15 +1,17 @@
 //! HTTP/2 on the wire, toward etcd and the settings of both sides: one connection per member
 //! and lane ([`connection`]), the halves of a stream ([`stream`]: etcd's answer as it arrives,
-//! a body piped up with flow control), what goes up as a request body ([`request_body`]), and
-//! batched writes of small frames. Depends on nothing else in the crate.
+//! a body piped up with flow control), what goes up as a request body ([`request_body`]), a
+//! small counted queue between tasks ([`mailbox`]), and batched writes of small frames. Depends on nothing else in the crate.
 
 pub mod batched_writes;
 pub mod connection;
+pub mod mailbox;
 pub mod request_body;
 pub mod stream;
 
 pub use batched_writes::BatchedWrites;
 pub use connection::{Connection, ResponseFuture, Upload};
+pub use mailbox::{mailbox, MailboxReceiver, MailboxSender};
 pub use request_body::{feed, FeedReceiver, FeedSender, RequestBody};
 pub use stream::{pipe, RecvBody};
 
