@@ -2,10 +2,12 @@
 //! the accept loop, then the drain.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use futures_util::FutureExt;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{Admin, Metrics};
@@ -50,9 +52,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         None => None,
     };
     // Both ports bound before anything runs: a port in use fails the start, not a later call.
-    let listener = bind(config.listen_addr, "--listen-addr").await?;
+    let listener = bind(config.listen_addr, "--listen-addr", config.reuse_port)?;
     let admin_listener = match config.metrics_addr {
-        Some(addr) => Some(bind(addr, "--metrics-addr").await?),
+        Some(addr) => Some(bind(addr, "--metrics-addr", config.reuse_port)?),
         None => None,
     };
 
@@ -79,16 +81,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         &config,
         stop.clone(),
     );
-    // The admin server answers `/health`, `/metrics` and the migration's calls on its own port.
+    // The admin server answers `/health`, `/ready`, `/metrics` and the migration's calls on its
+    // own port, and keeps answering while the proxy drains (so that `/ready` can say so).
+    let draining = Arc::new(AtomicBool::new(false));
+    let admin_stop = CancellationToken::new();
     if let Some(admin_listener) = admin_listener {
         let admin = Arc::new(Admin {
             upstream: Arc::clone(&cluster),
             metrics: Arc::clone(&metrics),
             migration,
             token: config.admin_token.clone(),
+            draining: Arc::clone(&draining),
         });
-        tokio::spawn(serve_admin(admin, admin_listener, stop.clone()));
+        tokio::spawn(serve_admin(admin, admin_listener, admin_stop.clone()));
     }
+    // Under systemd (`Type=notify`) the unit is started once the proxy can serve.
+    tokio::spawn(notify_when_ready(Arc::clone(&cluster), stop.clone()));
 
     let http2 = http2_server(&config);
     // Connections are tracked so that shutdown can wait for their calls to finish.
@@ -102,6 +110,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "etcd-compat-proxy started"
     );
 
+    let serve_client = |stream: tokio::net::TcpStream, peer| {
+        let _ = stream.set_nodelay(true);
+        let client = ClientConnection {
+            deadline: tokio::time::Instant::now() + config.limits.handshake_timeout,
+            peer,
+            // Read per connection, so a reloaded certificate is used from the next handshake on.
+            tls: listener_tls.as_ref().map(|tls| tokio_rustls::TlsAcceptor::from(tls.current())),
+            forwarder: Arc::clone(&forwarder),
+            metrics: Arc::clone(&metrics),
+            max_header_list: config.limits.max_header_list,
+        };
+        connections.spawn(client.serve(stream, http2.clone(), drain.clone()));
+    };
     tokio::pin!(shutdown);
     let mut accept_errors = AcceptBackoff::new("--listen-addr");
     loop {
@@ -118,20 +139,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
-        let client = ClientConnection {
-            deadline: tokio::time::Instant::now() + config.limits.handshake_timeout,
-            peer,
-            // Read per connection, so a reloaded certificate is used from the next handshake on.
-            tls: listener_tls.as_ref().map(|tls| tokio_rustls::TlsAcceptor::from(tls.current())),
-            forwarder: Arc::clone(&forwarder),
-            metrics: Arc::clone(&metrics),
-            max_header_list: config.limits.max_header_list,
-        };
-        connections.spawn(client.serve(stream, http2.clone(), drain.clone()));
+        serve_client(stream, peer);
     }
 
     tracing::info!(grace = ?config.shutdown_grace, "shutting down: no new connections; ending streams, letting unary calls finish");
+    draining.store(true, Relaxed);
+    crate::service_manager::notify("STOPPING=1\nSTATUS=draining");
+    // Connections the kernel already queued for this listener would be reset when it closes:
+    // they are taken and drained like the others (with --reuse-port, new ones go to the process
+    // that took over).
+    while let Some(Ok((stream, peer))) = listener.accept().now_or_never() {
+        serve_client(stream, peer);
+    }
     drop(listener);
     stop.cancel();
     drain.cancel();
@@ -139,11 +158,43 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     if tokio::time::timeout(config.shutdown_grace, connections.wait()).await.is_err() {
         tracing::warn!("calls still running after the shutdown grace period were cut");
     }
+    admin_stop.cancel();
     Ok(())
 }
 
-async fn bind(addr: std::net::SocketAddr, what: &'static str) -> Result<TcpListener, RunError> {
-    TcpListener::bind(addr).await.map_err(|source| RunError::Bind { addr, what, source })
+/// Binds `addr`; with `reuse_port`, as one of a group of sockets sharing it (SO_REUSEPORT), so
+/// that another proxy process can bind it too.
+fn bind(addr: std::net::SocketAddr, what: &'static str, reuse_port: bool) -> Result<TcpListener, RunError> {
+    let listen = || {
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        if reuse_port {
+            socket.set_reuseport(true)?;
+        }
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|source| RunError::Bind { addr, what, source })
+}
+
+/// Connections the kernel may queue before the proxy accepts them (tokio's default).
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Tells systemd `READY=1` once a member that serves clients is healthy.
+async fn notify_when_ready(cluster: Arc<Cluster>, stop: CancellationToken) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => if cluster.any_healthy() {
+                crate::service_manager::notify("READY=1\nSTATUS=serving");
+                return;
+            },
+        }
+    }
 }
 
 /// Accepts admin connections until `stop` is cancelled.

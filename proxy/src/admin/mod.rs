@@ -1,9 +1,10 @@
 //! The admin HTTP server on `--metrics-addr`: `/health` (etcd's shape plus the proxy's view of
-//! each member), `/metrics` (the counters of [`metrics`], which the whole proxy writes to) and
+//! each member), `/ready` (whether to send clients here), `/metrics` (the counters of [`metrics`], which the whole proxy writes to) and
 //! the migration's calls under `/migrate/` ([`migrate`]), which `etcd-compat-proxy migrate`
 //! makes. Reads the cluster and the certificates; nothing it serves feeds back into a call.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -37,6 +38,8 @@ pub struct Admin {
     pub migration: Arc<Migration>,
     /// `--admin-token-file`'s token; `None` refuses the calls that need it.
     pub token: Option<Secret>,
+    /// Set once the proxy received SIGTERM and drains.
+    pub draining: Arc<AtomicBool>,
 }
 
 impl Admin {
@@ -56,6 +59,7 @@ impl Admin {
     async fn answer(&self, request: Request<Incoming>) -> Response<AdminBody> {
         match request.uri().path() {
             "/health" => self.health(),
+            "/ready" => self.ready(),
             "/metrics" => {
                 let mut text = self.metrics.render(&self.upstream);
                 migrate::render_metrics(&self.migration.status(), &mut text);
@@ -65,9 +69,22 @@ impl Admin {
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found: the admin server serves /health, /metrics and /migrate/\n".to_owned(),
+                "not found: the admin server serves /health, /ready, /metrics and /migrate/\n".to_owned(),
             ),
         }
+    }
+
+    /// Whether a load balancer or orchestrator should send clients here: 200 once the listener
+    /// is bound and a member that serves clients is healthy; 503 before that, and from SIGTERM on.
+    fn ready(&self) -> Response<AdminBody> {
+        let (status, text) = if self.draining.load(Ordering::Relaxed) {
+            (StatusCode::SERVICE_UNAVAILABLE, "draining: the proxy is shutting down\n")
+        } else if self.upstream.any_healthy() {
+            (StatusCode::OK, "ready\n")
+        } else {
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready: no etcd member that serves clients is healthy yet\n")
+        };
+        reply(status, "text/plain", text.to_owned())
     }
 
     /// etcd's `/health` shape (`health`, `reason`) plus the proxy's view of each member.

@@ -49,6 +49,7 @@ mod defaults {
     /// Room for the hot keys of a large fleet; a small fraction of what etcd itself holds.
     pub const SERIALIZABLE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
     pub const WATCH_COALESCING: bool = true;
+    pub const REUSE_PORT: bool = false;
 }
 
 /// A flag's help text with its default, so that the default is written only in [`defaults`].
@@ -82,6 +83,9 @@ pub struct StartArgs {
 
     #[arg(long, env = "ETCD_COMPAT_PROXY_LEARNER_SERIALIZABLE_READS", num_args = 0..=1, default_missing_value = "true", help = with_default("Let learners serve serializable Range requests (after every voting member); otherwise learners get no client requests", defaults::LEARNER_SERIALIZABLE_READS))]
     pub learner_serializable_reads: Option<bool>,
+
+    #[arg(long, env = "ETCD_COMPAT_PROXY_REUSE_PORT", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", help = with_default("Bind the listener and the admin address with SO_REUSEPORT, so that a new proxy process can take over the addresses while the old one drains after SIGTERM (see README, \"Restarts nobody notices\")", defaults::REUSE_PORT))]
+    pub reuse_port: Option<bool>,
 
     /// Serve `/metrics` and `/health` over HTTP on this URL, e.g. `http://127.0.0.1:6633`; also the admin calls of `etcd-compat-proxy migrate`.
     #[arg(long, env = "ETCD_COMPAT_PROXY_METRICS_ADDR", value_name = "URL")]
@@ -313,6 +317,7 @@ impl StartArgs {
             member_list,
             cluster_refresh_interval,
             learner_serializable_reads,
+            reuse_port,
             metrics_addr,
             admin_token_file,
             cert_file,
@@ -551,6 +556,7 @@ impl StartArgs {
             budget,
             endpoints,
             listen_addr,
+            reuse_port: self.reuse_port.unwrap_or(defaults::REUSE_PORT),
             advertise_client_url,
             advertised_client_urls,
             member_list,

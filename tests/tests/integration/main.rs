@@ -12,6 +12,7 @@ mod harness_smoke;
 mod lifecycle;
 mod migration;
 mod read_cache;
+mod restarts;
 mod size_budget;
 mod support;
 mod watch_coalescing;

@@ -1,0 +1,140 @@
+//! Restarts nobody notices: `--reuse-port` lets a new proxy process take over the address while
+//! the old one drains, and `/ready` says when a process should get clients.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_compat_tests::{free_port, ClusterSpec, EtcdCluster, EtcdVersion, ProxyProcess};
+
+use crate::support::{connect, runtime, start_proxy};
+
+/// What a client loop saw: calls answered, and every failure's text (none are expected).
+#[derive(Default)]
+struct Tally {
+    answered: AtomicU64,
+    failures: Mutex<Vec<String>>,
+}
+
+impl Tally {
+    fn fail(&self, what: String) {
+        self.failures.lock().expect("tally").push(what);
+    }
+}
+
+fn wait_ready(proxy: &ProxyProcess, want: u16, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = proxy.http_get("/ready");
+        if status == want {
+            assert_eq!(body, text);
+            return;
+        }
+        assert!(Instant::now() < deadline, "/ready never answered {want}; last {status} {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Two kinds of legacy client through a restart: one keeps its connection and calls in a
+/// loop (as a service does), one connects afresh for every call (as scripts running etcdctl
+/// do). Neither may see a refused connection or a failed call.
+#[test]
+fn restart_with_reuse_port_refuses_nobody() {
+    let cluster = EtcdCluster::start(ClusterSpec::new(EtcdVersion::V3_5, 1)).expect("cluster");
+    let listen = format!("127.0.0.1:{}", free_port().expect("port"));
+    let args = |metrics_port: u16| {
+        vec![
+            format!("--endpoints={}", cluster.client_endpoints_csv()),
+            "--reuse-port".to_owned(),
+            format!("--listen-addr={listen}"),
+            format!("--metrics-addr=http://127.0.0.1:{metrics_port}"),
+            "--shutdown-grace=5s".to_owned(),
+        ]
+    };
+    let mut old = start_proxy(args(free_port().expect("port")));
+    wait_ready(&old, 200, "ready\n");
+    let endpoint = format!("http://{listen}");
+
+    let runtime = runtime();
+    let running = Arc::new(AtomicBool::new(true));
+    let (kept, fresh) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
+    let kept_loop = runtime.spawn({
+        let (running, tally, endpoint) = (Arc::clone(&running), Arc::clone(&kept), endpoint.clone());
+        async move {
+            let mut client = connect(&endpoint).await;
+            let mut i = 0u64;
+            while running.load(Ordering::Relaxed) {
+                match client.put(format!("/restart/kept/{i}"), "v", None).await {
+                    Ok(_) => tally.answered.fetch_add(1, Ordering::Relaxed),
+                    Err(error) => {
+                        tally.fail(format!("put {i}: {error}"));
+                        0
+                    }
+                };
+                i += 1;
+            }
+        }
+    });
+    let fresh_loop = runtime.spawn({
+        let (running, tally, endpoint) = (Arc::clone(&running), Arc::clone(&fresh), endpoint.clone());
+        async move {
+            let mut i = 0u64;
+            while running.load(Ordering::Relaxed) {
+                let outcome = match etcd_client::Client::connect([endpoint.as_str()], None).await {
+                    Ok(mut client) => client.get(format!("/restart/kept/{i}"), None).await.map(|_| ()),
+                    Err(error) => Err(error),
+                };
+                match outcome {
+                    Ok(()) => tally.answered.fetch_add(1, Ordering::Relaxed),
+                    Err(error) => {
+                        tally.fail(format!("connect and get {i}: {error}"));
+                        0
+                    }
+                };
+                i += 1;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+
+    // The new process binds the same address while the old one still serves, then the old one
+    // is told to stop, as a rolling update does once the new one is ready.
+    let new = start_proxy(args(free_port().expect("port")));
+    wait_ready(&new, 200, "ready\n");
+    let before = (kept.answered.load(Ordering::Relaxed), fresh.answered.load(Ordering::Relaxed));
+    old.sigterm().expect("SIGTERM");
+    let exit = old.wait_exit(Duration::from_secs(10)).expect("the old proxy exits");
+    assert!(exit.success(), "the old proxy exited with {exit}");
+    let at_exit = (kept.answered.load(Ordering::Relaxed), fresh.answered.load(Ordering::Relaxed));
+    std::thread::sleep(Duration::from_millis(1000));
+    running.store(false, Ordering::Relaxed);
+    runtime.block_on(kept_loop).expect("kept loop");
+    runtime.block_on(fresh_loop).expect("fresh loop");
+
+    assert_eq!(*kept.failures.lock().expect("tally"), Vec::<String>::new(), "the client that kept its connection");
+    assert_eq!(*fresh.failures.lock().expect("tally"), Vec::<String>::new(), "the client that connects per call");
+    // Both went on through the new process once the old one was gone.
+    assert!(kept.answered.load(Ordering::Relaxed) > at_exit.0, "no call answered after the restart");
+    assert!(fresh.answered.load(Ordering::Relaxed) > at_exit.1, "no connection served after the restart");
+    assert!(before.0 > 0 && before.1 > 0, "the loops ran before the restart: {before:?}");
+    let log = old.log_contents();
+    assert!(log.contains("shutting down: no new connections"), "{log}");
+}
+
+/// `/ready` is 503 until a member that serves clients is healthy, while `/health` keeps etcd's
+/// shape; both turn 200 once the member is back.
+#[test]
+fn ready_waits_for_a_healthy_member() {
+    let mut cluster = EtcdCluster::start(ClusterSpec::new(EtcdVersion::V3_4, 1)).expect("cluster");
+    cluster.stop(0).expect("stop the member");
+    let proxy = start_proxy(vec![
+        format!("--endpoints={}", cluster.client_endpoints_csv()),
+        "--health-interval=200ms".to_owned(),
+    ]);
+    let (status, body) = proxy.http_get("/ready");
+    assert_eq!((status, body.as_str()), (503, "not ready: no etcd member that serves clients is healthy yet\n"));
+    assert_eq!(proxy.http_get("/health").0, 503);
+    cluster.restart(0).expect("start the member again");
+    wait_ready(&proxy, 200, "ready\n");
+    assert_eq!(proxy.http_get("/health").0, 200);
+}
