@@ -29,6 +29,9 @@ pub enum RunError {
     /// TLS material could not be loaded.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// Auth sessions could not be set up.
+    #[error("{0}")]
+    Auth(String),
 }
 
 /// Runs the proxy until `shutdown` resolves, then drains: stops accepting, ends streams with a
@@ -67,9 +70,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // Health checks and the view's refresh keep requests away from members that cannot serve.
     cluster.spawn_health_checks(config.health_interval, stop.clone());
     cluster.spawn_view_refresh(stop.clone());
-    // Auth sessions live as long as the process: a restart makes clients authenticate again.
-    let auth = Arc::new(AuthSessions::new(config.auth.clone()));
+    // Auth sessions: with --session-key-file their tokens open them in any replica and after a
+    // restart; the key file is watched like the TLS files.
+    let auth = Arc::new(AuthSessions::new(config.auth.clone()).map_err(RunError::Auth)?);
     tokio::spawn(expire_idle_sessions(Arc::clone(&auth), stop.clone()));
+    if let Some((path, _)) = &config.auth.session_keys {
+        tokio::spawn(watch_session_keys(Arc::clone(&auth), path.clone(), config.cert_reload_interval, stop.clone()));
+    }
     // A migration to a new cluster, idle until `etcd-compat-proxy migrate` starts one.
     let migration = Migration::new(ClusterAccess::source_of(&config), Arc::clone(&cluster), upstream_files);
     // The request path, shared by every client connection.
@@ -307,6 +314,44 @@ async fn expire_idle_sessions(auth: Arc<AuthSessions>, stop: CancellationToken) 
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => auth.expire_idle(),
+        }
+    }
+}
+
+/// Reloads `--session-key-file` when it changes; a file that no longer parses keeps the keys in
+/// use (and says why), so that a half-written file never locks clients out.
+async fn watch_session_keys(
+    auth: Arc<AuthSessions>,
+    path: std::path::PathBuf,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let stamp = |path: &std::path::Path| std::fs::metadata(path).ok().map(|m| (m.modified().ok(), m.len()));
+    let mut seen = stamp(&path);
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = stamp(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let parsed = std::fs::read_to_string(&path)
+            .map_err(|error| error.to_string())
+            .and_then(|text| crate::auth::parse_key_file(&text).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(keys) if auth.replace_keys(&keys) => {
+                tracing::info!(path = %path.display(), keys = keys.len(), "session keys reloaded; the first seals new tokens");
+            }
+            Ok(_) => {
+                tracing::error!(path = %path.display(), "the crypto provider refused the reloaded session keys; the previous ones stay in use")
+            }
+            Err(problem) => {
+                tracing::error!(path = %path.display(), %problem, "the session key file was not reloaded; the previous keys stay in use")
+            }
         }
     }
 }

@@ -4,8 +4,9 @@
 //! etcd's tokens expire (simple tokens after `--auth-token-ttl` of idleness on each member, JWTs
 //! at a fixed time), are unknown to members that joined after they were issued, and old clients
 //! handle none of that. So the proxy owns upstream identity: a client authenticates to the proxy,
-//! which checks the credentials with etcd and hands out a token of its own. Behind that token
-//! stands a [`Session`] for the etcd user, whose upstream token the proxy renews before it expires
+//! which checks the credentials with etcd and hands out a token of its own: the session itself,
+//! [`sealed`] under keys every replica may share, so that any of them (and the same process after
+//! a restart) can open it. Behind that token stands a [`Session`] for the etcd user, whose upstream token the proxy renews before it expires
 //! (JWT) and whenever etcd rejects it, retrying the rejected request once. etcd's RBAC still
 //! applies per user because every request goes up as that user.
 //!
@@ -22,25 +23,23 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
-use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::error::ProxyFailure;
 use crate::etcd_errors;
 use crate::grpc::Code;
 
+pub use sealed::parse_key_file;
+use sealed::SessionKeys;
 use throttle::LoginThrottle;
 pub use throttle::LoginTurn;
 
+mod sealed;
 mod throttle;
 
 /// The metadata key etcd reads a token from.
 pub const TOKEN_HEADER: HeaderName = HeaderName::from_static("token");
 /// The other key etcd reads a token from when `token` is absent (its HTTP gateway's spelling).
 pub const AUTHORIZATION_HEADER: HeaderName = http::header::AUTHORIZATION;
-/// Prefix of the tokens this proxy issues, so that an etcd token sent by mistake is recognised.
-const PROXY_TOKEN_PREFIX: &str = "ecp.";
-/// Random bytes per proxy token (256 bits).
-const PROXY_TOKEN_BYTES: usize = 32;
 /// A password held in memory only, overwritten when dropped, never printed.
 #[derive(Clone)]
 pub struct Secret(Vec<u8>);
@@ -111,6 +110,8 @@ pub struct Session {
     /// Opened by a client's Authenticate (rather than configured): when etcd refuses its
     /// credentials later, the client is told to authenticate again.
     issued: bool,
+    /// etcd refused the credentials (a changed password): the token no longer opens a session.
+    revoked: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Session {
@@ -128,8 +129,7 @@ pub enum Authenticated {
 }
 
 impl Session {
-    fn new(credentials: Credentials, token: Option<String>) -> Self {
-        let issued = token.is_some();
+    fn new(credentials: Credentials, token: Option<String>, issued: bool) -> Self {
         let upstream = match token {
             Some(token) => upstream_token(&token, 0),
             None => UpstreamToken { value: None, generation: 0, renew_after: None },
@@ -140,6 +140,14 @@ impl Session {
             renewing: tokio::sync::Mutex::new(()),
             last_used: AtomicU64::new(0),
             issued,
+            revoked: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Marks a client's session whose credentials etcd refused: its token is refused from now on.
+    pub fn revoke(&self) {
+        if self.issued {
+            self.revoked.store(true, Relaxed);
         }
     }
 
@@ -258,35 +266,44 @@ pub struct AuthConfig {
     pub session_idle_timeout: Duration,
     /// Longest delay of a login from an address whose logins keep failing.
     pub max_login_delay: Duration,
+    /// `--session-key-file` and the keys read from it at startup; `None`: a random key per process.
+    pub session_keys: Option<(std::path::PathBuf, Vec<Secret>)>,
 }
 
 /// Every session of the process, by proxy token, plus the configured identities.
 pub struct AuthSessions {
+    /// Sessions opened in this process or from a sealed token it was shown: a cache, since any
+    /// token the keys open stands for its session.
     by_token: Mutex<HashMap<String, Arc<Session>>>,
+    keys: SessionKeys,
     default_identity: Option<Arc<Session>>,
     cn_identities: HashMap<String, Arc<Session>>,
     idle_timeout: Duration,
     started: Instant,
     logins: LoginThrottle,
-    random: SystemRandom,
 }
 
 impl AuthSessions {
-    /// Builds the session table from configuration.
-    pub fn new(config: AuthConfig) -> Self {
-        AuthSessions {
+    /// Builds the session table from configuration; fails only if the crypto provider does.
+    pub fn new(config: AuthConfig) -> Result<Self, String> {
+        let keys = match &config.session_keys {
+            Some((_, secrets)) => SessionKeys::new(secrets),
+            None => SessionKeys::random(),
+        };
+        let keys = keys.ok_or("the crypto provider could not make the session token keys")?;
+        Ok(AuthSessions {
             by_token: Mutex::new(HashMap::new()),
-            default_identity: config.default_identity.map(|c| Arc::new(Session::new(c, None))),
+            keys,
+            default_identity: config.default_identity.map(|c| Arc::new(Session::new(c, None, false))),
             cn_identities: config
                 .cn_identities
                 .into_iter()
-                .map(|(cn, credentials)| (cn, Arc::new(Session::new(credentials, None))))
+                .map(|(cn, credentials)| (cn, Arc::new(Session::new(credentials, None, false))))
                 .collect(),
             idle_timeout: config.session_idle_timeout,
             started: Instant::now(),
             logins: LoginThrottle::new(config.max_login_delay),
-            random: SystemRandom::new(),
-        }
+        })
     }
 
     fn now_secs(&self) -> u64 {
@@ -298,8 +315,7 @@ impl AuthSessions {
     pub fn identify(&self, headers: &HeaderMap, client: Option<&ClientInfo>) -> Identity {
         // etcd reads `authorization` when `token` is absent: both are the client's token.
         if let Some(token) = headers.get(&TOKEN_HEADER).or_else(|| headers.get(&AUTHORIZATION_HEADER)) {
-            let found = token.to_str().ok().and_then(|token| self.by_token.lock().ok()?.get(token).cloned());
-            return match found {
+            return match token.to_str().ok().and_then(|token| self.session_of(token)) {
                 Some(session) => {
                     session.last_used.store(self.now_secs(), Relaxed);
                     Identity::Session(session)
@@ -314,21 +330,42 @@ impl AuthSessions {
         }
     }
 
+    /// The live session of `token`: cached, or opened from the token itself (issued by another
+    /// replica, or by this process before a restart).
+    fn session_of(&self, token: &str) -> Option<Arc<Session>> {
+        let mut sessions = self.by_token.lock().ok()?;
+        if let Some(session) = sessions.get(token) {
+            return (!session.revoked.load(Relaxed)).then(|| Arc::clone(session));
+        }
+        let credentials = self.keys.open(token)?;
+        let session = Arc::new(Session::new(credentials, None, true));
+        sessions.insert(token.to_owned(), Arc::clone(&session));
+        Some(session)
+    }
+
     /// Opens a session for credentials etcd just accepted with `token`; returns the proxy token.
     pub fn open(&self, credentials: Credentials, token: String) -> Result<String, (Code, String)> {
-        let mut random = [0u8; PROXY_TOKEN_BYTES];
-        self.random.fill(&mut random).map_err(|_| ProxyFailure::RandomFailed.status())?;
-        let mut proxy_token = String::with_capacity(PROXY_TOKEN_PREFIX.len() + 2 * PROXY_TOKEN_BYTES);
-        proxy_token.push_str(PROXY_TOKEN_PREFIX);
-        for byte in random {
-            proxy_token.push_str(&format!("{byte:02x}"));
-        }
-        let session = Arc::new(Session::new(credentials, Some(token)));
+        let issued_at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let proxy_token = self.keys.seal(&credentials, issued_at).ok_or_else(|| ProxyFailure::RandomFailed.status())?;
+        let session = Arc::new(Session::new(credentials, Some(token), true));
         session.last_used.store(self.now_secs(), Relaxed);
         if let Ok(mut sessions) = self.by_token.lock() {
             sessions.insert(proxy_token.clone(), session);
         }
         Ok(proxy_token)
+    }
+
+    /// Replaces the session keys (a changed `--session-key-file`): the first seals from now on,
+    /// and tokens no remaining key opens are refused. Cached sessions are forgotten so that each
+    /// token is checked against the new keys.
+    pub fn replace_keys(&self, secrets: &[Secret]) -> bool {
+        if !self.keys.replace(secrets) {
+            return false;
+        }
+        if let Ok(mut sessions) = self.by_token.lock() {
+            sessions.clear();
+        }
+        true
     }
 
     /// Waits until a login from `addr` may be checked with etcd (see [`LoginThrottle`]).
@@ -373,7 +410,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_rejections_renew_once() {
-        let session = Arc::new(Session::new(credentials("u"), Some("simple.1".to_owned())));
+        let session = Arc::new(Session::new(credentials("u"), Some("simple.1".to_owned()), true));
         let calls = Arc::new(AtomicU64::new(0));
         let first = session.token(None, |_| async { Authenticated::Token("unused".into()) }).await.unwrap();
         assert_eq!(first.generation(), 0);
@@ -405,9 +442,11 @@ mod tests {
             cn_identities: vec![("client-a".to_owned(), credentials("a"))],
             session_idle_timeout: Duration::from_secs(60),
             max_login_delay: Duration::from_secs(5),
-        });
+            session_keys: None,
+        })
+        .unwrap();
         let token = sessions.open(credentials("alice"), "simple.1".to_owned()).unwrap();
-        assert!(token.starts_with("ecp.") && token.len() == 4 + 64, "{token}");
+        assert!(token.starts_with("ecp."), "{token}");
         let mut headers = HeaderMap::new();
         headers.insert(TOKEN_HEADER, token.parse().unwrap());
         assert!(matches!(sessions.identify(&headers, None), Identity::Session(s) if s.user() == "alice"));
@@ -426,14 +465,38 @@ mod tests {
 
     #[test]
     fn idle_sessions_are_forgotten() {
-        let sessions = AuthSessions::new(AuthConfig { session_idle_timeout: Duration::ZERO, ..AuthConfig::default() });
+        let sessions =
+            AuthSessions::new(AuthConfig { session_idle_timeout: Duration::ZERO, ..AuthConfig::default() }).unwrap();
         let token = sessions.open(credentials("alice"), "simple.1".to_owned()).unwrap();
         assert_eq!(sessions.session_count(), 1);
         sessions.expire_idle();
         assert_eq!(sessions.session_count(), 0);
+        // The token itself still stands for the session: it is opened again, without etcd's token.
         let mut headers = HeaderMap::new();
         headers.insert(TOKEN_HEADER, token.parse().unwrap());
-        assert!(matches!(sessions.identify(&headers, None), Identity::UnknownToken));
+        assert!(matches!(sessions.identify(&headers, None), Identity::Session(s) if s.user() == "alice"));
+        assert_eq!(sessions.session_count(), 1);
+    }
+
+    #[test]
+    fn a_shared_key_lets_another_process_open_the_session_until_revoked() {
+        let key = || Some((std::path::PathBuf::from("keys"), vec![Secret::new(vec![9; 32])]));
+        let first = AuthSessions::new(AuthConfig { session_keys: key(), ..AuthConfig::default() }).unwrap();
+        let second = AuthSessions::new(AuthConfig { session_keys: key(), ..AuthConfig::default() }).unwrap();
+        let stranger = AuthSessions::new(AuthConfig::default()).unwrap();
+        let token = first.open(credentials("alice"), "simple.1".to_owned()).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(TOKEN_HEADER, token.parse().unwrap());
+        let Identity::Session(session) = second.identify(&headers, None) else { panic!("not opened") };
+        assert_eq!((session.user(), session.credentials.password.expose()), ("alice", &b"pw"[..]));
+        assert!(session.issued_to_client());
+        assert!(matches!(stranger.identify(&headers, None), Identity::UnknownToken));
+        // etcd refused the password: the token is refused from then on.
+        session.revoke();
+        assert!(matches!(second.identify(&headers, None), Identity::UnknownToken));
+        // The key removed (rotated out): refused everywhere the file changed.
+        assert!(first.replace_keys(&[Secret::new(vec![8; 32])]));
+        assert!(matches!(first.identify(&headers, None), Identity::UnknownToken));
     }
 
     #[test]

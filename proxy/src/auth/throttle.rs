@@ -156,7 +156,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failed_logins_slow_down() {
         let sessions =
-            AuthSessions::new(AuthConfig { max_login_delay: Duration::from_secs(5), ..AuthConfig::default() });
+            AuthSessions::new(AuthConfig { max_login_delay: Duration::from_secs(5), ..AuthConfig::default() }).unwrap();
         let addr = Some(IpAddr::from([127, 0, 0, 9]));
         let mut delays = Vec::new();
         for _ in 0..FREE_LOGIN_FAILURES + 2 {
@@ -174,10 +174,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn parallel_logins_wait_as_long_as_serial_ones() {
-        let sessions = Arc::new(AuthSessions::new(AuthConfig {
-            max_login_delay: Duration::from_millis(200),
-            ..AuthConfig::default()
-        }));
+        let sessions = Arc::new(
+            AuthSessions::new(AuthConfig { max_login_delay: Duration::from_millis(200), ..AuthConfig::default() })
+                .unwrap(),
+        );
         let addr = Some(IpAddr::from([127, 0, 0, 9]));
         let started = tokio::time::Instant::now();
         let tasks: Vec<_> = (0..10)
@@ -196,7 +196,7 @@ mod tests {
     #[tokio::test]
     async fn abandoned_logins_count_as_nothing() {
         let sessions =
-            AuthSessions::new(AuthConfig { max_login_delay: Duration::from_secs(5), ..AuthConfig::default() });
+            AuthSessions::new(AuthConfig { max_login_delay: Duration::from_secs(5), ..AuthConfig::default() }).unwrap();
         let addr = Some(IpAddr::from([127, 0, 0, 9]));
         for _ in 0..10 {
             drop(sessions.admit_login(addr).await);

@@ -115,6 +115,9 @@ impl Sender {
             // briefly unavailable is reported as such, and the client retries.
             let credentials_refused = matches!(code, Code::InvalidArgument | Code::PermissionDenied | Code::NotFound);
             if session.issued_to_client() && credentials_refused {
+                // The password changed (or the user went): the token is dead in this process, so
+                // that its next uses do not each cost etcd a refused login.
+                session.revoke();
                 // The client authenticates again and then sees etcd's own answer to its credentials.
                 ProxyFailure::InvalidToken.status()
             } else {

@@ -200,7 +200,11 @@ pub struct StartArgs {
     )]
     pub client_cn_identity: Option<Vec<String>>,
 
-    #[arg(long, env = "ETCD_COMPAT_PROXY_AUTH_SESSION_IDLE_TIMEOUT", value_name = "DURATION", help = with_default("Tokens the proxy issued are forgotten after this long unused; clients then re-authenticate", defaults::AUTH_SESSION_IDLE_TIMEOUT))]
+    /// Keys that seal the proxy's session tokens, one per line, each the base64 of at least 32 random bytes (`head -c 32 /dev/urandom | base64`); the first seals new tokens, all open them. Replicas sharing the file accept each other's tokens, and tokens survive restarts; reloaded on change. Without it, a random key per process.
+    #[arg(long, env = "ETCD_COMPAT_PROXY_SESSION_KEY_FILE", value_name = "FILE")]
+    pub session_key_file: Option<PathBuf>,
+
+    #[arg(long, env = "ETCD_COMPAT_PROXY_AUTH_SESSION_IDLE_TIMEOUT", value_name = "DURATION", help = with_default("A session unused this long is dropped from memory (with its etcd token); its proxy token still opens it again while its key is loaded", defaults::AUTH_SESSION_IDLE_TIMEOUT))]
     pub auth_session_idle_timeout: Option<String>,
 
     #[arg(long, env = "ETCD_COMPAT_PROXY_MAX_LOGIN_DELAY", value_name = "DURATION", help = with_default("Longest delay of an Authenticate call from an address whose recent logins failed; the delay doubles from 100ms after 3 failures, and that address's logins are answered one at a time", defaults::MAX_LOGIN_DELAY))]
@@ -347,6 +351,7 @@ impl StartArgs {
             user,
             password_file,
             client_cn_identity,
+            session_key_file,
             auth_session_idle_timeout,
             max_login_delay,
             max_request_bytes,
@@ -549,6 +554,7 @@ impl StartArgs {
                 self.max_login_delay.as_deref(),
                 defaults::MAX_LOGIN_DELAY,
             )?,
+            session_keys: self.session_key_file.map(|path| session_keys(&path)).transpose()?,
         };
 
         Ok(Config {
@@ -964,6 +970,15 @@ impl ConfigError {
     fn invalid(flag: &'static str, value: &str, why: &str) -> Self {
         ConfigError::Invalid { flag, value: value.to_owned(), why: why.to_owned() }
     }
+}
+
+/// `--session-key-file`'s keys, read and checked at startup.
+fn session_keys(path: &std::path::Path) -> Result<(PathBuf, Vec<crate::auth::Secret>), ConfigError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile { path: path.to_owned(), source })?;
+    let keys = crate::auth::parse_key_file(&text)
+        .map_err(|error| ConfigError::invalid("session-key-file", &path.display().to_string(), &error.to_string()))?;
+    Ok((path.to_owned(), keys))
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ const TOKEN_TTL: Duration = Duration::from_secs(2);
 /// Longer than the token TTL, so every token issued before it has expired.
 const IDLE: Duration = Duration::from_secs(5);
 const ROOT: &str = "root:rootpw";
-const APP_PASSWORD: &str = "apppw-3d1f";
+pub(crate) const APP_PASSWORD: &str = "apppw-3d1f";
 
 #[derive(Debug, Clone, Copy)]
 enum Tokens {
@@ -56,7 +56,7 @@ fn deployment(
 }
 
 /// Adds `root`, and `app` with read-write on `/app/` only, then enables auth.
-fn enable_auth(cluster: &EtcdCluster) {
+pub(crate) fn enable_auth(cluster: &EtcdCluster) {
     let ctl = |args: &[&str]| cluster.etcdctl_ok(args);
     ctl(&["user", "add", ROOT]);
     ctl(&["role", "add", "app"]);
@@ -66,7 +66,7 @@ fn enable_auth(cluster: &EtcdCluster) {
     ctl(&["auth", "enable"]);
 }
 
-async fn app_client(endpoint: &str) -> Client {
+pub(crate) async fn app_client(endpoint: &str) -> Client {
     app_client_tls(endpoint, None).await
 }
 
@@ -91,7 +91,7 @@ fn expired_watch_reason(version: EtcdVersion) -> &'static str {
     }
 }
 
-fn invalid_token() -> (String, String) {
+pub(crate) fn invalid_token() -> (String, String) {
     ("Unauthenticated".to_owned(), "etcdserver: invalid auth token".to_owned())
 }
 
@@ -290,7 +290,8 @@ fn revoked_permission_is_denied(version: EtcdVersion) {
             .expect("authenticate directly")
             .token()
             .to_owned();
-        assert!(proxy_token.starts_with("ecp.") && proxy_token.len() == 68, "{proxy_token}");
+        // Sealed (see README): 17 bytes of header, app's session (23 bytes) and the tag, in base64.
+        assert!(proxy_token.starts_with("ecp.") && proxy_token.len() == 4 + 75, "{proxy_token}");
 
         deployment.cluster.etcdctl_ok(&[&format!("--user={ROOT}"), "user", "revoke-role", "app", "app"]);
         let denied = ("PermissionDenied".to_owned(), "etcdserver: permission denied".to_owned());

@@ -13,6 +13,7 @@ mod lifecycle;
 mod migration;
 mod read_cache;
 mod restarts;
+mod shared_sessions;
 mod size_budget;
 mod support;
 mod watch_coalescing;
