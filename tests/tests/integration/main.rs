@@ -4,6 +4,7 @@ mod auth_sessions;
 mod byte_fidelity;
 mod cert_lifecycle;
 mod cluster_routing;
+mod deploy;
 mod errors;
 mod etcdctl_compat;
 mod failover;
