@@ -15,6 +15,8 @@ pub struct Config {
     pub listen_addr: SocketAddr,
     /// Whether both addresses are bound with SO_REUSEPORT, for a restart that refuses no one.
     pub reuse_port: bool,
+    /// Event loops (threads) serving clients; 1 runs everything on the main thread.
+    pub workers: usize,
     /// The address clients should use to reach the proxy.
     pub advertise_client_url: String,
     /// `--advertise-client-url` as URLs, only when it was given: what `MemberList` answers list.

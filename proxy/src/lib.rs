@@ -66,7 +66,17 @@ pub fn execute(cli: Cli) -> ExitCode {
                 }
             };
             init_logging(config.debug);
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            // One worker: everything on this thread, with no cross-thread wake-ups (the cheapest
+            // per call). More: a pool of event loops sharing every part of the proxy.
+            let mut builder = match config.workers {
+                1 => tokio::runtime::Builder::new_current_thread(),
+                workers => {
+                    let mut builder = tokio::runtime::Builder::new_multi_thread();
+                    builder.worker_threads(workers).thread_name("proxy-worker");
+                    builder
+                }
+            };
+            let runtime = match builder.enable_all().build() {
                 Ok(runtime) => runtime,
                 Err(error) => {
                     eprintln!("etcd-compat-proxy: cannot start the async runtime: {error}");

@@ -20,6 +20,9 @@ const START_ATTEMPTS: usize = 3;
 const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 const LISTEN_FLAG: &str = "--listen-addr";
 const METRICS_FLAG: &str = "--metrics-addr";
+/// When set (to a number), every proxy `start` the harness runs gets `--workers` with it, so
+/// that the same tests check the multi-threaded proxy (`scripts/test.sh` runs a subset so).
+pub const WORKERS_ENV: &str = "ETCD_COMPAT_TEST_PROXY_WORKERS";
 
 /// The proxy binary running as a child process, with its output in a log file.
 /// Dropping it SIGKILLs the process; during a panic the log is kept and its tail printed.
@@ -63,6 +66,12 @@ impl ProxyProcess {
 
     fn start_once(bin: &Path, mut args: Vec<String>) -> Result<ProxyProcess, StartFailure> {
         let no_log = |error: anyhow::Error| StartFailure { error, log: String::new() };
+        // The suite can run every proxy it starts with several event loops (see WORKERS_ENV).
+        if let Ok(workers) = std::env::var(WORKERS_ENV) {
+            if args.first().is_some_and(|a| a == "start") && flag_value(&args, "--workers").is_none() {
+                args.push(format!("--workers={workers}"));
+            }
+        }
         let listen_value = match flag_value(&args, LISTEN_FLAG) {
             Some(value) => value,
             None => {

@@ -50,6 +50,7 @@ mod defaults {
     pub const SERIALIZABLE_CACHE_BYTES: u64 = 64 * 1024 * 1024;
     pub const WATCH_COALESCING: bool = true;
     pub const REUSE_PORT: bool = false;
+    pub const WORKERS: usize = 1;
 }
 
 /// A flag's help text with its default, so that the default is written only in [`defaults`].
@@ -83,6 +84,9 @@ pub struct StartArgs {
 
     #[arg(long, env = "ETCD_COMPAT_PROXY_LEARNER_SERIALIZABLE_READS", num_args = 0..=1, default_missing_value = "true", help = with_default("Let learners serve serializable Range requests (after every voting member); otherwise learners get no client requests", defaults::LEARNER_SERIALIZABLE_READS))]
     pub learner_serializable_reads: Option<bool>,
+
+    #[arg(long, env = "ETCD_COMPAT_PROXY_WORKERS", value_name = "N", help = with_default("Event loops serving clients, sharing the listener, the cluster view, auth sessions, the read cache and shared watches; `0`: one per available CPU. One keeps everything on one thread, the cheapest per call; see README, \"Deploying\", for workers against replicas", defaults::WORKERS))]
+    pub workers: Option<usize>,
 
     #[arg(long, env = "ETCD_COMPAT_PROXY_REUSE_PORT", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", help = with_default("Bind the listener and the admin address with SO_REUSEPORT, so that a new proxy process can take over the addresses while the old one drains after SIGTERM (see README, \"Restarts nobody notices\")", defaults::REUSE_PORT))]
     pub reuse_port: Option<bool>,
@@ -321,6 +325,7 @@ impl StartArgs {
             member_list,
             cluster_refresh_interval,
             learner_serializable_reads,
+            workers,
             reuse_port,
             metrics_addr,
             admin_token_file,
@@ -563,6 +568,7 @@ impl StartArgs {
             endpoints,
             listen_addr,
             reuse_port: self.reuse_port.unwrap_or(defaults::REUSE_PORT),
+            workers: workers(self.workers)?,
             advertise_client_url,
             advertised_client_urls,
             member_list,
@@ -971,6 +977,22 @@ impl ConfigError {
         ConfigError::Invalid { flag, value: value.to_owned(), why: why.to_owned() }
     }
 }
+
+/// `--workers`, with `0` resolved to the CPUs this process may use.
+fn workers(requested: Option<usize>) -> Result<usize, ConfigError> {
+    match requested.unwrap_or(defaults::WORKERS) {
+        0 => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+        n if n > MAX_WORKERS => Err(ConfigError::invalid(
+            "workers",
+            &n.to_string(),
+            &format!("at most {MAX_WORKERS}; more event loops than CPUs only add switching"),
+        )),
+        n => Ok(n),
+    }
+}
+
+/// More event loops than any machine this runs on has CPUs.
+const MAX_WORKERS: usize = 1024;
 
 /// `--session-key-file`'s keys, read and checked at startup.
 fn session_keys(path: &std::path::Path) -> Result<(PathBuf, Vec<crate::auth::Secret>), ConfigError> {

@@ -138,3 +138,40 @@ fn ready_waits_for_a_healthy_member() {
     wait_ready(&proxy, 200, "ready\n");
     assert_eq!(proxy.http_get("/health").0, 200);
 }
+
+/// Threads of `proxy` named as the runtime's workers.
+fn worker_threads(proxy: &ProxyProcess) -> usize {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", proxy.pid())).expect("the proxy's threads");
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "proxy-worker")
+        .count()
+}
+
+/// `--workers N` runs N event loops (named `proxy-worker`), `0` one per CPU, and the default
+/// none beside the main thread; out-of-range values are refused before anything is bound.
+#[test]
+fn workers_are_event_loops_of_their_own() {
+    let cluster = EtcdCluster::start(ClusterSpec::new(EtcdVersion::V3_5, 1)).expect("cluster");
+    let endpoints = format!("--endpoints={}", cluster.client_endpoints_csv());
+    let one = start_proxy(vec![endpoints.clone(), "--workers=1".to_owned()]);
+    assert_eq!(worker_threads(&one), 0, "one worker is the main thread");
+    let three = start_proxy(vec![endpoints.clone(), "--workers=3".to_owned()]);
+    assert_eq!(worker_threads(&three), 3);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_cpu = start_proxy(vec![endpoints.clone(), "--workers=0".to_owned()]);
+    assert_eq!(worker_threads(&per_cpu), if cpus == 1 { 0 } else { cpus });
+    let runtime = runtime();
+    runtime.block_on(async {
+        let mut client = connect(&format!("http://{}", three.listen_addr())).await;
+        client.put("/workers/k", "v", None).await.expect("put with 3 workers");
+        let got = client.get("/workers/k", None).await.expect("get");
+        assert_eq!(got.kvs()[0].value(), b"v");
+    });
+    let (code, stderr) = crate::support::run_proxy(&["start", "--workers=5000"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("invalid --workers \"5000\": at most 1024; more event loops than CPUs only add switching"),
+        "{stderr}"
+    );
+}
