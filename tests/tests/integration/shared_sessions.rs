@@ -1,15 +1,21 @@
 //! Sessions any replica accepts (`--session-key-file`): a client that authenticated through one
 //! proxy process keeps its token through another that shares the key file, and through the first
-//! one restarted; tokens no key opens are refused with etcd's own `invalid auth token`.
+//! one restarted (the Rust client, etcdctl, the legacy Python etcd3 client); tokens no key opens are
+//! refused with etcd's own `invalid auth token`.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
 use etcd_client::WatchOptions;
+use etcd_compat_certs::DevPki;
 use etcd_compat_proto::etcdserverpb::{AuthenticateRequest, AuthenticateResponse, PutRequest};
-use etcd_compat_tests::{etcdctl_ok, free_port, grpc_frame, ClusterSpec, EtcdCluster, EtcdVersion, ProxyProcess};
+use etcd_compat_tests::{
+    etcd3_python, etcdctl_ok, free_port, grpc_frame, workspace_root, ClientTls, ClusterSpec, EtcdCluster, EtcdVersion,
+    ProxyProcess,
+};
 use prost::Message;
 
 use crate::auth_sessions::{app_client, enable_auth, invalid_token, APP_PASSWORD};
@@ -29,14 +35,18 @@ fn write_keys(file: &Path, keys: &[&str]) {
 
 /// A proxy on the shared `listen` address (`--reuse-port`), with the key file.
 fn replica(cluster: &EtcdCluster, listen: &str, keys: &Path) -> ProxyProcess {
-    start_proxy(vec![
+    start_proxy(replica_args(cluster, listen, keys))
+}
+
+fn replica_args(cluster: &EtcdCluster, listen: &str, keys: &Path) -> Vec<String> {
+    vec![
         format!("--endpoints={}", cluster.client_endpoints_csv()),
         "--reuse-port".to_owned(),
         format!("--listen-addr={listen}"),
         format!("--session-key-file={}", path(keys)),
         "--cert-reload-interval=100ms".to_owned(),
         "--shutdown-grace=2s".to_owned(),
-    ])
+    ]
 }
 
 fn stop(mut proxy: ProxyProcess) {
@@ -160,6 +170,81 @@ fn any_replica_accepts_the_session(version: EtcdVersion) {
 
 both_versions!(
     any_replica_accepts_the_session => any_replica_accepts_the_session_3_4, any_replica_accepts_the_session_3_5
+);
+
+/// The legacy Python client (etcd3 0.12, which authenticates once when it is made) logs in
+/// through one replica and keeps calling while that replica is replaced by another on the same
+/// address: every call succeeds, with the first one's token. TLS, because grpcio sends tokens
+/// over TLS only. (A grpcio client that is idle while its proxy goes away reads the old
+/// connection's GOAWAY only with its next call, which then fails with `Unavailable`, as it does
+/// when etcd itself restarts; see the README.)
+fn python_client_keeps_its_token_across_replicas(version: EtcdVersion) {
+    let cluster = EtcdCluster::start(ClusterSpec::new(version, 1)).expect("cluster");
+    enable_auth(&cluster);
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = DevPki::create(dir.path(), "proxy").expect("listener pki");
+    let keys = dir.path().join("session-keys");
+    write_keys(&keys, &[&new_key()]);
+    let listen = format!("127.0.0.1:{}", free_port().expect("port"));
+    let tls_replica = || {
+        let mut args = replica_args(&cluster, &listen, &keys);
+        args.push(format!("--cert-file={}", path(&pki.server_cert)));
+        args.push(format!("--key-file={}", path(&pki.server_key)));
+        start_proxy(args)
+    };
+    let first = tls_replica();
+    let tls = ClientTls::from_dev_pki(&pki);
+    let stop_file = dir.path().join("stop");
+    let mut python = Command::new(etcd3_python())
+        .arg(workspace_root().join("tests/python/calls_until.py"))
+        .args([&listen, "app", APP_PASSWORD, "/app/py/k"])
+        .arg(&stop_file)
+        .args([&tls.ca_cert, &tls.cert, &tls.key])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run python");
+    // The client has logged in through the first replica once that one answered an Authenticate.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !first
+        .http_get("/metrics")
+        .1
+        .lines()
+        .any(|line| line.starts_with("grpc_server_handled_total{") && line.contains("grpc_method=\"Authenticate\""))
+    {
+        assert!(std::time::Instant::now() < deadline, "the Python client never logged in");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let second = tls_replica();
+    stop(first);
+    // Calls go on through the second replica for a while.
+    let served_before = puts_served(&second);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while puts_served(&second) < served_before + 20 {
+        assert!(std::time::Instant::now() < deadline, "the Python client's calls never reached the second replica");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::write(&stop_file, "").expect("stop the client");
+    let mut printed = String::new();
+    python.stdout.take().expect("stdout").read_to_string(&mut printed).expect("read");
+    assert!(python.wait().expect("python exits").success());
+    assert!(printed.starts_with("OK "), "every call succeeded, through both replicas: {printed}");
+    assert!(!second.http_get("/metrics").1.contains("grpc_method=\"Authenticate\""), "no new login on the second");
+}
+
+/// Puts the proxy has answered.
+fn puts_served(proxy: &ProxyProcess) -> u64 {
+    proxy
+        .http_get("/metrics")
+        .1
+        .lines()
+        .filter(|line| line.starts_with("grpc_server_handled_total{") && line.contains("grpc_method=\"Put\""))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+both_versions!(
+    python_client_keeps_its_token_across_replicas
+        => python_client_keeps_its_token_across_replicas_3_4, python_client_keeps_its_token_across_replicas_3_5
 );
 
 /// A malformed or short key is refused at startup, naming the line.
