@@ -53,6 +53,9 @@ fn restart_with_reuse_port_refuses_nobody() {
     };
     let mut old = start_proxy(args(free_port().expect("port")));
     wait_ready(&old, 200, "ready\n");
+    // A connection that sends nothing (made while the old process is the only one listening)
+    // keeps it draining for a moment after SIGTERM, long enough to see its /ready turn.
+    let silent = std::net::TcpStream::connect(old.listen_addr()).expect("a silent connection");
     let endpoint = format!("http://{listen}");
 
     let runtime = runtime();
@@ -103,6 +106,8 @@ fn restart_with_reuse_port_refuses_nobody() {
     wait_ready(&new, 200, "ready\n");
     let before = (kept.answered.load(Ordering::Relaxed), fresh.answered.load(Ordering::Relaxed));
     old.sigterm().expect("SIGTERM");
+    wait_ready(&old, 503, "draining: the proxy is shutting down\n");
+    drop(silent);
     let exit = old.wait_exit(Duration::from_secs(10)).expect("the old proxy exits");
     assert!(exit.success(), "the old proxy exited with {exit}");
     let at_exit = (kept.answered.load(Ordering::Relaxed), fresh.answered.load(Ordering::Relaxed));
