@@ -160,6 +160,22 @@ fn any_replica_accepts_the_session(version: EtcdVersion) {
         assert_eq!(put_with_token(&restarted, &rotated).await, ("0".to_owned(), String::new()), "new key");
         // The long-lived client's token was sealed with the removed key too.
         assert_eq!(grpc_status(client.put("/app/after", "4", None).await), invalid_token());
+
+        // A changed password revokes the user's tokens: in the process that held the session,
+        // and in one that opens the token afresh.
+        let root = "--user=root:rootpw";
+        cluster.etcdctl_ok(&[root, "user", "delete", "app"]);
+        cluster.etcdctl_ok(&[root, "user", "add", "app:a-new-password"]);
+        cluster.etcdctl_ok(&[root, "user", "grant-role", "app", "app"]);
+        assert_eq!(put_with_token(&restarted, &rotated).await, invalid, "password changed");
+        assert_eq!(put_with_token(&restarted, &rotated).await, invalid, "replayed after the change");
+        // On an address of its own, so that the kernel cannot hand the call to the other one.
+        let fresh = start_proxy(vec![
+            format!("--endpoints={}", cluster.client_endpoints_csv()),
+            format!("--session-key-file={}", path(&keys)),
+        ]);
+        assert_eq!(put_with_token(&fresh, &rotated).await, invalid, "opened afresh after the change");
+        drop(fresh);
     });
     let log = restarted.log_contents();
     assert!(log.contains("session keys reloaded"), "{log}");
