@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use etcd_compat_certs::DevPki;
@@ -12,7 +12,7 @@ use etcd_compat_tests::{
     etcd3_python, etcdctl_ok, free_port, http_get, workspace_root, ClusterSpec, EtcdCluster, EtcdVersion, TlsSpec,
 };
 
-use crate::support::{path, start_proxy, PROXY_BIN};
+use crate::support::{path, start_proxy, Running, PROXY_BIN};
 
 fn deploy_file(relative: &str) -> PathBuf {
     workspace_root().join("deploy").join(relative)
@@ -112,16 +112,6 @@ fn deploy_files_use_only_flags_that_exist() {
         }
     }
     assert_eq!((checked, in_unit), (13, 3), "flags in the YAML, variables in the unit");
-}
-
-/// A process that is killed when dropped.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn wait_until_ready(metrics: std::net::SocketAddr) {

@@ -180,3 +180,32 @@ fn workers_are_event_loops_of_their_own() {
         "{stderr}"
     );
 }
+
+/// Under systemd (`Type=notify`, `NOTIFY_SOCKET` set) the proxy says `READY=1` once a member is
+/// healthy and `STOPPING=1` when SIGTERM starts the drain; systemd is played by a datagram socket.
+#[test]
+fn systemd_hears_ready_and_stopping() {
+    let cluster = EtcdCluster::start(ClusterSpec::new(EtcdVersion::V3_4, 1)).expect("cluster");
+    let dir = tempfile::tempdir().expect("dir");
+    let socket_path = dir.path().join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind the notify socket");
+    socket.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut proxy = crate::support::Running(
+        std::process::Command::new(crate::support::PROXY_BIN)
+            .args(["start", &format!("--endpoints={}", cluster.client_endpoints_csv())])
+            .arg(format!("--listen-addr=127.0.0.1:{}", free_port().expect("port")))
+            .env("NOTIFY_SOCKET", &socket_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the proxy"),
+    );
+    let mut buffer = [0u8; 256];
+    let read = socket.recv(&mut buffer).expect("READY=1 within 10 s");
+    assert_eq!(&buffer[..read], b"READY=1\nSTATUS=serving");
+    let status = std::process::Command::new("kill").args(["-TERM", &proxy.0.id().to_string()]).status();
+    assert!(status.expect("kill").success());
+    let read = socket.recv(&mut buffer).expect("STOPPING=1 within 10 s");
+    assert_eq!(&buffer[..read], b"STOPPING=1\nSTATUS=draining");
+    assert!(proxy.0.wait().expect("exits").success());
+}

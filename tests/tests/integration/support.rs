@@ -113,6 +113,16 @@ pub fn start_proxy(args: Vec<String>) -> ProxyProcess {
     ProxyProcess::start(Path::new(PROXY_BIN), full).expect("proxy starts")
 }
 
+/// A child process that is killed when dropped, so that a failing test leaves none behind.
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Runs the proxy with `args` and no inherited `ETCD_COMPAT_PROXY_*`: (exit code, stderr), `None` if killed after 10 s.
 pub fn run_proxy(args: &[&str]) -> (Option<i32>, String) {
     let mut command = Command::new(PROXY_BIN);
