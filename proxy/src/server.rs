@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::FutureExt;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
@@ -154,11 +153,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     crate::service_manager::notify("STOPPING=1\nSTATUS=draining");
     // Connections the kernel already queued for this listener would be reset when it closes:
     // they are taken and drained like the others (with --reuse-port, new ones go to the process
-    // that took over).
-    while let Some(Ok((stream, peer))) = listener.accept().now_or_never() {
-        serve_client(stream, peer);
+    // that took over). Accepted with the socket's own calls until it has none left, since the
+    // runtime may not have seen the latest arrivals yet.
+    if let Ok(listener) = listener.into_std() {
+        while let Ok((stream, peer)) = listener.accept() {
+            match stream.set_nonblocking(true).and_then(|()| tokio::net::TcpStream::from_std(stream)) {
+                Ok(stream) => serve_client(stream, peer),
+                Err(error) => {
+                    tracing::debug!(%peer, %error, "a connection queued before the drain could not be served")
+                }
+            }
+        }
     }
-    drop(listener);
     stop.cancel();
     drain.cancel();
     connections.close();

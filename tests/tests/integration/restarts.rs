@@ -35,11 +35,29 @@ fn wait_ready(proxy: &ProxyProcess, want: u16, text: &str) {
     }
 }
 
+/// Turns on `net.ipv4.tcp_migrate_req`, as the README recommends for `--reuse-port`: a
+/// connection whose handshake completes between the old process's last accept and its close is
+/// then handed to the new process instead of being reset. Without it (not root, or a kernel
+/// before 5.14) the test still runs, and that microseconds-wide window is left to chance.
+fn migrate_queued_connections() {
+    const SETTING: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+    match std::fs::read_to_string(SETTING) {
+        Ok(value) if value.trim() == "1" => {}
+        Ok(_) => {
+            if let Err(error) = std::fs::write(SETTING, "1") {
+                println!("cannot set {SETTING} ({error}): the kernel may reset a connection made during the restart");
+            }
+        }
+        Err(error) => println!("no {SETTING} ({error}): the kernel may reset a connection made during the restart"),
+    }
+}
+
 /// Two kinds of legacy client through a restart: one keeps its connection and calls in a
 /// loop (as a service does), one connects afresh for every call (as scripts running etcdctl
 /// do). Neither may see a refused connection or a failed call.
 #[test]
 fn restart_with_reuse_port_refuses_nobody() {
+    migrate_queued_connections();
     let cluster = EtcdCluster::start(ClusterSpec::new(EtcdVersion::V3_5, 1)).expect("cluster");
     let listen = format!("127.0.0.1:{}", free_port().expect("port"));
     let args = |metrics_port: u16| {
