@@ -154,9 +154,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // Connections the kernel already queued for this listener would be reset when it closes:
     // they are taken and drained like the others (with --reuse-port, new ones go to the process
     // that took over). Accepted with the socket's own calls until it has none left, since the
-    // runtime may not have seen the latest arrivals yet.
+    // runtime may not have seen the latest arrivals yet. At most a backlog's worth: a flood of
+    // new connections must not keep the drain from starting.
     if let Ok(listener) = listener.into_std() {
-        while let Ok((stream, peer)) = listener.accept() {
+        for (stream, peer) in std::iter::from_fn(|| listener.accept().ok()).take(LISTEN_BACKLOG as usize) {
             match stream.set_nonblocking(true).and_then(|()| tokio::net::TcpStream::from_std(stream)) {
                 Ok(stream) => serve_client(stream, peer),
                 Err(error) => {
