@@ -1,5 +1,6 @@
 //! The admin HTTP server on `--metrics-addr`: `/health` (etcd's shape plus the proxy's view of
-//! each member), `/ready` (whether to send clients here), `/metrics` (the counters of [`metrics`], which the whole proxy writes to) and
+//! each member), `/ready` (whether to send clients here), `/metrics` (the counters of [`metrics`], which the whole proxy writes to),
+//! `/doctor` (the doctor's report, [`doctor`]) and
 //! the migration's calls under `/migrate/` ([`migrate`]), which `etcd-compat-proxy migrate`
 //! makes. Reads the cluster and the certificates; nothing it serves feeds back into a call.
 
@@ -19,8 +20,10 @@ use crate::auth::Secret;
 use crate::migrate::Migration;
 use crate::upstream::Cluster;
 
+pub use doctor::DoctorEndpoint;
 pub use metrics::{ClosedBecause, Metrics, Refusal, RenderMetrics};
 
+mod doctor;
 pub mod metrics;
 mod migrate;
 
@@ -40,6 +43,8 @@ pub struct Admin {
     pub token: Option<Secret>,
     /// Set once the proxy received SIGTERM and drains.
     pub draining: Arc<AtomicBool>,
+    /// The doctor's report behind `/doctor`.
+    pub doctor: DoctorEndpoint,
 }
 
 impl Admin {
@@ -65,11 +70,15 @@ impl Admin {
                 migrate::render_metrics(&self.migration.status(), &mut text);
                 reply(StatusCode::OK, "text/plain; version=0.0.4", text)
             }
+            "/doctor" => {
+                let json = self.doctor.report_json().await;
+                reply(StatusCode::OK, "application/json", json.to_string())
+            }
             path if path.starts_with("/migrate/") => self.migrate(request).await,
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found: the admin server serves /health, /ready, /metrics and /migrate/\n".to_owned(),
+                "not found: the admin server serves /health, /ready, /metrics, /doctor and /migrate/\n".to_owned(),
             ),
         }
     }
