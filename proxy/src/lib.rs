@@ -36,6 +36,7 @@ mod fuzz;
 mod grpc;
 mod listener;
 mod migrate;
+mod recover;
 mod server;
 mod service_manager;
 mod tls;
@@ -59,6 +60,7 @@ pub fn execute(cli: Cli) -> ExitCode {
         Command::Certs(args) => cli::certs::run(args),
         Command::Migrate(args) => cli::migrate::run(args),
         Command::Doctor(args) => cli::doctor::run(args),
+        Command::RecoverSpace(args) => cli::recover_space::run(args),
         Command::Start(args) => {
             let config = match args.merge_config_file().and_then(|args| args.validate()) {
                 Ok(config) => config,

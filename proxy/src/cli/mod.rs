@@ -1,13 +1,14 @@
 //! The command line: `start` (the proxy, with flags compatible with `etcd grpc-proxy start`,
 //! each also an environment variable and a TOML key), `certs` (the certificate runbook),
-//! `migrate` (the move to a new cluster, driven through a running proxy) and `doctor` (a
-//! diagnosis of the cluster).
+//! `migrate` (the move to a new cluster, driven through a running proxy), `doctor` (a
+//! diagnosis of the cluster) and `recover-space` (the NOSPACE runbook).
 //! Reads and checks what the operator wrote, and hands the rest of the proxy a validated
 //! [`crate::config::Config`]; nothing else depends on it.
 
 pub mod certs;
 pub mod doctor;
 pub mod migrate;
+pub mod recover_space;
 pub mod start;
 
 use clap::{Parser, Subcommand};
@@ -35,4 +36,6 @@ pub enum Command {
     Migrate(migrate::MigrateArgs),
     /// Diagnose the cluster: members, space, certificates, auth, performance (changes nothing).
     Doctor(doctor::DoctorArgs),
+    /// Recover from NOSPACE: compact, defragment one member at a time, disarm the alarms.
+    RecoverSpace(recover_space::RecoverSpaceArgs),
 }

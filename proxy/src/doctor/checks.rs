@@ -332,7 +332,8 @@ pub fn quota_of(status: &StatusSample, limits: &Thresholds) -> i64 {
     }
 }
 
-fn mib(bytes: i64) -> String {
+/// Bytes as MiB with one decimal, for evidence lines.
+pub fn mib(bytes: i64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 

@@ -188,7 +188,7 @@ pub async fn gather(access: &ClusterAccess, limits: ReadLimits) -> Facts {
 }
 
 /// One etcd call within [`CALL_TIMEOUT`], its error as text.
-async fn timed<T>(call: impl std::future::Future<Output = Result<T, etcd_client::Error>>) -> Result<T, String> {
+pub async fn timed<T>(call: impl std::future::Future<Output = Result<T, etcd_client::Error>>) -> Result<T, String> {
     match tokio::time::timeout(CALL_TIMEOUT, call).await {
         Ok(Ok(answer)) => Ok(answer),
         Ok(Err(error)) => Err(describe(&error)),
@@ -259,7 +259,7 @@ async fn stray_endpoints(access: &ClusterAccess, members: Option<&[MemberFacts]>
 
 /// The smallest revision a Range can still read at, found by bisection with single-key,
 /// count-only reads (cheap however large the keyspace): 0 when revision 1 is still readable.
-async fn oldest_readable_revision(client: &mut Client, current: i64) -> Result<i64, String> {
+pub async fn oldest_readable_revision(client: &mut Client, current: i64) -> Result<i64, String> {
     let readable = |revision: i64| {
         let mut client = client.clone();
         async move {
