@@ -131,7 +131,7 @@ impl Bars {
     }
 
     fn line(&self, done: usize, doing: &str) -> String {
-        let filled = if self.units == 0 { BAR_WIDTH } else { done * BAR_WIDTH / self.units };
+        let filled = (done * BAR_WIDTH).checked_div(self.units).unwrap_or(BAR_WIDTH).min(BAR_WIDTH);
         format!(
             "[{}/3] {:<10} [{}{}] {done}/{} {doing}",
             self.step,
