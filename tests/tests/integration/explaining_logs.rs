@@ -2,10 +2,15 @@
 //! logged once a minute with its likely cause and the command that helps, however many clients
 //! meet it.
 
-use etcd_client::{Client, ConnectOptions};
-use etcd_compat_tests::{fill_until_nospace, quota_arg, ClusterSpec, EtcdVersion, NOSPACE_MESSAGE, SMALL_QUOTA_BYTES};
+use std::time::{Duration, Instant};
 
-use crate::support::{both_versions, connect, grpc_status, runtime, Deployment, Wire};
+use etcd_client::{Client, ConnectOptions};
+use etcd_compat_certs::DevPki;
+use etcd_compat_tests::{
+    fill_until_nospace, quota_arg, ClusterSpec, EtcdCluster, EtcdVersion, TlsSpec, NOSPACE_MESSAGE, SMALL_QUOTA_BYTES,
+};
+
+use crate::support::{both_versions, connect, grpc_status, path, runtime, start_proxy, Deployment, Wire};
 
 /// The proxy's log lines that explain `cause` (the value of their `cause` field).
 fn explaining_lines<'a>(log: &'a str, cause: &str) -> Vec<&'a str> {
@@ -87,4 +92,36 @@ fn repeated_failed_logins_are_explained_once_naming_the_user() {
     for secret in [wrong_password, "mallorypw", "rootpw"] {
         assert!(!log.contains(secret), "{secret:?} reached the proxy log");
     }
+}
+
+#[test]
+fn a_refused_member_certificate_is_explained_once_naming_the_member() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster_pki = DevPki::create(dir.path(), "cluster").expect("cluster pki");
+    // The proxy trusts another CA than the one that signed the member's certificate, as after a
+    // CA change that reached the members before the proxy.
+    let other_pki = DevPki::create(dir.path(), "other").expect("other pki");
+    let spec = ClusterSpec::new(EtcdVersion::V3_5, 1).with_tls(TlsSpec::from_dev_pki(&cluster_pki));
+    let cluster = EtcdCluster::start(spec).expect("cluster");
+    let member = cluster.client_urls()[0].clone();
+    let proxy = start_proxy(vec![
+        format!("--endpoints={member}"),
+        format!("--cacert={}", path(&other_pki.ca_cert)),
+        format!("--cert={}", path(&cluster_pki.client_cert)),
+        format!("--key={}", path(&cluster_pki.client_key)),
+        "--health-interval=100ms".to_owned(),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while explaining_lines(&proxy.log_contents(), "member_certificate").is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Many more dials fail meanwhile (every health check dials): still one line.
+    std::thread::sleep(Duration::from_secs(2));
+    let log = proxy.log_contents();
+    let lines = explaining_lines(&log, "member_certificate");
+    assert_eq!(lines.len(), 1, "{log}");
+    let line = lines[0];
+    assert!(line.contains(&format!("endpoint=\"{member}\"")), "{line}");
+    assert!(line.contains("`etcd-compat-proxy certs inspect --endpoints`"), "{line}");
+    assert!(line.contains("invalid peer certificate"), "{line}");
 }
