@@ -21,6 +21,21 @@ pub const NO_LEADER: &str = "etcdserver: no leader";
 /// A linearizable read or lease lookup interrupted by an election.
 pub const LEADER_CHANGED: &str = "etcdserver: leader changed";
 
+/// A write refused because the database reached its quota (the NOSPACE alarm is raised).
+pub const NO_SPACE: &str = "etcdserver: mvcc: database space exceeded";
+/// A proposal that was not applied in time; the variants of etcd 3.5 add a reason after a comma.
+pub const REQUEST_TIMED_OUT: &str = "etcdserver: request timed out";
+/// Refused because the member applies committed entries too far behind its log.
+pub const TOO_MANY_REQUESTS: &str = "etcdserver: too many requests";
+/// A login with a wrong user name or password.
+pub const AUTH_FAILED: &str = "etcdserver: authentication failed, invalid user ID or password";
+/// A promotion of a member that is already a voting member.
+pub const MEMBER_NOT_LEARNER: &str = "etcdserver: can only promote a learner member";
+/// A promotion of a learner that has not caught up with the leader.
+pub const LEARNER_NOT_READY: &str = "etcdserver: can only promote a learner member which is in sync with leader";
+/// A learner added while the cluster already has as many as etcd allows.
+pub const TOO_MANY_LEARNERS: &str = "etcdserver: too many learner members in cluster";
+
 /// etcd's gRPC server's answer to a call whose `grpc-timeout` passed.
 pub const DEADLINE_EXCEEDED: &str = "context deadline exceeded";
 

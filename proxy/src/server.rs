@@ -62,7 +62,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let stop = CancellationToken::new();
     // The cluster behind the proxy: members, their connections, health and the cluster view.
-    let cluster = Cluster::new(&config)?;
+    let cluster = Cluster::new(&config, metrics.explainer.clone())?;
     // TLS files watched on both sides: a renewed certificate or CA is used without a restart.
     let upstream_files: SharedUpstreamFiles = Arc::new(std::sync::RwLock::new(config.upstream_tls.clone()));
     watch_tls_files(&config, listener_tls.clone(), &cluster, &upstream_files, &certificates, stop.clone())?;

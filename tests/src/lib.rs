@@ -1,6 +1,7 @@
 //! Test harness for etcd-compat-proxy: real etcd clusters (3.4 and 3.5) on loopback,
 //! etcdctl helpers, the proxy binary as a child process, and hand-made HTTP/2 and gRPC bytes
-//! ([`frame`], [`grpc_frame`]) for requests no client library sends.
+//! ([`frame`], [`grpc_frame`]) for requests no client library sends, and a cluster run out of
+//! space ([`fill_until_nospace`]).
 //!
 //! Everything spawned here is killed when its owner is dropped, including while a test
 //! panics. Owners must therefore not be parked in `static`s (statics are never dropped):
@@ -20,6 +21,7 @@ mod link;
 mod logs;
 mod ports;
 mod proxy;
+mod space;
 mod wire;
 
 pub use cluster::{ClusterSpec, EtcdCluster, MemberInfo, TlsSpec, MAX_MEMBERS};
@@ -29,6 +31,7 @@ pub use http::http_get;
 pub use link::FaultyLink;
 pub use ports::free_port;
 pub use proxy::ProxyProcess;
+pub use space::{fill_until_nospace, quota_arg, Filled, FILL_VALUE_BYTES, NOSPACE_MESSAGE, SMALL_QUOTA_BYTES};
 pub use wire::{
     error_code_name, frame, frame_flags, frame_type, grpc_frame, grpc_prefix, grpc_request_headers, hpack_integer,
     hpack_literal, hpack_table_size_update, read_frame, settings_frame, Frame, GrpcMessages, PREFACE,

@@ -69,6 +69,8 @@ pub struct Metrics {
     pub read_cache: std::sync::OnceLock<std::sync::Arc<crate::cache::CacheStats>>,
     /// Watch coalescing's counters, once the request path made its hub.
     pub watch_coalescing: std::sync::OnceLock<std::sync::Arc<dyn RenderMetrics>>,
+    /// Explains the failures the field reports describe; shared with the cluster's dials.
+    pub explainer: crate::explain::Explainer,
 }
 
 /// Series of a part of the request path that keeps its own counters.
@@ -96,6 +98,7 @@ impl Default for Metrics {
             certificates: std::sync::Arc::default(),
             read_cache: std::sync::OnceLock::new(),
             watch_coalescing: std::sync::OnceLock::new(),
+            explainer: crate::explain::Explainer::default(),
         }
     }
 }

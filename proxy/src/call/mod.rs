@@ -472,11 +472,12 @@ impl Forwarder {
         route: &Route,
         member: &Member,
     ) -> Response<ResponseBody> {
-        let status_in_headers = Code::from_headers(response.headers());
         // Only streams need to hear about shutdown; unary calls finish on their own.
         let shutdown = (route.shape != CallShape::Unary).then(|| self.shutdown.clone().cancelled_owned());
-        response
-            .map(|incoming| ResponseBody::upstream(incoming, first, record, status_in_headers, shutdown, member.name()))
+        let (parts, incoming) = response.into_parts();
+        let status_in_headers = Code::from_headers(&parts.headers).map(|code| (code, &parts.headers));
+        let body = ResponseBody::upstream(incoming, first, record, status_in_headers, shutdown, member.name());
+        Response::from_parts(parts, body)
     }
 }
 

@@ -50,6 +50,15 @@ impl CallRecord {
         }
     }
 
+    /// Records the final status of the call, and shows one that is not OK to the explainer
+    /// (see `explain`); `message` is only read then, so answers that succeed pay nothing more.
+    pub fn finish_explained(&mut self, code: Code, message: impl FnOnce() -> String) {
+        if code != Code::Ok && !self.done {
+            self.metrics.explainer.call_ended(self.method, code, &message());
+        }
+        self.finish(code);
+    }
+
     /// The metrics this record writes to.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
@@ -94,17 +103,18 @@ enum State {
 }
 
 impl ResponseBody {
-    /// Relays an upstream response body. `status_in_headers` is the code of a trailers-only response.
+    /// Relays an upstream response body. `status_in_headers` is the code and headers of a
+    /// trailers-only response.
     pub fn upstream(
         incoming: RecvBody,
         first: Option<Bytes>,
         mut record: CallRecord,
-        status_in_headers: Option<Code>,
+        status_in_headers: Option<(Code, &HeaderMap)>,
         shutdown: Option<WaitForCancellationFutureOwned>,
         member: Arc<str>,
     ) -> Self {
-        if let Some(code) = status_in_headers {
-            record.finish(code);
+        if let Some((code, headers)) = status_in_headers {
+            record.finish_explained(code, || grpc::status_message(headers));
         }
         ResponseBody {
             state: State::Upstream { incoming, first },
@@ -140,6 +150,7 @@ impl ResponseBody {
             }
             Ok(Err(status)) => {
                 let code = Code::from_headers(&status).unwrap_or(Code::Unknown);
+                record.finish_explained(code, || grpc::status_message(&status));
                 (status, ResponseBody::empty(record, code))
             }
             Err(_) => {
@@ -298,7 +309,7 @@ impl ResponseBody {
                 if let Some(trailers) = frame.trailers_ref() {
                     let code = Code::from_headers(trailers).unwrap_or(Code::Unknown);
                     if let Some(record) = this.record.as_mut() {
-                        record.finish(code);
+                        record.finish_explained(code, || grpc::status_message(trailers));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -447,7 +458,7 @@ impl Buffered {
     /// Turns it into the client's response, recording the call's status.
     pub fn finish(self, mut record: CallRecord) -> http::Response<ResponseBody> {
         let code = self.code().unwrap_or(Code::Unknown);
-        record.finish(code);
+        record.finish_explained(code, || self.status_message());
         let state = if self.data.is_empty() && self.trailers.is_none() {
             State::Done
         } else {

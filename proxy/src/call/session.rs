@@ -12,6 +12,7 @@ use etcd_compat_proto::etcdserverpb::{AuthenticateRequest, AuthenticateResponse}
 
 use crate::auth::{self, Authenticated, Credentials, Secret, Session, UpstreamToken};
 use crate::error::{CallError, ProxyFailure};
+use crate::etcd_errors;
 use crate::grpc::{self, CallShape, Code, Route};
 use crate::transport::FeedReceiver;
 use crate::upstream::Member;
@@ -185,6 +186,9 @@ impl Sender {
             Some(Code::InvalidArgument) => Some(false),
             _ => None,
         });
+        if answer.code() == Some(Code::InvalidArgument) && answer.status_message() == etcd_errors::AUTH_FAILED {
+            self.metrics.explainer.login_refused(&credentials.user);
+        }
         if answer.code() != Some(Code::Ok) {
             return answer;
         }

@@ -32,7 +32,12 @@ impl Cluster {
     }
 
     async fn dial(&self, member: &Member) -> Result<Connection, UpstreamError> {
-        self.dial_with(member, self.tls_config().map(|tls| tls.current())).await
+        let dialled = self.dial_with(member, self.tls_config().map(|tls| tls.current())).await;
+        // Material on trial (`adopt_tls_config`) reports its own refusals; this is the one in use.
+        if let Err(UpstreamError::Tls { endpoint, source }) = &dialled {
+            self.explainer.tls_handshake_failed(endpoint, source);
+        }
+        dialled
     }
 
     async fn dial_with(

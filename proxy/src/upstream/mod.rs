@@ -65,11 +65,14 @@ pub struct Cluster {
     /// Counts [`Cluster::switch_to`] calls, so that what a view refresh learned from the members
     /// it started with is not applied to the ones that replaced them.
     switches: AtomicUsize,
+    /// Explains a member certificate the proxy refuses when it dials (see `explain`).
+    explainer: crate::explain::Explainer,
 }
 
 impl Cluster {
-    /// Creates the pool; no connection is made until [`Cluster::spawn_health_checks`] or the first request.
-    pub fn new(config: &Config) -> Result<Arc<Self>, crate::tls::TlsError> {
+    /// Creates the pool; no connection is made until [`Cluster::spawn_health_checks`] or the first
+    /// request. Dial failures with a known cause are told to `explainer`.
+    pub fn new(config: &Config, explainer: crate::explain::Explainer) -> Result<Arc<Self>, crate::tls::TlsError> {
         let tls = match &config.upstream_tls {
             Some(files) => Some(Arc::new(crate::tls::Reloadable::new(crate::tls::client_config(files)?))),
             None => None,
@@ -88,6 +91,7 @@ impl Cluster {
             health_checks: Mutex::new(None),
             view: ClusterView::new(config),
             switches: AtomicUsize::new(0),
+            explainer,
         }))
     }
 

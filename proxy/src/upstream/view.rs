@@ -346,7 +346,7 @@ mod tests {
             endpoints: Some(vec!["http://127.0.0.1:2001".into(), "http://127.0.0.1:2002".into()]),
             ..Default::default()
         };
-        let upstream = Cluster::new(&args.validate().unwrap()).unwrap();
+        let upstream = Cluster::new(&args.validate().unwrap(), crate::explain::Explainer::default()).unwrap();
         let seeds = upstream.members();
         // Status answers named the seeds' ids; the first seed is pinned.
         seeds[0].role.id.store(1, Relaxed);
@@ -378,7 +378,7 @@ mod tests {
             endpoints: Some(vec!["http://127.0.0.1:2101".into(), "http://127.0.0.1:2102".into()]),
             ..Default::default()
         };
-        let upstream = Cluster::new(&args.validate().unwrap()).unwrap();
+        let upstream = Cluster::new(&args.validate().unwrap(), crate::explain::Explainer::default()).unwrap();
         let before = upstream.member_set();
         let target = Endpoint::parse("http://127.0.0.1:2201", false).unwrap();
         upstream.switch_to(std::slice::from_ref(&target), None);
@@ -399,7 +399,7 @@ mod tests {
             endpoints: Some((1..=3).map(|i| format!("http://127.0.0.1:300{i}")).collect()),
             ..Default::default()
         };
-        let upstream = Cluster::new(&args.validate().unwrap()).unwrap();
+        let upstream = Cluster::new(&args.validate().unwrap(), crate::explain::Explainer::default()).unwrap();
         let members = upstream.members();
         for (i, member) in members.iter().enumerate() {
             member.role.id.store(i as u64 + 1, Relaxed);

@@ -7,6 +7,7 @@ mod cluster_routing;
 mod deploy;
 mod errors;
 mod etcdctl_compat;
+mod explaining_logs;
 mod failover;
 mod hardening;
 mod harness_smoke;
