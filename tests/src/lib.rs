@@ -31,7 +31,10 @@ pub use http::http_get;
 pub use link::FaultyLink;
 pub use ports::free_port;
 pub use proxy::ProxyProcess;
-pub use space::{fill_until_nospace, quota_arg, Filled, FILL_VALUE_BYTES, NOSPACE_MESSAGE, SMALL_QUOTA_BYTES};
+pub use space::{
+    fill_history_until_nospace, fill_until_nospace, quota_arg, Filled, FILL_VALUE_BYTES, NOSPACE_MESSAGE,
+    SMALL_QUOTA_BYTES,
+};
 pub use wire::{
     error_code_name, frame, frame_flags, frame_type, grpc_frame, grpc_prefix, grpc_request_headers, hpack_integer,
     hpack_literal, hpack_table_size_update, read_frame, settings_frame, Frame, GrpcMessages, PREFACE,

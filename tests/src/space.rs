@@ -31,10 +31,22 @@ pub struct Filled {
 /// [`NOSPACE_MESSAGE`] (which raises the cluster's NOSPACE alarm); errors if any other failure
 /// comes first or if `max_bytes` were written without reaching the quota.
 pub async fn fill_until_nospace(client: &mut Client, prefix: &str, max_bytes: u64) -> anyhow::Result<Filled> {
+    fill_history_until_nospace(client, prefix, usize::MAX, max_bytes).await
+}
+
+/// Like [`fill_until_nospace`], overwriting the same `keys` keys in turn, so that what fills the
+/// database is history (old revisions), as in a cluster that never compacts: compaction and
+/// defragmentation give the space back.
+pub async fn fill_history_until_nospace(
+    client: &mut Client,
+    prefix: &str,
+    keys: usize,
+    max_bytes: u64,
+) -> anyhow::Result<Filled> {
     let value = vec![b'x'; FILL_VALUE_BYTES];
     let mut filled = Filled { values: 0, bytes: 0 };
     while filled.bytes < max_bytes {
-        let key = format!("{prefix}{:06}", filled.values);
+        let key = format!("{prefix}{:06}", filled.values % keys.max(1));
         match client.put(key.as_str(), value.clone(), None::<PutOptions>).await {
             Ok(_) => {
                 filled.values += 1;

@@ -115,10 +115,9 @@ pub struct ReadLimits {
 /// Reads the cluster behind `access`.
 pub async fn gather(access: &ClusterAccess, limits: ReadLimits) -> Facts {
     let auth = probe_auth(access).await;
-    let mut client = match access.connect("the cluster").await {
+    let mut client = match connect_any(access).await {
         Ok(client) => client,
         Err(error) => {
-            let error = error.to_string();
             return Facts {
                 endpoints: access.endpoints.clone(),
                 members: Err(error.clone()),
@@ -209,9 +208,32 @@ pub async fn connect_one(access: &ClusterAccess, url: &str) -> Result<Client, St
     let single = ClusterAccess { endpoints: vec![url.to_owned()], ..access.clone() };
     match tokio::time::timeout(CALL_TIMEOUT, single.connect(url)).await {
         Ok(Ok(client)) => Ok(client),
+        // A --user configured for a cluster without auth: the reads need no identity.
+        Ok(Err(error))
+            if single.credentials.is_some() && error.to_string().contains("authentication is not enabled") =>
+        {
+            Box::pin(connect_one(&ClusterAccess { credentials: None, ..single }, url)).await
+        }
         Ok(Err(error)) => Err(error.to_string()),
         Err(_) => Err(format!("{url}: no connection within {}s", CALL_TIMEOUT.as_secs())),
     }
+}
+
+/// A client of the first endpoint that answers, tried in order: a client balanced over every
+/// endpoint would send some calls to a member that is down, and the doctor must read the
+/// cluster exactly then.
+pub async fn connect_any(access: &ClusterAccess) -> Result<Client, String> {
+    let mut errors = Vec::new();
+    for url in &access.endpoints {
+        match connect_one(access, url).await {
+            Ok(mut client) => match timed(client.status()).await {
+                Ok(_) => return Ok(client),
+                Err(error) => errors.push(format!("{url}: {error}")),
+            },
+            Err(error) => errors.push(error),
+        }
+    }
+    Err(format!("no endpoint answers: {}", errors.join("; ")))
 }
 
 /// The member's Status from its first client URL.
@@ -337,10 +359,9 @@ pub fn prefixes_of(key: &[u8]) -> Vec<String> {
 /// auth off, etcd refuses an Authenticate with "authentication is not enabled".
 async fn probe_auth(access: &ClusterAccess) -> AuthFacts {
     let anonymous = ClusterAccess { credentials: None, ..access.clone() };
-    let client = match tokio::time::timeout(CALL_TIMEOUT, anonymous.connect("the cluster")).await {
-        Ok(Ok(client)) => client,
-        Ok(Err(error)) => return AuthFacts::Unknown(error.to_string()),
-        Err(_) => return AuthFacts::Unknown(format!("no connection within {}s", CALL_TIMEOUT.as_secs())),
+    let client = match connect_any(&anonymous).await {
+        Ok(client) => client,
+        Err(error) => return AuthFacts::Unknown(error),
     };
     let (user, password) = match &access.credentials {
         Some(credentials) => {

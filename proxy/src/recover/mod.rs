@@ -119,7 +119,7 @@ pub struct Recovered {
 /// Makes the plan from the cluster's state now. Refuses when a member does not answer:
 /// defragmenting another one then could leave the cluster without a quorum.
 pub async fn plan(access: &ClusterAccess, keep_revisions: i64) -> Result<Plan, String> {
-    let mut client = access.connect("the cluster").await.map_err(|e| e.to_string())?;
+    let mut client = facts::connect_any(access).await?;
     let members = timed(client.member_list()).await?;
     let mut facts: Vec<MemberFacts> = members
         .members()
@@ -202,7 +202,7 @@ pub async fn execute(
     let stop =
         |error: String, done: &[String], left: &[String]| Stopped { error, done: done.to_vec(), left: left.to_vec() };
 
-    let mut client = access.connect("the cluster").await.map_err(|e| stop(e.to_string(), &done, &left))?;
+    let mut client = facts::connect_any(access).await.map_err(|e| stop(e, &done, &left))?;
 
     // 1. Compaction: physical, so that the freed pages exist before defragmentation.
     progress.start(1, "compact", 1);

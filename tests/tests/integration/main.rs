@@ -5,6 +5,7 @@ mod byte_fidelity;
 mod cert_lifecycle;
 mod cluster_routing;
 mod deploy;
+mod doctor;
 mod errors;
 mod etcdctl_compat;
 mod explaining_logs;
