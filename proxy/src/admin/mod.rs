@@ -1,7 +1,8 @@
 //! The admin HTTP server on `--metrics-addr`: `/health` (etcd's shape plus the proxy's view of
-//! each member), `/ready` (whether to send clients here), `/metrics` (the counters of [`metrics`], which the whole proxy writes to) and
+//! each member), `/ready` (whether to send clients here), `/metrics` (the counters of [`metrics`], which the whole proxy writes to),
 //! the migration's calls under `/migrate/` ([`migrate`]), which `etcd-compat-proxy migrate`
-//! makes. Reads the cluster and the certificates; nothing it serves feeds back into a call.
+//! makes, and the status page at `/` with its files under `/assets/` ([`status_page`]), which
+//! reads the other answers from the browser. Reads the cluster and the certificates; nothing it serves feeds back into a call.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +24,7 @@ pub use metrics::{ClosedBecause, Metrics, Refusal, RenderMetrics};
 
 pub mod metrics;
 mod migrate;
+mod status_page;
 
 /// An admin answer's body: whole, or streamed (a snapshot); an error cuts the connection so
 /// that the reader sees an incomplete answer rather than a short one.
@@ -66,10 +68,12 @@ impl Admin {
                 reply(StatusCode::OK, "text/plain; version=0.0.4", text)
             }
             path if path.starts_with("/migrate/") => self.migrate(request).await,
+            path if path == "/" || path.starts_with("/assets/") => status_page::answer(path),
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found: the admin server serves /health, /ready, /metrics and /migrate/\n".to_owned(),
+                "not found: the admin server serves / (the status page), /health, /ready, /metrics and /migrate/\n"
+                    .to_owned(),
             ),
         }
     }
