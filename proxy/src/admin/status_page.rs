@@ -84,7 +84,7 @@ fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Respo
 mod tests {
     use super::*;
 
-    fn header<'a>(response: &'a Response<AdminBody>, name: header::HeaderName) -> &'a str {
+    fn header(response: &Response<AdminBody>, name: header::HeaderName) -> &str {
         response.headers().get(name).and_then(|value| value.to_str().ok()).unwrap_or_default()
     }
 

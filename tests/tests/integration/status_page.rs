@@ -67,7 +67,7 @@ fn status_page_shows_members_diagnosis_and_live_charts(version: EtcdVersion) {
                 // Failures would only show on the page; the assertions are about the page.
                 let _ = client.put(format!("status/t{}", i % 16), "v", None).await;
                 let _ = client.get("status/", Some(GetOptions::new().with_prefix().with_keys_only())).await;
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     // Refused by etcd: the errors chart's data.
                     let _ = client.lease_revoke(0x5eed).await;
                 }
