@@ -237,7 +237,6 @@
     draw("chart-streams", gaugeSeries([
       ["etcd_compat_proxy_watch_client_watches", "client watches"],
       ["etcd_compat_proxy_watch_upstream_watches", "upstream watches"],
-      ["etcd_compat_proxy_auth_sessions", "auth sessions"],
       ["etcd_compat_proxy_client_connections", "client connections"],
     ]), "");
     draw("chart-budget", rateSeries("etcd_compat_proxy_limited_responses_total", (l) => l.outcome || "unknown", null,

@@ -1,8 +1,9 @@
 //! The admin HTTP server on `--metrics-addr`: `/health` (etcd's shape plus the proxy's view of
 //! each member), `/ready` (whether to send clients here), `/metrics` (the counters of [`metrics`], which the whole proxy writes to),
 //! the migration's calls under `/migrate/` ([`migrate`]), which `etcd-compat-proxy migrate`
-//! makes, and the status page at `/` with its files under `/assets/` ([`status_page`]), which
-//! reads the other answers from the browser. Reads the cluster and the certificates; nothing it serves feeds back into a call.
+//! makes, and the status page at `/` with its files under `/assets/` ([`status_page`]), whose
+//! script reads the other answers. Reads the cluster and the certificates; nothing it serves
+//! feeds back into a call.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
