@@ -61,6 +61,19 @@ pub struct Config {
     pub serializable_cache_bytes: usize,
     /// Whether identical client watches share upstream watches.
     pub watch_coalescing: bool,
+    /// What the doctor judges the cluster against.
+    pub doctor: DoctorLimits,
+}
+
+/// The cluster facts the doctor cannot read and the bounds of what it reads.
+#[derive(Debug, Clone, Copy)]
+pub struct DoctorLimits {
+    /// The members' `--quota-backend-bytes` (etcd before 3.6 does not report it).
+    pub quota_backend_bytes: i64,
+    /// History kept past which compaction counts as not running.
+    pub history_warning_revisions: i64,
+    /// Bytes of keys and values read at most to size prefixes.
+    pub scan_bytes: u64,
 }
 
 /// Bounds on what one client connection or call may make the proxy hold or wait for, so that

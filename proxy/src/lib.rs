@@ -28,6 +28,7 @@ mod cache;
 mod call;
 mod cli;
 mod config;
+mod doctor;
 mod error;
 mod etcd_errors;
 #[cfg(test)]
@@ -57,6 +58,7 @@ pub fn execute(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Certs(args) => cli::certs::run(args),
         Command::Migrate(args) => cli::migrate::run(args),
+        Command::Doctor(args) => cli::doctor::run(args),
         Command::Start(args) => {
             let config = match args.merge_config_file().and_then(|args| args.validate()) {
                 Ok(config) => config,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{Admin, Metrics};
+use crate::admin::{Admin, DoctorEndpoint, Metrics};
 use crate::auth::AuthSessions;
 use crate::call::Forwarder;
 use crate::config::Config;
@@ -98,6 +98,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             migration,
             token: config.admin_token.clone(),
             draining: Arc::clone(&draining),
+            doctor: DoctorEndpoint::new(
+                crate::migrate::ClusterAccess::source_of(&config),
+                crate::doctor::Settings::of(&config),
+                Arc::clone(&certificates),
+            ),
         });
         tokio::spawn(serve_admin(admin, admin_listener, admin_stop.clone()));
     }

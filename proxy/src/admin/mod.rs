@@ -1,5 +1,6 @@
 //! The admin HTTP server on `--metrics-addr`: `/health` (etcd's shape plus the proxy's view of
 //! each member), `/ready` (whether to send clients here), `/metrics` (the counters of [`metrics`], which the whole proxy writes to),
+//! `/doctor` (the doctor's report, [`doctor`]),
 //! the migration's calls under `/migrate/` ([`migrate`]), which `etcd-compat-proxy migrate`
 //! makes, and the status page at `/` with its files under `/assets/` ([`status_page`]), whose
 //! script reads the other answers. Reads the cluster and the certificates; nothing it serves
@@ -21,8 +22,10 @@ use crate::auth::Secret;
 use crate::migrate::Migration;
 use crate::upstream::Cluster;
 
+pub use doctor::DoctorEndpoint;
 pub use metrics::{ClosedBecause, Metrics, Refusal, RenderMetrics};
 
+mod doctor;
 pub mod metrics;
 mod migrate;
 mod status_page;
@@ -43,6 +46,8 @@ pub struct Admin {
     pub token: Option<Secret>,
     /// Set once the proxy received SIGTERM and drains.
     pub draining: Arc<AtomicBool>,
+    /// The doctor's report behind `/doctor`.
+    pub doctor: DoctorEndpoint,
 }
 
 impl Admin {
@@ -68,12 +73,16 @@ impl Admin {
                 migrate::render_metrics(&self.migration.status(), &mut text);
                 reply(StatusCode::OK, "text/plain; version=0.0.4", text)
             }
+            "/doctor" => {
+                let json = self.doctor.report_json().await;
+                reply(StatusCode::OK, "application/json", json.to_string())
+            }
             path if path.starts_with("/migrate/") => self.migrate(request).await,
             path if path == "/" || path.starts_with("/assets/") => status_page::answer(path),
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found: the admin server serves / (the status page), /health, /ready, /metrics and /migrate/\n"
+                "not found: the admin server serves / (the status page), /health, /ready, /metrics, /doctor and /migrate/\n"
                     .to_owned(),
             ),
         }

@@ -2,7 +2,7 @@
 //! server, peer and client certificates for etcd, renew, inspect files and live endpoints).
 
 use std::io::Write;
-use std::net::{IpAddr, TcpStream, ToSocketAddrs};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -287,61 +287,22 @@ fn format_time(time: OffsetDateTime) -> String {
     crate::tls::format_unix(time.unix_timestamp())
 }
 
-/// Connects to `endpoint`, records the certificate chain it serves and, with `--cacert`,
-/// verifies it (chain and host name) the way the proxy would.
+/// Records the certificate chain `endpoint` serves and, with `--cacert`, verifies it (chain and
+/// host name) the way the proxy would.
 fn fetch_served_chain(
     endpoint: &str,
     args: &InspectArgs,
 ) -> Result<(Vec<CertificateDer<'static>>, Option<String>), String> {
-    let authority = endpoint.trim().trim_start_matches("https://").trim_end_matches('/');
-    let host = match authority.rsplit_once(':') {
-        Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
-        None => return Err(format!("{endpoint}: expected host:port")),
+    let client_cert = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+        _ => None,
     };
-    let server_name =
-        ServerName::try_from(host.to_owned()).map_err(|_| format!("{endpoint}: {host:?} is not a valid host name"))?;
-    let recorder = Arc::new(crate::tls::verify::AnyServerCertificate::new());
-    let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?
-        .dangerous()
-        .with_custom_certificate_verifier(recorder.clone());
-    let config = match (&args.cert, &args.key) {
-        (Some(cert), Some(key)) => {
-            let chain = etcd_compat_certs::load_certs(cert).map_err(|e| e.to_string())?;
-            let key = etcd_compat_certs::load_private_key(key).map_err(|e| e.to_string())?;
-            builder.with_client_auth_cert(chain, key).map_err(|e| e.to_string())?
-        }
-        _ => builder.with_no_client_auth(),
-    };
-    let address = authority
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut addresses| addresses.next())
-        .ok_or_else(|| format!("{endpoint}: cannot resolve {authority:?}"))?;
-    let mut tcp =
-        TcpStream::connect_timeout(&address, DIAL_TIMEOUT).map_err(|e| format!("{endpoint}: cannot connect: {e}"))?;
-    let _ = tcp.set_read_timeout(Some(DIAL_TIMEOUT));
-    let _ = tcp.set_write_timeout(Some(DIAL_TIMEOUT));
-    let mut connection =
-        rustls::ClientConnection::new(Arc::new(config), server_name.clone()).map_err(|e| format!("{endpoint}: {e}"))?;
-    let mut handshake_error = None;
-    while connection.is_handshaking() {
-        if let Err(error) = connection.complete_io(&mut tcp) {
-            handshake_error = Some(error);
-            break;
-        }
-    }
-    let chain = recorder.served_chain();
-    if chain.is_empty() {
-        let reason = handshake_error.map_or_else(|| "no certificate served".to_owned(), |e| e.to_string());
-        return Err(format!("{endpoint}: TLS handshake failed before a certificate was seen: {reason}"));
-    }
+    let served = crate::tls::served::fetch_served_chain(endpoint, client_cert, DIAL_TIMEOUT)?;
     let verdict = match &args.cacert {
         None => None,
-        Some(ca) => Some(verify_chain(&chain, ca, &server_name)?),
+        Some(ca) => Some(verify_chain(&served.chain, ca, &served.server_name)?),
     };
-    Ok((chain, verdict))
+    Ok((served.chain, verdict))
 }
 
 fn verify_chain(chain: &[CertificateDer<'static>], ca: &Path, server_name: &ServerName<'_>) -> Result<String, String> {

@@ -1,10 +1,12 @@
 //! The command line: `start` (the proxy, with flags compatible with `etcd grpc-proxy start`,
-//! each also an environment variable and a TOML key), `certs` (the certificate runbook) and
-//! `migrate` (the move to a new cluster, driven through a running proxy).
+//! each also an environment variable and a TOML key), `certs` (the certificate runbook),
+//! `migrate` (the move to a new cluster, driven through a running proxy) and `doctor` (a
+//! diagnosis of the cluster).
 //! Reads and checks what the operator wrote, and hands the rest of the proxy a validated
 //! [`crate::config::Config`]; nothing else depends on it.
 
 pub mod certs;
+pub mod doctor;
 pub mod migrate;
 pub mod start;
 
@@ -31,4 +33,6 @@ pub enum Command {
     Certs(certs::CertsArgs),
     /// Move clients to a new cluster, revision for revision, through the running proxy.
     Migrate(migrate::MigrateArgs),
+    /// Diagnose the cluster: members, space, certificates, auth, performance (changes nothing).
+    Doctor(doctor::DoctorArgs),
 }

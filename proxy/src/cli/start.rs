@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::Args;
 use serde::Deserialize;
 
-use crate::config::{ClientLimits, Config, Endpoint, IgnoredFlag, MemberListMode};
+use crate::config::{ClientLimits, Config, DoctorLimits, Endpoint, IgnoredFlag, MemberListMode};
 use crate::tls::{LegacyClientException, ListenerTlsFiles, UpstreamTlsFiles};
 
 /// The built-in defaults, each written once: `--help` shows them and validation applies them.
@@ -51,6 +51,11 @@ mod defaults {
     pub const WATCH_COALESCING: bool = true;
     pub const REUSE_PORT: bool = false;
     pub const WORKERS: usize = 1;
+    /// etcd's own default `--quota-backend-bytes`.
+    pub const QUOTA_BACKEND_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+    /// A busy cluster compacting every few minutes keeps far less.
+    pub const HISTORY_WARNING_REVISIONS: u64 = 1_000_000;
+    pub const DOCTOR_SCAN_BYTES: u64 = 64 * 1024 * 1024;
 }
 
 /// A flag's help text with its default, so that the default is written only in [`defaults`].
@@ -240,6 +245,16 @@ pub struct StartArgs {
     #[arg(long, env = "ETCD_COMPAT_PROXY_WATCH_COALESCING", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", help = with_default("Client watches that ask for the same thing as the same etcd user share one upstream watch, so that etcd sends each event once", defaults::WATCH_COALESCING))]
     pub watch_coalescing: Option<bool>,
 
+    // --- What the doctor judges the cluster against (`doctor` and the admin `/doctor`). ---
+    #[arg(long, env = "ETCD_COMPAT_PROXY_QUOTA_BACKEND_BYTES", value_name = "BYTES", help = with_default("The members' --quota-backend-bytes, which etcd before 3.6 does not report: the doctor judges database sizes against it", defaults::QUOTA_BACKEND_BYTES))]
+    pub quota_backend_bytes: Option<u64>,
+
+    #[arg(long, env = "ETCD_COMPAT_PROXY_HISTORY_WARNING_REVISIONS", value_name = "N", help = with_default("Revisions of history (current minus compacted) past which the doctor warns that compaction does not run", defaults::HISTORY_WARNING_REVISIONS))]
+    pub history_warning_revisions: Option<u64>,
+
+    #[arg(long, env = "ETCD_COMPAT_PROXY_DOCTOR_SCAN_BYTES", value_name = "BYTES", help = with_default("Keys and values the doctor reads at most to find prefixes near the response budget", defaults::DOCTOR_SCAN_BYTES))]
+    pub doctor_scan_bytes: Option<u64>,
+
     // --- grpc-proxy flags that have no meaning here: accepted so unit files keep working. ---
     /// Accepted for grpc-proxy compatibility; the proxy keeps no persistent data.
     #[arg(long, env = "ETCD_COMPAT_PROXY_DATA_DIR", value_name = "DIR")]
@@ -364,6 +379,9 @@ impl StartArgs {
             max_buffered_response_bytes,
             serializable_cache_bytes,
             watch_coalescing,
+            quota_backend_bytes,
+            history_warning_revisions,
+            doctor_scan_bytes,
             handshake_timeout,
             idle_connection_timeout,
             request_body_timeout,
@@ -602,6 +620,15 @@ impl StartArgs {
             )
             .unwrap_or(usize::MAX),
             watch_coalescing: self.watch_coalescing.unwrap_or(defaults::WATCH_COALESCING),
+            doctor: DoctorLimits {
+                quota_backend_bytes: i64::try_from(self.quota_backend_bytes.unwrap_or(defaults::QUOTA_BACKEND_BYTES))
+                    .unwrap_or(i64::MAX),
+                history_warning_revisions: i64::try_from(
+                    self.history_warning_revisions.unwrap_or(defaults::HISTORY_WARNING_REVISIONS),
+                )
+                .unwrap_or(i64::MAX),
+                scan_bytes: self.doctor_scan_bytes.unwrap_or(defaults::DOCTOR_SCAN_BYTES),
+            },
             cert_expiry,
             cert_reload_interval: parse_duration_setting(
                 "cert-reload-interval",

@@ -1,13 +1,15 @@
 //! TLS on both sides: the files it is loaded from ([`files`]), the client-facing listener config
 //! and the upstream (proxy to etcd) config built from them, the opt-in certificate exceptions
-//! ([`verify`]), replacement of the material when its files change ([`reload`]), and what is
-//! known about every certificate in use, for expiry warnings and metrics ([`status`]).
+//! ([`verify`]), replacement of the material when its files change ([`reload`]), what is known about every
+//! certificate in use, for expiry warnings and metrics ([`status`]), and what a server presents
+//! ([`served`]).
 //!
 //! Both configs are built with the ring provider passed explicitly, so nothing depends on which
 //! provider happens to be installed process-wide. Depends on nothing else in the crate.
 
 pub mod files;
 pub mod reload;
+pub mod served;
 pub mod status;
 pub mod verify;
 
