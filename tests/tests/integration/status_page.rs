@@ -1,6 +1,7 @@
 //! The status page on the admin address, as a browser shows it: headless Chromium loads `/` from
-//! a proxy in front of a real three-member cluster while clients use it, and the rendered page
-//! must name every member, show the diagnosis and draw charts from the proxy's own counters.
+//! a proxy in front of a real three-member cluster (TLS on both sides, so that there are
+//! certificates to show) while clients use it, and the rendered page must name every member, show
+//! the doctor's verdicts and the certificates, and draw charts from the proxy's own counters.
 //! Screenshots (desktop and phone width) are kept in `target/` for people to look at. Nothing
 //! the page loads or links to may leave the admin server.
 
@@ -12,10 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::{GetOptions, WatchOptions};
-use etcd_compat_tests::{chromium, workspace_root, EtcdVersion, ProxyProcess};
+use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions, WatchOptions};
+use etcd_compat_tests::{chromium, workspace_root, ClientTls, EtcdVersion, ProxyProcess};
 
-use crate::support::{both_versions, connect, runtime, wait_for_health, Deployment, Wire};
+use crate::support::{both_versions, runtime, wait_for_health, Deployment, Wire};
 
 const MEMBERS: [&str; 3] = ["m0", "m1", "m2"];
 
@@ -30,7 +31,8 @@ const VIRTUAL_TIME_MS: u32 = 8000;
 both_versions!(status_page_shows_members_diagnosis_and_live_charts => status_page_3_4, status_page_3_5);
 
 fn status_page_shows_members_diagnosis_and_live_charts(version: EtcdVersion) {
-    let deployment = Deployment::start(version, 3, Wire::Plain, &[]);
+    let deployment = Deployment::start(version, 3, Wire::Tls, &[]);
+    let tls = deployment.client_tls.clone().expect("client TLS material");
     let (status, health) = wait_for_health(&deployment.proxy, Duration::from_secs(30), |status, body| {
         status == 200 && body.contains("\"leader\":true") && body_names_all_members(body)
     });
@@ -45,7 +47,7 @@ fn status_page_shows_members_diagnosis_and_live_charts(version: EtcdVersion) {
     let runtime = runtime();
     let endpoint = deployment.endpoint.clone();
     let _watch = runtime.block_on(async {
-        let mut client = connect(&endpoint).await;
+        let mut client = connect(&endpoint, &tls).await;
         for i in 0..20 {
             client.put(format!("status/{i:02}"), "v", None).await.expect("put");
         }
@@ -60,8 +62,9 @@ fn status_page_shows_members_diagnosis_and_live_charts(version: EtcdVersion) {
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = runtime.spawn({
         let stop = Arc::clone(&stop);
+        let tls = tls.clone();
         async move {
-            let mut client = connect(&endpoint).await;
+            let mut client = connect(&endpoint, &tls).await;
             let mut i = 0_u64;
             while !stop.load(Ordering::Relaxed) {
                 // Failures would only show on the page; the assertions are about the page.
@@ -100,22 +103,27 @@ fn status_page_shows_members_diagnosis_and_live_charts(version: EtcdVersion) {
     assert_eq!(dom.matches(">healthy</td>").count(), 3, "every member is shown healthy:\n{dom}");
     assert!(dom.contains(&format!(">{}.", version.as_str())), "the members' etcd release is shown:\n{dom}");
 
+    // The diagnosis: the verdict, every check (the doctor always makes the same ones), each
+    // member's database size against its quota, and every certificate with its days left.
     let verdict = attribute(&dom, "id=\"verdict\"", "data-verdict");
-    match &diagnosis {
-        Some(diagnosis) => {
-            assert!(["ok", "warning", "critical"].contains(&verdict.as_str()), "verdict banner shows {verdict:?}");
-            for check in &diagnosis.checks {
-                assert!(
-                    dom.contains(&format!("data-check=\"{check}\"")),
-                    "the doctor's check {check} is not on the page:\n{dom}"
-                );
-            }
-        }
-        None => {
-            // Without /doctor the page says so, and still lists the members from /health.
-            assert_eq!(verdict, "unavailable", "verdict banner without /doctor");
-            assert!(dom.contains("Diagnosis unavailable"), "{dom}");
-        }
+    assert!(["ok", "warning", "critical"].contains(&verdict.as_str()), "verdict banner shows {verdict:?}:\n{dom}");
+    for check in &diagnosis.checks {
+        assert!(
+            dom.contains(&format!("data-check=\"{check}\"")),
+            "the doctor's check {check} is not on the page:\n{dom}"
+        );
+    }
+    for member in MEMBERS {
+        let row = element(&dom, &member_row(member));
+        let row = &row[..row.find("</tr>").unwrap_or(row.len())];
+        assert!(row.contains("iB / "), "member {member}'s db size and quota are not shown: {row}");
+    }
+    assert!(!diagnosis.certificates.is_empty(), "the doctor lists no certificates though TLS is on");
+    for (path, days_left) in &diagnosis.certificates {
+        assert!(
+            dom.contains(&format!(">{days_left}</td>")) && dom.contains(&format!(">{path}</td>")),
+            "certificate {path} with {days_left} days left is not on the page:\n{dom}"
+        );
     }
 
     for (chart, series) in [("chart-requests", ["Put", "Range"]), ("chart-errors", ["Range", "LeaseRevoke"])] {
@@ -160,17 +168,28 @@ fn member_row(name: &str) -> String {
     format!("data-member=\"{name}\"")
 }
 
-/// The checks the doctor reported, as `group/name`, or `None` while this proxy has no `/doctor`.
-struct Diagnosis {
-    checks: BTreeSet<String>,
+/// An etcd-client `Client` of the proxy at `endpoint`, over TLS with `tls`.
+async fn connect(endpoint: &str, tls: &ClientTls) -> Client {
+    let read = |path: &Path| std::fs::read(path).unwrap_or_else(|error| panic!("read {}: {error}", path.display()));
+    let options = ConnectOptions::new().with_tls(
+        TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(read(&tls.ca_cert)))
+            .identity(Identity::from_pem(read(&tls.cert), read(&tls.key))),
+    );
+    Client::connect([endpoint], Some(options)).await.unwrap_or_else(|error| panic!("connect to {endpoint}: {error}"))
 }
 
-fn diagnosis(proxy: &ProxyProcess) -> Option<Diagnosis> {
+/// What `/doctor` reported that the page must show.
+struct Diagnosis {
+    /// Every check, as `group/name`.
+    checks: BTreeSet<String>,
+    /// Every certificate, as (path, days left).
+    certificates: Vec<(String, i64)>,
+}
+
+fn diagnosis(proxy: &ProxyProcess) -> Diagnosis {
     let (status, body) = proxy.http_get("/doctor");
-    if status == 404 {
-        return None;
-    }
-    assert!(status == 200 || status == 503, "/doctor answered {status}: {body}");
+    assert_eq!(status, 200, "/doctor answered {status}: {body}");
     let answer: serde_json::Value =
         serde_json::from_str(&body).unwrap_or_else(|error| panic!("/doctor is not JSON ({error}): {body}"));
     let checks = answer["checks"].as_array().unwrap_or_else(|| panic!("/doctor has no checks: {body}"));
@@ -178,7 +197,13 @@ fn diagnosis(proxy: &ProxyProcess) -> Option<Diagnosis> {
         .iter()
         .map(|check| format!("{}/{}", check["group"].as_str().unwrap_or("?"), check["name"].as_str().unwrap_or("?")))
         .collect();
-    Some(Diagnosis { checks })
+    let certificates =
+        answer["certificates"].as_array().unwrap_or_else(|| panic!("/doctor has no certificates: {body}"));
+    let certificates = certificates
+        .iter()
+        .map(|cert| (cert["path"].as_str().unwrap_or("?").to_owned(), cert["days_left"].as_i64().unwrap_or(i64::MIN)))
+        .collect();
+    Diagnosis { checks, certificates }
 }
 
 /// The opening tag of the first element carrying `marker` (an attribute as written in the DOM)
