@@ -25,7 +25,8 @@ const BROWSER_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// The page scrapes `/metrics` at load, a second later and then every 2 s: eight seconds of the
 /// browser's virtual time give it several samples, hence rates, whatever the machine's speed
-/// (virtual time stands still while a fetch is under way).
+/// (virtual time stands still while a fetch is under way). The page's clock is virtual too and
+/// runs ahead of the traffic, so the screenshots' rates are lower than the real ones.
 const VIRTUAL_TIME_MS: u32 = 8000;
 
 both_versions!(status_page_shows_members_diagnosis_and_live_charts => status_page_3_4, status_page_3_5);
