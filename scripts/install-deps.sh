@@ -5,6 +5,7 @@
 #   - a Python venv at .deps/py with the legacy etcd3 0.12 client
 #   - protoc (Debian protobuf-compiler), which the etcd-client dev-dependency's build needs
 #   - systemd-analyze (Debian systemd), which checks the unit in deploy/
+#   - chromium (Debian chromium), the headless browser that loads the admin status page
 # Idempotent: when everything is in place it only verifies (about a second).
 # Safe to run concurrently: a lock under .deps/ serialises parallel callers (the test
 # harness runs this script from several test processes at once).
@@ -164,6 +165,17 @@ else
     apt_install systemd
 fi
 
+# ---------------------------------------------------------------- chromium (apt)
+
+# The status-page test renders the admin server's page in headless Chromium and saves a
+# screenshot: the page's charts only exist once its scripts have run.
+if command -v chromium >/dev/null 2>&1; then
+    log "chromium already at $(command -v chromium)"
+else
+    log "installing chromium from apt"
+    apt_install chromium
+fi
+
 # ---------------------------------------------------------------- etcd 3.5.1 (PyPI wheel)
 
 etcd35_present() {
@@ -266,6 +278,12 @@ if command -v openssl >/dev/null 2>&1; then
     log "ok: $(command -v openssl) ($(openssl version))"
 else
     printf '[install-deps] FAILED: openssl not on PATH\n' >&2
+    failures=$((failures + 1))
+fi
+if command -v chromium >/dev/null 2>&1 && chromium_version="$(chromium --version 2>/dev/null)"; then
+    log "ok: $(command -v chromium) ($chromium_version)"
+else
+    printf '[install-deps] FAILED: chromium not on PATH or does not run\n' >&2
     failures=$((failures + 1))
 fi
 check_version "$VENV_DIR etcd3/grpcio/protobuf" "$py_versions" "0.12.0 1.62.3 3.20.3"

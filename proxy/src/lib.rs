@@ -15,11 +15,13 @@
 //! - the answer goes back as etcd's bytes, and its outcome is counted in [`admin`]'s metrics.
 //!
 //! Beside the path: [`cli`] reads the command line into a validated [`config::Config`]; [`tls`]
-//! builds, reloads and tracks certificates; [`admin`] serves `/health`, `/ready`, `/metrics` and
-//! the migration's calls; [`service_manager`] tells systemd when the proxy is ready or stopping; [`migrate`] mirrors the cluster onto a new one, revision for revision;
-//! [`error`] is every status the proxy makes itself, in [`etcd_errors`]' words where etcd has them;
-//! [`explain`] turns the statuses and dial failures the field reports describe into one log line
-//! a minute that names the likely cause and the command that helps.
+//! builds, reloads and tracks certificates; [`admin`] serves the status page, `/health`, `/ready`,
+//! `/metrics`, `/doctor` and the migration's calls; [`service_manager`] tells systemd when the
+//! proxy is ready or stopping; [`migrate`] mirrors the cluster onto a new one, revision for
+//! revision; [`doctor`] diagnoses the cluster as a client and [`recover`] runs the NOSPACE
+//! runbook on it; [`error`] is every status the proxy makes itself, in [`etcd_errors`]' words
+//! where etcd has them; [`explain`] turns the statuses and dial failures the field reports
+//! describe into one log line a minute that names the cause and the command that helps.
 //! Modules only depend downward: the transport and [`grpc`] on nothing, [`upstream`] never on the
 //! request path, the configuration never on the command line.
 

@@ -134,6 +134,22 @@ pub fn etcd3_python() -> PathBuf {
     python
 }
 
+/// Debian's `chromium` on `PATH`, the headless browser of the status-page test; installs
+/// dependencies once if it is missing.
+///
+/// Panics if it is still missing afterwards.
+pub fn chromium() -> PathBuf {
+    let find = || {
+        std::env::var_os("PATH")
+            .and_then(|path| std::env::split_paths(&path).map(|dir| dir.join("chromium")).find(|bin| bin.is_file()))
+    };
+    if let Some(bin) = find() {
+        return bin;
+    }
+    let install_report = install_deps_once();
+    find().unwrap_or_else(|| panic!("chromium is not on PATH; install attempt: {install_report}"))
+}
+
 impl fmt::Display for EtcdVersion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

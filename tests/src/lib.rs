@@ -25,7 +25,7 @@ mod space;
 mod wire;
 
 pub use cluster::{ClusterSpec, EtcdCluster, MemberInfo, TlsSpec, MAX_MEMBERS};
-pub use deps::{etcd3_python, workspace_root, EtcdVersion};
+pub use deps::{chromium, etcd3_python, workspace_root, EtcdVersion};
 pub use etcdctl::{etcdctl, etcdctl_command, etcdctl_ok, ClientTls};
 pub use http::http_get;
 pub use link::FaultyLink;

@@ -1,8 +1,10 @@
 //! The admin HTTP server on `--metrics-addr`: `/health` (etcd's shape plus the proxy's view of
 //! each member), `/ready` (whether to send clients here), `/metrics` (the counters of [`metrics`], which the whole proxy writes to),
-//! `/doctor` (the doctor's report, [`doctor`]) and
+//! `/doctor` (the doctor's report, [`doctor`]),
 //! the migration's calls under `/migrate/` ([`migrate`]), which `etcd-compat-proxy migrate`
-//! makes. Reads the cluster and the certificates; nothing it serves feeds back into a call.
+//! makes, and the status page at `/` with its files under `/assets/` ([`status_page`]), whose
+//! script reads the other answers. Reads the cluster and the certificates; nothing it serves
+//! feeds back into a call.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +28,7 @@ pub use metrics::{ClosedBecause, Metrics, Refusal, RenderMetrics};
 mod doctor;
 pub mod metrics;
 mod migrate;
+mod status_page;
 
 /// An admin answer's body: whole, or streamed (a snapshot); an error cuts the connection so
 /// that the reader sees an incomplete answer rather than a short one.
@@ -75,10 +78,12 @@ impl Admin {
                 reply(StatusCode::OK, "application/json", json.to_string())
             }
             path if path.starts_with("/migrate/") => self.migrate(request).await,
+            path if path == "/" || path.starts_with("/assets/") => status_page::answer(path),
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found: the admin server serves /health, /ready, /metrics, /doctor and /migrate/\n".to_owned(),
+                "not found: the admin server serves / (the status page), /health, /ready, /metrics, /doctor and /migrate/\n"
+                    .to_owned(),
             ),
         }
     }

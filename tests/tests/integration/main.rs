@@ -18,5 +18,6 @@ mod read_cache;
 mod restarts;
 mod shared_sessions;
 mod size_budget;
+mod status_page;
 mod support;
 mod watch_coalescing;
