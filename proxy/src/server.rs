@@ -72,6 +72,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // Auth sessions: with --session-key-file their tokens open them in any replica and after a
     // restart; the key file is watched like the TLS files.
     let auth = Arc::new(AuthSessions::new(config.auth.clone()).map_err(RunError::Auth)?);
+    let _ = metrics.auth_sessions.set(Arc::new(SessionGauge(Arc::clone(&auth))));
     tokio::spawn(expire_idle_sessions(Arc::clone(&auth), stop.clone()));
     if let Some((path, _)) = &config.auth.session_keys {
         tokio::spawn(watch_session_keys(Arc::clone(&auth), path.clone(), config.cert_reload_interval, stop.clone()));
@@ -320,6 +321,17 @@ fn read_shared(files: &SharedUpstreamFiles) -> Option<crate::tls::UpstreamTlsFil
 }
 
 /// Forgets idle proxy-token sessions once a minute.
+/// The auth sessions as a gauge on `/metrics` (here, because `auth` sits below `admin`).
+struct SessionGauge(Arc<AuthSessions>);
+
+impl crate::admin::RenderMetrics for SessionGauge {
+    fn render(&self, out: &mut String) {
+        out.push_str("# HELP etcd_compat_proxy_auth_sessions Auth sessions held in memory.\n");
+        out.push_str("# TYPE etcd_compat_proxy_auth_sessions gauge\n");
+        out.push_str(&format!("etcd_compat_proxy_auth_sessions {}\n", self.0.session_count()));
+    }
+}
+
 async fn expire_idle_sessions(auth: Arc<AuthSessions>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {

@@ -238,6 +238,7 @@
       ["etcd_compat_proxy_watch_client_watches", "client watches"],
       ["etcd_compat_proxy_watch_upstream_watches", "upstream watches"],
       ["etcd_compat_proxy_client_connections", "client connections"],
+      ["etcd_compat_proxy_auth_sessions", "auth sessions"],
     ]), "");
     draw("chart-budget", rateSeries("etcd_compat_proxy_limited_responses_total", (l) => l.outcome || "unknown", null,
       ["whole", "paged", "truncated", "refused"]), "/s");

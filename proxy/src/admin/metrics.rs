@@ -69,6 +69,8 @@ pub struct Metrics {
     pub read_cache: std::sync::OnceLock<std::sync::Arc<crate::cache::CacheStats>>,
     /// Watch coalescing's counters, once the request path made its hub.
     pub watch_coalescing: std::sync::OnceLock<std::sync::Arc<dyn RenderMetrics>>,
+    /// The auth sessions' gauge, once the server made them.
+    pub auth_sessions: std::sync::OnceLock<std::sync::Arc<dyn RenderMetrics>>,
     /// Explains the failures the field reports describe; shared with the cluster's dials.
     pub explainer: crate::explain::Explainer,
 }
@@ -98,6 +100,7 @@ impl Default for Metrics {
             certificates: std::sync::Arc::default(),
             read_cache: std::sync::OnceLock::new(),
             watch_coalescing: std::sync::OnceLock::new(),
+            auth_sessions: std::sync::OnceLock::new(),
             explainer: crate::explain::Explainer::default(),
         }
     }
@@ -313,6 +316,9 @@ impl Metrics {
         }
         if let Some(coalescing) = self.watch_coalescing.get() {
             coalescing.render(&mut out);
+        }
+        if let Some(sessions) = self.auth_sessions.get() {
+            sessions.render(&mut out);
         }
         for (name, help, value) in [
             (

@@ -383,8 +383,8 @@ impl AuthSessions {
         self.logins.forget_old();
     }
 
-    #[cfg(test)]
-    /// Number of live proxy-token sessions.
+    /// Number of sessions held in memory (a sealed token whose session was dropped for idleness
+    /// is not counted until it is used again).
     pub fn session_count(&self) -> usize {
         self.by_token.lock().map(|s| s.len()).unwrap_or(0)
     }

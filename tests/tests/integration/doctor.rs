@@ -190,7 +190,13 @@ both_versions!(
 /// compaction (exit 1), a learner is left unpromoted (exit 1), a member stops (exit 2).
 fn history_learner_and_stopped_member_are_flagged(version: EtcdVersion) {
     let mut cluster = EtcdCluster::start(ClusterSpec::new(version, 3)).expect("cluster");
-    let args = vec![endpoints_arg(&cluster), "--history-warning-revisions=200".to_owned()];
+    // The proxy's own configuration file is what the doctor reads: endpoints and thresholds.
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("proxy.toml");
+    let endpoints: Vec<String> = cluster.client_urls().iter().map(|url| format!("{url:?}")).collect();
+    std::fs::write(&config, format!("endpoints = [{}]\nhistory-warning-revisions = 200\n", endpoints.join(", ")))
+        .expect("write config");
+    let args = vec![format!("--config={}", path(&config))];
     let (code, report) = doctor(&args);
     assert_eq!((code, findings(&report)), (0, Vec::<String>::new()), "a fresh cluster is ok");
     assert_eq!(check(&report, "members", "quorum")["summary"], "1 of 3 voting members may fail");
@@ -245,6 +251,29 @@ fn history_learner_and_stopped_member_are_flagged(version: EtcdVersion) {
     assert!(reachable["fix"].as_str().is_some_and(|f| f.contains("--initial-cluster-state=existing")), "{reachable:#}");
     assert_eq!(check(&report, "members", "quorum")["verdict"], "warning");
     assert_eq!(check(&report, "members", "quorum")["summary"], "one more member lost and the cluster loses quorum");
+
+    // Removed from the cluster, still in the proxy's --endpoints: named as such.
+    let stopped_id = format!("{:x}", cluster.member(stopped).member_id.expect("id"));
+    cluster.etcdctl_ok(&["member", "remove", &stopped_id]);
+    let (code, report) = doctor(&args);
+    assert_eq!(
+        (code, findings(&report)),
+        (
+            1,
+            vec![
+                "members/quorum: \"warning\"".to_owned(),
+                "members/learners: \"warning\"".to_owned(),
+                "members/endpoints: \"warning\"".to_owned()
+            ]
+        )
+    );
+    let lines = evidence(check(&report, "members", "endpoints"));
+    let removed_url = &cluster.client_urls()[stopped];
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        lines[0].starts_with(&format!("{removed_url} is no member's client URL and does not answer: ")),
+        "{lines:?}"
+    );
 }
 
 both_versions!(
