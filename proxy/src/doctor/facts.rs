@@ -44,6 +44,23 @@ pub struct MemberFacts {
     pub later: Option<StatusSample>,
 }
 
+impl MemberFacts {
+    /// The members of a MemberList answer, their Status not yet asked.
+    pub fn listed(list: &etcd_client::MemberListResponse) -> Vec<MemberFacts> {
+        list.members()
+            .iter()
+            .map(|m| MemberFacts {
+                id: m.id(),
+                name: m.name().to_owned(),
+                client_urls: m.client_urls().to_vec(),
+                is_learner: m.is_learner(),
+                status: Err("not asked".to_owned()),
+                later: None,
+            })
+            .collect()
+    }
+}
+
 /// A configured endpoint that is no member's client URL.
 #[derive(Debug, Clone)]
 pub struct StrayEndpoint {
@@ -131,21 +148,7 @@ pub async fn gather(access: &ClusterAccess, limits: ReadLimits) -> Facts {
         }
     };
     let client = &mut client;
-    let mut members = match timed(client.member_list()).await {
-        Ok(list) => Ok(list
-            .members()
-            .iter()
-            .map(|m| MemberFacts {
-                id: m.id(),
-                name: m.name().to_owned(),
-                client_urls: m.client_urls().to_vec(),
-                is_learner: m.is_learner(),
-                status: Err("not asked".to_owned()),
-                later: None,
-            })
-            .collect::<Vec<_>>()),
-        Err(error) => Err(error),
-    };
+    let mut members = timed(client.member_list()).await.map(|list| MemberFacts::listed(&list));
     if let Ok(members) = members.as_mut() {
         for member in members.iter_mut() {
             member.status = status_of_member(access, member).await;

@@ -120,19 +120,7 @@ pub struct Recovered {
 /// defragmenting another one then could leave the cluster without a quorum.
 pub async fn plan(access: &ClusterAccess, keep_revisions: i64) -> Result<Plan, String> {
     let mut client = facts::connect_any(access).await?;
-    let members = timed(client.member_list()).await?;
-    let mut facts: Vec<MemberFacts> = members
-        .members()
-        .iter()
-        .map(|m| MemberFacts {
-            id: m.id(),
-            name: m.name().to_owned(),
-            client_urls: m.client_urls().to_vec(),
-            is_learner: m.is_learner(),
-            status: Err(String::new()),
-            later: None,
-        })
-        .collect();
+    let mut facts = MemberFacts::listed(&timed(client.member_list()).await?);
     for member in &mut facts {
         member.status = facts::status_of_member(access, member).await;
     }
