@@ -61,6 +61,16 @@ use admission::{MessageLimits, NotGrpc, Refused, StreamLimits};
 use attempts::{PendingBody, Sender, Upstreamed};
 use relay::{Buffered, CallRecord, ResponseBody};
 
+/// The request's path and query, as sent on to etcd.
+fn path_and_query(uri: &http::Uri) -> http::uri::PathAndQuery {
+    uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
+}
+
+/// A call's outcome: the client's answer, or a reset of its stream.
+pub type ServeResult = Result<Response<ResponseBody>, h2::Error>;
+/// What [`Forwarder::call`] returns: boxed, so that each kind's future is only as large as it.
+pub type ServeFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ServeResult> + Send>>;
+
 /// Connection-specific headers: meaningless across hops, and forbidden in HTTP/2.
 const HOP_BY_HOP: [http::HeaderName; 5] = [
     http::header::CONNECTION,
@@ -149,12 +159,58 @@ impl Forwarder {
 
     /// Serves one client call: etcd's answer, a gRPC status of the proxy's own, or (for what
     /// etcd would reset) a reset of the client's stream with etcd's reason.
-    pub async fn serve(self: Arc<Self>, request: Request<Incoming>) -> Result<Response<ResponseBody>, h2::Error> {
+    pub fn call(self: Arc<Self>, request: Request<Incoming>) -> ServeFuture {
         let route = grpc::route(request.uri().path());
+        match route.kind {
+            // A future of their own, far smaller than a unary call's: hyper holds it until the
+            // answer's head, which for a stream waits on etcd, and a fleet opens thousands at once.
+            MethodKind::Watch | MethodKind::KeepAlive => self.serve_long_lived(request, route),
+            _ => Box::pin(self.serve(request, route)),
+        }
+    }
+
+    /// A Watch or LeaseKeepAlive stream, relayed by a task of its own. Admitted before the
+    /// returned future is first polled: only the wait for etcd's first answer is held in it.
+    fn serve_long_lived(self: Arc<Self>, request: Request<Incoming>, route: Route) -> ServeFuture {
+        let (record, parts, body, deadline) = match self.open_call(request, route) {
+            Ok(opened) => opened,
+            Err(reset) => return Box::pin(std::future::ready(Err(reset))),
+        };
+        let client = parts.extensions.get::<ClientInfo>();
+        let mut headers = parts.headers;
+        let session = match self.identify(&mut headers, client, route.kind) {
+            Ok(session) => session,
+            Err(failure) => return Box::pin(std::future::ready(Ok(status_response(record, failure)))),
+        };
+        let path_and_query = path_and_query(&parts.uri);
+        let body = PendingBody::Streaming(Some(body));
+        let call = Admitted { route, record, headers, path_and_query, body, session, deadline };
+        match route.kind {
+            MethodKind::Watch => {
+                let started = self.serve_watch(call);
+                Box::pin(async move { Ok(started.await) })
+            }
+            _ => Box::pin(async move { Ok(self.serve_keepalive(call).await) }),
+        }
+    }
+
+    /// A Watch or LeaseKeepAlive call, by its kind.
+    async fn serve_relayed_stream(&self, call: Admitted) -> Response<ResponseBody> {
+        match call.route.kind {
+            MethodKind::KeepAlive => self.serve_keepalive(call).await,
+            _ => self.serve_watch(call).await,
+        }
+    }
+
+    /// What every call meets first: its record, and a reset for what is not gRPC, as etcd
+    /// resets it (sent on, it would only come back as one).
+    fn open_call(
+        &self,
+        request: Request<Incoming>,
+        route: Route,
+    ) -> Result<(CallRecord, http::request::Parts, Incoming, Option<Instant>), h2::Error> {
         let metrics = Arc::clone(&self.sender.metrics);
         let mut record = CallRecord::new(metrics, route.index, route.shape == CallShape::Unary);
-        // What etcd refuses before reading a request is refused here the same way: sent on, it
-        // would only come back as a reset.
         let deadline = match admission::check_headers(request.method(), request.headers()) {
             Ok(deadline) => deadline,
             Err(NotGrpc(why)) => {
@@ -168,13 +224,37 @@ impl Forwarder {
                 return Err(h2::Error::from(h2::Reason::PROTOCOL_ERROR));
             }
         };
-        let (parts, mut body) = request.into_parts();
-        let mut headers = parts.headers;
+        let (mut parts, body) = request.into_parts();
         for name in &HOP_BY_HOP {
-            headers.remove(name);
+            parts.headers.remove(name);
         }
-        let path_and_query =
-            parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        Ok((record, parts, body, deadline))
+    }
+
+    /// The caller's session, from its token or configured identity. Client tokens never go to
+    /// etcd: the proxy's own session for the caller supplies one.
+    fn identify(
+        &self,
+        headers: &mut HeaderMap,
+        client: Option<&ClientInfo>,
+        kind: MethodKind,
+    ) -> Result<Option<Arc<Session>>, ProxyFailure> {
+        let identity = self.sender.auth.identify(headers, client);
+        headers.remove(&auth::TOKEN_HEADER);
+        headers.remove(&auth::AUTHORIZATION_HEADER);
+        match (kind, identity) {
+            // A login needs no session, and a client with a stale token logs in again.
+            (MethodKind::Authenticate, _) => Ok(None),
+            (_, Identity::Session(session)) => Ok(Some(session)),
+            (_, Identity::Anonymous) => Ok(None),
+            (_, Identity::UnknownToken) => Err(ProxyFailure::InvalidToken),
+        }
+    }
+
+    async fn serve(self: Arc<Self>, request: Request<Incoming>, route: Route) -> ServeResult {
+        let (record, parts, mut body, deadline) = self.open_call(request, route)?;
+        let mut headers = parts.headers;
+        let path_and_query = path_and_query(&parts.uri);
 
         // Single-message requests are small; holding them is what makes a retry on another member possible.
         let body = match route.shape {
@@ -190,17 +270,10 @@ impl Forwarder {
             }
         };
 
-        // Client tokens never go to etcd: the proxy's own session for the caller supplies one.
         let client = parts.extensions.get::<ClientInfo>();
-        let identity = self.sender.auth.identify(&headers, client);
-        headers.remove(&auth::TOKEN_HEADER);
-        headers.remove(&auth::AUTHORIZATION_HEADER);
-        let session = match (route.kind, identity) {
-            // A login needs no session, and a client with a stale token logs in again.
-            (MethodKind::Authenticate, _) => None,
-            (_, Identity::Session(session)) => Some(session),
-            (_, Identity::Anonymous) => None,
-            (_, Identity::UnknownToken) => return Ok(status_response(record, ProxyFailure::InvalidToken)),
+        let session = match self.identify(&mut headers, client, route.kind) {
+            Ok(session) => session,
+            Err(failure) => return Ok(status_response(record, failure)),
         };
         let mut call = Admitted { route, record, headers, path_and_query, body, session, deadline };
         // Boxed: the rare and long-lived kinds; the plain unary call stays inline.
@@ -247,8 +320,8 @@ impl Forwarder {
                 }
                 self.unary_response(call, answer, limit)
             }
-            MethodKind::Watch => Ok(Box::pin(self.serve_watch(call)).await),
-            MethodKind::KeepAlive => Ok(Box::pin(self.serve_keepalive(call)).await),
+            // Not reached through `call`, which gives these a future of their own.
+            MethodKind::Watch | MethodKind::KeepAlive => Ok(Box::pin(self.serve_relayed_stream(call)).await),
             MethodKind::ServerStream | MethodKind::ClientStream => Box::pin(self.serve_stream(call)).await,
         }
     }
@@ -400,20 +473,30 @@ impl Forwarder {
 
     /// A Watch stream: relayed by a task of its own (see [`watch`]); the responses of a client
     /// with a message size limit are split under it.
-    async fn serve_watch(&self, call: Admitted) -> Response<ResponseBody> {
+    fn serve_watch(
+        &self,
+        call: Admitted,
+    ) -> impl std::future::Future<Output = Response<ResponseBody>> + Send + 'static {
         let Admitted { record, headers, body, session, .. } = call;
-        let PendingBody::Streaming(Some(client)) = body else {
-            return status_response(record, ProxyFailure::StreamNotStarted("watch"));
-        };
         let limit = self.budget.classify(&headers).bytes();
-        let shutdown = self.shutdown.clone().cancelled_owned();
-        let sender = Arc::clone(&self.sender);
-        let limits = self.stream_limits();
-        let hub = self.watch_hub.as_ref();
-        let response = watch::serve(sender, hub, session, headers, client, record, shutdown, limits).await;
-        match limit {
-            Some(budget) => response.map(|body| body.split_watch_responses(budget)),
-            None => response,
+        let started = match body {
+            PendingBody::Streaming(Some(client)) => {
+                let shutdown = self.shutdown.clone().cancelled_owned();
+                let sender = Arc::clone(&self.sender);
+                let hub = self.watch_hub.as_ref();
+                Ok(watch::serve(sender, hub, session, headers, client, record, shutdown, self.stream_limits()))
+            }
+            _ => Err(status_response(record, ProxyFailure::StreamNotStarted("watch"))),
+        };
+        async move {
+            let response = match started {
+                Ok(started) => started.await,
+                Err(refused) => return refused,
+            };
+            match limit {
+                Some(budget) => response.map(|body| body.split_watch_responses(budget)),
+                None => response,
+            }
         }
     }
 

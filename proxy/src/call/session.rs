@@ -38,7 +38,8 @@ impl Sender {
     ) -> Result<OpenedStream, (Code, String)> {
         let token_generation = match session {
             Some(session) => {
-                let token = self.session_token(session, rejected).await?;
+                // Boxed: a fleet opens thousands of these at once, most without a session.
+                let token = Box::pin(self.session_token(session, rejected)).await?;
                 Session::authorize(&token, &mut headers);
                 Some(token.generation())
             }

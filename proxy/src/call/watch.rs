@@ -93,8 +93,10 @@ const MAX_QUEUED_REQUESTS: usize = 64 * 1024;
 /// Serves one Watch call: the relay runs in its own task, and the client is answered once etcd
 /// answered the first upstream stream (answering earlier would tell it the watch exists before
 /// it does: clients that write right after `watch()` returns would miss their own first event).
+/// Everything but the wait for that answer happens before the returned future is first polled,
+/// so that the future a fleet's thousands of new streams each hold meanwhile stays small.
 #[allow(clippy::too_many_arguments)]
-pub(super) async fn serve(
+pub(super) fn serve(
     sender: Arc<Sender>,
     hub: Option<&Arc<WatchHub>>,
     session: Option<Arc<Session>>,
@@ -103,7 +105,7 @@ pub(super) async fn serve(
     record: CallRecord,
     shutdown: WaitForCancellationFutureOwned,
     limits: StreamLimits,
-) -> http::Response<ResponseBody> {
+) -> impl Future<Output = http::Response<ResponseBody>> + Send + 'static {
     let (head, started) = oneshot::channel();
     let (to_client, from_relay) = client_queue::channel(limits.max_buffered);
     let client = RequestBody::Streaming(client);
@@ -113,7 +115,7 @@ pub(super) async fn serve(
         relay.coalescing = Some(Coalescing { hub: Arc::clone(hub), inbox, deliveries, counted: (0, 0) });
     }
     tokio::spawn(relay.run());
-    ResponseBody::when_started(started, from_relay, record, shutdown, "watch").await
+    ResponseBody::when_started(started, from_relay, record, shutdown, "watch")
 }
 
 /// Runs the upstream stream of a user's shared watches (see `watch_hub`): a relay whose client
@@ -619,6 +621,11 @@ impl WatchRelay {
                 self.deliver(message);
                 return;
             };
+            if self.pending.is_empty() {
+                // A stream asks for its watches once and then holds them for hours: the room
+                // its creates took is given back.
+                self.pending = VecDeque::new();
+            }
             if facts.canceled {
                 let token_refusal =
                     etcd_errors::WATCH_TOKEN_CANCEL_REASONS.iter().any(|reason| facts.cancel_reason.ends_with(reason));

@@ -86,10 +86,10 @@ impl ClientConnection {
         let forwarder = self.forwarder;
         let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
             request.extensions_mut().insert(client.clone());
-            // Boxed: hyper keeps a stream's task as large as the service's future for the
-            // stream's whole life, and a call's future (sized by the longest unary path) would
+            // Boxed (by `call`): hyper keeps a stream's task as large as the service's future for
+            // the stream's whole life, and a call's future (sized by the longest unary path) would
             // otherwise cost every long-lived Watch stream a few KiB after it has answered.
-            Box::pin(Arc::clone(&forwarder).serve(request))
+            Arc::clone(&forwarder).call(request)
         });
         let connection = http2.serve_connection(io, service);
         tokio::pin!(connection);
