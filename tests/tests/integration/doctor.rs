@@ -398,3 +398,31 @@ fn invalid_configuration_and_unconfirmed_recovery_are_refused() {
     assert_eq!(code, 0);
     assert!(stdout.ends_with("dry run: nothing was changed\n"), "{stdout}");
 }
+
+/// Prefixes whose `get --prefix` answer would be near a legacy client's 4 MiB limit are named,
+/// each at both depths a key counts under, with its size against the budget.
+fn prefixes_near_the_response_budget_are_named(version: EtcdVersion) {
+    let cluster = EtcdCluster::start(ClusterSpec::new(version, 1)).expect("cluster");
+    runtime().block_on(async {
+        let mut client = connect(&cluster.client_urls()[0]).await;
+        // 7 values of 512 KiB: 3.5 MiB, past 75% of the 4 MiB budget.
+        for i in 0..7 {
+            client.put(format!("/registry/pods/p{i}"), vec![b'x'; 512 << 10], None).await.expect("put");
+        }
+        client.put("/registry/small/one", "v", None).await.expect("put");
+    });
+    let (_, report) = doctor(&[endpoints_arg(&cluster)]);
+    let budget = check(&report, "space", "budget");
+    assert_eq!(budget["verdict"], "warning");
+    let lines = evidence(budget);
+    assert_eq!(lines.len(), 3, "{budget:#}");
+    assert!(lines[0].starts_with("/registry/: 3.5 MiB in 8 keys ("), "{budget:#}");
+    assert!(lines[1].starts_with("/registry/pods/: 3.5 MiB in 7 keys (88% of the 4.0 MiB budget)"), "{budget:#}");
+    assert_eq!(lines[2], "scanned 8 keys, 3.5 MiB");
+}
+
+both_versions!(
+    prefixes_near_the_response_budget_are_named
+        => prefixes_near_the_response_budget_are_named_3_4,
+        prefixes_near_the_response_budget_are_named_3_5
+);
