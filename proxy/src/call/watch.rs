@@ -109,7 +109,13 @@ pub(super) fn serve(
     let (head, started) = oneshot::channel();
     let (to_client, from_relay) = client_queue::channel(limits.max_buffered);
     let client = RequestBody::Streaming(client);
+    // With a shared watch to join, a stream opens none at etcd until its client asks for a
+    // watch that needs one (see `WatchRelay::join_now`).
+    let open_now = hub.is_none() || session.is_some();
     let mut relay = WatchRelay::new(sender, session, headers, client, to_client, head, limits.messages);
+    if open_now {
+        relay.open_first();
+    }
     if let Some(hub) = hub {
         let (inbox, deliveries) = hub.inbox(limits.max_buffered);
         relay.coalescing = Some(Coalescing { hub: Arc::clone(hub), inbox, deliveries, counted: (0, 0) });
@@ -129,7 +135,9 @@ pub(super) fn spawn_shared_stream(
     limits: StreamLimits,
 ) {
     let (head, _) = oneshot::channel();
-    let relay = WatchRelay::new(sender, session, headers, requests, to_hub, head, limits.messages);
+    let mut relay = WatchRelay::new(sender, session, headers, requests, to_hub, head, limits.messages);
+    relay.open_first();
+    relay.shared_stream = true;
     tokio::spawn(relay.run());
 }
 
@@ -303,7 +311,27 @@ struct WatchRelay {
     latest: Option<Bytes>,
     /// Watches were added, removed or switched since the gauges were last updated.
     recount: bool,
+    /// A watch waiting for the hub to join it to a shared one at once; the client's next
+    /// requests wait meanwhile, so that `created` answers keep the order of the creates.
+    joining_now: Option<JoiningNow>,
+    /// A join was answered: the requests that waited for it are handled next.
+    resume_client: bool,
+    /// The hub's own stream of shared watches, whose progress answers the hub asked for.
+    shared_stream: bool,
 }
+
+/// A create the hub is joining to a shared watch without a watch of its own.
+struct JoiningNow {
+    id: i64,
+    create: WatchCreateRequest,
+    key: ShareKey,
+    /// Past it the watch is created on its own: the hub's progress request may have been lost
+    /// with its member.
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// How long a watch waits to join a shared one at once; etcd answers within a round trip.
+const JOIN_NOW_DEADLINE: Duration = Duration::from_secs(2);
 
 impl WatchRelay {
     fn new(
@@ -315,8 +343,6 @@ impl WatchRelay {
         head: oneshot::Sender<StreamHead>,
         limits: MessageLimits,
     ) -> WatchRelay {
-        let (to_upstream, receiver) = transport::feed();
-        let upstream = Upstream::Opening(open(Arc::clone(&sender), session.clone(), headers.clone(), receiver, None));
         WatchRelay {
             sender,
             session,
@@ -325,9 +351,9 @@ impl WatchRelay {
             client_messages: MessageReader::with_limit(limits.max_message),
             stall_timeout: limits.stall_timeout,
             stall: None,
-            upstream,
+            upstream: Upstream::Idle,
             upstream_messages: MessageReader::default(),
-            to_upstream,
+            to_upstream: FeedSender::closed(),
             token_generation: None,
             watches: Watches::default(),
             pending: VecDeque::new(),
@@ -343,7 +369,19 @@ impl WatchRelay {
             own_cancels: Vec::new(),
             latest: None,
             recount: false,
+            joining_now: None,
+            resume_client: false,
+            shared_stream: false,
         }
+    }
+
+    /// Opens the stream's first upstream stream, before any request, as a client's stream to
+    /// etcd is opened.
+    fn open_first(&mut self) {
+        let (to_upstream, receiver) = transport::feed();
+        self.to_upstream = to_upstream;
+        let opening = open(Arc::clone(&self.sender), self.session.clone(), self.headers.clone(), receiver, None);
+        self.upstream = Upstream::Opening(opening);
     }
 
     async fn run(mut self) {
@@ -358,7 +396,7 @@ impl WatchRelay {
                 return Poll::Ready(());
             }
             let client = self.poll_client(cx);
-            let stalled = self.poll_stall(cx);
+            let stalled = self.poll_stall(cx) || self.poll_join_deadline(cx);
             let upstream = self.poll_upstream(cx);
             let shared = self.poll_deliveries(cx);
             if self.recount {
@@ -405,6 +443,24 @@ impl WatchRelay {
         self.finished = true;
     }
 
+    /// Creates a watch on its own if the hub has not joined it in time; true if it did.
+    fn poll_join_deadline(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(joining) = self.joining_now.as_mut() else { return false };
+        if joining.deadline.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        let Some(joining) = self.joining_now.take() else { return false };
+        tracing::debug!(
+            watch = joining.id,
+            "no answer from the shared watch stream in time; creating the watch on its own"
+        );
+        if let Some(coalescing) = &self.coalescing {
+            coalescing.hub.unsubscribe(&joining.key, coalescing.inbox.relay(), joining.id);
+        }
+        self.create_on_own(joining);
+        true
+    }
+
     /// Ends the stream if the client's incomplete message stalled; true if it did.
     fn poll_stall(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(stall) = self.stall.as_mut() else { return false };
@@ -420,6 +476,16 @@ impl WatchRelay {
 
     /// Reads the client's requests; true if anything happened.
     fn poll_client(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.joining_now.is_some() {
+            // Woken by the hub's answer, through the inbox.
+            return false;
+        }
+        if self.resume_client {
+            // Requests read while a watch was joining waited in the reader, in order.
+            self.resume_client = false;
+            self.handle_client_messages();
+            return true;
+        }
         let Some(client) = self.client.as_mut() else { return false };
         // Requests etcd has not taken yet are bounded: nothing more is read until they leave
         // (the feed wakes the relay) or, between streams, until the next stream takes them.
@@ -431,22 +497,7 @@ impl WatchRelay {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
                     self.client_messages.push(&data);
-                    loop {
-                        if let Some(claimed) = self.client_messages.oversize() {
-                            // As etcd ends a stream that sends a message over its limit.
-                            self.sender.metrics().refused(Refusal::TooLarge);
-                            let limit = self.client_messages.limit().unwrap_or(usize::MAX);
-                            let (code, message) = ProxyFailure::MessageTooLarge { claimed, limit }.status();
-                            self.end(grpc::status_headers(code, &message));
-                            return true;
-                        }
-                        let Some(message) = self.client_messages.next_message() else { break };
-                        self.on_client_message(message);
-                    }
-                    self.stall = match self.client_messages.is_empty() {
-                        true => None,
-                        false => Some(Box::pin(tokio::time::sleep(self.stall_timeout))),
-                    };
+                    self.handle_client_messages();
                 }
                 true
             }
@@ -464,8 +515,49 @@ impl WatchRelay {
         }
     }
 
+    /// Handles the client's complete requests in order; those after a create that is joining a
+    /// shared watch wait for the hub's answer, so that `created` answers keep the creates' order.
+    fn handle_client_messages(&mut self) {
+        while self.joining_now.is_none() && !self.finished {
+            if let Some(claimed) = self.client_messages.oversize() {
+                // As etcd ends a stream that sends a message over its limit.
+                self.sender.metrics().refused(Refusal::TooLarge);
+                let limit = self.client_messages.limit().unwrap_or(usize::MAX);
+                let (code, message) = ProxyFailure::MessageTooLarge { claimed, limit }.status();
+                self.end(grpc::status_headers(code, &message));
+                return;
+            }
+            let Some(message) = self.client_messages.next_message() else { break };
+            self.on_client_message(message);
+        }
+        // Only an incomplete message read from the client can stall; waiting ones do not.
+        self.stall = match self.client_messages.is_empty() || self.joining_now.is_some() {
+            true => None,
+            false => Some(Box::pin(tokio::time::sleep(self.stall_timeout))),
+        };
+    }
+
     fn on_client_message(&mut self, message: Bytes) {
+        self.on_client_request(message, true);
+    }
+
+    /// One client request; a create asking for events from now on may join a shared watch at
+    /// once when `may_join`.
+    fn on_client_request(&mut self, message: Bytes, may_join: bool) {
         let request = grpc::decode_framed::<WatchRequest>(&message);
+        let request = match request {
+            Some(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) })
+                if may_join =>
+            {
+                match self.join_now(create) {
+                    Ok(()) => return,
+                    Err(create) => {
+                        Some(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) })
+                    }
+                }
+            }
+            other => other,
+        };
         // Between two upstream streams (paused, or waiting for a member) requests wait for the
         // next one: creates as pending creates, which every new stream gets, the rest after them.
         let idle = matches!(self.upstream, Upstream::Idle);
@@ -490,13 +582,13 @@ impl WatchRelay {
             }
             return;
         };
-        if self.moved && create.watch_id == 0 {
+        if between_streams {
+            // Sent by the next stream, which gives it its id then (id 0 can only be had there).
+        } else if self.moved && create.watch_id == 0 {
             // The new stream's own counter may differ from the one the client saw.
             create.watch_id = self.take_auto_id();
-            if !between_streams {
-                self.to_upstream.send(encode_create(&create));
-            }
-        } else if !between_streams {
+            self.to_upstream.send(encode_create(&create));
+        } else {
             self.to_upstream.send(message);
         }
         self.pending.push_back(PendingCreate { create, recreation: false, token_renewed: false });
@@ -662,8 +754,10 @@ impl WatchRelay {
                 self.recount = true;
                 self.unsubscribe(facts.watch_id, &watch.sharing);
             }
-        } else if facts.watch_id == -1 {
+        } else if facts.watch_id == -1 && !self.shared_stream {
             // A progress answer for the whole stream: every watch has seen up to this revision.
+            // (Not on the hub's stream: etcd 3.4 and 3.5.1 answer progress requests at once, ahead
+            // of events still on their way; the hub asks only to time watches that join.)
             for watch in self.watches.values_mut() {
                 watch.next_revision = watch.next_revision.max(facts.header_revision + 1);
             }
@@ -855,9 +949,83 @@ impl WatchRelay {
                 // Left the shared watch meanwhile.
                 _ => {}
             },
+            Delivery::JoinedNow { client_id, progress, from } => self.joined_now(client_id, &progress, from),
+            Delivery::NotJoined { client_id } => self.not_joined(client_id),
             Delivery::Detached { client_id } => self.detached(client_id),
         }
         true
+    }
+
+    /// Joins a create (with no id of its own) to the shared watch of the same request, without a
+    /// watch of its own at etcd, when one exists (see `WatchHub::join_now`); gives the create
+    /// back otherwise. Without auth only: etcd checks a user's permission when a watch is created,
+    /// and a shared watch was created earlier.
+    fn join_now(&mut self, create: WatchCreateRequest) -> Result<(), WatchCreateRequest> {
+        let eligible = self.session.is_none()
+            && create.start_revision >= 0
+            && create.watch_id == 0
+            && self.pending.is_empty()
+            && self.held.is_empty()
+            && matches!(self.upstream, Upstream::Idle | Upstream::Open { .. });
+        let (Some(coalescing), true) = (&self.coalescing, eligible) else { return Err(create) };
+        let Some(key) = ShareKey::of(None, &create) else { return Err(create) };
+        let hub = Arc::clone(&coalescing.hub);
+        let inbox = coalescing.inbox.clone();
+        let id = self.take_auto_id();
+        if !hub.join_now(&key, create.start_revision, id, &inbox) {
+            self.next_auto_id = id;
+            return Err(create);
+        }
+        // etcd's counter on this stream no longer knows every id: later creates carry theirs.
+        self.moved = true;
+        let deadline = Box::pin(tokio::time::sleep(JOIN_NOW_DEADLINE));
+        self.joining_now = Some(JoiningNow { id, create, key, deadline });
+        Ok(())
+    }
+
+    /// The hub joined watch `id`, to deliver every event after revision `from`: the client is
+    /// told the watch exists with the header of etcd's answer in `progress`, as etcd would have
+    /// told it at that moment.
+    fn joined_now(&mut self, id: i64, progress: &Bytes, from: i64) {
+        let Some(joining) = self.joining_now.take_if(|joining| joining.id == id) else { return };
+        let framed = progress.first() == Some(&0);
+        let header = WatchResponse::decode(progress.get(5..).unwrap_or_default()).ok().and_then(|r| r.header);
+        let (true, Some(header)) = (framed, header) else {
+            // Not an answer to go by: the watch leaves the shared one and is created on its own.
+            if let Some(coalescing) = &self.coalescing {
+                coalescing.hub.unsubscribe(&joining.key, coalescing.inbox.relay(), id);
+            }
+            self.create_on_own(joining);
+            return;
+        };
+        self.resume_client = true;
+        let created = WatchResponse { header: Some(header), watch_id: id, created: true, ..Default::default() };
+        let created = grpc::frame_message(&created);
+        let sharing = Sharing::Shared { key: joining.key, skip_through: from };
+        self.watches.insert(id, ActiveWatch { create: joining.create, next_revision: from + 1, sharing });
+        self.recount = true;
+        self.latest = Some(created.clone());
+        if let Some(head) = self.head.take() {
+            let _ = head.send(Ok(grpc::response_headers()));
+        }
+        self.deliver(created);
+    }
+
+    /// The hub could not join watch `id` at once: it is created on its own, as any other.
+    fn not_joined(&mut self, id: i64) {
+        if let Some(joining) = self.joining_now.take_if(|joining| joining.id == id) {
+            self.create_on_own(joining);
+        }
+    }
+
+    fn create_on_own(&mut self, joining: JoiningNow) {
+        self.resume_client = true;
+        // It takes the id it would have had.
+        self.next_auto_id = self.next_auto_id.min(joining.id);
+        let message = grpc::frame_message(&WatchRequest {
+            request_union: Some(watch_request::RequestUnion::CreateRequest(joining.create)),
+        });
+        self.on_client_request(message, false);
     }
 
     /// A message of the shared watch for the client's watch `id`.
@@ -977,6 +1145,9 @@ impl Drop for WatchRelay {
     fn drop(&mut self) {
         for (&id, watch) in &self.watches {
             self.unsubscribe(id, &watch.sharing);
+        }
+        if let (Some(joining), Some(coalescing)) = (self.joining_now.take(), &self.coalescing) {
+            coalescing.hub.unsubscribe(&joining.key, coalescing.inbox.relay(), joining.id);
         }
         if let Some(coalescing) = self.coalescing.as_mut() {
             coalescing.publish(0, 0);

@@ -2,10 +2,15 @@
 //! `prev_kv`, `progress_notify`) as the same etcd user share one upstream watch, so that etcd
 //! sends each event once however many clients watch it.
 //!
-//! A client's watch always starts as a watch of its own, on its relay's upstream stream (see
-//! `watch`): etcd checks its permission, answers `created` with its own header, and serves its
-//! start revision, compaction cancel included, exactly as it would directly. Once created, the
-//! relay subscribes it here. The shared watch runs on one upstream stream per user, itself a
+//! A client's watch starts as a watch of its own, on its relay's upstream stream (see `watch`):
+//! etcd checks its permission, answers `created` with its own header, and serves its start
+//! revision, compaction cancel included, exactly as it would directly. Once created, the relay
+//! subscribes it here. One exception, the common case of a fleet: without auth, a watch from now
+//! on whose shared watch etcd already created joins it at once ([`WatchHub::join_now`]). The
+//! hub asks the shared stream for its progress, and the client is told its watch exists from the
+//! revision etcd answers with, which is what etcd would have told it at that moment; events up to
+//! that revision still on their way are skipped for it. A shared watch that already delivered
+//! past that revision cannot take it, and the watch is created on its own as any other. The shared watch runs on one upstream stream per user, itself a
 //! relay (so it survives member loss and token expiry as any relayed stream does), and the hub
 //! tells the subscriber from which revision on it will deliver every event ([`Delivery::Joinable`]);
 //! the relay switches over as soon as its own watch has delivered that far, and cancels its own.
@@ -21,7 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use etcd_compat_proto::etcdserverpb::{watch_request, WatchCreateRequest};
+use etcd_compat_proto::etcdserverpb::{watch_request, WatchCreateRequest, WatchProgressRequest};
 
 use crate::auth::Session;
 use crate::grpc::{self, MessageReader};
@@ -62,6 +67,12 @@ impl ShareKey {
 pub(crate) enum Delivery {
     /// From now on the shared watch delivers every event after revision `from`.
     Joinable { client_id: i64, from: i64 },
+    /// Joined without a watch of its own (see [`WatchHub::join_now`]): `progress` is etcd's
+    /// answer to a progress request on the shared stream, whose header answers the create, and
+    /// every event after revision `from` will be delivered.
+    JoinedNow { client_id: i64, progress: Bytes, from: i64 },
+    /// Not joined after all: the watch is created on its own, as any other.
+    NotJoined { client_id: i64 },
     /// A message of the shared watch, carrying the client's watch id.
     Message { client_id: i64, message: Bytes },
     /// The shared watch serves this watch no more (its relay fell behind, or the shared stream
@@ -93,7 +104,10 @@ impl Inbox {
     fn send(&self, delivery: Delivery) -> bool {
         let weight = match &delivery {
             Delivery::Message { message, .. } => message.len(),
-            Delivery::Joinable { .. } | Delivery::Detached { .. } => 0,
+            Delivery::Joinable { .. }
+            | Delivery::JoinedNow { .. }
+            | Delivery::NotJoined { .. }
+            | Delivery::Detached { .. } => 0,
         };
         self.deliveries.send(delivery, weight)
     }
@@ -119,6 +133,8 @@ pub struct CoalescingStats {
     shared_watches: AtomicU64,
     subscribers: AtomicU64,
     detached: AtomicU64,
+    /// Client watches joined to a shared watch without one of their own.
+    joined_now: AtomicU64,
     /// Client watches, shared or not (kept by the relays).
     pub(crate) client_watches: AtomicU64,
     /// Watches of the relays' own upstream streams (kept by the relays).
@@ -129,12 +145,13 @@ impl crate::admin::RenderMetrics for CoalescingStats {
     fn render(&self, out: &mut String) {
         use std::fmt::Write;
         let upstream = self.shared_watches.load(Ordering::Relaxed) + self.own_upstream_watches.load(Ordering::Relaxed);
-        let series: [(&str, &str, &str, u64); 5] = [
+        let series: [(&str, &str, &str, u64); 6] = [
             ("watch_client_watches", "gauge", "Watches clients have open through the proxy.", self.client_watches.load(Ordering::Relaxed)),
             ("watch_upstream_watches", "gauge", "Watches the proxy has open at etcd: shared ones plus clients' own.", upstream),
             ("watch_shared_watches", "gauge", "Upstream watches shared by client watches that ask for the same thing as the same user.", self.shared_watches.load(Ordering::Relaxed)),
             ("watch_shared_subscribers", "gauge", "Client watches served by a shared upstream watch.", self.subscribers.load(Ordering::Relaxed)),
             ("watch_detached_total", "counter", "Client watches moved off a shared watch to one of their own because their client fell behind, or the shared stream was lost.", self.detached.load(Ordering::Relaxed)),
+            ("watch_joined_at_once_total", "counter", "Client watches from now on joined to a shared watch without a watch of their own at etcd.", self.joined_now.load(Ordering::Relaxed)),
         ];
         for (name, kind, help, value) in series {
             let _ = writeln!(out, "# HELP etcd_compat_proxy_{name} {help}\n# TYPE etcd_compat_proxy_{name} {kind}");
@@ -167,6 +184,9 @@ struct HubStream {
     requests: FeedSender,
     watches: usize,
     generation: u64,
+    /// Watches waiting for the answer to the stream's progress request to join at once, with
+    /// the start revision each asked for (0: now).
+    joining_now: Vec<(ShareKey, i64, Subscriber)>,
 }
 
 struct SharedWatch {
@@ -242,7 +262,8 @@ impl WatchHub {
                 let generation = state.next_generation;
                 state.next_generation += 1;
                 let requests = self.open_stream(key.user.clone(), session.cloned(), generation);
-                state.streams.entry(key.user.clone()).or_insert(HubStream { requests, watches: 0, generation })
+                let stream = HubStream { requests, watches: 0, generation, joining_now: Vec::new() };
+                state.streams.entry(key.user.clone()).or_insert(stream)
             }
         };
         stream.watches += 1;
@@ -256,9 +277,69 @@ impl WatchHub {
         // Until etcd answers, the subscriber keeps its own watch; `Joinable` follows `created`.
     }
 
-    /// Ends the subscription of `relay`'s watch `client_id` to `key`.
+    /// Joins the client watch `client_id`, which asks for events from now on (`start` 0) or from a
+    /// revision to come, to the shared watch `key` without a watch of its own, if etcd has
+    /// created that one: the shared stream is asked for its progress, and [`Delivery::JoinedNow`]
+    /// follows with etcd's revision at that moment (or [`Delivery::NotJoined`]). A fleet's new
+    /// watches then cost etcd and the proxy no stream each. False, with nothing sent, when there
+    /// is no such shared watch.
+    pub(crate) fn join_now(&self, key: &ShareKey, start: i64, client_id: i64, inbox: &Inbox) -> bool {
+        let mut state = self.lock();
+        if state.shared.get(key).is_none_or(|shared| shared.position.is_none()) {
+            return false;
+        }
+        let Some(stream) = state.streams.get_mut(&key.user) else { return false };
+        if stream.joining_now.is_empty() {
+            // One request answers every watch waiting on this stream.
+            let progress = watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {});
+            stream.requests.send(watch::frame_request(progress));
+        }
+        stream.joining_now.push((key.clone(), start, Subscriber { client_id, inbox: inbox.clone() }));
+        true
+    }
+
+    /// etcd answered the progress request of `user`'s stream with its revision `now`: a watch
+    /// from now on starts after it, one from a later revision after the revision before that.
+    /// A watch from an earlier revision (which might be compacted, or need events gone by), or
+    /// whose shared watch already delivered past where it starts, is created on its own.
+    fn joined_now(&self, state: &mut HubState, user: &User, progress: &Bytes, now: i64) {
+        let Some(stream) = state.streams.get_mut(user) else { return };
+        let waiting = std::mem::take(&mut stream.joining_now);
+        for (key, start, subscriber) in waiting {
+            let client_id = subscriber.client_id;
+            let from = match start {
+                0 => Some(now),
+                start if start > now => Some(start - 1),
+                _ => None,
+            };
+            match (state.shared.get_mut(&key), from) {
+                (Some(shared), Some(from)) if shared.position.is_some_and(|position| position <= from) => {
+                    if subscriber.inbox.send(Delivery::JoinedNow { client_id, progress: progress.clone(), from }) {
+                        self.stats.subscribers.fetch_add(1, Ordering::Relaxed);
+                        self.stats.joined_now.fetch_add(1, Ordering::Relaxed);
+                        shared.subscribers.push(subscriber);
+                    }
+                }
+                _ => {
+                    subscriber.inbox.send(Delivery::NotJoined { client_id });
+                }
+            }
+        }
+    }
+
+    /// Tells the watches waiting to join on a stream that is gone to watch on their own.
+    fn not_joined(waiting: Vec<(ShareKey, i64, Subscriber)>) {
+        for (_, _, subscriber) in waiting {
+            subscriber.inbox.send(Delivery::NotJoined { client_id: subscriber.client_id });
+        }
+    }
+
+    /// Ends the subscription of `relay`'s watch `client_id` to `key`, or its wait to join it.
     pub(crate) fn unsubscribe(&self, key: &ShareKey, relay: u64, client_id: i64) {
         let mut state = self.lock();
+        if let Some(stream) = state.streams.get_mut(&key.user) {
+            stream.joining_now.retain(|(_, _, s)| !(s.inbox.relay == relay && s.client_id == client_id));
+        }
         let Some(shared) = state.shared.get_mut(key) else { return };
         let before = shared.subscribers.len();
         shared.subscribers.retain(|s| !(s.inbox.relay == relay && s.client_id == client_id));
@@ -278,7 +359,9 @@ impl WatchHub {
         stream.watches -= 1;
         if stream.watches == 0 {
             // Closing the request side ends the stream at etcd, which ends its relay.
-            state.streams.remove(&key.user);
+            if let Some(stream) = state.streams.remove(&key.user) {
+                Self::not_joined(stream.joining_now);
+            }
         } else {
             stream.requests.send(watch::frame_cancel(shared.id));
         }
@@ -302,7 +385,7 @@ impl WatchHub {
             let Ok(data) = frame.into_data() else { break };
             messages.push(&data);
             while let Some(message) = messages.next_message() {
-                self.on_message(&message);
+                self.on_message(&user, &message);
             }
         }
         tracing::debug!(
@@ -313,7 +396,9 @@ impl WatchHub {
         if state.streams.get(&user).is_none_or(|stream| stream.generation != generation) {
             return;
         }
-        state.streams.remove(&user);
+        if let Some(stream) = state.streams.remove(&user) {
+            Self::not_joined(stream.joining_now);
+        }
         let keys: Vec<ShareKey> = state.shared.keys().filter(|key| key.user == user).cloned().collect();
         for key in keys {
             if let Some(shared) = state.shared.remove(&key) {
@@ -332,10 +417,15 @@ impl WatchHub {
         }
     }
 
-    /// One message of a shared stream.
-    fn on_message(&self, message: &Bytes) {
+    /// One message of `user`'s shared stream.
+    fn on_message(&self, user: &User, message: &Bytes) {
         let Some(Ok(facts)) = (message.first() == Some(&0)).then(|| read_facts(&message[5..])) else { return };
         let mut state = self.lock();
+        if facts.watch_id == -1 && !facts.created && !facts.canceled {
+            // Only the hub asks this stream for progress: for watches joining at once.
+            self.joined_now(&mut state, user, message, facts.header_revision);
+            return;
+        }
         let Some(key) = state.by_id.get(&facts.watch_id).cloned() else { return };
         if facts.created && facts.canceled {
             // etcd refused it (compacted, or the user lost its permission): each subscriber

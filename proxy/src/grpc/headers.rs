@@ -34,6 +34,13 @@ pub fn own_call_headers() -> http::HeaderMap {
     headers
 }
 
+/// The headers of a gRPC answer the proxy starts itself, as etcd's server starts its own.
+pub fn response_headers() -> http::HeaderMap {
+    let mut headers = http::HeaderMap::with_capacity(1);
+    headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+    headers
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -367,3 +367,74 @@ fn a_stalled_watcher_delays_nobody_and_loses_nothing(version: EtcdVersion) {
     });
 }
 both_versions!(a_stalled_watcher_delays_nobody_and_loses_nothing => stalled_watcher_delays_nobody_3_4, stalled_watcher_delays_nobody_3_5);
+
+/// The mod revisions of the next `count` events on `stream`.
+async fn revisions_seen(stream: &mut WatchStream, count: usize) -> Vec<i64> {
+    let mut got = Vec::new();
+    while got.len() < count {
+        let response = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("events in time")
+            .expect("response")
+            .expect("open");
+        got.extend(response.events().iter().map(|e| e.kv().expect("kv").mod_revision()));
+    }
+    got
+}
+
+/// Watches from now on, or from the next revision, join an established shared watch at once, with
+/// no watch of their own at etcd: each is told it exists with the revision etcd had when it
+/// asked, and then sees exactly the events a watch created directly at the same moment sees.
+fn watches_from_now_join_at_once(version: EtcdVersion) {
+    let deployment = Deployment::start(version, 1, Wire::Plain, &[]);
+    runtime().block_on(async {
+        let mut writer = connect(&deployment.endpoint).await;
+        history(&mut writer, "/n/").await;
+        let mut first_client = connect(&deployment.endpoint).await;
+        let mut first = first_client.watch("/n/", Some(WatchOptions::new().with_prefix())).await.expect("watch");
+        assert!(first.message().await.expect("created").expect("open").created());
+        // Established once the first watch went over to the shared one and cancelled its own.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while gauge(&deployment, "etcd_compat_proxy_watch_shared_subscribers") < 1.0
+            || gauge(&deployment, "etcd_compat_proxy_watch_upstream_watches") > 1.0
+        {
+            assert!(Instant::now() < deadline, "the first watch never went over to a shared one");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut joined = Vec::new();
+        for n in 0..20 {
+            let before = writer.put("/n/before", format!("b{n}"), None).await.expect("put");
+            let written = before.header().expect("header").revision();
+            let mut client = connect(&deployment.endpoint).await;
+            // Every other one from the next revision, as clients that read and then watch ask.
+            let mut options = WatchOptions::new().with_prefix();
+            if n % 2 == 1 {
+                options = options.with_start_revision(written + 1);
+            }
+            let mut stream = client.watch("/n/", Some(options)).await.expect("watch");
+            let created = stream.message().await.expect("created").expect("open");
+            assert!(created.created(), "watch {n}");
+            assert_eq!(created.watch_id(), 0, "watch {n}: the id etcd gives a stream's first watch");
+            let from = created.header().expect("header").revision();
+            assert!(from >= written, "watch {n} created at {from}, before the write at {written} it followed");
+            assert_eq!(gauge(&deployment, "etcd_compat_proxy_watch_upstream_watches"), 1.0, "watch {n} has its own");
+            joined.push((client, stream, from));
+        }
+        assert_eq!(gauge(&deployment, "etcd_compat_proxy_watch_joined_at_once_total"), 20.0);
+        let mut direct_client = connect(&deployment.cluster.client_urls()[0]).await;
+        let mut direct = direct_client.watch("/n/", Some(WatchOptions::new().with_prefix())).await.expect("watch");
+        assert!(direct.message().await.expect("created").expect("open").created());
+        let mut revisions = Vec::new();
+        for n in 0..10 {
+            let answer = writer.put(format!("/n/k{n}"), format!("after{n}"), None).await.expect("put");
+            revisions.push(answer.header().expect("header").revision());
+        }
+        assert_eq!(revisions_seen(&mut direct, revisions.len()).await, revisions, "direct");
+        for (n, (_, stream, from)) in joined.iter_mut().enumerate() {
+            // The puts to /n/before made after this watch was created come first.
+            let expected: Vec<i64> = (*from + 1..revisions[0]).chain(revisions.iter().copied()).collect();
+            assert_eq!(revisions_seen(stream, expected.len()).await, expected, "watch {n}");
+        }
+    });
+}
+both_versions!(watches_from_now_join_at_once => joined_at_once_3_4, joined_at_once_3_5);
