@@ -5,7 +5,7 @@
 
 (function () {
   const SCRAPE_MS = 2000;
-  const DOCTOR_MS = 15000;
+  const DOCTOR_MS = 60000;
   const WINDOW_S = 300;
   const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
     "#17becf", "#7f7f7f", "#bcbd22", "#393b79", "#637939"];

@@ -8,9 +8,10 @@ use crate::doctor::{self, Settings};
 use crate::migrate::ClusterAccess;
 use crate::tls::CertRegistry;
 
-/// How long a report is served again: a status page polling it, or several, must not turn into
-/// load on etcd (a diagnosis is a few dozen small calls and a scan of up to --doctor-scan-bytes).
-const FRESH_FOR: Duration = Duration::from_secs(5);
+/// How long a report is served again: status pages left open, or anyone who can reach the admin
+/// address, must not turn into load on etcd (a diagnosis is a few dozen small calls and a scan of
+/// up to --doctor-scan-bytes, 64 MiB by default).
+const FRESH_FOR: Duration = Duration::from_secs(60);
 
 /// Diagnoses on demand, at most once per [`FRESH_FOR`].
 pub struct DoctorEndpoint {
