@@ -27,7 +27,7 @@ use crate::upstream::{self, Cluster, Lane, Member, Target};
 
 use super::admission::{Refused, StreamLimits};
 use super::client_queue::{self, QueueSender};
-use super::relay::{CallRecord, ResponseBody, StreamHead};
+use super::relay::{CallRecord, ResponseBody, StreamHead, StreamStart};
 
 /// Pause between rounds over all members when none can take the stream.
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
@@ -66,7 +66,7 @@ pub async fn serve(
         metrics,
     };
     tokio::spawn(stream.run());
-    ResponseBody::when_started(head_rx, from_task, record, shutdown.cancelled_owned(), "keep-alive").await
+    StreamStart::new(head_rx, from_task, record, shutdown, "keep-alive").await
 }
 
 /// What a keep-alive stream needs of the proxy.

@@ -59,7 +59,7 @@ use crate::upstream::{Cluster, Member};
 
 use admission::{MessageLimits, NotGrpc, Refused, StreamLimits};
 use attempts::{PendingBody, Sender, Upstreamed};
-use relay::{Buffered, CallRecord, ResponseBody};
+use relay::{Buffered, CallRecord, ResponseBody, StreamStart};
 
 /// The request's path and query, as sent on to etcd.
 fn path_and_query(uri: &http::Uri) -> http::uri::PathAndQuery {
@@ -186,10 +186,10 @@ impl Forwarder {
         let body = PendingBody::Streaming(Some(body));
         let call = Admitted { route, record, headers, path_and_query, body, session, deadline };
         match route.kind {
-            MethodKind::Watch => {
-                let started = self.serve_watch(call);
-                Box::pin(async move { Ok(started.await) })
-            }
+            MethodKind::Watch => match self.serve_watch(call) {
+                Ok(started) => Box::pin(futures_util::FutureExt::map(started, Ok)),
+                Err(refused) => Box::pin(std::future::ready(Ok(*refused))),
+            },
             _ => Box::pin(async move { Ok(self.serve_keepalive(call).await) }),
         }
     }
@@ -198,7 +198,10 @@ impl Forwarder {
     async fn serve_relayed_stream(&self, call: Admitted) -> Response<ResponseBody> {
         match call.route.kind {
             MethodKind::KeepAlive => self.serve_keepalive(call).await,
-            _ => self.serve_watch(call).await,
+            _ => match self.serve_watch(call) {
+                Ok(started) => started.await,
+                Err(refused) => *refused,
+            },
         }
     }
 
@@ -473,31 +476,17 @@ impl Forwarder {
 
     /// A Watch stream: relayed by a task of its own (see [`watch`]); the responses of a client
     /// with a message size limit are split under it.
-    fn serve_watch(
-        &self,
-        call: Admitted,
-    ) -> impl std::future::Future<Output = Response<ResponseBody>> + Send + 'static {
+    fn serve_watch(&self, call: Admitted) -> Result<StreamStart, Box<Response<ResponseBody>>> {
         let Admitted { record, headers, body, session, .. } = call;
         let limit = self.budget.classify(&headers).bytes();
-        let started = match body {
-            PendingBody::Streaming(Some(client)) => {
-                let shutdown = self.shutdown.clone().cancelled_owned();
-                let sender = Arc::clone(&self.sender);
-                let hub = self.watch_hub.as_ref();
-                Ok(watch::serve(sender, hub, session, headers, client, record, shutdown, self.stream_limits()))
-            }
-            _ => Err(status_response(record, ProxyFailure::StreamNotStarted("watch"))),
+        let PendingBody::Streaming(Some(client)) = body else {
+            return Err(Box::new(status_response(record, ProxyFailure::StreamNotStarted("watch"))));
         };
-        async move {
-            let response = match started {
-                Ok(started) => started.await,
-                Err(refused) => return refused,
-            };
-            match limit {
-                Some(budget) => response.map(|body| body.split_watch_responses(budget)),
-                None => response,
-            }
-        }
+        let shutdown = self.shutdown.clone();
+        let sender = Arc::clone(&self.sender);
+        let hub = self.watch_hub.as_ref();
+        let started = watch::serve(sender, hub, session, headers, client, record, shutdown, self.stream_limits());
+        Ok(started.split_watch_responses(limit))
     }
 
     /// A LeaseKeepAlive stream: run by a task that moves it between members (see [`keepalive`]).

@@ -15,7 +15,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use prost::Message;
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::admin::Metrics;
 use crate::error::{self, ProxyFailure};
@@ -90,6 +90,80 @@ pub struct ResponseBody {
 /// client, or the headers of a trailers-only status if the stream never started.
 pub type StreamHead = Result<HeaderMap, HeaderMap>;
 
+/// The answer to a call served by a stream task: once the task sends its [`StreamHead`], etcd's
+/// headers and the frames the task queues, or a trailers-only status. A struct rather than an
+/// async fn: each of a fleet's new streams holds one until etcd answers, and an async fn awaited
+/// through a wrapper or two holds its state once per level.
+pub struct StreamStart {
+    head: tokio::sync::oneshot::Receiver<StreamHead>,
+    /// Taken when the head arrives.
+    waiting: Option<(QueueReceiver, CallRecord, CancellationToken)>,
+    /// Names the stream in the status of a task that ended before it started.
+    what: &'static str,
+    /// See [`ResponseBody::split_watch_responses`].
+    split: Option<usize>,
+}
+
+impl StreamStart {
+    /// Waits for `head`; the body then carries `frames`, and ends with a status at `shutdown`.
+    pub fn new(
+        head: tokio::sync::oneshot::Receiver<StreamHead>,
+        frames: QueueReceiver,
+        record: CallRecord,
+        shutdown: CancellationToken,
+        what: &'static str,
+    ) -> Self {
+        StreamStart { head, waiting: Some((frames, record, shutdown)), what, split: None }
+    }
+
+    /// Splits the watch responses of the started stream to `budget` (see
+    /// [`ResponseBody::split_watch_responses`]).
+    pub fn split_watch_responses(mut self, budget: Option<usize>) -> Self {
+        self.split = budget;
+        self
+    }
+}
+
+impl Future for StreamStart {
+    type Output = http::Response<ResponseBody>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let head = std::task::ready!(Pin::new(&mut self.head).poll(cx));
+        // Polled again after it was ready: there is nothing more to give.
+        let Some((frames, mut record, shutdown)) = self.waiting.take() else { return Poll::Pending };
+        let (headers, body) = match head {
+            Ok(Ok(headers)) => {
+                let body = ResponseBody {
+                    state: State::Queue(frames),
+                    record: Some(record),
+                    shutdown: Some(Box::pin(shutdown.cancelled_owned())),
+                    member: Arc::from(""),
+                    splitter: None,
+                    guard: None,
+                };
+                let body = match self.split {
+                    Some(budget) => body.split_watch_responses(budget),
+                    None => body,
+                };
+                (headers, body)
+            }
+            Ok(Err(status)) => {
+                let code = Code::from_headers(&status).unwrap_or(Code::Unknown);
+                record.finish_explained(code, || grpc::status_message(&status));
+                (status, ResponseBody::empty(record, code))
+            }
+            Err(_) => {
+                let (code, message) = ProxyFailure::StreamNotStarted(self.what).status();
+                record.finish(code);
+                (grpc::status_headers(code, &message), ResponseBody::empty(record, code))
+            }
+        };
+        let mut response = http::Response::new(body);
+        *response.headers_mut() = headers;
+        Poll::Ready(response)
+    }
+}
+
 enum State {
     /// Relaying etcd's response; `first` is a DATA chunk the proxy read before relaying.
     Upstream { incoming: RecvBody, first: Option<Bytes> },
@@ -124,44 +198,6 @@ impl ResponseBody {
             splitter: None,
             guard: None,
         }
-    }
-
-    /// The answer to a call served by a stream task: once the task sends `head`, etcd's headers
-    /// and the frames the task queues, or a trailers-only status. `what` names the stream in the
-    /// status of a task that ended before it started.
-    pub async fn when_started(
-        head: tokio::sync::oneshot::Receiver<StreamHead>,
-        frames: QueueReceiver,
-        mut record: CallRecord,
-        shutdown: WaitForCancellationFutureOwned,
-        what: &'static str,
-    ) -> http::Response<ResponseBody> {
-        let (headers, body) = match head.await {
-            Ok(Ok(headers)) => {
-                let body = ResponseBody {
-                    state: State::Queue(frames),
-                    record: Some(record),
-                    shutdown: Some(Box::pin(shutdown)),
-                    member: Arc::from(""),
-                    splitter: None,
-                    guard: None,
-                };
-                (headers, body)
-            }
-            Ok(Err(status)) => {
-                let code = Code::from_headers(&status).unwrap_or(Code::Unknown);
-                record.finish_explained(code, || grpc::status_message(&status));
-                (status, ResponseBody::empty(record, code))
-            }
-            Err(_) => {
-                let (code, message) = ProxyFailure::StreamNotStarted(what).status();
-                record.finish(code);
-                (grpc::status_headers(code, &message), ResponseBody::empty(record, code))
-            }
-        };
-        let mut response = http::Response::new(body);
-        *response.headers_mut() = headers;
-        response
     }
 
     /// Refuses (with `ResourceExhausted`) an answer whose message is larger than `budget`, before

@@ -37,7 +37,7 @@ use http_body::{Body, Frame};
 use hyper::body::Incoming;
 use prost::Message;
 use tokio::sync::oneshot;
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::CancellationToken;
 
 use crate::admin::Refusal;
 use crate::auth::Session;
@@ -49,7 +49,7 @@ use crate::transport::{self, FeedReceiver, FeedSender, RecvBody, RequestBody};
 use super::admission::{MessageLimits, Refused, StreamLimits};
 use super::attempts::Sender;
 use super::client_queue::{self, QueueSender};
-use super::relay::{CallRecord, ResponseBody, StreamHead};
+use super::relay::{CallRecord, StreamHead, StreamStart};
 use super::watch_hub::{Delivery, Inbox, InboxReceiver, ShareKey, WatchHub};
 
 /// How long the relay keeps trying to find a member before ending the client's stream.
@@ -103,9 +103,9 @@ pub(super) fn serve(
     headers: HeaderMap,
     client: Incoming,
     record: CallRecord,
-    shutdown: WaitForCancellationFutureOwned,
+    shutdown: CancellationToken,
     limits: StreamLimits,
-) -> impl Future<Output = http::Response<ResponseBody>> + Send + 'static {
+) -> StreamStart {
     let (head, started) = oneshot::channel();
     let (to_client, from_relay) = client_queue::channel(limits.max_buffered);
     let client = RequestBody::Streaming(client);
@@ -121,7 +121,7 @@ pub(super) fn serve(
         relay.coalescing = Some(Coalescing { hub: Arc::clone(hub), inbox, deliveries, counted: (0, 0) });
     }
     tokio::spawn(relay.run());
-    ResponseBody::when_started(started, from_relay, record, shutdown, "watch")
+    StreamStart::new(started, from_relay, record, shutdown, "watch")
 }
 
 /// Runs the upstream stream of a user's shared watches (see `watch_hub`): a relay whose client
@@ -318,6 +318,9 @@ struct WatchRelay {
     resume_client: bool,
     /// The hub's own stream of shared watches, whose progress answers the hub asked for.
     shared_stream: bool,
+    /// On the hub's stream: its progress request is unanswered, and is sent again on a new
+    /// stream (the hub sends the next one only once this one is answered).
+    progress_unanswered: bool,
 }
 
 /// A create the hub is joining to a shared watch without a watch of its own.
@@ -372,6 +375,7 @@ impl WatchRelay {
             joining_now: None,
             resume_client: false,
             shared_stream: false,
+            progress_unanswered: false,
         }
     }
 
@@ -571,6 +575,14 @@ impl WatchRelay {
                 return;
             }
         }
+        if self.shared_stream && matches!(union, Some(watch_request::RequestUnion::ProgressRequest(_))) {
+            // Sent by `reopen` on the next stream if this one ends before answering.
+            self.progress_unanswered = true;
+            if between_streams {
+                self.held_bytes -= message.len();
+                return;
+            }
+        }
         let Some(watch_request::RequestUnion::CreateRequest(mut create)) = union else {
             // Cancels and progress requests carry ids that are the same upstream.
             match between_streams {
@@ -754,10 +766,12 @@ impl WatchRelay {
                 self.recount = true;
                 self.unsubscribe(facts.watch_id, &watch.sharing);
             }
-        } else if facts.watch_id == -1 && !self.shared_stream {
+        } else if facts.watch_id == -1 && self.shared_stream {
+            // The answer to the hub's progress request, which times watches that join. It moves
+            // no watch: etcd 3.4 and 3.5.1 answer at once, ahead of events still on their way.
+            self.progress_unanswered = false;
+        } else if facts.watch_id == -1 {
             // A progress answer for the whole stream: every watch has seen up to this revision.
-            // (Not on the hub's stream: etcd 3.4 and 3.5.1 answer progress requests at once, ahead
-            // of events still on their way; the hub asks only to time watches that join.)
             for watch in self.watches.values_mut() {
                 watch.next_revision = watch.next_revision.max(facts.header_revision + 1);
             }
@@ -844,6 +858,9 @@ impl WatchRelay {
         }
         for request in self.held.drain(..) {
             self.to_upstream.send(request);
+        }
+        if self.progress_unanswered {
+            self.to_upstream.send(frame_request(watch_request::RequestUnion::ProgressRequest(Default::default())));
         }
         self.held_bytes = 0;
         if count > 0 {
@@ -957,9 +974,9 @@ impl WatchRelay {
     }
 
     /// Joins a create (with no id of its own) to the shared watch of the same request, without a
-    /// watch of its own at etcd, when one exists (see `WatchHub::join_now`); gives the create
-    /// back otherwise. Without auth only: etcd checks a user's permission when a watch is created,
-    /// and a shared watch was created earlier.
+    /// watch of its own at etcd (see `WatchHub::join_now`); gives the create back if it cannot.
+    /// Without auth only: etcd checks a user's permission when a watch is created, and a shared
+    /// watch may have been created earlier.
     fn join_now(&mut self, create: WatchCreateRequest) -> Result<(), WatchCreateRequest> {
         let eligible = self.session.is_none()
             && create.start_revision >= 0
@@ -969,13 +986,9 @@ impl WatchRelay {
             && matches!(self.upstream, Upstream::Idle | Upstream::Open { .. });
         let (Some(coalescing), true) = (&self.coalescing, eligible) else { return Err(create) };
         let Some(key) = ShareKey::of(None, &create) else { return Err(create) };
-        let hub = Arc::clone(&coalescing.hub);
-        let inbox = coalescing.inbox.clone();
+        let (hub, inbox) = (Arc::clone(&coalescing.hub), coalescing.inbox.clone());
         let id = self.take_auto_id();
-        if !hub.join_now(&key, create.start_revision, id, &inbox) {
-            self.next_auto_id = id;
-            return Err(create);
-        }
+        hub.join_now(&key, &create, id, &inbox);
         // etcd's counter on this stream no longer knows every id: later creates carry theirs.
         self.moved = true;
         let deadline = Box::pin(tokio::time::sleep(JOIN_NOW_DEADLINE));

@@ -6,11 +6,13 @@
 //! etcd checks its permission, answers `created` with its own header, and serves its start
 //! revision, compaction cancel included, exactly as it would directly. Once created, the relay
 //! subscribes it here. One exception, the common case of a fleet: without auth, a watch from now
-//! on whose shared watch etcd already created joins it at once ([`WatchHub::join_now`]). The
-//! hub asks the shared stream for its progress, and the client is told its watch exists from the
-//! revision etcd answers with, which is what etcd would have told it at that moment; events up to
-//! that revision still on their way are skipped for it. A shared watch that already delivered
-//! past that revision cannot take it, and the watch is created on its own as any other. The shared watch runs on one upstream stream per user, itself a
+//! on (or from a revision to come) joins its shared watch at once ([`WatchHub::join_now`]),
+//! creating it if there is none, so that thousands of watches arriving together (a fleet
+//! reconnecting) cost etcd one watch. The hub asks the shared stream for its progress, and the
+//! client is told its watch exists from the revision etcd answers with, which is what etcd would
+//! have told it at that moment; events up to that revision still on their way are skipped for
+//! it. A shared watch that already delivered past that revision cannot take it, and the watch is
+//! created on its own as any other. The shared watch runs on one upstream stream per user, itself a
 //! relay (so it survives member loss and token expiry as any relayed stream does), and the hub
 //! tells the subscriber from which revision on it will deliver every event ([`Delivery::Joinable`]);
 //! the relay switches over as soon as its own watch has delivered that far, and cancels its own.
@@ -20,6 +22,7 @@
 //! own from its next undelivered revision, and the shared watch goes on for the others. When the
 //! last subscriber leaves, the shared watch is cancelled; when a user's last one goes, its stream.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -184,14 +187,56 @@ struct HubStream {
     requests: FeedSender,
     watches: usize,
     generation: u64,
-    /// Watches waiting for the answer to the stream's progress request to join at once, with
-    /// the start revision each asked for (0: now).
-    joining_now: Vec<(ShareKey, i64, Subscriber)>,
+    /// Watches joining at once, answered by the progress request in flight.
+    asked: Vec<Joiner>,
+    /// Watches joining at once that came after that request was sent: its answer may predate
+    /// their create, so they wait for the next request, sent once it is answered. One request
+    /// at a time keeps answers and requests paired: etcd 3.5.8 and later answer several pending
+    /// progress requests once.
+    waiting: Vec<Joiner>,
+    /// A progress request is in flight (the stream's relay sends it again on a new stream).
+    asking: bool,
+}
+
+impl HubStream {
+    fn new(requests: FeedSender, generation: u64) -> HubStream {
+        HubStream { requests, watches: 0, generation, asked: Vec::new(), waiting: Vec::new(), asking: false }
+    }
+
+    /// Sends a progress request for the waiting joiners, unless one is in flight.
+    fn ask_progress(&mut self) {
+        if self.asking || self.waiting.is_empty() {
+            return;
+        }
+        self.asked.append(&mut self.waiting);
+        let progress = watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {});
+        self.requests.send(watch::frame_request(progress));
+        self.asking = true;
+    }
+
+    /// Tells the watches joining on a stream that is gone to watch on their own.
+    fn give_up_joiners(self) {
+        for joiner in self.asked.into_iter().chain(self.waiting) {
+            joiner.subscriber.inbox.send(Delivery::NotJoined { client_id: joiner.subscriber.client_id });
+        }
+    }
+
+    fn has_joiner_for(&self, key: &ShareKey) -> bool {
+        self.asked.iter().chain(&self.waiting).any(|joiner| &joiner.key == key)
+    }
+}
+
+/// A watch joining a shared one at once, with the start revision it asked for (0: now).
+struct Joiner {
+    key: ShareKey,
+    start: i64,
+    subscriber: Subscriber,
 }
 
 struct SharedWatch {
     id: i64,
-    /// The revision it was created from: the first subscriber's next one.
+    /// The revision it was created from (0: from now): its first subscriber's next one, or the
+    /// start of the first watch joining it at once.
     start: i64,
     /// Every event after this revision is delivered; `None` until etcd created the watch.
     position: Option<i64>,
@@ -246,56 +291,62 @@ impl WatchHub {
         let mut state = self.lock();
         self.stats.subscribers.fetch_add(1, Ordering::Relaxed);
         let subscriber = Subscriber { client_id, inbox: inbox.clone() };
-        if let Some(shared) = state.shared.get_mut(key) {
-            if let Some(from) = shared.position {
-                subscriber.inbox.send(Delivery::Joinable { client_id, from });
-            }
-            shared.subscribers.push(subscriber);
-            return;
+        let shared = self.shared_watch(&mut state, key, session, create, next_revision);
+        if let Some(from) = shared.position {
+            subscriber.inbox.send(Delivery::Joinable { client_id, from });
         }
-        let id = state.next_id;
-        state.next_id += 1;
-        let request = WatchCreateRequest { start_revision: next_revision, watch_id: id, ..create.clone() };
-        let stream = match state.streams.get_mut(&key.user) {
-            Some(stream) => stream,
-            None => {
-                let generation = state.next_generation;
-                state.next_generation += 1;
-                let requests = self.open_stream(key.user.clone(), session.cloned(), generation);
-                let stream = HubStream { requests, watches: 0, generation, joining_now: Vec::new() };
-                state.streams.entry(key.user.clone()).or_insert(stream)
-            }
+        // Until etcd answers a new one, the subscriber keeps its own watch; `Joinable` follows
+        // `created`.
+        shared.subscribers.push(subscriber);
+    }
+
+    /// The shared watch `key`, created from `start` (0: now) on its user's stream if there is none.
+    fn shared_watch<'a>(
+        self: &Arc<Self>,
+        state: &'a mut HubState,
+        key: &ShareKey,
+        session: Option<&Arc<Session>>,
+        create: &WatchCreateRequest,
+        start: i64,
+    ) -> &'a mut SharedWatch {
+        let HubState { shared, by_id, streams, next_id, next_generation } = state;
+        let entry = match shared.entry(key.clone()) {
+            Entry::Occupied(entry) => return entry.into_mut(),
+            Entry::Vacant(entry) => entry,
         };
+        let id = *next_id;
+        *next_id += 1;
+        let stream = streams.entry(key.user.clone()).or_insert_with(|| {
+            let generation = *next_generation;
+            *next_generation += 1;
+            HubStream::new(self.open_stream(key.user.clone(), session.cloned(), generation), generation)
+        });
         stream.watches += 1;
+        let request = WatchCreateRequest { start_revision: start, watch_id: id, ..create.clone() };
         stream.requests.send(watch::frame_request(watch_request::RequestUnion::CreateRequest(request)));
-        state.by_id.insert(id, key.clone());
-        state.shared.insert(
-            key.clone(),
-            SharedWatch { id, start: next_revision, position: None, subscribers: vec![subscriber] },
-        );
+        by_id.insert(id, key.clone());
         self.stats.shared_watches.fetch_add(1, Ordering::Relaxed);
-        // Until etcd answers, the subscriber keeps its own watch; `Joinable` follows `created`.
+        entry.insert(SharedWatch { id, start, position: None, subscribers: Vec::new() })
     }
 
     /// Joins the client watch `client_id`, which asks for events from now on (`start` 0) or from a
-    /// revision to come, to the shared watch `key` without a watch of its own, if etcd has
-    /// created that one: the shared stream is asked for its progress, and [`Delivery::JoinedNow`]
+    /// revision to come, to the shared watch `key` without a watch of its own, creating that one
+    /// if there is none: the shared stream is asked for its progress, and [`Delivery::JoinedNow`]
     /// follows with etcd's revision at that moment (or [`Delivery::NotJoined`]). A fleet's new
-    /// watches then cost etcd and the proxy no stream each. False, with nothing sent, when there
-    /// is no such shared watch.
-    pub(crate) fn join_now(&self, key: &ShareKey, start: i64, client_id: i64, inbox: &Inbox) -> bool {
+    /// watches then cost etcd and the proxy no stream each, even when they all come at once.
+    pub(crate) fn join_now(
+        self: &Arc<Self>,
+        key: &ShareKey,
+        create: &WatchCreateRequest,
+        client_id: i64,
+        inbox: &Inbox,
+    ) {
         let mut state = self.lock();
-        if state.shared.get(key).is_none_or(|shared| shared.position.is_none()) {
-            return false;
-        }
-        let Some(stream) = state.streams.get_mut(&key.user) else { return false };
-        if stream.joining_now.is_empty() {
-            // One request answers every watch waiting on this stream.
-            let progress = watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {});
-            stream.requests.send(watch::frame_request(progress));
-        }
-        stream.joining_now.push((key.clone(), start, Subscriber { client_id, inbox: inbox.clone() }));
-        true
+        self.shared_watch(&mut state, key, None, create, create.start_revision);
+        let Some(stream) = state.streams.get_mut(&key.user) else { return };
+        let subscriber = Subscriber { client_id, inbox: inbox.clone() };
+        stream.waiting.push(Joiner { key: key.clone(), start: create.start_revision, subscriber });
+        stream.ask_progress();
     }
 
     /// etcd answered the progress request of `user`'s stream with its revision `now`: a watch
@@ -303,50 +354,70 @@ impl WatchHub {
     /// A watch from an earlier revision (which might be compacted, or need events gone by), or
     /// whose shared watch already delivered past where it starts, is created on its own.
     fn joined_now(&self, state: &mut HubState, user: &User, progress: &Bytes, now: i64) {
-        let Some(stream) = state.streams.get_mut(user) else { return };
-        let waiting = std::mem::take(&mut stream.joining_now);
-        for (key, start, subscriber) in waiting {
-            let client_id = subscriber.client_id;
-            let from = match start {
+        let HubState { shared, streams, .. } = &mut *state;
+        let Some(stream) = streams.get_mut(user) else { return };
+        stream.asking = false;
+        let mut not_joined = Vec::new();
+        for joiner in std::mem::take(&mut stream.asked) {
+            let client_id = joiner.subscriber.client_id;
+            let Some(watch) = shared.get_mut(&joiner.key) else {
+                joiner.subscriber.inbox.send(Delivery::NotJoined { client_id });
+                continue;
+            };
+            let Some(position) = watch.position else {
+                // etcd answered ahead of creating the shared watch: asked again.
+                stream.waiting.push(joiner);
+                continue;
+            };
+            let from = match joiner.start {
                 0 => Some(now),
                 start if start > now => Some(start - 1),
                 _ => None,
             };
-            match (state.shared.get_mut(&key), from) {
-                (Some(shared), Some(from)) if shared.position.is_some_and(|position| position <= from) => {
-                    if subscriber.inbox.send(Delivery::JoinedNow { client_id, progress: progress.clone(), from }) {
+            match from {
+                Some(from) if position <= from => {
+                    let joined = Delivery::JoinedNow { client_id, progress: progress.clone(), from };
+                    if joiner.subscriber.inbox.send(joined) {
                         self.stats.subscribers.fetch_add(1, Ordering::Relaxed);
                         self.stats.joined_now.fetch_add(1, Ordering::Relaxed);
-                        shared.subscribers.push(subscriber);
+                        watch.subscribers.push(joiner.subscriber);
                     }
                 }
                 _ => {
-                    subscriber.inbox.send(Delivery::NotJoined { client_id });
+                    joiner.subscriber.inbox.send(Delivery::NotJoined { client_id });
+                    not_joined.push(joiner.key);
                 }
             }
         }
-    }
-
-    /// Tells the watches waiting to join on a stream that is gone to watch on their own.
-    fn not_joined(waiting: Vec<(ShareKey, i64, Subscriber)>) {
-        for (_, _, subscriber) in waiting {
-            subscriber.inbox.send(Delivery::NotJoined { client_id: subscriber.client_id });
+        stream.ask_progress();
+        for key in not_joined {
+            self.cancel_if_unused(state, &key);
         }
     }
 
     /// Ends the subscription of `relay`'s watch `client_id` to `key`, or its wait to join it.
     pub(crate) fn unsubscribe(&self, key: &ShareKey, relay: u64, client_id: i64) {
         let mut state = self.lock();
+        let is_it = |s: &Subscriber| s.inbox.relay == relay && s.client_id == client_id;
         if let Some(stream) = state.streams.get_mut(&key.user) {
-            stream.joining_now.retain(|(_, _, s)| !(s.inbox.relay == relay && s.client_id == client_id));
+            stream.asked.retain(|joiner| !is_it(&joiner.subscriber));
+            stream.waiting.retain(|joiner| !is_it(&joiner.subscriber));
         }
-        let Some(shared) = state.shared.get_mut(key) else { return };
-        let before = shared.subscribers.len();
-        shared.subscribers.retain(|s| !(s.inbox.relay == relay && s.client_id == client_id));
-        let removed = before - shared.subscribers.len();
-        self.stats.subscribers.fetch_sub(removed as u64, Ordering::Relaxed);
-        if shared.subscribers.is_empty() {
-            self.cancel_shared(&mut state, key);
+        if let Some(shared) = state.shared.get_mut(key) {
+            let before = shared.subscribers.len();
+            shared.subscribers.retain(|s| !is_it(s));
+            let removed = before - shared.subscribers.len();
+            self.stats.subscribers.fetch_sub(removed as u64, Ordering::Relaxed);
+        }
+        self.cancel_if_unused(&mut state, key);
+    }
+
+    /// Cancels the shared watch `key` if no watch is served by it or waiting to join it.
+    fn cancel_if_unused(&self, state: &mut HubState, key: &ShareKey) {
+        let Some(shared) = state.shared.get(key) else { return };
+        let joining = state.streams.get(&key.user).is_some_and(|stream| stream.has_joiner_for(key));
+        if shared.subscribers.is_empty() && !joining {
+            self.cancel_shared(state, key);
         }
     }
 
@@ -360,7 +431,7 @@ impl WatchHub {
         if stream.watches == 0 {
             // Closing the request side ends the stream at etcd, which ends its relay.
             if let Some(stream) = state.streams.remove(&key.user) {
-                Self::not_joined(stream.joining_now);
+                stream.give_up_joiners();
             }
         } else {
             stream.requests.send(watch::frame_cancel(shared.id));
@@ -397,7 +468,7 @@ impl WatchHub {
             return;
         }
         if let Some(stream) = state.streams.remove(&user) {
-            Self::not_joined(stream.joining_now);
+            stream.give_up_joiners();
         }
         let keys: Vec<ShareKey> = state.shared.keys().filter(|key| key.user == user).cloned().collect();
         for key in keys {
@@ -442,11 +513,19 @@ impl WatchHub {
         }
         let Some(shared) = state.shared.get_mut(&key) else { return };
         if facts.created {
-            // Created from `start`: every event after the revision before it will come.
-            let from = shared.start - 1;
+            // Created from `start`, or from now (etcd's revision then): every event after the
+            // revision before it will come.
+            let from = match shared.start {
+                0 => facts.header_revision,
+                start => start - 1,
+            };
             shared.position = Some(from);
             for subscriber in &shared.subscribers {
                 subscriber.inbox.send(Delivery::Joinable { client_id: subscriber.client_id, from });
+            }
+            if let Some(stream) = state.streams.get_mut(&key.user) {
+                // Watches joining it at once wait for a progress answer after its creation.
+                stream.ask_progress();
             }
             return;
         }

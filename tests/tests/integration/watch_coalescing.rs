@@ -382,9 +382,10 @@ async fn revisions_seen(stream: &mut WatchStream, count: usize) -> Vec<i64> {
     got
 }
 
-/// Watches from now on, or from the next revision, join an established shared watch at once, with
-/// no watch of their own at etcd: each is told it exists with the revision etcd had when it
-/// asked, and then sees exactly the events a watch created directly at the same moment sees.
+/// Watches from now on, or from the next revision, join a shared watch at once, with no watch of
+/// their own at etcd (the first creates the shared one): each is told it exists with the revision
+/// etcd had when it asked, and then sees exactly the events a watch created directly at the same
+/// moment sees.
 fn watches_from_now_join_at_once(version: EtcdVersion) {
     let deployment = Deployment::start(version, 1, Wire::Plain, &[]);
     runtime().block_on(async {
@@ -393,14 +394,9 @@ fn watches_from_now_join_at_once(version: EtcdVersion) {
         let mut first_client = connect(&deployment.endpoint).await;
         let mut first = first_client.watch("/n/", Some(WatchOptions::new().with_prefix())).await.expect("watch");
         assert!(first.message().await.expect("created").expect("open").created());
-        // Established once the first watch went over to the shared one and cancelled its own.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while gauge(&deployment, "etcd_compat_proxy_watch_shared_subscribers") < 1.0
-            || gauge(&deployment, "etcd_compat_proxy_watch_upstream_watches") > 1.0
-        {
-            assert!(Instant::now() < deadline, "the first watch never went over to a shared one");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        assert_eq!(gauge(&deployment, "etcd_compat_proxy_watch_shared_subscribers"), 1.0);
+        assert_eq!(gauge(&deployment, "etcd_compat_proxy_watch_upstream_watches"), 1.0);
+        assert_eq!(gauge(&deployment, "etcd_compat_proxy_watch_joined_at_once_total"), 1.0);
         let mut joined = Vec::new();
         for n in 0..20 {
             let before = writer.put("/n/before", format!("b{n}"), None).await.expect("put");
@@ -420,7 +416,7 @@ fn watches_from_now_join_at_once(version: EtcdVersion) {
             assert_eq!(gauge(&deployment, "etcd_compat_proxy_watch_upstream_watches"), 1.0, "watch {n} has its own");
             joined.push((client, stream, from));
         }
-        assert_eq!(gauge(&deployment, "etcd_compat_proxy_watch_joined_at_once_total"), 20.0);
+        assert_eq!(gauge(&deployment, "etcd_compat_proxy_watch_joined_at_once_total"), 21.0);
         let mut direct_client = connect(&deployment.cluster.client_urls()[0]).await;
         let mut direct = direct_client.watch("/n/", Some(WatchOptions::new().with_prefix())).await.expect("watch");
         assert!(direct.message().await.expect("created").expect("open").created());
@@ -438,3 +434,62 @@ fn watches_from_now_join_at_once(version: EtcdVersion) {
     });
 }
 both_versions!(watches_from_now_join_at_once => joined_at_once_3_4, joined_at_once_3_5);
+
+/// A fleet reconnecting: 100 watches of one prefix arrive at once, before any shared watch
+/// exists. They share one watch at etcd from the start (every one joins at once, none gets a
+/// watch of its own), and each sees exactly the events a direct watch sees.
+fn a_fleet_arriving_at_once_shares_one_watch(version: EtcdVersion) {
+    let deployment = Deployment::start(version, 1, Wire::Plain, &[]);
+    runtime().block_on(async {
+        let mut writer = connect(&deployment.endpoint).await;
+        let current = writer.put("/f/start", "s", None).await.expect("put").header().expect("header").revision();
+        let mut clients = Vec::new();
+        for _ in 0..10 {
+            clients.push(connect(&deployment.endpoint).await);
+        }
+        let mut creating = tokio::task::JoinSet::new();
+        for n in 0..100usize {
+            let mut client = clients[n % clients.len()].clone();
+            creating.spawn(async move {
+                // Half from now, half from the next revision, as agents that read first ask.
+                let mut options = WatchOptions::new().with_prefix();
+                if n % 2 == 1 {
+                    options = options.with_start_revision(current + 1);
+                }
+                let mut stream = client.watch("/f/", Some(options)).await.expect("watch");
+                let created = stream.message().await.expect("created").expect("open");
+                assert!(created.created(), "watch {n}");
+                assert_eq!(created.watch_id(), 0, "watch {n}");
+                stream
+            });
+        }
+        let mut streams = Vec::new();
+        while let Some(stream) = creating.join_next().await {
+            streams.push(stream.expect("watcher"));
+        }
+        assert_eq!(gauge(&deployment, "etcd_compat_proxy_watch_joined_at_once_total"), 100.0);
+        assert_eq!(gauge(&deployment, "etcd_compat_proxy_watch_upstream_watches"), 1.0);
+        assert_eq!(gauge(&deployment, "etcd_compat_proxy_watch_shared_subscribers"), 100.0);
+        let mut direct_client = connect(&deployment.cluster.client_urls()[0]).await;
+        let mut direct = direct_client.watch("/f/", Some(WatchOptions::new().with_prefix())).await.expect("watch");
+        assert!(direct.message().await.expect("created").expect("open").created());
+        let mut revisions = Vec::new();
+        for n in 0..10 {
+            let answer = writer.put(format!("/f/k{n}"), format!("v{n}"), None).await.expect("put");
+            revisions.push(answer.header().expect("header").revision());
+        }
+        assert_eq!(revisions_seen(&mut direct, revisions.len()).await, revisions, "direct");
+        for (n, stream) in streams.iter_mut().enumerate() {
+            assert_eq!(revisions_seen(stream, revisions.len()).await, revisions, "watch {n}");
+        }
+        drop(streams);
+        drop(clients);
+        // The last client gone, the shared watch goes too.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while gauge(&deployment, "etcd_compat_proxy_watch_upstream_watches") > 0.0 {
+            assert!(Instant::now() < deadline, "the shared watch outlived its clients");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}
+both_versions!(a_fleet_arriving_at_once_shares_one_watch => fleet_at_once_3_4, fleet_at_once_3_5);
