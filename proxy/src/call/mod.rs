@@ -98,6 +98,7 @@ pub struct Forwarder {
     read_cache: Option<Arc<ReadCache<Buffered>>>,
     /// Shared upstream watches (`--watch-coalescing`); `None` when off.
     watch_hub: Option<Arc<watch_hub::WatchHub>>,
+    watch_headers: watch::RecentHeaders,
 }
 
 /// A call once admitted and read: what every kind of call is served from.
@@ -154,6 +155,7 @@ impl Forwarder {
             migration,
             read_cache,
             watch_hub,
+            watch_headers: watch::RecentHeaders::default(),
         })
     }
 
@@ -485,6 +487,7 @@ impl Forwarder {
         let shutdown = self.shutdown.clone();
         let sender = Arc::clone(&self.sender);
         let hub = self.watch_hub.as_ref();
+        let headers = self.watch_headers.share(headers);
         let started = watch::serve(sender, hub, session, headers, client, record, shutdown, self.stream_limits());
         Ok(started.split_watch_responses(limit))
     }

@@ -24,7 +24,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -100,7 +100,7 @@ pub(super) fn serve(
     sender: Arc<Sender>,
     hub: Option<&Arc<WatchHub>>,
     session: Option<Arc<Session>>,
-    headers: HeaderMap,
+    headers: Arc<HeaderMap>,
     client: Incoming,
     record: CallRecord,
     shutdown: CancellationToken,
@@ -120,7 +120,7 @@ pub(super) fn serve(
         let (inbox, deliveries) = hub.inbox(limits.max_buffered);
         relay.coalescing = Some(Coalescing { hub: Arc::clone(hub), inbox, deliveries, counted: (0, 0) });
     }
-    tokio::spawn(relay.run());
+    tokio::spawn(relay);
     StreamStart::new(started, from_relay, record, shutdown, "watch")
 }
 
@@ -135,10 +135,10 @@ pub(super) fn spawn_shared_stream(
     limits: StreamLimits,
 ) {
     let (head, _) = oneshot::channel();
-    let mut relay = WatchRelay::new(sender, session, headers, requests, to_hub, head, limits.messages);
+    let mut relay = WatchRelay::new(sender, session, Arc::new(headers), requests, to_hub, head, limits.messages);
     relay.open_first();
     relay.shared_stream = true;
-    tokio::spawn(relay.run());
+    tokio::spawn(relay);
 }
 
 /// A relay's link to the hub of shared watches.
@@ -274,7 +274,8 @@ pub(crate) struct ResponseFacts {
 struct WatchRelay {
     sender: Arc<Sender>,
     session: Option<Arc<Session>>,
-    headers: HeaderMap,
+    /// The client's request headers, for each upstream stream; shared by a fleet's streams.
+    headers: Arc<HeaderMap>,
     client: Option<RequestBody>,
     client_messages: MessageReader,
     /// Longest pause inside an incomplete client message.
@@ -313,7 +314,7 @@ struct WatchRelay {
     recount: bool,
     /// A watch waiting for the hub to join it to a shared one at once; the client's next
     /// requests wait meanwhile, so that `created` answers keep the order of the creates.
-    joining_now: Option<JoiningNow>,
+    joining_now: Option<Box<JoiningNow>>,
     /// A join was answered: the requests that waited for it are handled next.
     resume_client: bool,
     /// The hub's own stream of shared watches, whose progress answers the hub asked for.
@@ -321,6 +322,33 @@ struct WatchRelay {
     /// On the hub's stream: its progress request is unanswered, and is sent again on a new
     /// stream (the hub sends the next one only once this one is answered).
     progress_unanswered: bool,
+}
+
+/// The relay's task. A future of its own rather than an async fn, which would hold the relay
+/// twice: a fleet keeps thousands.
+impl Future for WatchRelay {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.poll_run(cx)
+    }
+}
+
+/// The request headers of the latest Watch stream: a fleet's clients send the same ones, which
+/// each relay then shares instead of holding its own copy for as long as the stream lives.
+#[derive(Default)]
+pub(super) struct RecentHeaders(Mutex<Option<Arc<HeaderMap>>>);
+
+impl RecentHeaders {
+    /// `headers`, shared with earlier streams that sent the same.
+    pub(super) fn share(&self, headers: HeaderMap) -> Arc<HeaderMap> {
+        // Nothing can panic while it is held: a poisoned lock is usable.
+        let mut recent = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match recent.as_ref() {
+            Some(same) if **same == headers => Arc::clone(same),
+            _ => Arc::clone(recent.insert(Arc::new(headers))),
+        }
+    }
 }
 
 /// A create the hub is joining to a shared watch without a watch of its own.
@@ -340,7 +368,7 @@ impl WatchRelay {
     fn new(
         sender: Arc<Sender>,
         session: Option<Arc<Session>>,
-        headers: HeaderMap,
+        headers: Arc<HeaderMap>,
         client: RequestBody,
         to_client: QueueSender,
         head: oneshot::Sender<StreamHead>,
@@ -384,12 +412,9 @@ impl WatchRelay {
     fn open_first(&mut self) {
         let (to_upstream, receiver) = transport::feed();
         self.to_upstream = to_upstream;
-        let opening = open(Arc::clone(&self.sender), self.session.clone(), self.headers.clone(), receiver, None);
+        let opening =
+            open(Arc::clone(&self.sender), self.session.clone(), HeaderMap::clone(&self.headers), receiver, None);
         self.upstream = Upstream::Opening(opening);
-    }
-
-    async fn run(mut self) {
-        std::future::poll_fn(|cx| self.poll_run(cx)).await
     }
 
     /// Relays until the stream is over or the client is gone (which drops the upstream stream
@@ -461,7 +486,7 @@ impl WatchRelay {
         if let Some(coalescing) = &self.coalescing {
             coalescing.hub.unsubscribe(&joining.key, coalescing.inbox.relay(), joining.id);
         }
-        self.create_on_own(joining);
+        self.create_on_own(*joining);
         true
     }
 
@@ -868,8 +893,13 @@ impl WatchRelay {
         }
         tracing::debug!(watches = count, token_renewal = rejected.is_some(), "re-opening the upstream watch stream");
         let session = self.session.clone();
-        self.upstream =
-            Upstream::Opening(open(Arc::clone(&self.sender), session, self.headers.clone(), receiver, rejected));
+        self.upstream = Upstream::Opening(open(
+            Arc::clone(&self.sender),
+            session,
+            HeaderMap::clone(&self.headers),
+            receiver,
+            rejected,
+        ));
     }
 }
 
@@ -992,7 +1022,7 @@ impl WatchRelay {
         // etcd's counter on this stream no longer knows every id: later creates carry theirs.
         self.moved = true;
         let deadline = Box::pin(tokio::time::sleep(JOIN_NOW_DEADLINE));
-        self.joining_now = Some(JoiningNow { id, create, key, deadline });
+        self.joining_now = Some(Box::new(JoiningNow { id, create, key, deadline }));
         Ok(())
     }
 
@@ -1008,7 +1038,7 @@ impl WatchRelay {
             if let Some(coalescing) = &self.coalescing {
                 coalescing.hub.unsubscribe(&joining.key, coalescing.inbox.relay(), id);
             }
-            self.create_on_own(joining);
+            self.create_on_own(*joining);
             return;
         };
         self.resume_client = true;
@@ -1027,7 +1057,7 @@ impl WatchRelay {
     /// The hub could not join watch `id` at once: it is created on its own, as any other.
     fn not_joined(&mut self, id: i64) {
         if let Some(joining) = self.joining_now.take_if(|joining| joining.id == id) {
-            self.create_on_own(joining);
+            self.create_on_own(*joining);
         }
     }
 
