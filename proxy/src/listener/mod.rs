@@ -80,7 +80,7 @@ impl ClientConnection {
         let handshake = Arc::new(AtomicBool::new(false));
         let repaired =
             AuthorityRepair::new(io, Arc::clone(&self.metrics), self.max_header_list, Arc::clone(&handshake));
-        let io = TokioIo::new(BatchedWrites::new(repaired));
+        let io = TokioIo::new(BatchedWrites(repaired));
         // Auth sessions need to know who is calling: the address (to slow down password
         // guessing) and, for mTLS clients, the certificate's CN (to pick a configured identity).
         let forwarder = self.forwarder;

@@ -59,9 +59,9 @@ impl Cluster {
                     .connect(server_name, tcp)
                     .await
                     .map_err(|source| UpstreamError::Tls { endpoint: endpoint.url(), source })?;
-                handshake(BatchedWrites::new(stream), member).await
+                handshake(BatchedWrites(stream), member).await
             }
-            _ => handshake(BatchedWrites::new(tcp), member).await,
+            _ => handshake(BatchedWrites(tcp), member).await,
         }
     }
 
