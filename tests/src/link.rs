@@ -19,6 +19,9 @@ pub struct FaultyLink {
 struct Shared {
     /// Bytes from the server are read and thrown away (the client never gets an answer).
     lose_answers: AtomicBool,
+    /// Bytes that switch `lose_answers` on when a request carrying them passes, before it reaches
+    /// the server: only that request's answer, and what follows, is lost.
+    lose_answers_after: Mutex<Option<Vec<u8>>>,
     /// New connections are closed as soon as they are accepted.
     refuse: AtomicBool,
     stopped: AtomicBool,
@@ -45,6 +48,12 @@ impl FaultyLink {
     /// While on, the server's bytes never reach the client; the client's still reach the server.
     pub fn lose_answers(&self, on: bool) {
         self.shared.lose_answers.store(on, Ordering::SeqCst);
+    }
+
+    /// Loses answers (as [`FaultyLink::lose_answers`]) from the first request that carries
+    /// `marker` on: what the client sent before it is answered as usual.
+    pub fn lose_answers_from_request_with(&self, marker: &[u8]) {
+        *self.shared.lose_answers_after.lock().expect("link lock") = Some(marker.to_vec());
     }
 
     /// While on, every new connection is closed at once.
@@ -107,6 +116,13 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: &Shared, answers: bool) 
         };
         if answers && shared.lose_answers.load(Ordering::SeqCst) {
             continue;
+        }
+        if !answers {
+            let mut marker = shared.lose_answers_after.lock().expect("link lock");
+            if marker.as_deref().is_some_and(|marker| buffer[..read].windows(marker.len()).any(|w| w == marker)) {
+                *marker = None;
+                shared.lose_answers.store(true, Ordering::SeqCst);
+            }
         }
         if to.write_all(&buffer[..read]).is_err() {
             break;

@@ -796,8 +796,10 @@ fn mirror_counts_a_transaction_whose_answer_was_lost() {
 
     // The mirror's transaction reaches the target, its answer does not; then the connection
     // breaks and the target cannot be reached for a while, so the mirror cannot read whether
-    // the transaction landed.
-    link.lose_answers(true);
+    // the transaction landed. Answers are lost from the transaction on, not before: the
+    // mirror's once-a-second check of the target would otherwise wait for a lost answer, and
+    // the transaction behind it would not be sent in time.
+    link.lose_answers_from_request_with(b"/lost-answer");
     runtime.block_on(client.put("/lost-answer", "2", None)).expect("put");
     let deadline = Instant::now() + Duration::from_secs(10);
     while runtime.block_on(revision_of(&mut direct_target)) != before + 1 {
