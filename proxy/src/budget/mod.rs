@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::HeaderMap;
 
-pub use paging::{pageable, serve_range, Answer, KeySizeEstimate, Page};
+pub use paging::{names_key_range, pageable, serve_range, Answer, KeySizeEstimate, Page};
 pub use split::split_watch_response;
 
 /// User-agent prefixes of gRPC libraries whose default receive limit is 4 MiB.
@@ -36,14 +36,33 @@ const LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How much a client may receive in one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClientBudget {
+pub enum ClientBudget<'a> {
     /// As directly from etcd: responses are forwarded untouched.
     Unlimited,
     /// At most `bytes` per message; `rule` names the classification rule, for logs and metrics.
-    Limited { bytes: usize, rule: String },
+    Limited { bytes: usize, rule: LimitRule<'a> },
 }
 
-impl ClientBudget {
+/// The rule that classified a client as limited; shown as it is named in logs. Borrowed from the
+/// policy: every call is classified, and most are never logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitRule<'a> {
+    /// A `--limited-user-agents` prefix.
+    UserAgent(&'a str),
+    /// A grpc-go client that sends no `client-api-version` (clientv3 before 3.4).
+    GoWithoutApiVersion,
+}
+
+impl std::fmt::Display for LimitRule<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LimitRule::UserAgent(prefix) => write!(f, "user-agent {prefix}"),
+            LimitRule::GoWithoutApiVersion => f.write_str("grpc-go without client-api-version"),
+        }
+    }
+}
+
+impl ClientBudget<'_> {
     /// The client's limit, if it has one.
     pub fn bytes(&self) -> Option<usize> {
         match self {
@@ -72,22 +91,19 @@ pub struct BudgetPolicy {
 
 impl BudgetPolicy {
     /// Decides a client's budget from its request metadata.
-    pub fn classify(&self, headers: &HeaderMap) -> ClientBudget {
+    pub fn classify(&self, headers: &HeaderMap) -> ClientBudget<'_> {
         let user_agent = headers.get(http::header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("");
         if self.unlimited_user_agents.iter().any(|p| user_agent.starts_with(p.as_str())) {
             return ClientBudget::Unlimited;
         }
         if let Some(prefix) = self.limited_user_agents.iter().find(|p| user_agent.starts_with(p.as_str())) {
-            return ClientBudget::Limited { bytes: self.max_response_bytes, rule: format!("user-agent {prefix}") };
+            return ClientBudget::Limited { bytes: self.max_response_bytes, rule: LimitRule::UserAgent(prefix) };
         }
         if self.limit_go_without_api_version
             && user_agent.starts_with("grpc-go/")
             && !headers.contains_key("client-api-version")
         {
-            return ClientBudget::Limited {
-                bytes: self.max_response_bytes,
-                rule: "grpc-go without client-api-version".to_owned(),
-            };
+            return ClientBudget::Limited { bytes: self.max_response_bytes, rule: LimitRule::GoWithoutApiVersion };
         }
         ClientBudget::Unlimited
     }
@@ -183,13 +199,13 @@ mod tests {
     #[test]
     fn classification() {
         let p = policy();
-        let limited = |rule: &str| ClientBudget::Limited { bytes: 4 << 20, rule: rule.to_owned() };
-        assert_eq!(
-            p.classify(&headers("grpc-python/1.62.3 grpc-c/39.0.0 (linux; chttp2)", false)),
-            limited("user-agent grpc-python/")
-        );
-        assert_eq!(p.classify(&headers("grpc-node-js/1.9.0", false)), limited("user-agent grpc-node-js/"));
-        assert_eq!(p.classify(&headers("grpc-go/1.7.5", false)), limited("grpc-go without client-api-version"));
+        let rule = |user_agent: &str| match p.classify(&headers(user_agent, false)) {
+            ClientBudget::Limited { bytes: 4194304, rule } => rule.to_string(),
+            other => format!("{other:?}"),
+        };
+        assert_eq!(rule("grpc-python/1.62.3 grpc-c/39.0.0 (linux; chttp2)"), "user-agent grpc-python/");
+        assert_eq!(rule("grpc-node-js/1.9.0"), "user-agent grpc-node-js/");
+        assert_eq!(rule("grpc-go/1.7.5"), "grpc-go without client-api-version");
         assert_eq!(p.classify(&headers("etcdctl grpc-go/1.26.0", true)), ClientBudget::Unlimited);
         assert_eq!(p.classify(&headers("grpc-go/1.41.0", true)), ClientBudget::Unlimited);
         assert_eq!(p.classify(&headers("grpc-python/9.0", false)), ClientBudget::Unlimited);

@@ -136,6 +136,21 @@ pub fn pageable(request: &RangeRequest) -> bool {
         && !request.range_end.is_empty()
 }
 
+/// Whether the framed Range request `framed` names a range of keys, the one shape [`pageable`]
+/// may accept; false for a single key, and for a compressed or malformed request (forwarded as
+/// it is either way). A walk of the wire format: most Ranges are of one key, and are then
+/// forwarded without being decoded.
+pub fn names_key_range(framed: &[u8]) -> bool {
+    use crate::grpc::{fields, WireValue};
+    const RANGE_END: u64 = 2;
+    match framed.split_at_checked(5) {
+        Some(([0, ..], message)) => fields(message)
+            .map_while(Result::ok)
+            .any(|field| field.number == RANGE_END && matches!(field.value, WireValue::Bytes(end) if !end.is_empty())),
+        _ => false,
+    }
+}
+
 /// Encoded size of a length-delimited field with `len` bytes of content (tag + length + content).
 pub(super) fn field_size(len: usize) -> usize {
     1 + prost::encoding::encoded_len_varint(len as u64) + len
@@ -351,6 +366,11 @@ mod tests {
     fn only_key_ordered_unfiltered_ranges_are_paged() {
         let prefix = RangeRequest { key: "/a/".into(), range_end: "/a0".into(), ..Default::default() };
         assert!(pageable(&prefix));
+        let framed = |request: &RangeRequest| crate::grpc::frame(&request.encode_to_vec());
+        assert!(names_key_range(&framed(&prefix)));
+        assert!(!names_key_range(&framed(&RangeRequest { range_end: Bytes::new(), ..prefix.clone() })));
+        assert!(!names_key_range(&[1, 0, 0, 0, 2, 0x12, 0]), "compressed");
+        assert!(!names_key_range(&[0, 0]), "cut short");
         assert!(!pageable(&RangeRequest { range_end: Bytes::new(), ..prefix.clone() }));
         assert!(!pageable(&RangeRequest { count_only: true, ..prefix.clone() }));
         assert!(!pageable(&RangeRequest { sort_order: range_request::SortOrder::Descend as i32, ..prefix.clone() }));

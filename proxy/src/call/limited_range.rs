@@ -25,7 +25,7 @@ impl Forwarder {
         path_and_query: &http::uri::PathAndQuery,
         message: &Bytes,
         budget: usize,
-        rule: &str,
+        rule: budget::LimitRule<'_>,
         session: Option<&Session>,
     ) -> Option<(Buffered, bool)> {
         // Compressed (flag 1) or malformed frames are left for etcd to judge.
@@ -72,13 +72,13 @@ impl Forwarder {
         if outcome != budget::Outcome::Whole && self.limited_log.should_log(&key) {
             tracing::info!(
                 key = %budget::printable(&key),
-                rule,
+                %rule,
                 budget,
                 outcome = outcome.label(),
                 "Range answer limited for a client with a message size limit"
             );
         } else {
-            tracing::debug!(key = %budget::printable(&key), rule, budget, outcome = outcome.label(), "limited Range");
+            tracing::debug!(key = %budget::printable(&key), %rule, budget, outcome = outcome.label(), "limited Range");
         }
         Some((response, outcome == budget::Outcome::Whole))
     }

@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{Metrics, Refusal};
 use crate::auth::{self, AuthSessions, ClientInfo, Identity, Session};
-use crate::budget::{BudgetPolicy, ClientBudget, KeySizeEstimate, LimitedLog};
+use crate::budget::{BudgetPolicy, ClientBudget, KeySizeEstimate, LimitRule, LimitedLog};
 use crate::cache::KeyRange;
 use crate::cache::ReadCache;
 use crate::config::Config;
@@ -306,8 +306,12 @@ impl Forwarder {
                     }
                 }
                 let limit = match budget {
-                    ClientBudget::Limited { bytes, rule } if route.kind == MethodKind::Range => {
-                        return Box::pin(self.serve_limited_range(call, bytes, &rule, cacheable)).await;
+                    // A Range of one key cannot be paged: it is forwarded below, under the same limit.
+                    ClientBudget::Limited { bytes, rule }
+                        if route.kind == MethodKind::Range
+                            && call.body.message().is_some_and(|m| crate::budget::names_key_range(m)) =>
+                    {
+                        return Box::pin(self.serve_limited_range(call, bytes, rule, cacheable)).await;
                     }
                     budget => budget.bytes(),
                 };
@@ -350,7 +354,7 @@ impl Forwarder {
         &self,
         mut call: Admitted,
         budget: usize,
-        rule: &str,
+        rule: LimitRule<'_>,
         cacheable: Option<KeyRange>,
     ) -> Result<Response<ResponseBody>, h2::Error> {
         if let PendingBody::Buffered(message) = &call.body {

@@ -422,7 +422,7 @@ impl Buffered {
         let mut headers = HeaderMap::with_capacity(1);
         headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
         let mut trailers = HeaderMap::with_capacity(2);
-        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        trailers.insert(grpc::GRPC_STATUS, http::HeaderValue::from_static("0"));
         Buffered { status: http::StatusCode::OK, headers, data: framed, trailers: Some(trailers) }
     }
 

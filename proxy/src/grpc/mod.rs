@@ -11,7 +11,7 @@ mod wire;
 pub use framing::{frame, frame_message, frame_prefix, framed_length, MessageReader};
 pub use headers::{is_grpc_content_type, own_call_headers, parse_grpc_timeout, response_headers};
 pub use methods::{route, CallShape, MethodKind, Replay, Route, Writes, AUTHENTICATE_PATH, WATCH_PATH};
-pub use status::{status_headers, status_message, Code, ALL_CODES};
+pub use status::{status_headers, status_message, Code, ALL_CODES, GRPC_MESSAGE, GRPC_STATUS};
 pub use wire::{fields, for_each_field, put_varint, WireValue};
 
 /// Decodes a framed message (prefix included) as a `T`; `None` if it is compressed, cut short

@@ -1,6 +1,6 @@
 //! gRPC statuses: codes, and the headers or trailers that carry them.
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// gRPC status codes (the numbering is fixed by the gRPC spec).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,15 +72,21 @@ impl Code {
 
     /// Reads the `grpc-status` header or trailer; anything unparsable counts as `Unknown`, as gRPC clients do.
     pub fn from_headers(headers: &HeaderMap) -> Option<Code> {
-        let value = headers.get("grpc-status")?;
+        let value = headers.get(&GRPC_STATUS)?;
         let number: usize = value.to_str().ok().and_then(|s| s.parse().ok()).unwrap_or(Code::Unknown as usize);
         Some(ALL_CODES.get(number).copied().unwrap_or(Code::Unknown))
     }
 }
 
+/// The `grpc-status` header or trailer. Named once: every answer is looked up by it, and a
+/// name given as text is parsed again at each lookup.
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+/// The `grpc-message` header or trailer; see [`GRPC_STATUS`].
+pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+
 /// The decoded `grpc-message` of a status, empty when there is none.
 pub fn status_message(headers: &HeaderMap) -> String {
-    let Some(raw) = headers.get("grpc-message") else { return String::new() };
+    let Some(raw) = headers.get(&GRPC_MESSAGE) else { return String::new() };
     let raw = raw.as_bytes();
     let mut decoded = Vec::with_capacity(raw.len());
     let mut i = 0;
@@ -107,9 +113,9 @@ pub fn status_message(headers: &HeaderMap) -> String {
 pub fn status_headers(code: Code, message: &str) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(3);
     headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    headers.insert("grpc-status", HeaderValue::from(code as u16));
+    headers.insert(GRPC_STATUS, HeaderValue::from(code as u16));
     if let Ok(value) = HeaderValue::from_str(&percent_encode(message)) {
-        headers.insert("grpc-message", value);
+        headers.insert(GRPC_MESSAGE, value);
     }
     headers
 }

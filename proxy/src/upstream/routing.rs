@@ -134,7 +134,7 @@ pub fn routing_error(headers: &HeaderMap) -> Option<RoutingError> {
     if code != Code::Unavailable && code != Code::FailedPrecondition {
         return None;
     }
-    let message = headers.get("grpc-message")?.as_bytes();
+    let message = headers.get(&crate::grpc::GRPC_MESSAGE)?.as_bytes();
     [RoutingError::Learner, RoutingError::NotLeader, RoutingError::NoLeader, RoutingError::LeaderChanged]
         .into_iter()
         .find(|e| e.message().as_bytes() == message)
