@@ -362,7 +362,7 @@ struct JoiningNow {
 }
 
 /// How long a watch waits to join a shared one at once; etcd answers within a round trip.
-const JOIN_NOW_DEADLINE: Duration = Duration::from_secs(2);
+pub(super) const JOIN_NOW_DEADLINE: Duration = Duration::from_secs(2);
 
 impl WatchRelay {
     fn new(

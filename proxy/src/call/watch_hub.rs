@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use etcd_compat_proto::etcdserverpb::{watch_request, WatchCreateRequest, WatchProgressRequest};
@@ -196,11 +197,27 @@ struct HubStream {
     waiting: Vec<Joiner>,
     /// A progress request is in flight (the stream's relay sends it again on a new stream).
     asking: bool,
+    /// When the request in flight was sent.
+    asked_at: Option<Instant>,
 }
 
 impl HubStream {
     fn new(requests: FeedSender, generation: u64) -> HubStream {
-        HubStream { requests, watches: 0, generation, asked: Vec::new(), waiting: Vec::new(), asking: false }
+        HubStream {
+            requests,
+            watches: 0,
+            generation,
+            asked: Vec::new(),
+            waiting: Vec::new(),
+            asking: false,
+            asked_at: None,
+        }
+    }
+
+    /// Whether the progress request in flight has gone unanswered as long as a watch waits to
+    /// join (etcd 3.5.8 and later hold the answer while a watch of the stream catches up).
+    fn answer_overdue(&self, now: Instant) -> bool {
+        self.asking && self.asked_at.is_some_and(|at| now.saturating_duration_since(at) >= watch::JOIN_NOW_DEADLINE)
     }
 
     /// Sends a progress request for the waiting joiners, unless one is in flight.
@@ -212,6 +229,7 @@ impl HubStream {
         let progress = watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {});
         self.requests.send(watch::frame_request(progress));
         self.asking = true;
+        self.asked_at = Some(Instant::now());
     }
 
     /// Tells the watches joining on a stream that is gone to watch on their own.
@@ -342,6 +360,12 @@ impl WatchHub {
         inbox: &Inbox,
     ) {
         let mut state = self.lock();
+        if state.streams.get(&key.user).is_some_and(|stream| stream.answer_overdue(Instant::now())) {
+            // The watch would wait for that answer only to be created on its own after all: it
+            // is created on its own at once, and joins once etcd has created it.
+            inbox.send(Delivery::NotJoined { client_id });
+            return;
+        }
         self.shared_watch(&mut state, key, None, create, create.start_revision);
         let Some(stream) = state.streams.get_mut(&key.user) else { return };
         let subscriber = Subscriber { client_id, inbox: inbox.clone() };
@@ -357,6 +381,7 @@ impl WatchHub {
         let HubState { shared, streams, .. } = &mut *state;
         let Some(stream) = streams.get_mut(user) else { return };
         stream.asking = false;
+        stream.asked_at = None;
         let mut not_joined = Vec::new();
         for joiner in std::mem::take(&mut stream.asked) {
             let client_id = joiner.subscriber.client_id;
@@ -627,5 +652,36 @@ fn put_watch_id(out: &mut Vec<u8>, id: i64) {
     if id != 0 {
         out.push(0x10);
         grpc::put_varint(out, id as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn joiner(client_id: i64) -> Joiner {
+        let create = WatchCreateRequest { key: Bytes::from_static(b"k"), ..Default::default() };
+        let key = ShareKey::of(None, &create).expect("a shareable create");
+        let inbox = Inbox { deliveries: mailbox().0, limit: usize::MAX, relay: 1 };
+        Joiner { key, start: 0, subscriber: Subscriber { client_id, inbox } }
+    }
+
+    #[test]
+    fn a_progress_request_unanswered_as_long_as_a_joiner_waits_is_overdue() {
+        let mut stream = HubStream::new(transport::FeedSender::closed(), 0);
+        stream.ask_progress();
+        assert!(!stream.asking, "nothing to ask for without a joiner");
+        stream.waiting.push(joiner(1));
+        stream.ask_progress();
+        let sent = stream.asked_at.expect("the request's time");
+        assert!(stream.asking);
+        assert!(!stream.answer_overdue(sent + watch::JOIN_NOW_DEADLINE - Duration::from_millis(1)));
+        assert!(stream.answer_overdue(sent + watch::JOIN_NOW_DEADLINE));
+        // A second joiner waits for the next request; the one in flight keeps its time.
+        stream.waiting.push(joiner(2));
+        stream.ask_progress();
+        assert_eq!(stream.asked_at, Some(sent));
+        assert_eq!((stream.asked.len(), stream.waiting.len()), (1, 1));
     }
 }
