@@ -214,6 +214,15 @@ impl Watches {
         self.0.iter_mut().map(|(_, watch)| watch)
     }
 
+    /// A progress answer for the relay's own upstream stream: every watch on it has seen up to
+    /// `revision`. A shared watch is not on it: the events the hub still holds for it may be
+    /// older, and a watch moved to its own stream resumes from its next revision.
+    fn progressed_on_stream(&mut self, revision: i64) {
+        for watch in self.values_mut().filter(|watch| !matches!(watch.sharing, Sharing::Shared { .. })) {
+            watch.next_revision = watch.next_revision.max(revision + 1);
+        }
+    }
+
     fn retain(&mut self, mut keep: impl FnMut(&i64, &mut ActiveWatch) -> bool) {
         self.0.retain_mut(|(id, watch)| keep(id, watch));
     }
@@ -796,10 +805,7 @@ impl WatchRelay {
             // no watch: etcd 3.4 and 3.5.1 answer at once, ahead of events still on their way.
             self.progress_unanswered = false;
         } else if facts.watch_id == -1 {
-            // A progress answer for the whole stream: every watch has seen up to this revision.
-            for watch in self.watches.values_mut() {
-                watch.next_revision = watch.next_revision.max(facts.header_revision + 1);
-            }
+            self.watches.progressed_on_stream(facts.header_revision);
         } else if let Some(watch) = self.watches.get_mut(&facts.watch_id) {
             advance(watch, &facts);
         }
@@ -1296,6 +1302,21 @@ mod tests {
     use etcd_compat_proto::etcdserverpb::{ResponseHeader, WatchResponse};
     use etcd_compat_proto::mvccpb::{Event, KeyValue};
     use prost::Message;
+
+    #[test]
+    fn a_progress_answer_on_the_stream_moves_only_the_watches_on_it() {
+        let watch =
+            |next_revision, sharing| ActiveWatch { create: WatchCreateRequest::default(), next_revision, sharing };
+        let key = ShareKey::of(None, &WatchCreateRequest::default()).expect("shareable");
+        let mut watches = Watches::default();
+        watches.insert(1, watch(5, Sharing::Own));
+        watches.insert(2, watch(5, Sharing::Shared { key: key.clone(), skip_through: 4 }));
+        watches.insert(3, watch(5, Sharing::Joining { key, from: None, held: VecDeque::new(), held_bytes: 0 }));
+        watches.insert(4, watch(12, Sharing::Own));
+        watches.progressed_on_stream(9);
+        let next: Vec<i64> = watches.values_mut().map(|watch| watch.next_revision).collect();
+        assert_eq!(next, [10, 5, 10, 12]);
+    }
 
     #[test]
     fn facts_match_the_decoded_message() {
