@@ -596,6 +596,13 @@ impl WatchRelay {
             }
             other => other,
         };
+        if matches!(
+            &request,
+            Some(WatchRequest { request_union: Some(watch_request::RequestUnion::ProgressRequest(_)) })
+        ) && self.progress_through_hub()
+        {
+            return;
+        }
         // Between two upstream streams (paused, or waiting for a member) requests wait for the
         // next one: creates as pending creates, which every new stream gets, the rest after them.
         let idle = matches!(self.upstream, Upstream::Idle);
@@ -641,6 +648,22 @@ impl WatchRelay {
         if idle {
             self.reopen(None);
         }
+    }
+
+    /// Asks the hub for the client's progress when every watch of the client is shared and its
+    /// stream has nothing at etcd: the answer then comes after the shared events delivered before
+    /// it (etcd's own answer on a stream of the client's could pass them), and the client's
+    /// stream opens none at etcd. True if the hub took the request.
+    fn progress_through_hub(&self) -> bool {
+        let all_shared = matches!(self.upstream, Upstream::Idle)
+            && !self.shared_stream
+            && self.pending.is_empty()
+            && self.held.is_empty()
+            && self.joining_now.is_none()
+            && self.watches.len() > 0
+            && self.watches.values().all(|watch| matches!(watch.sharing, Sharing::Shared { .. }));
+        let Some(coalescing) = self.coalescing.as_ref().filter(|_| all_shared) else { return false };
+        coalescing.hub.progress(self.session.as_deref(), &coalescing.inbox)
     }
 
     /// The next id etcd would assign on the client's original stream (0 means "let etcd pick").
@@ -1005,6 +1028,12 @@ impl WatchRelay {
             Delivery::JoinedNow { client_id, progress, from } => self.joined_now(client_id, &progress, from),
             Delivery::NotJoined { client_id } => self.not_joined(client_id),
             Delivery::Detached { client_id } => self.detached(client_id),
+            Delivery::Progress { answer } => self.deliver(answer),
+            // Asked of etcd on the client's own stream instead.
+            Delivery::ProgressUnanswered => {
+                let progress = watch_request::RequestUnion::ProgressRequest(Default::default());
+                self.on_client_request(frame_request(progress), false);
+            }
         }
         true
     }

@@ -16,6 +16,9 @@
 //! relay (so it survives member loss and token expiry as any relayed stream does), and the hub
 //! tells the subscriber from which revision on it will deliver every event ([`Delivery::Joinable`]);
 //! the relay switches over as soon as its own watch has delivered that far, and cancels its own.
+//! A client whose watches are all shared asks the shared stream for its progress too
+//! ([`WatchHub::progress`]): the answer follows the events delivered before it, and the client's
+//! stream opens none at etcd.
 //!
 //! A subscriber whose relay does not take its deliveries (its client is not reading) past a
 //! bounded backlog is detached ([`Delivery::Detached`]): its relay goes back to a watch of its
@@ -82,6 +85,11 @@ pub(crate) enum Delivery {
     /// The shared watch serves this watch no more (its relay fell behind, or the shared stream
     /// was lost): the relay watches on its own again from its next undelivered revision.
     Detached { client_id: i64 },
+    /// etcd's answer to the client's progress request, asked on the shared stream (see
+    /// [`WatchHub::progress`]), after every event of that stream delivered before it.
+    Progress { answer: Bytes },
+    /// The shared stream was lost before it answered the client's progress request.
+    ProgressUnanswered,
 }
 
 /// A relay's mailbox, counted in bytes so that the hub knows when the relay is behind.
@@ -111,7 +119,9 @@ impl Inbox {
             Delivery::Joinable { .. }
             | Delivery::JoinedNow { .. }
             | Delivery::NotJoined { .. }
-            | Delivery::Detached { .. } => 0,
+            | Delivery::Detached { .. }
+            | Delivery::Progress { .. }
+            | Delivery::ProgressUnanswered => 0,
         };
         self.deliveries.send(delivery, weight)
     }
@@ -195,6 +205,10 @@ struct HubStream {
     /// at a time keeps answers and requests paired: etcd 3.5.8 and later answer several pending
     /// progress requests once.
     waiting: Vec<Joiner>,
+    /// Relays whose client asked for progress, answered by the request in flight.
+    progress_asked: Vec<Inbox>,
+    /// Relays whose client asked for progress after it was sent, as `waiting`.
+    progress_waiting: Vec<Inbox>,
     /// A progress request is in flight (the stream's relay sends it again on a new stream).
     asking: bool,
     /// When the request in flight was sent.
@@ -209,6 +223,8 @@ impl HubStream {
             generation,
             asked: Vec::new(),
             waiting: Vec::new(),
+            progress_asked: Vec::new(),
+            progress_waiting: Vec::new(),
             asking: false,
             asked_at: None,
         }
@@ -220,22 +236,27 @@ impl HubStream {
         self.asking && self.asked_at.is_some_and(|at| now.saturating_duration_since(at) >= watch::JOIN_NOW_DEADLINE)
     }
 
-    /// Sends a progress request for the waiting joiners, unless one is in flight.
+    /// Sends a progress request for the waiting joiners and clients, unless one is in flight.
     fn ask_progress(&mut self) {
-        if self.asking || self.waiting.is_empty() {
+        if self.asking || (self.waiting.is_empty() && self.progress_waiting.is_empty()) {
             return;
         }
         self.asked.append(&mut self.waiting);
+        self.progress_asked.append(&mut self.progress_waiting);
         let progress = watch_request::RequestUnion::ProgressRequest(WatchProgressRequest {});
         self.requests.send(watch::frame_request(progress));
         self.asking = true;
         self.asked_at = Some(Instant::now());
     }
 
-    /// Tells the watches joining on a stream that is gone to watch on their own.
+    /// Tells the watches joining on a stream that is gone to watch on their own, and the
+    /// clients waiting for its progress that it will not come from here.
     fn give_up_joiners(self) {
         for joiner in self.asked.into_iter().chain(self.waiting) {
             joiner.subscriber.inbox.send(Delivery::NotJoined { client_id: joiner.subscriber.client_id });
+        }
+        for inbox in self.progress_asked.into_iter().chain(self.progress_waiting) {
+            inbox.send(Delivery::ProgressUnanswered);
         }
     }
 
@@ -373,6 +394,19 @@ impl WatchHub {
         stream.ask_progress();
     }
 
+    /// Asks the shared stream of `session`'s user for its progress for a client whose watches are
+    /// all served by it; the answer comes as [`Delivery::Progress`] through `inbox`, after every
+    /// event the stream delivered before it, as etcd orders a progress answer after its
+    /// stream's events. False (nothing asked) when the user has no shared stream.
+    pub(crate) fn progress(&self, session: Option<&Session>, inbox: &Inbox) -> bool {
+        let user: User = session.map(|s| Arc::from(s.user()));
+        let mut state = self.lock();
+        let Some(stream) = state.streams.get_mut(&user) else { return false };
+        stream.progress_waiting.push(inbox.clone());
+        stream.ask_progress();
+        true
+    }
+
     /// etcd answered the progress request of `user`'s stream with its revision `now`: a watch
     /// from now on starts after it, one from a later revision after the revision before that.
     /// A watch from an earlier revision (which might be compacted, or need events gone by), or
@@ -413,6 +447,9 @@ impl WatchHub {
                     not_joined.push(joiner.key);
                 }
             }
+        }
+        for inbox in std::mem::take(&mut stream.progress_asked) {
+            inbox.send(Delivery::Progress { answer: progress.clone() });
         }
         stream.ask_progress();
         for key in not_joined {
@@ -518,7 +555,8 @@ impl WatchHub {
         let Some(Ok(facts)) = (message.first() == Some(&0)).then(|| read_facts(&message[5..])) else { return };
         let mut state = self.lock();
         if facts.watch_id == -1 && !facts.created && !facts.canceled {
-            // Only the hub asks this stream for progress: for watches joining at once.
+            // Only the hub asks this stream for progress: for watches joining at once, and for
+            // clients whose watches are all on it.
             self.joined_now(&mut state, user, message, facts.header_revision);
             return;
         }
@@ -683,5 +721,14 @@ mod tests {
         stream.ask_progress();
         assert_eq!(stream.asked_at, Some(sent));
         assert_eq!((stream.asked.len(), stream.waiting.len()), (1, 1));
+    }
+
+    #[test]
+    fn a_client_asking_for_progress_alone_gets_a_request_sent() {
+        let mut stream = HubStream::new(transport::FeedSender::closed(), 0);
+        stream.progress_waiting.push(joiner(1).subscriber.inbox);
+        stream.ask_progress();
+        assert!(stream.asking);
+        assert_eq!((stream.progress_asked.len(), stream.progress_waiting.len()), (1, 0));
     }
 }

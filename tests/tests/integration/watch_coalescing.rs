@@ -454,6 +454,60 @@ fn watches_from_now_join_at_once(version: EtcdVersion) {
 }
 both_versions!(watches_from_now_join_at_once => joined_at_once_3_4, joined_at_once_3_5);
 
+/// etcd's count of watch streams (every client stream through the proxy that reaches etcd is one).
+fn etcd_watch_streams(deployment: &Deployment) -> f64 {
+    let url = &deployment.cluster.client_urls()[0];
+    let addr = url.trim_start_matches("http://").parse().expect("the member's address");
+    let (status, text) = etcd_compat_tests::http_get(addr, "/metrics", Duration::from_secs(5)).expect("etcd's metrics");
+    assert_eq!(status, 200, "{text}");
+    metric(&text, "etcd_debugging_mvcc_watch_stream_total").expect("etcd_debugging_mvcc_watch_stream_total")
+}
+
+/// Clients whose watches are all shared ask for progress: each gets etcd's progress answer (watch
+/// id -1, a revision no older than the last write), ahead of the next event, and their streams
+/// still cost etcd nothing: the answer comes from the shared stream, asked by the hub.
+fn progress_of_shared_watches_costs_etcd_no_stream(version: EtcdVersion) {
+    let deployment = Deployment::start(version, 1, Wire::Plain, &[]);
+    runtime().block_on(async {
+        let mut writer = connect(&deployment.endpoint).await;
+        writer.put("/g/a", "1", None).await.expect("put");
+        let mut watchers = Vec::new();
+        for n in 0..10 {
+            let mut client = connect(&deployment.endpoint).await;
+            let mut stream = client.watch("/g/", Some(WatchOptions::new().with_prefix())).await.expect("watch");
+            assert!(stream.message().await.expect("created").expect("open").created(), "watch {n}");
+            watchers.push((client, stream));
+        }
+        assert_eq!(gauge(&deployment, "etcd_compat_proxy_watch_joined_at_once_total"), 10.0);
+        let streams_before = etcd_watch_streams(&deployment);
+        let written = writer.put("/g/b", "2", None).await.expect("put").header().expect("header").revision();
+        for (n, (_, stream)) in watchers.iter_mut().enumerate() {
+            let event = tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .expect("the event in time")
+                .expect("response")
+                .expect("open");
+            assert_eq!(event.events().len(), 1, "watcher {n}: {event:?}");
+            stream.request_progress().await.expect("progress request");
+            let progress = tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .unwrap_or_else(|_| panic!("watcher {n}: no progress answer"))
+                .expect("response")
+                .expect("open");
+            assert_eq!(progress.watch_id(), -1, "watcher {n}: {progress:?}");
+            assert!(progress.events().is_empty(), "watcher {n}: {progress:?}");
+            assert!(progress.header().expect("header").revision() >= written, "watcher {n}: {progress:?}");
+        }
+        let next = writer.put("/g/c", "3", None).await.expect("put").header().expect("header").revision();
+        for (n, (_, stream)) in watchers.iter_mut().enumerate() {
+            assert_eq!(revisions_seen(stream, 1).await, [next], "watcher {n}");
+        }
+        assert_eq!(etcd_watch_streams(&deployment), streams_before, "a progress request opened a stream at etcd");
+        assert_eq!(gauge(&deployment, "etcd_compat_proxy_watch_upstream_watches"), 1.0);
+    });
+}
+both_versions!(progress_of_shared_watches_costs_etcd_no_stream => shared_progress_3_4, shared_progress_3_5);
+
 /// A fleet reconnecting: 100 watches of one prefix arrive at once, before any shared watch
 /// exists. They share one watch at etcd from the start (every one joins at once, none gets a
 /// watch of its own), and each sees exactly the events a direct watch sees.
