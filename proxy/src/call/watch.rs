@@ -324,6 +324,10 @@ struct WatchRelay {
     /// A watch waiting for the hub to join it to a shared one at once; the client's next
     /// requests wait meanwhile, so that `created` answers keep the order of the creates.
     joining_now: Option<Box<JoiningNow>>,
+    /// The hub has the client's progress request (see `progress_through_hub`); the client's
+    /// next requests wait for its answer, as they wait for a joining watch: one at a time keeps
+    /// what the hub holds for a client bounded.
+    asking_hub_for_progress: bool,
     /// A join was answered: the requests that waited for it are handled next.
     resume_client: bool,
     /// The hub's own stream of shared watches, whose progress answers the hub asked for.
@@ -410,6 +414,7 @@ impl WatchRelay {
             latest: None,
             recount: false,
             joining_now: None,
+            asking_hub_for_progress: false,
             resume_client: false,
             shared_stream: false,
             progress_unanswered: false,
@@ -514,7 +519,7 @@ impl WatchRelay {
 
     /// Reads the client's requests; true if anything happened.
     fn poll_client(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.joining_now.is_some() {
+        if self.joining_now.is_some() || self.asking_hub_for_progress {
             // Woken by the hub's answer, through the inbox.
             return false;
         }
@@ -556,7 +561,7 @@ impl WatchRelay {
     /// Handles the client's complete requests in order; those after a create that is joining a
     /// shared watch wait for the hub's answer, so that `created` answers keep the creates' order.
     fn handle_client_messages(&mut self) {
-        while self.joining_now.is_none() && !self.finished {
+        while self.joining_now.is_none() && !self.asking_hub_for_progress && !self.finished {
             if let Some(claimed) = self.client_messages.oversize() {
                 // As etcd ends a stream that sends a message over its limit.
                 self.sender.metrics().refused(Refusal::TooLarge);
@@ -569,7 +574,8 @@ impl WatchRelay {
             self.on_client_message(message);
         }
         // Only an incomplete message read from the client can stall; waiting ones do not.
-        self.stall = match self.client_messages.is_empty() || self.joining_now.is_some() {
+        self.stall = match self.client_messages.is_empty() || self.joining_now.is_some() || self.asking_hub_for_progress
+        {
             true => None,
             false => Some(Box::pin(tokio::time::sleep(self.stall_timeout))),
         };
@@ -653,9 +659,11 @@ impl WatchRelay {
     /// Asks the hub for the client's progress when every watch of the client is shared and its
     /// stream has nothing at etcd: the answer then comes after the shared events delivered before
     /// it (etcd's own answer on a stream of the client's could pass them), and the client's
-    /// stream opens none at etcd. True if the hub took the request.
-    fn progress_through_hub(&self) -> bool {
+    /// stream opens none at etcd. True if the hub took the request. A client that is not reading
+    /// is asked of etcd as before, where its stream's flow control holds it back.
+    fn progress_through_hub(&mut self) -> bool {
         let all_shared = matches!(self.upstream, Upstream::Idle)
+            && !self.to_client.is_full()
             && !self.shared_stream
             && self.pending.is_empty()
             && self.held.is_empty()
@@ -663,7 +671,8 @@ impl WatchRelay {
             && self.watches.len() > 0
             && self.watches.values().all(|watch| matches!(watch.sharing, Sharing::Shared { .. }));
         let Some(coalescing) = self.coalescing.as_ref().filter(|_| all_shared) else { return false };
-        coalescing.hub.progress(self.session.as_deref(), &coalescing.inbox)
+        self.asking_hub_for_progress = coalescing.hub.progress(self.session.as_deref(), &coalescing.inbox);
+        self.asking_hub_for_progress
     }
 
     /// The next id etcd would assign on the client's original stream (0 means "let etcd pick").
@@ -1028,9 +1037,15 @@ impl WatchRelay {
             Delivery::JoinedNow { client_id, progress, from } => self.joined_now(client_id, &progress, from),
             Delivery::NotJoined { client_id } => self.not_joined(client_id),
             Delivery::Detached { client_id } => self.detached(client_id),
-            Delivery::Progress { answer } => self.deliver(answer),
+            Delivery::Progress { answer } => {
+                self.asking_hub_for_progress = false;
+                self.resume_client = true;
+                self.deliver(answer);
+            }
             // Asked of etcd on the client's own stream instead.
             Delivery::ProgressUnanswered => {
+                self.asking_hub_for_progress = false;
+                self.resume_client = true;
                 let progress = watch_request::RequestUnion::ProgressRequest(Default::default());
                 self.on_client_request(frame_request(progress), false);
             }
