@@ -662,7 +662,7 @@ impl WatchRelay {
     /// stream opens none at etcd. True if the hub took the request. A client that is not reading
     /// is asked of etcd as before, where its stream's flow control holds it back.
     fn progress_through_hub(&mut self) -> bool {
-        let all_shared = matches!(self.upstream, Upstream::Idle)
+        let eligible = matches!(self.upstream, Upstream::Idle)
             && !self.to_client.is_full()
             && !self.shared_stream
             && self.pending.is_empty()
@@ -670,7 +670,7 @@ impl WatchRelay {
             && self.joining_now.is_none()
             && self.watches.len() > 0
             && self.watches.values().all(|watch| matches!(watch.sharing, Sharing::Shared { .. }));
-        let Some(coalescing) = self.coalescing.as_ref().filter(|_| all_shared) else { return false };
+        let Some(coalescing) = self.coalescing.as_ref().filter(|_| eligible) else { return false };
         self.asking_hub_for_progress = coalescing.hub.progress(self.session.as_deref(), &coalescing.inbox);
         self.asking_hub_for_progress
     }
