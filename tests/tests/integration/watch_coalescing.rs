@@ -343,9 +343,12 @@ fn stalled_watcher(version: EtcdVersion, ask_progress: bool) {
             assert!(stream.message().await.expect("created").expect("open").created());
             readers.push((client, stream));
         }
+        // 6.4 MiB: more than the stalled client's HTTP/2 windows (2 MiB per stream, 5 MiB per
+        // connection) and the proxy's send buffer hold together, so that it is certainly detached
+        // (at 3.2 MiB it sometimes was not, with the proxy on two workers).
         let value = "x".repeat(16 * 1024);
         let mut revisions = Vec::new();
-        for n in 0..200 {
+        for n in 0..400 {
             let answer = writer.put(format!("/s/k{}", n % 10), value.as_str(), None).await.expect("put");
             revisions.push(answer.header().expect("header").revision());
         }
