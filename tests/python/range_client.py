@@ -72,6 +72,9 @@ def main():
         elif mode == "once":
             response = client.kvstub.Range(rpc_pb2.RangeRequest(key=prefix, range_end=prefix_end(prefix)))
             print(f"ONCE {len(response.kvs)} MORE {response.more} COUNT {response.count} MSG {response.ByteSize()}")
+        elif mode == "get":
+            response = client.kvstub.Range(rpc_pb2.RangeRequest(key=prefix))
+            print(f"GET {len(response.kvs)} COUNT {response.count} MSG {response.ByteSize()}")
         elif mode == "txn":
             get = rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=prefix, range_end=prefix_end(prefix)))
             response = client.kvstub.Txn(rpc_pb2.TxnRequest(success=[get]))

@@ -138,6 +138,13 @@ fn a_single_key_larger_than_the_budget_is_named() {
         python(&deployment.endpoint, &["once", "/small/"]),
         "ONCE 3 MORE False COUNT 3 MSG ".to_owned() + &field(&python(&direct, &["once", "/small/"]), "MSG")
     );
+    // A Range of one key is never paged: it goes to etcd as it came, and its answer is refused
+    // only when it is over the limit.
+    assert_eq!(
+        python(&deployment.endpoint, &["get", "/big/0000"]),
+        "ERROR RESOURCE_EXHAUSTED etcd-compat-proxy: etcd's answer is a 102454-byte message, more than this client's limit of 65536 bytes per message; read large results with paged Range calls (`limit`) or raise the client's gRPC receive limit"
+    );
+    assert_eq!(python(&deployment.endpoint, &["get", "/small/0001"]), python(&direct, &["get", "/small/0001"]));
 }
 
 /// Starts the Python watcher on `prefix`, waits for READY, runs `write`, returns its result line.
