@@ -185,8 +185,9 @@ pub enum ProxyFailure {
     StreamNotStarted(&'static str),
     /// The proxy is shutting down and ends its streams.
     ShuttingDown,
-    /// An answer larger than a size-limited client takes, which cannot be cut.
-    AnswerTooLarge { length: usize, budget: usize },
+    /// An answer larger than a size-limited client takes, which cannot be cut; `key` when the
+    /// call asked for one key (printable).
+    AnswerTooLarge { length: usize, budget: usize, key: Option<String> },
     /// A limited client's Range whose result does not fit, with its size.
     RangeTooLarge { key: String, keys: i64, bytes: usize, budget: usize },
     /// A limited client's Range whose single key does not fit.
@@ -270,9 +271,13 @@ impl ProxyFailure {
             }
             StreamNotStarted(what) => (Code::Cancelled, format!("{P}: the {what} stream ended before it started")),
             ShuttingDown => (Code::Unavailable, format!("{P} is shutting down; reconnect to continue")),
-            AnswerTooLarge { length, budget } => (
+            AnswerTooLarge { length, budget, key: None } => (
                 Code::ResourceExhausted,
                 format!("{P}: etcd's answer is a {length}-byte message, more than this client's limit of {budget} bytes per message; read large results with paged Range calls (`limit`) or raise the client's gRPC receive limit"),
+            ),
+            AnswerTooLarge { length, budget, key: Some(key) } => (
+                Code::ResourceExhausted,
+                format!("{P}: etcd's answer for the key {key} is a {length}-byte message, more than this client's limit of {budget} bytes per message; one key cannot be paged: read it with a client whose gRPC receive limit is larger"),
             ),
             RangeTooLarge { key, keys, bytes, budget } => (
                 Code::ResourceExhausted,

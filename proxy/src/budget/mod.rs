@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::HeaderMap;
 
-pub use paging::{names_key_range, pageable, serve_range, Answer, KeySizeEstimate, Page};
+pub use paging::{pageable, range_asked, serve_range, Answer, KeySizeEstimate, Page, RangeAsked};
 pub use split::split_watch_response;
 
 /// User-agent prefixes of gRPC libraries whose default receive limit is 4 MiB.

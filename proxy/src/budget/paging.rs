@@ -136,18 +136,42 @@ pub fn pageable(request: &RangeRequest) -> bool {
         && !request.range_end.is_empty()
 }
 
-/// Whether the framed Range request `framed` names a range of keys, the one shape [`pageable`]
-/// may accept; false for a single key, and for a compressed or malformed request (forwarded as
-/// it is either way). A walk of the wire format: most Ranges are of one key, and are then
-/// forwarded without being decoded.
-pub fn names_key_range(framed: &[u8]) -> bool {
+/// What a framed Range request asks for, read from the wire without decoding it: most Ranges
+/// are of one key, and are then forwarded as they came.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RangeAsked<'a> {
+    /// One key (no `range_end`).
+    OneKey(&'a [u8]),
+    /// A range of keys, the one shape [`pageable`] may accept.
+    KeyRange,
+    /// Compressed or malformed: forwarded as it is.
+    Unreadable,
+}
+
+/// Reads what the framed Range request `framed` asks for (see [`RangeAsked`]).
+pub fn range_asked(framed: &[u8]) -> RangeAsked<'_> {
     use crate::grpc::{fields, WireValue};
+    const KEY: u64 = 1;
     const RANGE_END: u64 = 2;
-    match framed.split_at_checked(5) {
-        Some(([0, ..], message)) => fields(message)
-            .map_while(Result::ok)
-            .any(|field| field.number == RANGE_END && matches!(field.value, WireValue::Bytes(end) if !end.is_empty())),
-        _ => false,
+    let Some(([0, ..], message)) = framed.split_at_checked(5) else {
+        return RangeAsked::Unreadable;
+    };
+    // As protobuf decoders do, the last occurrence of a field wins.
+    let (mut key, mut range_end): (&[u8], &[u8]) = (&[], &[]);
+    for field in fields(message) {
+        match field {
+            Ok(field) => match field.value {
+                WireValue::Bytes(bytes) if field.number == KEY => key = bytes,
+                WireValue::Bytes(bytes) if field.number == RANGE_END => range_end = bytes,
+                _ => {}
+            },
+            Err(_) => return RangeAsked::Unreadable,
+        }
+    }
+    if range_end.is_empty() {
+        RangeAsked::OneKey(key)
+    } else {
+        RangeAsked::KeyRange
     }
 }
 
@@ -367,10 +391,12 @@ mod tests {
         let prefix = RangeRequest { key: "/a/".into(), range_end: "/a0".into(), ..Default::default() };
         assert!(pageable(&prefix));
         let framed = |request: &RangeRequest| crate::grpc::frame(&request.encode_to_vec());
-        assert!(names_key_range(&framed(&prefix)));
-        assert!(!names_key_range(&framed(&RangeRequest { range_end: Bytes::new(), ..prefix.clone() })));
-        assert!(!names_key_range(&[1, 0, 0, 0, 2, 0x12, 0]), "compressed");
-        assert!(!names_key_range(&[0, 0]), "cut short");
+        assert_eq!(range_asked(&framed(&prefix)), RangeAsked::KeyRange);
+        let one_key = RangeRequest { range_end: Bytes::new(), ..prefix.clone() };
+        assert_eq!(range_asked(&framed(&one_key)), RangeAsked::OneKey(b"/a/"));
+        assert_eq!(range_asked(&[1, 0, 0, 0, 2, 0x12, 0]), RangeAsked::Unreadable, "compressed");
+        assert_eq!(range_asked(&[0, 0]), RangeAsked::Unreadable, "cut short");
+        assert_eq!(range_asked(&[0, 0, 0, 0, 2, 0x12, 5]), RangeAsked::Unreadable, "runs past the message");
         assert!(!pageable(&RangeRequest { range_end: Bytes::new(), ..prefix.clone() }));
         assert!(!pageable(&RangeRequest { count_only: true, ..prefix.clone() }));
         assert!(!pageable(&RangeRequest { sort_order: range_request::SortOrder::Descend as i32, ..prefix.clone() }));

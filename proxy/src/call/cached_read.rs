@@ -30,7 +30,7 @@ impl Forwarder {
         let (cache, message) = (self.read_cache.as_ref()?, call.body.message()?);
         let answer = cache.get(call.session.as_deref().map(|s| s.user()), message)?;
         match budget {
-            Some(budget) if answer.oversize_for(budget).is_some() => None,
+            Some(budget) if answer.oversize_for(budget, || None).is_some() => None,
             _ => Some(answer),
         }
     }

@@ -309,7 +309,9 @@ impl Forwarder {
                     // A Range of one key cannot be paged: it is forwarded below, under the same limit.
                     ClientBudget::Limited { bytes, rule }
                         if route.kind == MethodKind::Range
-                            && call.body.message().is_some_and(|m| crate::budget::names_key_range(m)) =>
+                            && call.body.message().is_some_and(|m| {
+                                crate::budget::range_asked(m) == crate::budget::RangeAsked::KeyRange
+                            }) =>
                     {
                         return Box::pin(self.serve_limited_range(call, bytes, rule, cacheable)).await;
                     }
@@ -407,14 +409,18 @@ impl Forwarder {
     ) -> Result<Response<ResponseBody>, h2::Error> {
         let record = call.record;
         match answer {
-            Ok(Ok(UnaryAnswer::Whole(answer))) => Ok(match limit.and_then(|budget| answer.oversize_for(budget)) {
-                Some(refusal) => Buffered::status(refusal.status()).finish(record),
-                None => answer.finish(record),
-            }),
+            Ok(Ok(UnaryAnswer::Whole(answer))) => Ok(
+                match limit.and_then(|budget| answer.oversize_for(budget, || one_key_asked(&call.route, &call.body))) {
+                    Some(refusal) => Buffered::status(refusal.status()).finish(record),
+                    None => answer.finish(record),
+                },
+            ),
             Ok(Ok(UnaryAnswer::Large { response, first, member })) => {
                 let relayed = self.relay(response, Some(first), record, &call.route, &member);
                 Ok(match limit {
-                    Some(budget) => relayed.map(|body| body.refuse_messages_over(budget)),
+                    Some(budget) => {
+                        relayed.map(|body| body.refuse_messages_over(budget, one_key_asked(&call.route, &call.body)))
+                    }
                     None => relayed,
                 })
             }
@@ -570,6 +576,17 @@ enum UnaryAnswer {
 
 /// Whether an answer broke off because its member's connection was lost (closed, failed, or
 /// going away), rather than because etcd reset this one stream, which it would do again.
+/// The key of a Range of one key, printable, for a refusal that names it.
+fn one_key_asked(route: &Route, body: &PendingBody) -> Option<String> {
+    if route.kind != MethodKind::Range {
+        return None;
+    }
+    match crate::budget::range_asked(body.message()?) {
+        crate::budget::RangeAsked::OneKey(key) => Some(crate::budget::printable(key)),
+        _ => None,
+    }
+}
+
 fn connection_lost(error: &h2::Error) -> bool {
     error.is_io() || error.is_go_away()
 }

@@ -83,7 +83,8 @@ pub struct ResponseBody {
     /// For Watch streams of size-limited clients: splits oversize messages.
     splitter: Option<WatchSplitter>,
     /// For other answers to size-limited clients: the largest message allowed through.
-    guard: Option<usize>,
+    /// Set for a size-limited client: boxed, as only a few answers carry one.
+    guard: Option<Box<AnswerGuard>>,
 }
 
 /// What a stream task (relayed Watch, keep-alives) sends first: etcd's response headers for the
@@ -202,8 +203,9 @@ impl ResponseBody {
 
     /// Refuses (with `ResourceExhausted`) an answer whose message is larger than `budget`, before
     /// any of it is sent: the client's gRPC library would fail on it with a less helpful error.
-    pub fn refuse_messages_over(mut self, budget: usize) -> Self {
-        self.guard = Some(budget);
+    /// `key`: the one key the call asked for, named in the refusal.
+    pub fn refuse_messages_over(mut self, budget: usize, key: Option<String>) -> Self {
+        self.guard = Some(Box::new(AnswerGuard { budget, key }));
         self
     }
 
@@ -334,9 +336,11 @@ impl ResponseBody {
                 Poll::Ready(Some(Ok(Frame::data(out))))
             }
             frame if frame.is_data() && this.guard.is_some() => {
-                let budget = this.guard.take().unwrap_or(usize::MAX);
+                let Some(guard) = this.guard.take() else {
+                    return Poll::Ready(Some(Ok(frame)));
+                };
                 let length = frame.data_ref().and_then(|data| grpc::framed_length(data)).map(|length| length - 5);
-                match length.and_then(|length| oversize_answer(length, budget)) {
+                match length.and_then(|length| oversize_answer(length, guard.budget, || guard.key)) {
                     Some(refusal) => this.end_with(refusal),
                     None => Poll::Ready(Some(Ok(frame))),
                 }
@@ -354,10 +358,17 @@ impl ResponseBody {
     }
 }
 
+/// What a size-limited client's answer is checked against.
+struct AnswerGuard {
+    budget: usize,
+    /// The one key the call asked for, printable: such an answer cannot be paged.
+    key: Option<String>,
+}
+
 /// The refusal of an answer of `length` bytes to a client whose messages may not exceed `budget`
-/// (its gRPC library would fail on it with a less helpful error).
-fn oversize_answer(length: usize, budget: usize) -> Option<ProxyFailure> {
-    (length > budget).then_some(ProxyFailure::AnswerTooLarge { length, budget })
+/// (its gRPC library would fail on it with a less helpful error), naming the call's one `key`.
+fn oversize_answer(length: usize, budget: usize, key: impl FnOnce() -> Option<String>) -> Option<ProxyFailure> {
+    (length > budget).then(|| ProxyFailure::AnswerTooLarge { length, budget, key: key() })
 }
 
 /// A whole gRPC response held by the proxy: used where the proxy must read etcd's answer
@@ -474,9 +485,9 @@ impl Buffered {
     }
 
     /// The refusal to send this answer to a client whose messages may not exceed `budget`.
-    pub fn oversize_for(&self, budget: usize) -> Option<ProxyFailure> {
+    pub fn oversize_for(&self, budget: usize, key: impl FnOnce() -> Option<String>) -> Option<ProxyFailure> {
         let length = self.data.iter().map(Bytes::len).sum::<usize>().checked_sub(5)?;
-        oversize_answer(length, budget)
+        oversize_answer(length, budget, key)
     }
 
     /// The single uncompressed message of the answer, without its frame prefix.
