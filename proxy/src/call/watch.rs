@@ -1243,6 +1243,9 @@ impl Drop for WatchRelay {
             coalescing.hub.unsubscribe(&joining.key, coalescing.inbox.relay(), joining.id);
         }
         if let Some(coalescing) = self.coalescing.as_mut() {
+            if self.asking_hub_for_progress {
+                coalescing.hub.forget_progress(coalescing.inbox.relay());
+            }
             coalescing.publish(0, 0);
         }
     }

@@ -260,6 +260,13 @@ impl HubStream {
         }
     }
 
+    /// Forgets the progress request of `relay`'s client, which is gone: if etcd never answered,
+    /// clients that ask and leave would otherwise pile up here.
+    fn forget_progress(&mut self, relay: u64) {
+        self.progress_asked.retain(|inbox| inbox.relay != relay);
+        self.progress_waiting.retain(|inbox| inbox.relay != relay);
+    }
+
     fn has_joiner_for(&self, key: &ShareKey) -> bool {
         self.asked.iter().chain(&self.waiting).any(|joiner| &joiner.key == key)
     }
@@ -405,6 +412,14 @@ impl WatchHub {
         stream.progress_waiting.push(inbox.clone());
         stream.ask_progress();
         true
+    }
+
+    /// Withdraws the progress request `relay` made through [`WatchHub::progress`] (its client left
+    /// before the answer came).
+    pub(crate) fn forget_progress(&self, relay: u64) {
+        for stream in self.lock().streams.values_mut() {
+            stream.forget_progress(relay);
+        }
     }
 
     /// etcd answered the progress request of `user`'s stream with its revision `now`: a watch
@@ -730,5 +745,17 @@ mod tests {
         stream.ask_progress();
         assert!(stream.asking);
         assert_eq!((stream.progress_asked.len(), stream.progress_waiting.len()), (1, 0));
+    }
+
+    #[test]
+    fn a_client_that_left_is_forgotten_by_the_progress_request() {
+        let mut stream = HubStream::new(transport::FeedSender::closed(), 0);
+        let other = |relay| Inbox { relay, ..joiner(1).subscriber.inbox };
+        stream.progress_waiting.extend([other(1), other(2)]);
+        stream.ask_progress();
+        stream.progress_waiting.extend([other(2), other(3)]);
+        stream.forget_progress(2);
+        let relays = |inboxes: &[Inbox]| inboxes.iter().map(Inbox::relay).collect::<Vec<_>>();
+        assert_eq!((relays(&stream.progress_asked), relays(&stream.progress_waiting)), (vec![1], vec![3]));
     }
 }
