@@ -251,7 +251,7 @@ impl HubStream {
 
     /// Tells the watches joining on a stream that is gone to watch on their own, and the
     /// clients waiting for its progress that it will not come from here.
-    fn give_up_joiners(self) {
+    fn give_up_waiters(self) {
         for joiner in self.asked.into_iter().chain(self.waiting) {
             joiner.subscriber.inbox.send(Delivery::NotJoined { client_id: joiner.subscriber.client_id });
         }
@@ -426,7 +426,7 @@ impl WatchHub {
     /// from now on starts after it, one from a later revision after the revision before that.
     /// A watch from an earlier revision (which might be compacted, or need events gone by), or
     /// whose shared watch already delivered past where it starts, is created on its own.
-    fn joined_now(&self, state: &mut HubState, user: &User, progress: &Bytes, now: i64) {
+    fn progress_answered(&self, state: &mut HubState, user: &User, progress: &Bytes, now: i64) {
         let HubState { shared, streams, .. } = &mut *state;
         let Some(stream) = streams.get_mut(user) else { return };
         stream.asking = false;
@@ -508,7 +508,7 @@ impl WatchHub {
         if stream.watches == 0 {
             // Closing the request side ends the stream at etcd, which ends its relay.
             if let Some(stream) = state.streams.remove(&key.user) {
-                stream.give_up_joiners();
+                stream.give_up_waiters();
             }
         } else {
             stream.requests.send(watch::frame_cancel(shared.id));
@@ -545,7 +545,7 @@ impl WatchHub {
             return;
         }
         if let Some(stream) = state.streams.remove(&user) {
-            stream.give_up_joiners();
+            stream.give_up_waiters();
         }
         let keys: Vec<ShareKey> = state.shared.keys().filter(|key| key.user == user).cloned().collect();
         for key in keys {
@@ -572,7 +572,7 @@ impl WatchHub {
         if facts.watch_id == -1 && !facts.created && !facts.canceled {
             // Only the hub asks this stream for progress: for watches joining at once, and for
             // clients whose watches are all on it.
-            self.joined_now(&mut state, user, message, facts.header_revision);
+            self.progress_answered(&mut state, user, message, facts.header_revision);
             return;
         }
         let Some(key) = state.by_id.get(&facts.watch_id).cloned() else { return };
