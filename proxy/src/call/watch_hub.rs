@@ -425,7 +425,8 @@ impl WatchHub {
     /// etcd answered the progress request of `user`'s stream with its revision `now`: a watch
     /// from now on starts after it, one from a later revision after the revision before that.
     /// A watch from an earlier revision (which might be compacted, or need events gone by), or
-    /// whose shared watch already delivered past where it starts, is created on its own.
+    /// whose shared watch already delivered past where it starts, is created on its own. Clients
+    /// that asked for progress get the answer.
     fn progress_answered(&self, state: &mut HubState, user: &User, progress: &Bytes, now: i64) {
         let HubState { shared, streams, .. } = &mut *state;
         let Some(stream) = streams.get_mut(user) else { return };
