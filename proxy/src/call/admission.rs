@@ -104,6 +104,9 @@ where
     B: http_body::Body<Data = Bytes> + Unpin,
 {
     let mut whole = BytesMut::new();
+    // The usual case: the whole message in one chunk, kept without a copy while the end of
+    // the stream comes in a frame of its own.
+    let mut message: Option<Bytes> = None;
     // Made only when the body is not there at once (as it usually is), and moved on as it grows.
     let mut timer: Option<(Pin<Box<tokio::time::Sleep>>, bool)> = None;
     loop {
@@ -121,27 +124,37 @@ where
         .await;
         let frame = match frame {
             Ok(Some(frame)) => frame?,
-            Ok(None) => return Ok(Ok(whole.freeze())),
+            Ok(None) => return Ok(Ok(message.unwrap_or_else(|| whole.freeze()))),
             Err(refused) => return Ok(Err(refused)),
         };
         let Ok(data) = frame.into_data() else { continue };
-        if whole.is_empty() && grpc::framed_length(&data).is_some_and(|length| length == data.len()) {
-            // The usual case: the whole message in one chunk, kept without a copy.
+        if data.is_empty() {
+            continue;
+        }
+        if whole.is_empty()
+            && message.is_none()
+            && grpc::framed_length(&data).is_some_and(|length| length == data.len())
+        {
             if let Some(refused) = check_size(&data, limits.max_message) {
                 return Ok(Err(refused));
             }
             if body.is_end_stream() {
                 return Ok(Ok(data));
             }
-        }
-        whole.extend_from_slice(&data);
-        if let Some(refused) = check_size(&whole, limits.max_message) {
-            return Ok(Err(refused));
-        }
-        // More than one message in a unary body: etcd judges that, but no more than a
-        // message's worth is held for it.
-        if whole.len() > limits.max_message + 5 {
-            return Ok(Err(Refused::too_large((whole.len() - 5) as u64, limits.max_message)));
+            message = Some(data);
+        } else {
+            if let Some(message) = message.take() {
+                whole.extend_from_slice(&message);
+            }
+            whole.extend_from_slice(&data);
+            if let Some(refused) = check_size(&whole, limits.max_message) {
+                return Ok(Err(refused));
+            }
+            // More than one message in a unary body: etcd judges that, but no more than a
+            // message's worth is held for it.
+            if whole.len() > limits.max_message + 5 {
+                return Ok(Err(Refused::too_large((whole.len() - 5) as u64, limits.max_message)));
+            }
         }
         if let Some((sleep, stalled)) = timer.as_mut() {
             let (at, is_stall) = stall_or_deadline_at(limits.stall_timeout, deadline);
@@ -243,6 +256,13 @@ mod tests {
         assert_eq!(read(vec![message.clone()], true, None).await.unwrap(), message);
         let (head, tail) = message.split_at(3);
         assert_eq!(read(vec![head.to_vec(), tail.to_vec()], true, None).await.unwrap(), message);
+        // The end of the stream in a frame of its own, as most clients send it.
+        assert_eq!(read(vec![message.clone(), vec![]], true, None).await.unwrap(), message);
+        // Two messages are etcd's to refuse; held while they stay within one message's worth.
+        let small = grpc::frame(&[7; 10]).to_vec();
+        assert_eq!(read(vec![small.clone(), small.clone()], true, None).await.unwrap(), [&small[..], &small].concat());
+        let refused = read(vec![message.clone(), small], true, None).await.unwrap_err();
+        assert_eq!(refused.failure.status().1, "grpc: received message larger than max (115 vs. 100)");
     }
 
     #[tokio::test(start_paused = true)]
