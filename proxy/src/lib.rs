@@ -31,6 +31,7 @@ mod budget;
 mod cache;
 mod call;
 mod cli;
+mod cluster_access;
 mod config;
 mod doctor;
 mod error;

@@ -12,10 +12,11 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{Admin, DoctorEndpoint, Metrics};
 use crate::auth::AuthSessions;
 use crate::call::Forwarder;
+use crate::cluster_access::ClusterAccess;
 use crate::config::Config;
 use crate::listener::accept::AcceptBackoff;
 use crate::listener::{http2_server, ClientConnection};
-use crate::migrate::{ClusterAccess, Migration};
+use crate::migrate::Migration;
 use crate::tls::{CertRegistry, Reloadable, SharedUpstreamFiles, Side, TlsError};
 use crate::upstream::Cluster;
 
@@ -100,7 +101,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             token: config.admin_token.clone(),
             draining: Arc::clone(&draining),
             doctor: DoctorEndpoint::new(
-                crate::migrate::ClusterAccess::source_of(&config),
+                crate::cluster_access::ClusterAccess::source_of(&config),
                 crate::doctor::Settings::of(&config),
                 Arc::clone(&certificates),
             ),

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::cluster_access::ClusterAccess;
 use crate::doctor::{self, Settings};
-use crate::migrate::ClusterAccess;
 use crate::tls::CertRegistry;
 
 /// How long a report is served again: status pages left open, or anyone who can reach the admin

@@ -19,7 +19,8 @@ use hyper::body::{Frame, Incoming};
 use serde::Deserialize;
 
 use super::{reply, Admin, AdminBody};
-use crate::migrate::{ClusterAccess, MigrateError, MigrationStatus, Phase, TlsFiles};
+use crate::cluster_access::{ClusterAccess, TlsFiles};
+use crate::migrate::{MigrateError, MigrationStatus, Phase};
 
 /// Largest request body an admin call reads.
 const MAX_REQUEST_BODY: usize = 64 * 1024;
@@ -120,7 +121,7 @@ impl Admin {
     async fn snapshot(&self) -> Response<AdminBody> {
         let mut client = match self.migration.source().connect("the source cluster").await {
             Ok(client) => client,
-            Err(failure) => return migrate_error(&failure),
+            Err(failure) => return migrate_error(&failure.into()),
         };
         let mut snapshot = match client.snapshot().await {
             Ok(snapshot) => snapshot,

@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use clap::{Args, ValueEnum};
 
 use super::start::StartArgs;
+use crate::cluster_access::ClusterAccess;
 use crate::doctor::{self, Settings};
-use crate::migrate::ClusterAccess;
 
 /// `etcd-compat-proxy doctor`.
 #[derive(Debug, Args)]

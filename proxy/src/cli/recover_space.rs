@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::start::{parse_duration, StartArgs};
-use crate::migrate::ClusterAccess;
+use crate::cluster_access::ClusterAccess;
 use crate::recover::{self, Progress};
 
 /// Width of the progress bar, in characters.

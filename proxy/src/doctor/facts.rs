@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{AlarmAction, AlarmType, Client, GetOptions};
 
-use crate::migrate::ClusterAccess;
+use crate::cluster_access::ClusterAccess;
 
 /// How long one etcd call of the doctor may take: a member slower than this is as good as down.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
+use crate::cluster_access::ClusterAccess;
 use crate::config::Config;
-use crate::migrate::ClusterAccess;
 use crate::tls::{ExpiryPolicy, LoadedCert};
 
 pub use report::Report;

@@ -13,7 +13,6 @@
 //! The mirror talks to both clusters as a client, with the typed `etcd-client` crate: this is
 //! control-plane work, and its calls are few. Clients' calls never pass through here.
 
-mod access;
 mod compare;
 mod hold;
 mod mirror;
@@ -29,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Endpoint;
 use crate::upstream::Cluster;
 
-pub use access::{ClusterAccess, TlsFiles};
+use crate::cluster_access::{ClusterAccess, ConnectError, TlsFiles};
 pub use compare::Comparison;
 pub use hold::WriteHold;
 
@@ -110,6 +109,15 @@ pub enum MigrateError {
     Setup(String),
     #[error("{what}: {error}")]
     Etcd { what: String, error: String, transient: bool },
+}
+
+impl From<ConnectError> for MigrateError {
+    fn from(error: ConnectError) -> Self {
+        match error {
+            ConnectError::Setup(why) => MigrateError::Setup(why),
+            ConnectError::Etcd { what, error } => MigrateError::etcd(what, error),
+        }
+    }
 }
 
 impl MigrateError {
@@ -370,7 +378,10 @@ impl Migration {
             (target, state.run)
         };
         // Everything that can be prepared is prepared before writes are held.
-        let prepared = match (serving_members(&target), self.source().connect("the source cluster").await) {
+        let prepared = match (
+            serving_members(&target),
+            self.source().connect("the source cluster").await.map_err(MigrateError::from),
+        ) {
             (Ok(serving), Ok(source)) => Ok((serving, source)),
             (Err(failure), _) | (_, Err(failure)) => Err(failure),
         };

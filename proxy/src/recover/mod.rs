@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{AlarmAction, AlarmOptions, AlarmType, Client, CompactionOptions, GetOptions};
 
+use crate::cluster_access::ClusterAccess;
 use crate::doctor::checks::{member_label, mib};
 use crate::doctor::facts::{self, connect_one, describe, timed, MemberFacts};
-use crate::migrate::ClusterAccess;
 
 /// A member as the plan names it.
 #[derive(Debug, Clone)]

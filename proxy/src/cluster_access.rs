@@ -1,4 +1,5 @@
-//! How the migration reaches a cluster as a client: endpoints, TLS files and the etcd user.
+//! How the control plane (the migration, `doctor`, `recover-space`) reaches a cluster as a
+//! client of its own, with the typed `etcd-client` crate: endpoints, TLS files and the etcd user.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,7 +9,16 @@ use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use crate::auth::Credentials;
 use crate::config::Config;
 
-use super::MigrateError;
+/// Why a control-plane client could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The configuration or its files keep the client from being made.
+    #[error("{0}")]
+    Setup(String),
+    /// etcd could not be reached; `what` says which cluster and endpoints.
+    #[error("{what}: {error}")]
+    Etcd { what: String, error: etcd_client::Error },
+}
 
 /// The TLS files a control-plane client presents and trusts (PEM).
 #[derive(Debug, Clone, Default)]
@@ -19,14 +29,14 @@ pub struct TlsFiles {
     pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
-/// One cluster, as the migration connects to it.
+/// One cluster, as the control plane connects to it.
 #[derive(Debug, Clone)]
 pub struct ClusterAccess {
     /// Client URLs (`http://` or `https://`).
     pub endpoints: Vec<String>,
     /// `None`: plaintext.
     pub tls: Option<TlsFiles>,
-    /// The etcd user the migration acts as, when the cluster has auth enabled.
+    /// The etcd user the control plane acts as, when the cluster has auth enabled.
     pub credentials: Option<Credentials>,
     /// What in the configuration keeps this access from working, said when it is used.
     pub unsupported: Option<String>,
@@ -57,9 +67,9 @@ impl ClusterAccess {
     }
 
     /// A client of this cluster; `what` names it in errors ("the target cluster").
-    pub async fn connect(&self, what: &str) -> Result<Client, MigrateError> {
+    pub async fn connect(&self, what: &str) -> Result<Client, ConnectError> {
         if let Some(why) = &self.unsupported {
-            return Err(MigrateError::Setup(format!("cannot reach {what}: {why}")));
+            return Err(ConnectError::Setup(format!("cannot reach {what}: {why}")));
         }
         let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
@@ -78,13 +88,14 @@ impl ClusterAccess {
             let password = String::from_utf8_lossy(credentials.password.expose()).into_owned();
             options = options.with_user(credentials.user.clone(), password);
         }
-        Client::connect(&self.endpoints, Some(options)).await.map_err(|error| {
-            MigrateError::etcd(format!("cannot connect to {what} ({})", self.endpoints.join(",")), error)
+        Client::connect(&self.endpoints, Some(options)).await.map_err(|error| ConnectError::Etcd {
+            what: format!("cannot connect to {what} ({})", self.endpoints.join(",")),
+            error,
         })
     }
 }
 
-fn read(what: &str, path: &PathBuf) -> Result<Vec<u8>, MigrateError> {
+fn read(what: &str, path: &PathBuf) -> Result<Vec<u8>, ConnectError> {
     std::fs::read(path)
-        .map_err(|error| MigrateError::Setup(format!("cannot read {} for {what}: {error}", path.display())))
+        .map_err(|error| ConnectError::Setup(format!("cannot read {} for {what}: {error}", path.display())))
 }
