@@ -78,8 +78,9 @@ pub struct ResponseBody {
     record: Option<CallRecord>,
     /// Resolves when the proxy shuts down; only set for streams, which would otherwise never end.
     shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-    /// Names the member in the message of a broken stream.
-    member: Arc<str>,
+    /// Names the member in the message of a broken stream; none for answers of the proxy's own
+    /// or held whole (an allocation saved on every call).
+    member: Option<Arc<str>>,
     /// For Watch streams of size-limited clients: splits oversize messages.
     splitter: Option<WatchSplitter>,
     /// For other answers to size-limited clients: the largest message allowed through.
@@ -138,7 +139,7 @@ impl Future for StreamStart {
                     state: State::Queue(frames),
                     record: Some(record),
                     shutdown: Some(Box::pin(shutdown.cancelled_owned())),
-                    member: Arc::from(""),
+                    member: None,
                     splitter: None,
                     guard: None,
                 };
@@ -195,7 +196,7 @@ impl ResponseBody {
             state: State::Upstream { incoming, first },
             record: Some(record),
             shutdown: shutdown.map(Box::pin),
-            member,
+            member: Some(member),
             splitter: None,
             guard: None,
         }
@@ -222,7 +223,7 @@ impl ResponseBody {
             state: State::Done,
             record: Some(record),
             shutdown: None,
-            member: Arc::from(""),
+            member: None,
             splitter: None,
             guard: None,
         }
@@ -293,8 +294,8 @@ impl Body for ResponseBody {
                     if let Some(record) = this.record.as_ref() {
                         record.metrics().stream_broken();
                     }
-                    tracing::warn!(member = %this.member, %error, "upstream stream broke; ending the client's call with Unavailable");
-                    let member = this.member.to_string();
+                    let member = this.member.as_deref().unwrap_or_default().to_owned();
+                    tracing::warn!(%member, %error, "upstream stream broke; ending the client's call with Unavailable");
                     this.end_with(ProxyFailure::StreamBroke { member, error: error.to_string() })
                 }
                 Poll::Ready(None) => {
@@ -514,14 +515,8 @@ impl Buffered {
                 trailers: self.trailers,
             }
         };
-        let body = ResponseBody {
-            state,
-            record: Some(record),
-            shutdown: None,
-            member: Arc::from(""),
-            splitter: None,
-            guard: None,
-        };
+        let body =
+            ResponseBody { state, record: Some(record), shutdown: None, member: None, splitter: None, guard: None };
         let mut response = http::Response::new(body);
         *response.status_mut() = self.status;
         *response.headers_mut() = self.headers;
