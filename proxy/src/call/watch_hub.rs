@@ -765,4 +765,26 @@ mod tests {
         let relays = |inboxes: &[Inbox]| inboxes.iter().map(Inbox::relay).collect::<Vec<_>>();
         assert_eq!((relays(&stream.progress_asked), relays(&stream.progress_waiting)), (vec![1], vec![3]));
     }
+
+    #[test]
+    fn a_lost_stream_sends_its_joiners_and_progress_askers_elsewhere() {
+        let (deliveries, mut receiver) = mailbox();
+        let inbox = Inbox { deliveries, limit: usize::MAX, relay: 7 };
+        let mut stream = HubStream::new(transport::FeedSender::closed(), 0);
+        stream.progress_waiting.push(inbox.clone());
+        stream.ask_progress();
+        stream.waiting.push(Joiner { subscriber: Subscriber { client_id: 3, inbox: inbox.clone() }, ..joiner(3) });
+        stream.progress_waiting.push(inbox);
+        stream.give_up_waiters();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut got = Vec::new();
+        while let Poll::Ready(Some(delivery)) = receiver.poll_next(&mut cx) {
+            got.push(match delivery {
+                Delivery::NotJoined { client_id } => format!("not joined {client_id}"),
+                Delivery::ProgressUnanswered => "progress unanswered".to_owned(),
+                _ => "other".to_owned(),
+            });
+        }
+        assert_eq!(got, ["not joined 3", "progress unanswered", "progress unanswered"]);
+    }
 }
