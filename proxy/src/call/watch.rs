@@ -324,10 +324,11 @@ struct WatchRelay {
     /// A watch waiting for the hub to join it to a shared one at once; the client's next
     /// requests wait meanwhile, so that `created` answers keep the order of the creates.
     joining_now: Option<Box<JoiningNow>>,
-    /// The hub has the client's progress request (see `progress_through_hub`); the client's
-    /// next requests wait for its answer, as they wait for a joining watch: one at a time keeps
-    /// what the hub holds for a client bounded.
-    asking_hub_for_progress: bool,
+    /// The hub has the client's progress request (see `progress_through_hub`), until this
+    /// deadline: the client's next requests wait for its answer, as they wait for a joining
+    /// watch (one at a time keeps what the hub holds for a client bounded), but no longer than a
+    /// joining watch waits.
+    asking_hub_for_progress: Option<Pin<Box<tokio::time::Sleep>>>,
     /// A join was answered: the requests that waited for it are handled next.
     resume_client: bool,
     /// The hub's own stream of shared watches, whose progress answers the hub asked for.
@@ -414,7 +415,7 @@ impl WatchRelay {
             latest: None,
             recount: false,
             joining_now: None,
-            asking_hub_for_progress: false,
+            asking_hub_for_progress: None,
             resume_client: false,
             shared_stream: false,
             progress_unanswered: false,
@@ -439,7 +440,7 @@ impl WatchRelay {
                 return Poll::Ready(());
             }
             let client = self.poll_client(cx);
-            let stalled = self.poll_stall(cx) || self.poll_join_deadline(cx);
+            let stalled = self.poll_stall(cx) || self.poll_join_deadline(cx) || self.poll_progress_deadline(cx);
             let upstream = self.poll_upstream(cx);
             let shared = self.poll_deliveries(cx);
             if self.recount {
@@ -504,6 +505,30 @@ impl WatchRelay {
         true
     }
 
+    /// Asks etcd on the client's own stream for the progress the hub has not answered in time;
+    /// true if it did.
+    fn poll_progress_deadline(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(deadline) = self.asking_hub_for_progress.as_mut() else { return false };
+        if deadline.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        self.asking_hub_for_progress = None;
+        tracing::debug!("no progress answer from the shared watch stream in time; asking on the client's own stream");
+        if let Some(coalescing) = &self.coalescing {
+            coalescing.hub.forget_progress(coalescing.inbox.relay());
+        }
+        self.ask_progress_on_own_stream();
+        true
+    }
+
+    /// The client's progress request, which the hub did not answer, sent to etcd on the client's
+    /// own stream; the client's next requests are read after it.
+    fn ask_progress_on_own_stream(&mut self) {
+        self.resume_client = true;
+        let progress = watch_request::RequestUnion::ProgressRequest(Default::default());
+        self.on_client_request(frame_request(progress), false);
+    }
+
     /// Ends the stream if the client's incomplete message stalled; true if it did.
     fn poll_stall(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(stall) = self.stall.as_mut() else { return false };
@@ -519,7 +544,7 @@ impl WatchRelay {
 
     /// Reads the client's requests; true if anything happened.
     fn poll_client(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.joining_now.is_some() || self.asking_hub_for_progress {
+        if self.joining_now.is_some() || self.asking_hub_for_progress.is_some() {
             // Woken by the hub's answer, through the inbox.
             return false;
         }
@@ -561,7 +586,7 @@ impl WatchRelay {
     /// Handles the client's complete requests in order; those after a create that is joining a
     /// shared watch wait for the hub's answer, so that `created` answers keep the creates' order.
     fn handle_client_messages(&mut self) {
-        while self.joining_now.is_none() && !self.asking_hub_for_progress && !self.finished {
+        while self.joining_now.is_none() && self.asking_hub_for_progress.is_none() && !self.finished {
             if let Some(claimed) = self.client_messages.oversize() {
                 // As etcd ends a stream that sends a message over its limit.
                 self.sender.metrics().refused(Refusal::TooLarge);
@@ -574,7 +599,9 @@ impl WatchRelay {
             self.on_client_message(message);
         }
         // Only an incomplete message read from the client can stall; waiting ones do not.
-        self.stall = match self.client_messages.is_empty() || self.joining_now.is_some() || self.asking_hub_for_progress
+        self.stall = match self.client_messages.is_empty()
+            || self.joining_now.is_some()
+            || self.asking_hub_for_progress.is_some()
         {
             true => None,
             false => Some(Box::pin(tokio::time::sleep(self.stall_timeout))),
@@ -671,8 +698,11 @@ impl WatchRelay {
             && self.watches.len() > 0
             && self.watches.values().all(|watch| matches!(watch.sharing, Sharing::Shared { .. }));
         let Some(coalescing) = self.coalescing.as_ref().filter(|_| eligible) else { return false };
-        self.asking_hub_for_progress = coalescing.hub.progress(self.session.as_deref(), &coalescing.inbox);
-        self.asking_hub_for_progress
+        if !coalescing.hub.progress(self.session.as_deref(), &coalescing.inbox) {
+            return false;
+        }
+        self.asking_hub_for_progress = Some(Box::pin(tokio::time::sleep(JOIN_NOW_DEADLINE)));
+        true
     }
 
     /// The next id etcd would assign on the client's original stream (0 means "let etcd pick").
@@ -1037,17 +1067,18 @@ impl WatchRelay {
             Delivery::JoinedNow { client_id, progress, from } => self.joined_now(client_id, &progress, from),
             Delivery::NotJoined { client_id } => self.not_joined(client_id),
             Delivery::Detached { client_id } => self.detached(client_id),
+            // An answer that comes after the relay stopped waiting for it (the request went to
+            // etcd on the client's own stream) is not the client's.
             Delivery::Progress { answer } => {
-                self.asking_hub_for_progress = false;
-                self.resume_client = true;
-                self.deliver(answer);
+                if self.asking_hub_for_progress.take().is_some() {
+                    self.resume_client = true;
+                    self.deliver(answer);
+                }
             }
-            // Asked of etcd on the client's own stream instead.
             Delivery::ProgressUnanswered => {
-                self.asking_hub_for_progress = false;
-                self.resume_client = true;
-                let progress = watch_request::RequestUnion::ProgressRequest(Default::default());
-                self.on_client_request(frame_request(progress), false);
+                if self.asking_hub_for_progress.take().is_some() {
+                    self.ask_progress_on_own_stream();
+                }
             }
         }
         true
@@ -1243,7 +1274,7 @@ impl Drop for WatchRelay {
             coalescing.hub.unsubscribe(&joining.key, coalescing.inbox.relay(), joining.id);
         }
         if let Some(coalescing) = self.coalescing.as_mut() {
-            if self.asking_hub_for_progress {
+            if self.asking_hub_for_progress.is_some() {
                 coalescing.hub.forget_progress(coalescing.inbox.relay());
             }
             coalescing.publish(0, 0);
