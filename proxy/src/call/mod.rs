@@ -574,8 +574,6 @@ enum UnaryAnswer {
     Large { response: Response<RecvBody>, first: Bytes, member: Arc<Member> },
 }
 
-/// Whether an answer broke off because its member's connection was lost (closed, failed, or
-/// going away), rather than because etcd reset this one stream, which it would do again.
 /// The key of a Range of one key, printable, for a refusal that names it.
 fn one_key_asked(route: &Route, body: &PendingBody) -> Option<String> {
     if route.kind != MethodKind::Range {
@@ -587,6 +585,8 @@ fn one_key_asked(route: &Route, body: &PendingBody) -> Option<String> {
     }
 }
 
+/// Whether an answer broke off because its member's connection was lost (closed, failed, or
+/// going away), rather than because etcd reset this one stream, which it would do again.
 fn connection_lost(error: &h2::Error) -> bool {
     error.is_io() || error.is_go_away()
 }

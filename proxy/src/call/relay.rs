@@ -83,8 +83,8 @@ pub struct ResponseBody {
     member: Option<Arc<str>>,
     /// For Watch streams of size-limited clients: splits oversize messages.
     splitter: Option<WatchSplitter>,
-    /// For other answers to size-limited clients: the largest message allowed through.
-    /// Set for a size-limited client: boxed, as only a few answers carry one.
+    /// For other answers to size-limited clients: the largest message allowed through (boxed:
+    /// few answers carry one).
     guard: Option<Box<AnswerGuard>>,
 }
 
