@@ -289,6 +289,24 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_millis(300));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn empty_frames_do_not_hold_off_the_stall_timeout() {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        sender.send(Bytes::from_static(&[0, 0, 0, 0, 10, 1, 2])).unwrap();
+        // Empty DATA frames every 400 ms carry nothing: the message still stalls after 1 s.
+        let _feeder = tokio::spawn(async move {
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                let _ = sender.send(Bytes::new());
+            }
+            std::future::pending::<()>().await;
+        });
+        let started = Instant::now();
+        let refused = read_unary(&mut Fed(receiver), LIMITS, None).await.unwrap().unwrap_err();
+        assert_eq!(refused.why, Refusal::Stalled);
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+    }
+
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         pairs
             .iter()
