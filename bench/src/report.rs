@@ -226,6 +226,7 @@ pub fn render(
         }
     }
     let _ = writeln!(out);
+    out.push_str(&round_ratios_table(results));
     for result in results {
         if result.rows.iter().any(|row| row.rounds.iter().any(|round| round.pass.is_some())) {
             out.push_str(&pass_table(result));
@@ -444,6 +445,79 @@ const GRPC_PROXY_NOTE: &str = "etcd grpc-proxy is not a plain forwarder, which e
     except that it answers serializable Ranges from its cache (`--serializable-cache-bytes`) and lets identical \
     watches of one etcd user share one etcd watch (`--watch-coalescing`), both on by default.";
 
+/// Each target's ratios to direct (throughput) and to grpc-proxy (proxy CPU per op) taken within
+/// each round, then their median. Targets alternate within a round, so two of them measured in
+/// the same round met the same machine: on a shared machine whose speed changes between rounds,
+/// these are steadier than the ratio of two median rounds in the main table, which may come from
+/// different rounds.
+fn round_ratios_table(results: &[WorkloadResult]) -> String {
+    let mut lines = Vec::new();
+    for result in results {
+        let rounds_of = |kind| result.rows.iter().find(|row| row.kind == kind).map(|row| row.rounds.as_slice());
+        let direct = rounds_of(TargetKind::Direct).unwrap_or_default();
+        let grpc_proxy = rounds_of(TargetKind::GrpcProxy).unwrap_or_default();
+        // A paged pass is compared by its own table; one round has nothing to pair.
+        if direct.len() < 2 || direct.iter().any(|round| round.pass.is_some()) {
+            continue;
+        }
+        for row in result.rows.iter().filter(|row| row.kind != TargetKind::Direct) {
+            let throughput: Vec<f64> = row
+                .rounds
+                .iter()
+                .zip(direct)
+                .filter(|(_, direct)| direct.throughput() > 0.0)
+                .map(|(round, direct)| round.throughput() / direct.throughput())
+                .collect();
+            let cpu: Vec<f64> = match row.kind {
+                TargetKind::GrpcProxy => Vec::new(),
+                _ => row.rounds.iter().zip(grpc_proxy).filter_map(|(round, grpc)| cpu_ratio(round, grpc)).collect(),
+            };
+            if throughput.is_empty() {
+                continue;
+            }
+            lines.push(format!(
+                "| {} | {} | {} | {} |",
+                result.name,
+                row.kind.label(),
+                median_and_rounds(&throughput),
+                median_and_rounds(&cpu)
+            ));
+        }
+    }
+    if lines.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "### Ratios within each round\n\nThe median of the ratios taken within each round, then every round's, in \
+         order. Targets alternate within a round, so these are less exposed than the table above to the machine's \
+         speed changing between rounds.\n\n| workload | target | throughput vs direct | proxy CPU/op vs grpc-proxy |\n\
+         |---|---|--:|--:|\n",
+    );
+    for line in lines {
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = writeln!(out);
+    out
+}
+
+/// One proxy's CPU per op over grpc-proxy's, in the same round.
+fn cpu_ratio(round: &Measurement, grpc_proxy: &Measurement) -> Option<f64> {
+    let per_op = |m: &Measurement| m.proxy_cpu.filter(|_| m.ops > 0).map(|cpu| cpu.as_secs_f64() / m.ops as f64);
+    match (per_op(round), per_op(grpc_proxy)) {
+        (Some(ours), Some(theirs)) if theirs > 0.0 => Some(ours / theirs),
+        _ => None,
+    }
+}
+
+/// `0.82x (0.85 / 0.80 / 0.82)`: the median ratio, then each round's; `-` for none.
+fn median_and_rounds(ratios: &[f64]) -> String {
+    let Some(median) = median_index(ratios) else {
+        return "-".to_owned();
+    };
+    let rounds: Vec<String> = ratios.iter().map(|ratio| format!("{ratio:.2}")).collect();
+    format!("{:.2}x ({})", ratios[median], rounds.join(" / "))
+}
+
 /// The events a workload's watchers received beside its ops (the fleet), per target: the main
 /// table has no column for them.
 fn events_table(result: &WorkloadResult) -> String {
@@ -555,6 +629,53 @@ mod tests {
             row,
             "| w | etcd-compat-proxy | 900 ops/s | 0.90x | 500 µs | 2.00 ms | 55.6 µs | 111.1 µs | 10.0 MiB | 900 / 1,000 / 800 |"
         );
+    }
+
+    #[test]
+    fn ratios_are_taken_within_each_round() {
+        // Rounds of (ops in the 1 s window, proxy CPU per op in µs).
+        let row = |kind, rounds: &[(u64, u64)]| TargetRow {
+            kind,
+            rounds: rounds
+                .iter()
+                .map(|&(ops, micros)| Measurement {
+                    proxy_cpu: Some(Duration::from_micros(ops * micros)),
+                    ..measurement(ops)
+                })
+                .collect(),
+            failure: None,
+        };
+        let result = WorkloadResult {
+            name: "w",
+            unit: "ops/s",
+            rows: vec![
+                row(TargetKind::Direct, &[(1000, 0), (2000, 0), (1500, 0)]),
+                row(TargetKind::GrpcProxy, &[(500, 100), (1000, 125), (600, 80)]),
+                // Its median round (900) against direct's (1500) would be 0.60x; within each
+                // round it is 0.90x, 0.90x and 0.50x.
+                row(TargetKind::CompatProxy, &[(900, 30), (1800, 35), (750, 32)]),
+            ],
+        };
+        let table = round_ratios_table(std::slice::from_ref(&result));
+        let lines: Vec<&str> = table.lines().filter(|line| line.starts_with("| w |")).collect();
+        assert_eq!(
+            lines,
+            [
+                "| w | grpc-proxy | 0.50x (0.50 / 0.50 / 0.40) | - |",
+                "| w | etcd-compat-proxy | 0.90x (0.90 / 0.90 / 0.50) | 0.30x (0.30 / 0.28 / 0.40) |",
+            ]
+        );
+    }
+
+    #[test]
+    fn one_round_has_no_ratio_table() {
+        let row = |kind| TargetRow { kind, rounds: vec![measurement(1000)], failure: None };
+        let result = WorkloadResult {
+            name: "w",
+            unit: "ops/s",
+            rows: vec![row(TargetKind::Direct), row(TargetKind::CompatProxy)],
+        };
+        assert_eq!(round_ratios_table(std::slice::from_ref(&result)), "");
     }
 
     #[test]
