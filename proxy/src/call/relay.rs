@@ -487,8 +487,17 @@ impl Buffered {
 
     /// The refusal to send this answer to a client whose messages may not exceed `budget`.
     pub fn oversize_for(&self, budget: usize, key: impl FnOnce() -> Option<String>) -> Option<ProxyFailure> {
-        let length = self.data.iter().map(Bytes::len).sum::<usize>().checked_sub(5)?;
-        oversize_answer(length, budget, key)
+        oversize_answer(self.message_length()?, budget, key)
+    }
+
+    /// Whether a client whose messages may not exceed `budget` can receive this answer.
+    pub fn fits(&self, budget: usize) -> bool {
+        self.message_length().is_none_or(|length| length <= budget)
+    }
+
+    /// The length of the answer's message, without its frame prefix; `None` without one.
+    fn message_length(&self) -> Option<usize> {
+        self.data.iter().map(Bytes::len).sum::<usize>().checked_sub(5)
     }
 
     /// The single uncompressed message of the answer, without its frame prefix.
@@ -609,5 +618,26 @@ impl WatchSplitter {
             }
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_fits_a_budget_as_large_as_its_message() {
+        // Two chunks, as a limited client's assembled answer comes: the prefix counts for nothing.
+        let framed = grpc::frame(&[7u8; 100]);
+        let answer = Buffered::message_ok(vec![framed.slice(..40), framed.slice(40..)]);
+        assert!(answer.fits(100));
+        assert!(!answer.fits(99));
+        assert!(answer.oversize_for(100, || None).is_none());
+        match answer.oversize_for(99, || Some("k".to_owned())) {
+            Some(ProxyFailure::AnswerTooLarge { length: 100, budget: 99, key: Some(key) }) => assert_eq!(key, "k"),
+            other => panic!("expected AnswerTooLarge, got {other:?}"),
+        }
+        // A status without a message fits any budget.
+        assert!(Buffered::status((Code::NotFound, "gone".to_owned())).fits(0));
     }
 }
