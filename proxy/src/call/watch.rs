@@ -173,6 +173,10 @@ impl Watches {
         self.0.len()
     }
 
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     fn contains_key(&self, id: &i64) -> bool {
         self.find(*id).is_ok()
     }
@@ -695,7 +699,7 @@ impl WatchRelay {
             && self.pending.is_empty()
             && self.held.is_empty()
             && self.joining_now.is_none()
-            && self.watches.len() > 0
+            && !self.watches.is_empty()
             && self.watches.values().all(|watch| matches!(watch.sharing, Sharing::Shared { .. }));
         let Some(coalescing) = self.coalescing.as_ref().filter(|_| eligible) else { return false };
         if !coalescing.hub.progress(self.session.as_deref(), &coalescing.inbox) {
