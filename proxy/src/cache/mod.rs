@@ -520,6 +520,8 @@ impl<T> Store<T> {
 
     fn groups_overlapping(&self, range: &KeyRange, out: &mut Vec<i64>) {
         match range.end_bound() {
+            // An end before the key names no key (etcd accepts it, and changes nothing).
+            Some(end) if end <= range.key => return,
             Some(end) => {
                 for (_, ids) in self.single_keys.range::<[u8], _>((
                     std::ops::Bound::Included(range.key.as_ref()),

@@ -173,3 +173,17 @@ async fn answers_are_read_again_after_the_recheck_time() {
     tokio::time::advance(RECHECK_AFTER).await;
     assert_eq!(cache.get(None, b"get k"), None);
 }
+
+#[test]
+fn a_reversed_range_written_names_no_key() {
+    let cache = ReadCache::new(1 << 20);
+    let who = user("alice");
+    let _watcher = put(&cache, &who, "get b", range("b", ""), 10, "b");
+    put(&cache, &who, "get a..c", range("a", "c"), 10, "abc");
+    // etcd accepts a DeleteRange whose end comes before its key, and deletes nothing.
+    cache.written(11, || Written::Ranges(vec![range("b", "a")]));
+    assert_eq!(cache.get(Some("alice"), b"get b").as_deref(), Some("b"));
+    assert_eq!(cache.get(Some("alice"), b"get a..c").as_deref(), Some("abc"));
+    cache.written(12, || Written::Ranges(vec![range("b", "b")]));
+    assert_eq!(cache.get(Some("alice"), b"get b").as_deref(), Some("b"));
+}

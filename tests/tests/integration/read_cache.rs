@@ -252,3 +252,27 @@ fn linearizable_reads_never_touch_the_cache_and_zero_turns_it_off() {
         assert_eq!(metric(&text, HITS), None, "a cache that is off has no series");
     });
 }
+
+/// etcd accepts a DeleteRange whose range end comes before its key, and deletes nothing; the
+/// cache must take it as naming no key (looking it up panicked the call once a single key was
+/// cached, after etcd had applied it).
+#[test]
+fn a_reversed_delete_range_is_answered_and_changes_nothing() {
+    let deployment = Deployment::start(EtcdVersion::V3_5, 1, Wire::Plain, &[]);
+    runtime().block_on(async {
+        let mut client = connect(&deployment.endpoint).await;
+        client.put("b", "v", None).await.expect("put");
+        assert_eq!(serializable_value(&mut client, "b").await.as_deref(), Some("v"));
+        assert_eq!(serializable_value(&mut client, "b").await.as_deref(), Some("v"));
+        assert!(counter(&deployment, HITS) >= 1.0, "the second read came from the cache");
+        for (key, end) in [("b", "a"), ("c", "a"), ("b", "b")] {
+            let deleted = client
+                .delete(key, Some(DeleteOptions::new().with_range(end)))
+                .await
+                .unwrap_or_else(|error| panic!("delete [{key}, {end}): {error}"));
+            assert_eq!(deleted.deleted(), 0, "delete [{key}, {end})");
+        }
+        assert_eq!(serializable_value(&mut client, "b").await.as_deref(), Some("v"));
+        assert_eq!(client.get("b", None).await.expect("linearizable get").kvs().len(), 1);
+    });
+}
