@@ -166,6 +166,9 @@ struct Group {
     last_change: i64,
     slots: Vec<usize>,
     cost: usize,
+    /// In the queue of idle groups: a group goes in once however often it empties, so the
+    /// queue counts distinct groups.
+    queued_idle: bool,
 }
 
 impl<T: Clone> ReadCache<T> {
@@ -271,15 +274,17 @@ impl<T: Clone> ReadCache<T> {
             }
             None => store.create_group(user.clone(), range, revision + 1, &self.stats),
         };
-        // Only one answer per user and request: a newer one replaces it.
+        // Only one answer per user and request: a newer one replaces it. The old one goes after
+        // the new one is in, so that the group never empties here (an empty group may be
+        // dropped with its watch, and the new answer would then be kept fresh by nothing).
         let existing = store.by_request.get(&request).and_then(|slots| {
             slots.iter().copied().find(|&slot| store.slots[slot].entry.as_ref().is_some_and(|e| e.user == user))
         });
+        let entry = Entry { user, request, answer, revision, stored_at: Instant::now(), group: group_id, cost };
+        store.add_entry(entry, &self.stats);
         if let Some(slot) = existing {
             store.remove_slot(slot, &self.stats);
         }
-        let entry = Entry { user, request, answer, revision, stored_at: Instant::now(), group: group_id, cost };
-        store.add_entry(entry, &self.stats);
         let evicted = store.evict_to(self.limit, &self.stats);
         self.stats.evictions.fetch_add(evicted, Ordering::Relaxed);
         self.publish(&store);
@@ -384,8 +389,18 @@ impl<T> Store<T> {
         }
         self.group_ids.insert((user.clone(), range.clone()), id);
         let create = WatchCommand::Create { id, range: range.clone(), start_revision: watch_start };
-        self.groups
-            .insert(id, Group { user: user.clone(), range, watch_start, last_change: 0, slots: Vec::new(), cost });
+        self.groups.insert(
+            id,
+            Group {
+                user: user.clone(),
+                range,
+                watch_start,
+                last_change: 0,
+                slots: Vec::new(),
+                cost,
+                queued_idle: false,
+            },
+        );
         self.bytes += cost;
         stats.watched_ranges.fetch_add(1, Ordering::Relaxed);
         let new_watcher = match self.watchers.get_mut(&user) {
@@ -450,7 +465,8 @@ impl<T> Store<T> {
         }
         if let Some(group) = self.groups.get_mut(&entry.group) {
             group.slots.retain(|&s| s != slot);
-            if group.slots.is_empty() {
+            if group.slots.is_empty() && !group.queued_idle {
+                group.queued_idle = true;
                 self.idle_groups.push_back(entry.group);
                 if self.idle_groups.len() > IDLE_GROUPS_KEPT {
                     self.drop_oldest_idle_group(stats);
@@ -461,8 +477,10 @@ impl<T> Store<T> {
 
     fn drop_oldest_idle_group(&mut self, stats: &CacheStats) -> bool {
         while let Some(id) = self.idle_groups.pop_front() {
+            let Some(group) = self.groups.get_mut(&id) else { continue };
+            group.queued_idle = false;
             // Groups that got answers again since they went idle stay.
-            if self.groups.get(&id).is_some_and(|group| group.slots.is_empty()) {
+            if group.slots.is_empty() {
                 self.drop_group(id, stats);
                 return true;
             }

@@ -187,3 +187,34 @@ fn a_reversed_range_written_names_no_key() {
     cache.written(12, || Written::Ranges(vec![range("b", "b")]));
     assert_eq!(cache.get(Some("alice"), b"get b").as_deref(), Some("b"));
 }
+
+#[test]
+fn an_answer_refreshed_many_times_stays_under_its_watch() {
+    let cache = ReadCache::new(1 << 20);
+    let who = user("alice");
+    let watcher = put(&cache, &who, "get k", range("k", ""), 10, "v10").expect("first range starts a watcher");
+    // Each refresh replaces the answer; the group must never look idle meanwhile (it went
+    // through the idle queue on every refresh, and past the queue's length was dropped with
+    // its watch while the new answer went in).
+    for revision in 11..(11 + 2 * IDLE_GROUPS_KEPT as i64) {
+        assert!(put(&cache, &who, "get k", range("k", ""), revision, "v").is_none(), "no second watcher");
+    }
+    let mut commands = watcher.commands;
+    assert!(matches!(commands.try_recv(), Ok(WatchCommand::Create { id: 1, .. })));
+    assert!(commands.try_recv().is_err(), "the watch was never cancelled");
+    // A write through the proxy still finds it.
+    cache.written(5000, || Written::Ranges(vec![range("k", "")]));
+    assert_eq!(cache.get(Some("alice"), b"get k"), None);
+}
+
+#[test]
+fn the_idle_queue_holds_each_group_once() {
+    let cache = ReadCache::new(1 << 20);
+    let who = user("alice");
+    let _watcher = put(&cache, &who, "get k", range("k", ""), 10, "v");
+    for revision in 11..200 {
+        cache.changed(1, revision);
+        put(&cache, &who, "get k", range("k", ""), revision, "v");
+    }
+    assert_eq!(cache.lock().idle_groups.len(), 1);
+}
