@@ -215,6 +215,39 @@ struct HubStream {
     asked_at: Option<Instant>,
 }
 
+impl HubState {
+    /// `user`'s stream `generation` ended: its subscribers watch on their own, and those waiting
+    /// for its progress answer are told it will not come. Subscribers first: a relay re-creates
+    /// its detached watches on its own stream before it asks there for the progress this stream
+    /// did not answer, so that etcd's answer follows their events.
+    fn stream_ended(&mut self, user: &User, generation: u64, stats: &CoalescingStats) {
+        if self.streams.get(user).is_none_or(|stream| stream.generation != generation) {
+            return;
+        }
+        let stream = self.streams.remove(user);
+        let keys: Vec<ShareKey> = self.shared.keys().filter(|key| &key.user == user).cloned().collect();
+        for key in keys {
+            if let Some(shared) = self.shared.remove(&key) {
+                self.by_id.remove(&shared.id);
+                stats.shared_watches.fetch_sub(1, Ordering::Relaxed);
+                detach_all(stats, shared.subscribers);
+            }
+        }
+        if let Some(stream) = stream {
+            stream.give_up_waiters();
+        }
+    }
+}
+
+/// Tells `subscribers` their shared watch no longer serves them.
+fn detach_all(stats: &CoalescingStats, subscribers: Vec<Subscriber>) {
+    for subscriber in subscribers {
+        stats.subscribers.fetch_sub(1, Ordering::Relaxed);
+        stats.detached.fetch_add(1, Ordering::Relaxed);
+        subscriber.inbox.send(Delivery::Detached { client_id: subscriber.client_id });
+    }
+}
+
 impl HubStream {
     fn new(requests: FeedSender, generation: u64) -> HubStream {
         HubStream {
@@ -433,9 +466,10 @@ impl WatchHub {
     /// A watch from an earlier revision (which might be compacted, or need events gone by), or
     /// whose shared watch already delivered past where it starts, is created on its own. Clients
     /// that asked for progress get the answer.
-    fn progress_answered(&self, state: &mut HubState, user: &User, progress: &Bytes, now: i64) {
+    fn progress_answered(&self, state: &mut HubState, user: &User, generation: u64, progress: &Bytes, now: i64) {
         let HubState { shared, streams, .. } = &mut *state;
-        let Some(stream) = streams.get_mut(user) else { return };
+        // An answer of a stream that was closed is not the answer to its successor's request.
+        let Some(stream) = streams.get_mut(user).filter(|stream| stream.generation == generation) else { return };
         stream.asking = false;
         stream.asked_at = None;
         let mut not_joined = Vec::new();
@@ -540,46 +574,28 @@ impl WatchHub {
             let Ok(data) = frame.into_data() else { break };
             messages.push(&data);
             while let Some(message) = messages.next_message() {
-                self.on_message(&user, &message);
+                self.on_message(&user, generation, &message);
             }
         }
         tracing::debug!(
             user = user.as_deref().unwrap_or(""),
             "shared watch stream ended; its subscribers watch on their own"
         );
-        let mut state = self.lock();
-        if state.streams.get(&user).is_none_or(|stream| stream.generation != generation) {
-            return;
-        }
-        if let Some(stream) = state.streams.remove(&user) {
-            stream.give_up_waiters();
-        }
-        let keys: Vec<ShareKey> = state.shared.keys().filter(|key| key.user == user).cloned().collect();
-        for key in keys {
-            if let Some(shared) = state.shared.remove(&key) {
-                state.by_id.remove(&shared.id);
-                self.stats.shared_watches.fetch_sub(1, Ordering::Relaxed);
-                self.detach_all(shared.subscribers);
-            }
-        }
+        self.lock().stream_ended(&user, generation, &self.stats);
     }
 
     fn detach_all(&self, subscribers: Vec<Subscriber>) {
-        for subscriber in subscribers {
-            self.stats.subscribers.fetch_sub(1, Ordering::Relaxed);
-            self.stats.detached.fetch_add(1, Ordering::Relaxed);
-            subscriber.inbox.send(Delivery::Detached { client_id: subscriber.client_id });
-        }
+        detach_all(&self.stats, subscribers);
     }
 
-    /// One message of `user`'s shared stream.
-    fn on_message(&self, user: &User, message: &Bytes) {
+    /// One message of `user`'s shared stream `generation`.
+    fn on_message(&self, user: &User, generation: u64, message: &Bytes) {
         let Some(Ok(facts)) = (message.first() == Some(&0)).then(|| read_facts(&message[5..])) else { return };
         let mut state = self.lock();
         if facts.watch_id == -1 && !facts.created && !facts.canceled {
             // Only the hub asks this stream for progress: for watches joining at once, and for
             // clients whose watches are all on it.
-            self.progress_answered(&mut state, user, message, facts.header_revision);
+            self.progress_answered(&mut state, user, generation, message, facts.header_revision);
             return;
         }
         let Some(key) = state.by_id.get(&facts.watch_id).cloned() else { return };
@@ -786,5 +802,37 @@ mod tests {
             });
         }
         assert_eq!(got, ["not joined 3", "progress unanswered", "progress unanswered"]);
+    }
+
+    #[test]
+    fn an_ended_stream_detaches_its_subscribers_before_it_gives_up_their_progress() {
+        let (deliveries, mut receiver) = mailbox();
+        let inbox = Inbox { deliveries, limit: usize::MAX, relay: 7 };
+        let mut state = HubState::default();
+        let key = joiner(0).key;
+        let subscribers = vec![Subscriber { client_id: 0, inbox: inbox.clone() }];
+        state.shared.insert(key.clone(), SharedWatch { id: 5, start: 0, position: Some(10), subscribers });
+        state.by_id.insert(5, key);
+        let mut stream = HubStream::new(transport::FeedSender::closed(), 3);
+        stream.progress_waiting.push(inbox);
+        stream.ask_progress();
+        state.streams.insert(None, stream);
+        let stats = CoalescingStats::default();
+        // A stream that was replaced ends without touching its successor.
+        state.stream_ended(&None, 2, &stats);
+        assert_eq!((state.shared.len(), state.streams.len()), (1, 1));
+        state.stream_ended(&None, 3, &stats);
+        assert_eq!((state.shared.len(), state.by_id.len(), state.streams.len()), (0, 0, 0));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut got = Vec::new();
+        while let Poll::Ready(Some(delivery)) = receiver.poll_next(&mut cx) {
+            got.push(match delivery {
+                Delivery::Detached { client_id } => format!("detached {client_id}"),
+                Delivery::ProgressUnanswered => "progress unanswered".to_owned(),
+                _ => "other".to_owned(),
+            });
+        }
+        // The relay re-creates watch 0 on a fresh stream of its own, then asks there.
+        assert_eq!(got, ["detached 0", "progress unanswered"]);
     }
 }
