@@ -328,11 +328,8 @@ struct WatchRelay {
     /// A watch waiting for the hub to join it to a shared one at once; the client's next
     /// requests wait meanwhile, so that `created` answers keep the order of the creates.
     joining_now: Option<Box<JoiningNow>>,
-    /// The hub has the client's progress request (see `progress_through_hub`), until this
-    /// deadline: the client's next requests wait for its answer, as they wait for a joining
-    /// watch (one at a time keeps what the hub holds for a client bounded), but no longer than a
-    /// joining watch waits.
-    asking_hub_for_progress: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The client's progress request the hub holds (see `progress_through_hub`).
+    hub_progress: HubProgress,
     /// A join was answered: the requests that waited for it are handled next.
     resume_client: bool,
     /// The hub's own stream of shared watches, whose progress answers the hub asked for.
@@ -382,6 +379,23 @@ struct JoiningNow {
 /// How long a watch waits to join a shared one at once; etcd answers within a round trip.
 pub(super) const JOIN_NOW_DEADLINE: Duration = Duration::from_secs(2);
 
+/// Where a client's progress request given to the hub stands.
+enum HubProgress {
+    /// The hub holds none.
+    None,
+    /// The client's next requests wait for the answer, as they wait for a joining watch (one
+    /// request at a time keeps what the hub holds for a client bounded), until the deadline.
+    Blocking(Pin<Box<tokio::time::Sleep>>),
+    /// Past the deadline: the client's next requests are read meanwhile.
+    Overdue,
+}
+
+impl HubProgress {
+    fn blocks_client(&self) -> bool {
+        matches!(self, HubProgress::Blocking(_))
+    }
+}
+
 impl WatchRelay {
     fn new(
         sender: Arc<Sender>,
@@ -419,7 +433,7 @@ impl WatchRelay {
             latest: None,
             recount: false,
             joining_now: None,
-            asking_hub_for_progress: None,
+            hub_progress: HubProgress::None,
             resume_client: false,
             shared_stream: false,
             progress_unanswered: false,
@@ -509,25 +523,33 @@ impl WatchRelay {
         true
     }
 
-    /// Asks etcd on the client's own stream for the progress the hub has not answered in time;
-    /// true if it did.
+    /// Reads the client's next requests again once the hub's progress answer is overdue; true
+    /// if it did. The answer is still the client's when it comes: etcd (3.5.8 and later) holds
+    /// it while a shared watch catches up, and an answer from elsewhere could pass shared events
+    /// on their way.
     fn poll_progress_deadline(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(deadline) = self.asking_hub_for_progress.as_mut() else { return false };
+        let HubProgress::Blocking(deadline) = &mut self.hub_progress else { return false };
         if deadline.as_mut().poll(cx).is_pending() {
             return false;
         }
-        self.asking_hub_for_progress = None;
-        tracing::debug!("no progress answer from the shared watch stream in time; asking on the client's own stream");
-        if let Some(coalescing) = &self.coalescing {
-            coalescing.hub.forget_progress(coalescing.inbox.relay());
-        }
-        self.ask_progress_on_own_stream();
+        self.hub_progress = HubProgress::Overdue;
+        self.resume_client = true;
+        tracing::debug!(
+            "progress answer from the shared watch stream overdue; reading the client's next requests meanwhile"
+        );
         true
     }
 
-    /// The client's progress request, which the hub did not answer, sent to etcd on the client's
-    /// own stream; the client's next requests are read after it.
+    /// The client's progress request, which the hub will not answer (its shared watches left it),
+    /// withdrawn from the hub and sent to etcd on the client's own stream, after the watches
+    /// re-created there; the client's next requests are read after it.
     fn ask_progress_on_own_stream(&mut self) {
+        if matches!(std::mem::replace(&mut self.hub_progress, HubProgress::None), HubProgress::None) {
+            return;
+        }
+        if let Some(coalescing) = &self.coalescing {
+            coalescing.hub.forget_progress(coalescing.inbox.relay());
+        }
         self.resume_client = true;
         let progress = watch_request::RequestUnion::ProgressRequest(Default::default());
         self.on_client_request(frame_request(progress), false);
@@ -548,7 +570,7 @@ impl WatchRelay {
 
     /// Reads the client's requests; true if anything happened.
     fn poll_client(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.joining_now.is_some() || self.asking_hub_for_progress.is_some() {
+        if self.joining_now.is_some() || self.hub_progress.blocks_client() {
             // Woken by the hub's answer, through the inbox.
             return false;
         }
@@ -590,7 +612,7 @@ impl WatchRelay {
     /// Handles the client's complete requests in order; those after a create that is joining a
     /// shared watch wait for the hub's answer, so that `created` answers keep the creates' order.
     fn handle_client_messages(&mut self) {
-        while self.joining_now.is_none() && self.asking_hub_for_progress.is_none() && !self.finished {
+        while self.joining_now.is_none() && !self.hub_progress.blocks_client() && !self.finished {
             if let Some(claimed) = self.client_messages.oversize() {
                 // As etcd ends a stream that sends a message over its limit.
                 self.sender.metrics().refused(Refusal::TooLarge);
@@ -603,26 +625,25 @@ impl WatchRelay {
             self.on_client_message(message);
         }
         // Only an incomplete message read from the client can stall; waiting ones do not.
-        self.stall = match self.client_messages.is_empty()
-            || self.joining_now.is_some()
-            || self.asking_hub_for_progress.is_some()
-        {
-            true => None,
-            false => Some(Box::pin(tokio::time::sleep(self.stall_timeout))),
-        };
+        self.stall =
+            match self.client_messages.is_empty() || self.joining_now.is_some() || self.hub_progress.blocks_client() {
+                true => None,
+                false => Some(Box::pin(tokio::time::sleep(self.stall_timeout))),
+            };
     }
 
     fn on_client_message(&mut self, message: Bytes) {
         self.on_client_request(message, true);
     }
 
-    /// One client request; a create asking for events from now on may join a shared watch at
-    /// once when `may_join`.
-    fn on_client_request(&mut self, message: Bytes, may_join: bool) {
+    /// One client request. `from_client`: as the client sent it, rather than the relay's own
+    /// fallback for what the hub did not do; a create asking for events from now on may then
+    /// join a shared watch at once, and a progress request go to the hub.
+    fn on_client_request(&mut self, message: Bytes, from_client: bool) {
         let request = grpc::decode_framed::<WatchRequest>(&message);
         let request = match request {
             Some(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) })
-                if may_join =>
+                if from_client =>
             {
                 match self.join_now(create) {
                     Ok(()) => return,
@@ -633,12 +654,17 @@ impl WatchRelay {
             }
             other => other,
         };
-        if matches!(
-            &request,
-            Some(WatchRequest { request_union: Some(watch_request::RequestUnion::ProgressRequest(_)) })
-        ) && self.progress_through_hub()
+        if from_client
+            && matches!(
+                &request,
+                Some(WatchRequest { request_union: Some(watch_request::RequestUnion::ProgressRequest(_)) })
+            )
         {
-            return;
+            // Asked again before the hub's overdue answer came: that answer answers both, as etcd
+            // 3.5.8 and later answer the progress requests made while a watch catches up once.
+            if matches!(self.hub_progress, HubProgress::Overdue) || self.progress_through_hub() {
+                return;
+            }
         }
         // Between two upstream streams (paused, or waiting for a member) requests wait for the
         // next one: creates as pending creates, which every new stream gets, the rest after them.
@@ -705,7 +731,7 @@ impl WatchRelay {
         if !coalescing.hub.progress(self.session.as_deref(), &coalescing.inbox) {
             return false;
         }
-        self.asking_hub_for_progress = Some(Box::pin(tokio::time::sleep(JOIN_NOW_DEADLINE)));
+        self.hub_progress = HubProgress::Blocking(Box::pin(tokio::time::sleep(JOIN_NOW_DEADLINE)));
         true
     }
 
@@ -1071,19 +1097,15 @@ impl WatchRelay {
             Delivery::JoinedNow { client_id, progress, from } => self.joined_now(client_id, &progress, from),
             Delivery::NotJoined { client_id } => self.not_joined(client_id),
             Delivery::Detached { client_id } => self.detached(client_id),
-            // An answer that comes after the relay stopped waiting for it (the request went to
-            // etcd on the client's own stream) is not the client's.
+            // An answer that comes after the relay withdrew the request (it went to etcd on the
+            // client's own stream) is not the client's.
             Delivery::Progress { answer } => {
-                if self.asking_hub_for_progress.take().is_some() {
+                if !matches!(std::mem::replace(&mut self.hub_progress, HubProgress::None), HubProgress::None) {
                     self.resume_client = true;
                     self.deliver(answer);
                 }
             }
-            Delivery::ProgressUnanswered => {
-                if self.asking_hub_for_progress.take().is_some() {
-                    self.ask_progress_on_own_stream();
-                }
-            }
+            Delivery::ProgressUnanswered => self.ask_progress_on_own_stream(),
         }
         true
     }
@@ -1215,6 +1237,9 @@ impl WatchRelay {
             Upstream::Idle => self.reopen(None),
             Upstream::Paused | Upstream::Backoff(_) | Upstream::Closed => {}
         }
+        // The hub's answer covers only the shared stream's events; the watch's own stream, from
+        // its next revision, may still owe it older ones. etcd orders its answer after them.
+        self.ask_progress_on_own_stream();
     }
 
     /// The client cancelled watch `id`: a shared watch's cancel is answered by the proxy (etcd
@@ -1278,7 +1303,7 @@ impl Drop for WatchRelay {
             coalescing.hub.unsubscribe(&joining.key, coalescing.inbox.relay(), joining.id);
         }
         if let Some(coalescing) = self.coalescing.as_mut() {
-            if self.asking_hub_for_progress.is_some() {
+            if !matches!(self.hub_progress, HubProgress::None) {
                 coalescing.hub.forget_progress(coalescing.inbox.relay());
             }
             coalescing.publish(0, 0);

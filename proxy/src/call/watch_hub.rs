@@ -265,7 +265,7 @@ impl HubStream {
 
     /// Whether the progress request in flight has gone unanswered as long as a watch waits to
     /// join (etcd 3.5.8 and later hold the answer while a watch of the stream catches up): new
-    /// joiners and progress requests then go to etcd on their own streams.
+    /// joiners are then created on their own at once. Progress requests still wait for it.
     fn answer_overdue(&self, now: Instant) -> bool {
         self.asking && self.asked_at.is_some_and(|at| now.saturating_duration_since(at) >= watch::JOIN_NOW_DEADLINE)
     }
@@ -438,16 +438,13 @@ impl WatchHub {
     /// Asks the shared stream of `session`'s user for its progress for a client whose watches are
     /// all served by it; the answer comes as [`Delivery::Progress`] through `inbox`, after every
     /// event the stream delivered before it, as etcd orders a progress answer after its
-    /// stream's events. False (nothing asked) when the user has no shared stream, or its
-    /// request in flight is overdue (see [`HubStream::answer_overdue`]): the client's own stream
-    /// answers sooner.
+    /// stream's events. False (nothing asked) when the user has no shared stream. An overdue
+    /// answer is waited for too: etcd holds it while a watch of the stream catches up, and an
+    /// answer from another stream could pass the events it still owes.
     pub(crate) fn progress(&self, session: Option<&Session>, inbox: &Inbox) -> bool {
         let user: User = session.map(|s| Arc::from(s.user()));
         let mut state = self.lock();
         let Some(stream) = state.streams.get_mut(&user) else { return false };
-        if stream.answer_overdue(Instant::now()) {
-            return false;
-        }
         stream.progress_waiting.push(inbox.clone());
         stream.ask_progress();
         true
