@@ -109,7 +109,18 @@ pub struct ReadCache<T> {
     write_floor: AtomicI64,
     /// Set while the store holds anything; set by an insert before it checks `write_floor`.
     occupied: AtomicBool,
+    /// How many times everything was forgotten (a write at a revision the proxy could not read).
+    forgotten: AtomicU64,
     stats: Arc<CacheStats>,
+}
+
+/// A Range the cache may answer, from the lookup that missed to the store of etcd's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cacheable {
+    pub range: KeyRange,
+    /// [`ReadCache::epoch`] before the request was forwarded: an answer read across a write
+    /// whose revision is unknown is not stored (`write_floor` cannot stop it).
+    pub epoch: u64,
 }
 
 struct Store<T> {
@@ -196,6 +207,7 @@ impl<T: Clone> ReadCache<T> {
             }),
             write_floor: AtomicI64::new(0),
             occupied: AtomicBool::new(false),
+            forgotten: AtomicU64::new(0),
             stats,
         }
     }
@@ -241,18 +253,24 @@ impl<T: Clone> ReadCache<T> {
         found
     }
 
+    /// What [`Cacheable::epoch`] is taken from, before a cacheable request is forwarded.
+    pub fn epoch(&self) -> u64 {
+        self.forgotten.load(Ordering::SeqCst)
+    }
+
     /// Stores `answer` (read at `revision`, costing `cost` bytes) for `user`'s `request` over
-    /// `range`, unless it may already be stale or is too large. Returns a watch stream to start
-    /// when `user` has none yet.
+    /// the range of `cacheable`, unless it may already be stale or is too large. Returns a
+    /// watch stream to start when `user` has none yet.
     pub fn insert(
         &self,
         user: User,
         request: Bytes,
-        range: KeyRange,
+        cacheable: Cacheable,
         revision: i64,
         answer: T,
         cost: usize,
     ) -> Option<NewWatcher> {
+        let Cacheable { range, epoch } = cacheable;
         let cost = cost + request.len() + ENTRY_OVERHEAD;
         if cost > self.limit / MAX_ENTRY_SHARE {
             return None;
@@ -261,7 +279,8 @@ impl<T: Clone> ReadCache<T> {
         // Before the floor is read (see `written`): a write either sees this store occupied, or
         // this insert sees its revision.
         self.occupied.store(true, Ordering::SeqCst);
-        if revision < self.write_floor.load(Ordering::SeqCst) {
+        // Under the lock, as `forget_everything` counts: one or the other comes first.
+        if revision < self.write_floor.load(Ordering::SeqCst) || epoch != self.forgotten.load(Ordering::SeqCst) {
             return None;
         }
         let (group_id, new_watcher) = match store.group_ids.get(&(user.clone(), range.clone())).copied() {
@@ -321,6 +340,7 @@ impl<T: Clone> ReadCache<T> {
     /// fresh, and every answer and watch goes.
     pub fn forget_everything(&self) {
         let mut store = self.lock();
+        self.forgotten.fetch_add(1, Ordering::SeqCst);
         store.watchers.clear();
         let groups: Vec<i64> = store.groups.keys().copied().collect();
         for id in groups {
@@ -336,7 +356,8 @@ impl<T: Clone> ReadCache<T> {
         self.publish(&store);
     }
 
-    /// etcd ended the watch of `group` (compaction, permission): its answers go.
+    /// etcd ended the watch of `group` (compacted); its answers go. A refused permission or
+    /// token ends the whole stream instead (see `forget_user`).
     pub fn watch_ended(&self, group: i64) {
         let mut store = self.lock();
         store.drop_group(group, &self.stats);

@@ -22,7 +22,8 @@ fn put(
     revision: i64,
     answer: &str,
 ) -> Option<NewWatcher> {
-    cache.insert(who.clone(), request(text), range, revision, answer.to_owned(), answer.len())
+    let cacheable = Cacheable { range, epoch: cache.epoch() };
+    cache.insert(who.clone(), request(text), cacheable, revision, answer.to_owned(), answer.len())
 }
 
 #[test]
@@ -217,4 +218,21 @@ fn the_idle_queue_holds_each_group_once() {
         put(&cache, &who, "get k", range("k", ""), revision, "v");
     }
     assert_eq!(cache.lock().idle_groups.len(), 1);
+}
+
+#[test]
+fn an_answer_read_across_a_write_of_unknown_revision_is_not_stored() {
+    let cache = ReadCache::new(1 << 20);
+    let who = user("alice");
+    let _watcher = put(&cache, &who, "get a", range("a", ""), 10, "a");
+    // A read of k misses and is forwarded; a write of k is acknowledged at a revision the proxy
+    // could not read, so everything goes; then the read's answer, from before the write, arrives.
+    let read = Cacheable { range: range("k", ""), epoch: cache.epoch() };
+    cache.forget_everything();
+    assert_eq!(cache.get(Some("alice"), b"get a"), None);
+    assert!(cache.insert(who.clone(), request("get k"), read, 11, "old".to_owned(), 3).is_none());
+    assert_eq!(cache.get(Some("alice"), b"get k"), None);
+    // A read forwarded after it is stored.
+    assert!(put(&cache, &who, "get k", range("k", ""), 12, "new").is_some());
+    assert_eq!(cache.get(Some("alice"), b"get k").as_deref(), Some("new"));
 }

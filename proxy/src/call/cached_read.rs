@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::cache::{self, KeyRange, ReadCache};
+use crate::cache::{self, Cacheable, ReadCache};
 use crate::grpc::{Code, Writes};
 
 use super::cache_watch;
@@ -18,11 +18,12 @@ const HEADERS_COST: usize = 256;
 
 impl Forwarder {
     /// The range of a Range call the cache may answer, when the cache is on.
-    pub(super) fn cacheable(&self, call: &Admitted) -> Option<KeyRange> {
-        self.read_cache.as_ref()?;
+    pub(super) fn cacheable(&self, call: &Admitted) -> Option<Cacheable> {
+        let cache = self.read_cache.as_ref()?;
         let message = call.body.message()?;
         // Compressed requests (flag 1) are left alone.
-        (message.first() == Some(&0)).then(|| cache::cacheable_range(&message[5..]))?
+        let range = (message.first() == Some(&0)).then(|| cache::cacheable_range(&message[5..]))??;
+        Some(Cacheable { range, epoch: cache.epoch() })
     }
 
     /// The cached answer to `call`, if it is fresh and within the client's `budget`.
@@ -35,7 +36,7 @@ impl Forwarder {
 
     /// What etcd's answer to `call` changes in the cache: a cacheable Range's answer is stored,
     /// and a write clears what it touched before the client hears it succeeded.
-    pub(super) fn update_cache(&self, call: &Admitted, cacheable: Option<KeyRange>, answer: &UnaryAnswer) {
+    pub(super) fn update_cache(&self, call: &Admitted, cacheable: Option<Cacheable>, answer: &UnaryAnswer) {
         match (cacheable, answer) {
             (Some(range), UnaryAnswer::Whole(whole)) => self.remember(call, range, whole),
             (Some(_), UnaryAnswer::Large { .. }) => {}
@@ -45,7 +46,7 @@ impl Forwarder {
 
     /// Stores etcd's successful answer to `call` over `range`, and starts the user's watch
     /// stream when it is the user's first cached range.
-    pub(super) fn remember(&self, call: &Admitted, range: KeyRange, answer: &Buffered) {
+    pub(super) fn remember(&self, call: &Admitted, cacheable: Cacheable, answer: &Buffered) {
         let (Some(cache), Some(request)) = (self.read_cache.as_ref(), call.body.message()) else { return };
         if answer.code() != Some(Code::Ok) {
             return;
@@ -58,7 +59,7 @@ impl Forwarder {
         let user = call.session.as_deref().map(|s| Arc::from(s.user()));
         let cost = message.len() + HEADERS_COST;
         let request = Bytes::copy_from_slice(request);
-        if let Some(watcher) = cache.insert(user, request, range, revision, stored, cost) {
+        if let Some(watcher) = cache.insert(user, request, cacheable, revision, stored, cost) {
             let keep_fresh =
                 cache_watch::keep_fresh(Arc::clone(&self.sender), call.session.clone(), Arc::clone(cache), watcher);
             tokio::spawn(keep_fresh);
@@ -71,7 +72,8 @@ impl Forwarder {
         if call.route.writes == Writes::Nothing {
             return;
         }
-        // etcd writes the header first: a relayed answer's first chunk holds its revision.
+        // etcd writes the header first, so a relayed answer's first chunk holds its revision
+        // unless etcd sent a first frame too small for it; then nothing cached is proven fresh.
         let revision = match answer {
             // etcd's failures carry no message (trailers only): only successes are read.
             UnaryAnswer::Whole(whole) => match whole.message_bytes() {

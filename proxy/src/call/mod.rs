@@ -48,8 +48,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{Metrics, Refusal};
 use crate::auth::{self, AuthSessions, ClientInfo, Identity, Session};
 use crate::budget::{BudgetPolicy, ClientBudget, KeySizeEstimate, LimitRule, LimitedLog};
-use crate::cache::KeyRange;
-use crate::cache::ReadCache;
+use crate::cache::{Cacheable, ReadCache};
 use crate::config::Config;
 use crate::error::{CallError, ProxyFailure};
 use crate::grpc::{self, CallShape, Code, MethodKind, Replay, Route};
@@ -357,7 +356,7 @@ impl Forwarder {
         mut call: Admitted,
         budget: usize,
         rule: LimitRule<'_>,
-        cacheable: Option<KeyRange>,
+        cacheable: Option<Cacheable>,
     ) -> Result<Response<ResponseBody>, h2::Error> {
         if let PendingBody::Buffered(message) = &call.body {
             let limited =
