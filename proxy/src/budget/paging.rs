@@ -122,12 +122,13 @@ pub enum Answer<E> {
 }
 
 /// Whether a Range can be served page by page with a key cursor: etcd applies `limit` after
-/// sorting and filtering, so other requests are forwarded as they are.
+/// sorting and filtering, so other requests are forwarded as they are. A target other than the
+/// key is sorted by even with no order asked (ascending, after `limit`), so only key order pages.
 pub fn pageable(request: &RangeRequest) -> bool {
-    let default_order = request.sort_order == range_request::SortOrder::None as i32
-        || (request.sort_order == range_request::SortOrder::Ascend as i32
-            && request.sort_target == range_request::SortTarget::Key as i32);
-    default_order
+    let key_order = request.sort_target == range_request::SortTarget::Key as i32
+        && (request.sort_order == range_request::SortOrder::None as i32
+            || request.sort_order == range_request::SortOrder::Ascend as i32);
+    key_order
         && !request.count_only
         && request.min_mod_revision == 0
         && request.max_mod_revision == 0
@@ -259,7 +260,10 @@ where
                 }
                 return Answer::Raw(raw);
             }
-            revision = decoded.header.as_ref().map_or(0, |h| h.revision);
+            // The header carries etcd's current revision, not the one a client asked to read at.
+            if revision <= 0 {
+                revision = decoded.header.as_ref().map_or(0, |h| h.revision);
+            }
             let mut skeleton = decoded.clone();
             skeleton.kvs.clear();
             skeleton.more = true;
@@ -357,6 +361,42 @@ mod tests {
         }
     }
 
+    /// A store of `keys` keys under "/k/", answering each page at the current revision 500.
+    fn page_of(keys: usize, request: &RangeRequest) -> Page {
+        let all: Vec<KeyValue> = (0..keys).map(|i| kv(&format!("/k/{i:04}"), 100)).collect();
+        let rest: Vec<KeyValue> = all.into_iter().filter(|kv| kv.key >= request.key).collect();
+        let take = if request.limit > 0 { (request.limit as usize).min(rest.len()) } else { rest.len() };
+        let header = Some(ResponseHeader { revision: 500, ..Default::default() });
+        let response =
+            RangeResponse { header, kvs: rest[..take].to_vec(), more: take < rest.len(), count: rest.len() as i64 };
+        Page::parse(Bytes::from(response.encode_to_vec())).expect("a page")
+    }
+
+    #[tokio::test]
+    async fn every_page_is_read_at_the_revision_asked_for() {
+        let policy = BudgetPolicy {
+            max_response_bytes: 4 << 20,
+            limited_user_agents: Vec::new(),
+            unlimited_user_agents: Vec::new(),
+            limit_go_without_api_version: false,
+            truncate_prefixes: Vec::new(),
+        };
+        for (asked, read_at) in [(100, 100), (0, 500)] {
+            let request =
+                RangeRequest { key: "/k/".into(), range_end: "/k0".into(), revision: asked, ..Default::default() };
+            let mut revisions = Vec::new();
+            let answer = serve_range(&policy, 4096, &KeySizeEstimate::default(), request, |page: RangeRequest| {
+                revisions.push(page.revision);
+                std::future::ready(Ok::<_, ()>(page_of(200, &page)))
+            })
+            .await;
+            assert!(matches!(answer, Answer::Refused(_)), "20 KiB of keys over a 4 KiB budget");
+            assert!(revisions.len() > 2, "read in pages: {revisions:?}");
+            assert_eq!(revisions[0], asked);
+            assert!(revisions[1..].iter().all(|&r| r == read_at), "asked {asked}: {revisions:?}");
+        }
+    }
+
     #[test]
     fn answers_reuse_etcd_bytes_and_encode_like_prost() {
         let header = Some(ResponseHeader { revision: 42, member_id: 7, ..Default::default() });
@@ -401,6 +441,8 @@ mod tests {
         assert!(!pageable(&RangeRequest { count_only: true, ..prefix.clone() }));
         assert!(!pageable(&RangeRequest { sort_order: range_request::SortOrder::Descend as i32, ..prefix.clone() }));
         assert!(!pageable(&RangeRequest { max_mod_revision: 9, ..prefix.clone() }));
+        let by_mod = RangeRequest { sort_target: range_request::SortTarget::Mod as i32, ..prefix.clone() };
+        assert!(!pageable(&by_mod), "etcd sorts by the target even with no order asked");
         let by_key = RangeRequest { sort_order: range_request::SortOrder::Ascend as i32, ..prefix };
         assert!(pageable(&by_key));
     }

@@ -17,8 +17,9 @@ use super::relay::Buffered;
 use super::{Forwarder, UnaryAnswer};
 
 impl Forwarder {
-    /// A Range from a client with a size budget, and whether it is etcd's whole answer (not
-    /// paged, cut or refused); `None` when it is simply forwarded.
+    /// A Range from a client with a size budget, and whether it is the whole result (etcd's
+    /// answer, or pages of one revision put together; not paged, cut or refused); `None` when it
+    /// is simply forwarded.
     pub(super) async fn limited_range(
         &self,
         headers: &HeaderMap,

@@ -363,7 +363,8 @@ impl Forwarder {
                 self.limited_range(&call.headers, &call.path_and_query, message, budget, rule, call.session.as_deref());
             match admission::within(call.deadline, Box::pin(limited)).await {
                 Ok(Some((answer, whole))) => {
-                    // Only etcd's own answer is stored: pages assembled for this budget are not.
+                    // Only a whole result is stored (etcd's own answer, or one assembled from pages
+                    // read at one revision): a page, a cut or a refusal made for this budget is not.
                     if let (Some(range), true) = (cacheable, whole) {
                         self.remember(&call, range, &answer);
                     }
