@@ -21,6 +21,9 @@ pub const NO_LEADER: &str = "etcdserver: no leader";
 /// A linearizable read or lease lookup interrupted by an election.
 pub const LEADER_CHANGED: &str = "etcdserver: leader changed";
 
+/// A watch create refused because the stream already has a watch of the id it asks for.
+pub const DUPLICATE_WATCH_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
+
 /// A write refused because the database reached its quota (the NOSPACE alarm is raised).
 pub const NO_SPACE: &str = "etcdserver: mvcc: database space exceeded";
 /// A proposal that was not applied in time; the variants of etcd 3.5 add a reason after a comma.

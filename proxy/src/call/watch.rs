@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use etcd_compat_proto::etcdserverpb::{
-    watch_request, WatchCancelRequest, WatchCreateRequest, WatchRequest, WatchResponse,
+    watch_request, ResponseHeader, WatchCancelRequest, WatchCreateRequest, WatchRequest, WatchResponse,
 };
 use http::HeaderMap;
 use http_body::{Body, Frame};
@@ -580,6 +580,12 @@ impl WatchRelay {
             self.handle_client_messages();
             return true;
         }
+        if self.to_client.is_full() {
+            // Answers the proxy makes itself (created, cancelled) would pile up for a client
+            // that sends without reading; etcd too stops reading such a client.
+            let _ = self.to_client.poll_room(cx);
+            return false;
+        }
         let Some(client) = self.client.as_mut() else { return false };
         // Requests etcd has not taken yet are bounded: nothing more is read until they leave
         // (the feed wakes the relay) or, between streams, until the next stream takes them.
@@ -670,22 +676,32 @@ impl WatchRelay {
         // next one: creates as pending creates, which every new stream gets, the rest after them.
         let idle = matches!(self.upstream, Upstream::Idle);
         let between_streams = idle || matches!(self.upstream, Upstream::Paused | Upstream::Backoff(_));
-        if between_streams {
-            self.held_bytes += message.len();
-        }
         let union = request.and_then(|r| r.request_union);
-        if let Some(watch_request::RequestUnion::CancelRequest(cancel)) = &union {
-            if self.leave_shared(cancel.watch_id) {
+        match &union {
+            Some(watch_request::RequestUnion::CancelRequest(cancel)) if self.leave_shared(cancel.watch_id) => return,
+            // etcd never had a shared watch on this stream, and would take the id again.
+            Some(watch_request::RequestUnion::CreateRequest(create))
+                if create.watch_id != 0
+                    && self
+                        .watches
+                        .get(&create.watch_id)
+                        .is_some_and(|w| matches!(w.sharing, Sharing::Shared { .. })) =>
+            {
+                self.refuse_duplicate_id();
                 return;
             }
+            _ => {}
         }
         if self.shared_stream && matches!(union, Some(watch_request::RequestUnion::ProgressRequest(_))) {
             // Sent by `reopen` on the next stream if this one ends before answering.
             self.progress_unanswered = true;
             if between_streams {
-                self.held_bytes -= message.len();
                 return;
             }
+        }
+        // Counted only once it is kept: what is answered here is not held.
+        if between_streams {
+            self.held_bytes += message.len();
         }
         let Some(watch_request::RequestUnion::CreateRequest(mut create)) = union else {
             // Cancels and progress requests carry ids that are the same upstream.
@@ -738,10 +754,10 @@ impl WatchRelay {
     /// The next id etcd would assign on the client's original stream (0 means "let etcd pick").
     fn take_auto_id(&mut self) -> i64 {
         while self.watches.contains_key(&self.next_auto_id) {
-            self.next_auto_id += 1;
+            self.next_auto_id = self.next_auto_id.wrapping_add(1);
         }
         let id = self.next_auto_id;
-        self.next_auto_id += 1;
+        self.next_auto_id = self.next_auto_id.wrapping_add(1);
         id
     }
 
@@ -874,8 +890,9 @@ impl WatchRelay {
                 0 => facts.header_revision + 1,
                 start => start,
             };
-            if facts.watch_id >= self.next_auto_id {
-                self.next_auto_id = facts.watch_id + 1;
+            // etcd moves its counter past the ids it picks, never past those a client chose.
+            if pending.create.watch_id == 0 && facts.watch_id >= self.next_auto_id {
+                self.next_auto_id = facts.watch_id.wrapping_add(1);
             }
             let recreation = pending.recreation;
             let watch = ActiveWatch { create: pending.create, next_revision, sharing: Sharing::Own };
@@ -1242,6 +1259,26 @@ impl WatchRelay {
         self.ask_progress_on_own_stream();
     }
 
+    /// A create asking for the id of one of the client's shared watches, refused as etcd refuses
+    /// a duplicate id on its stream.
+    fn refuse_duplicate_id(&mut self) {
+        let header = self.latest_header();
+        let refusal = WatchResponse {
+            header,
+            watch_id: -1,
+            created: true,
+            canceled: true,
+            cancel_reason: etcd_errors::DUPLICATE_WATCH_ID.to_owned(),
+            ..Default::default()
+        };
+        self.deliver(grpc::frame_message(&refusal));
+    }
+
+    /// The header of the latest response the client got, for answers the proxy makes itself.
+    fn latest_header(&self) -> Option<ResponseHeader> {
+        self.latest.as_ref().and_then(|latest| WatchResponse::decode(&latest[5..]).ok()).and_then(|r| r.header)
+    }
+
     /// The client cancelled watch `id`: a shared watch's cancel is answered by the proxy (etcd
     /// never had it on this stream); true if it was.
     fn leave_shared(&mut self, id: i64) -> bool {
@@ -1257,12 +1294,8 @@ impl WatchRelay {
                     self.unsubscribe(id, &watch.sharing);
                 }
                 self.recount = true;
-                let header = self
-                    .latest
-                    .as_ref()
-                    .and_then(|latest| WatchResponse::decode(&latest[5..]).ok())
-                    .and_then(|response| response.header);
-                let answer = WatchResponse { header, watch_id: id, canceled: true, ..Default::default() };
+                let answer =
+                    WatchResponse { header: self.latest_header(), watch_id: id, canceled: true, ..Default::default() };
                 self.deliver(grpc::frame_message(&answer));
                 true
             }

@@ -589,3 +589,79 @@ fn a_fleet_arriving_at_once_shares_one_watch(version: EtcdVersion) {
     });
 }
 both_versions!(a_fleet_arriving_at_once_shares_one_watch => fleet_at_once_3_4, fleet_at_once_3_5);
+
+/// A create that asks for the id of a watch already on the stream is refused as etcd refuses it,
+/// also when that watch is shared (etcd never had it on the client's stream, and would have
+/// accepted the id, handing the client the shared watch's events under the new watch).
+fn a_create_reusing_a_shared_watch_id_is_refused_as_etcd_refuses_it(version: EtcdVersion) {
+    let deployment = Deployment::start(version, 1, Wire::Plain, &[]);
+    runtime().block_on(async {
+        let mut writer = connect(&deployment.cluster.client_urls()[0]).await;
+        let (mut outcomes, mut open) = (Vec::new(), Vec::new());
+        for endpoint in [deployment.cluster.client_urls()[0].clone(), deployment.endpoint.clone()] {
+            let mut client = connect(&endpoint).await;
+            let mut stream = client.watch("/d/a", None).await.expect("watch a");
+            let mut seen = Vec::new();
+            let answer = |response: etcd_client::WatchResponse| {
+                let keys: Vec<String> = response
+                    .events()
+                    .iter()
+                    .filter_map(|e| e.kv())
+                    .map(|kv| kv.key_str().unwrap_or("?").to_owned())
+                    .collect();
+                (
+                    response.watch_id(),
+                    response.created(),
+                    response.canceled(),
+                    response.cancel_reason().to_owned(),
+                    keys,
+                )
+            };
+            seen.push(answer(stream.message().await.expect("a created").expect("open")));
+            stream.watch("/d/b", None).await.expect("watch b");
+            seen.push(answer(stream.message().await.expect("b created").expect("open")));
+            stream.watch("/d/c", Some(WatchOptions::new().with_watch_id(1))).await.expect("watch c");
+            seen.push(answer(stream.message().await.expect("c answered").expect("open")));
+            for key in ["/d/c", "/d/b"] {
+                writer.put(key, "v", None).await.expect("put");
+            }
+            seen.push(answer(stream.message().await.expect("event").expect("open")));
+            outcomes.push(seen);
+            open.push((client, stream));
+        }
+        let refused = (-1, true, true, "mvcc: duplicate watch ID provided on the WatchStream".to_owned(), Vec::new());
+        assert_eq!(outcomes[0][2], refused, "direct");
+        assert_eq!(outcomes[1], outcomes[0], "through the proxy, as directly");
+        assert_eq!(outcomes[1][3], (1, false, false, String::new(), vec!["/d/b".to_owned()]));
+        // Both of the client's watches were shared: the case etcd alone would get wrong.
+        assert_eq!(gauge(&deployment, "etcd_compat_proxy_watch_shared_subscribers"), 2.0);
+    });
+}
+both_versions!(a_create_reusing_a_shared_watch_id_is_refused_as_etcd_refuses_it => duplicate_shared_id_3_4, duplicate_shared_id_3_5);
+
+/// A client whose watches are all shared creates and cancels watches for a long time: every
+/// answer comes from the proxy or the hub, and none of it counts against what the client may
+/// have waiting for etcd (cancels of shared watches did, and after about 6000 of them the
+/// client's stream was no longer read).
+#[test]
+fn creating_and_cancelling_shared_watches_for_long_keeps_the_stream_served() {
+    let deployment = Deployment::start(EtcdVersion::V3_5, 1, Wire::Plain, &[]);
+    runtime().block_on(async {
+        let mut client = connect(&deployment.endpoint).await;
+        let mut stream = client.watch("/loop/", Some(WatchOptions::new().with_prefix())).await.expect("watch");
+        assert!(stream.message().await.expect("created").expect("open").created());
+        for round in 0..8000 {
+            stream.watch("/loop/", Some(WatchOptions::new().with_prefix())).await.expect("watch");
+            let created = tokio::time::timeout(Duration::from_secs(5), stream.message())
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: no created answer within 5 s"))
+                .expect("created")
+                .expect("open");
+            assert!(created.created(), "round {round}");
+            stream.cancel(created.watch_id()).await.expect("cancel");
+            let cancelled = stream.message().await.expect("cancelled").expect("open");
+            assert!(cancelled.canceled(), "round {round}");
+        }
+        assert_eq!(gauge(&deployment, "etcd_compat_proxy_watch_shared_subscribers"), 1.0);
+    });
+}
