@@ -57,7 +57,7 @@ pub struct Metrics {
     watch_recreations: AtomicU64,
     client_connections: AtomicU64,
     /// Client connections the proxy closed, by [`ClosedBecause`].
-    connections_closed: [AtomicU64; 2],
+    connections_closed: [AtomicU64; 3],
     /// Client requests the proxy refused itself, by [`Refusal`].
     refusals: [AtomicU64; 4],
     stream_pauses: AtomicU64,
@@ -113,10 +113,12 @@ pub enum ClosedBecause {
     Handshake = 0,
     /// Silent for `--idle-connection-timeout`, then no answer to a ping.
     NoPingAnswer = 1,
+    /// Its TLS handshake failed (a certificate or protocol the proxy does not accept).
+    TlsFailed = 2,
 }
 
 impl ClosedBecause {
-    const LABELS: [&'static str; 2] = ["handshake_timeout", "ping_timeout"];
+    const LABELS: [&'static str; 3] = ["handshake_timeout", "ping_timeout", "tls_handshake_failed"];
 }
 
 /// Why the proxy refused a client's request itself, without sending it to etcd.
@@ -298,7 +300,7 @@ impl Metrics {
         let _ = writeln!(out, "etcd_compat_proxy_watch_responses_split_total {}", self.watch_splits.load(Relaxed));
         out.push_str("# HELP etcd_compat_proxy_client_connections Client connections open now.\n# TYPE etcd_compat_proxy_client_connections gauge\n");
         let _ = writeln!(out, "etcd_compat_proxy_client_connections {}", self.client_connections.load(Relaxed));
-        out.push_str("# HELP etcd_compat_proxy_client_connections_closed_total Client connections the proxy closed: no handshake in time (--handshake-timeout), or silent and no answer to a ping (--idle-connection-timeout).\n# TYPE etcd_compat_proxy_client_connections_closed_total counter\n");
+        out.push_str("# HELP etcd_compat_proxy_client_connections_closed_total Client connections the proxy closed: no handshake in time (--handshake-timeout), silent and no answer to a ping (--idle-connection-timeout), or a failed TLS handshake.\n# TYPE etcd_compat_proxy_client_connections_closed_total counter\n");
         for (label, n) in ClosedBecause::LABELS.iter().zip(&self.connections_closed) {
             let _ = writeln!(
                 out,

@@ -11,8 +11,8 @@
 pub mod accept;
 pub mod authority_repair;
 
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -29,6 +29,34 @@ use authority_repair::AuthorityRepair;
 
 /// Longest wait for a client's answer to a ping (gRPC's own keep-alive timeout).
 const MAX_PING_ANSWER_TIME: Duration = Duration::from_secs(20);
+
+/// Failed client TLS handshakes are logged at most this often: a scanner, or a fleet that does
+/// not trust the certificate, would otherwise write a line per connection.
+const TLS_FAILURE_LOG_EVERY: Duration = Duration::from_secs(1);
+static TLS_FAILURES: FailureLog = FailureLog::new();
+
+/// Failures counted between the lines that log them.
+struct FailureLog {
+    unlogged: AtomicU64,
+    last_logged: Mutex<Option<tokio::time::Instant>>,
+}
+
+impl FailureLog {
+    const fn new() -> Self {
+        FailureLog { unlogged: AtomicU64::new(0), last_logged: Mutex::new(None) }
+    }
+
+    /// Counts a failure; when a line is due, how many it reports (this one and those not logged).
+    fn failed(&self) -> Option<u64> {
+        self.unlogged.fetch_add(1, Relaxed);
+        let mut last = self.last_logged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_some_and(|at| at.elapsed() < TLS_FAILURE_LOG_EVERY) {
+            return None;
+        }
+        *last = Some(tokio::time::Instant::now());
+        Some(self.unlogged.swap(0, Relaxed))
+    }
+}
 
 /// Any client byte stream (plain TCP or TLS), so that one connection type serves both.
 trait ClientStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
@@ -64,7 +92,10 @@ impl ClientConnection {
                     Box::new(tls_stream)
                 }
                 Ok(Err(error)) => {
-                    tracing::info!(%peer, %error, "client TLS handshake failed");
+                    self.metrics.client_connection_closed(ClosedBecause::TlsFailed);
+                    if let Some(failures) = TLS_FAILURES.failed() {
+                        tracing::info!(%peer, %error, failures, "client TLS handshake failed (failures: this one and those not logged since the last line)");
+                    }
                     return;
                 }
                 Err(_) => {
@@ -154,4 +185,19 @@ pub fn http2_server(config: &Config) -> Http2Server {
         builder.keep_alive_interval(idle).keep_alive_timeout(idle.min(MAX_PING_ANSWER_TIME));
     }
     builder
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_handshakes_are_logged_once_a_second_with_their_count() {
+        let log = FailureLog::new();
+        assert_eq!(log.failed(), Some(1), "the first is logged");
+        assert_eq!((log.failed(), log.failed()), (None, None));
+        tokio::time::advance(TLS_FAILURE_LOG_EVERY).await;
+        assert_eq!(log.failed(), Some(3), "the next line counts those not logged");
+        assert_eq!(log.failed(), None);
+    }
 }

@@ -207,6 +207,8 @@ fn old_client_reaches_new_ca_cluster(version: EtcdVersion) {
     let refused = etcdctl(version, &strict.endpoint(), Some(&legacy_client), &["get", "job/1", "--dial-timeout=2s"]);
     assert!(!refused.status.success(), "expired client certificate must be refused by default");
     assert!(strict.log_contents().contains("client TLS handshake failed"), "{}", strict.log_contents());
+    let failed = "etcd_compat_proxy_client_connections_closed_total{reason=\"tls_handshake_failed\"}";
+    assert!(metric(&metrics(&strict), failed) >= Some(1.0), "the refused handshake is counted");
     assert_eq!(metric(&metrics(&strict), "etcd_compat_proxy_legacy_expired_client_certificates_total"), Some(0.0));
 }
 
