@@ -24,6 +24,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -247,7 +248,7 @@ enum Sharing {
     Own,
     /// Its own watch, while subscribed to a shared one: it switches once its own has delivered
     /// up to `from` (once known); the shared watch's messages wait in `held` until then.
-    Joining { key: ShareKey, from: Option<i64>, held: VecDeque<Bytes>, held_bytes: usize },
+    Joining { key: ShareKey, from: Option<i64>, held: HeldShared },
     /// The shared watch; events up to `skip_through` came from its own before the switch.
     Shared { key: ShareKey, skip_through: i64 },
 }
@@ -258,6 +259,39 @@ impl Sharing {
             Sharing::Own => None,
             Sharing::Joining { key, .. } | Sharing::Shared { key, .. } => Some(key),
         }
+    }
+}
+
+/// A joining watch's messages of the shared watch, counted in the relay's total of them too:
+/// however they go (delivered, or dropped with the watch or its joining), the total drops with
+/// them, so that it bounds what all of a client's joining watches hold together.
+struct HeldShared {
+    messages: VecDeque<Bytes>,
+    bytes: usize,
+    total: Arc<AtomicUsize>,
+}
+
+impl HeldShared {
+    fn new(total: &Arc<AtomicUsize>) -> Self {
+        HeldShared { messages: VecDeque::new(), bytes: 0, total: Arc::clone(total) }
+    }
+
+    fn push(&mut self, message: Bytes) {
+        self.bytes += message.len();
+        self.total.fetch_add(message.len(), Ordering::Relaxed);
+        self.messages.push_back(message);
+    }
+
+    /// The messages, in order, no longer counted.
+    fn take(&mut self) -> VecDeque<Bytes> {
+        self.total.fetch_sub(std::mem::take(&mut self.bytes), Ordering::Relaxed);
+        std::mem::take(&mut self.messages)
+    }
+}
+
+impl Drop for HeldShared {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -328,6 +362,8 @@ struct WatchRelay {
     /// A watch waiting for the hub to join it to a shared one at once; the client's next
     /// requests wait meanwhile, so that `created` answers keep the order of the creates.
     joining_now: Option<Box<JoiningNow>>,
+    /// Bytes of shared messages all joining watches hold (see [`HeldShared`]).
+    joining_held: Arc<AtomicUsize>,
     /// The client's progress request the hub holds (see `progress_through_hub`).
     hub_progress: HubProgress,
     /// A join was answered: the requests that waited for it are handled next.
@@ -433,6 +469,7 @@ impl WatchRelay {
             latest: None,
             recount: false,
             joining_now: None,
+            joining_held: Arc::default(),
             hub_progress: HubProgress::None,
             resume_client: false,
             shared_stream: false,
@@ -1032,7 +1069,7 @@ impl WatchRelay {
             watch.next_revision,
             &coalescing.inbox,
         );
-        watch.sharing = Sharing::Joining { key, from: None, held: VecDeque::new(), held_bytes: 0 };
+        watch.sharing = Sharing::Joining { key, from: None, held: HeldShared::new(&self.joining_held) };
     }
 
     /// Switches a joining watch to the shared one once its own has delivered everything up to
@@ -1047,12 +1084,14 @@ impl WatchRelay {
         if delivered_through < *from {
             return;
         }
-        let Sharing::Joining { key, held, .. } = std::mem::replace(&mut watch.sharing, Sharing::Own) else { return };
+        let Sharing::Joining { key, mut held, .. } = std::mem::replace(&mut watch.sharing, Sharing::Own) else {
+            return;
+        };
         watch.sharing = Sharing::Shared { key, skip_through: delivered_through };
         self.to_upstream.send(frame_cancel(id));
         self.own_cancels.push(id);
         self.recount = true;
-        for message in held {
+        for message in held.take() {
             self.deliver_shared(id, message);
         }
         self.idle_if_unneeded();
@@ -1099,11 +1138,11 @@ impl WatchRelay {
                 }
             }
             Delivery::Message { client_id, message } => match self.watches.get_mut(&client_id) {
-                Some(ActiveWatch { sharing: Sharing::Joining { held, held_bytes, .. }, .. }) => {
-                    *held_bytes += message.len();
-                    held.push_back(message);
-                    if *held_bytes > held_limit {
-                        // Its own watch is far behind the shared one: it stays on its own.
+                Some(ActiveWatch { sharing: Sharing::Joining { held, .. }, .. }) => {
+                    held.push(message);
+                    // Its own watch is far behind the shared one, or the client's joining
+                    // watches hold too much together: it stays on its own.
+                    if held.bytes > held_limit || self.joining_held.load(Ordering::Relaxed) > held_limit {
                         self.stop_joining(client_id);
                     }
                 }
@@ -1444,6 +1483,24 @@ mod tests {
     use prost::Message;
 
     #[test]
+    fn what_joining_watches_hold_is_counted_together_however_it_goes() {
+        let total = Arc::new(AtomicUsize::new(0));
+        let mut first = HeldShared::new(&total);
+        let mut second = HeldShared::new(&total);
+        first.push(Bytes::from_static(b"abc"));
+        first.push(Bytes::from_static(b"de"));
+        second.push(Bytes::from_static(b"fghi"));
+        assert_eq!(total.load(Ordering::Relaxed), 9);
+        let delivered = first.take();
+        assert_eq!(delivered, [Bytes::from_static(b"abc"), Bytes::from_static(b"de")]);
+        assert_eq!(total.load(Ordering::Relaxed), 4);
+        drop(first);
+        assert_eq!(total.load(Ordering::Relaxed), 4, "taken messages are not counted twice");
+        drop(second);
+        assert_eq!(total.load(Ordering::Relaxed), 0, "dropped with the watch");
+    }
+
+    #[test]
     fn a_progress_answer_on_the_stream_moves_only_the_watches_on_it() {
         let watch =
             |next_revision, sharing| ActiveWatch { create: WatchCreateRequest::default(), next_revision, sharing };
@@ -1451,7 +1508,8 @@ mod tests {
         let mut watches = Watches::default();
         watches.insert(1, watch(5, Sharing::Own));
         watches.insert(2, watch(5, Sharing::Shared { key: key.clone(), skip_through: 4 }));
-        watches.insert(3, watch(5, Sharing::Joining { key, from: None, held: VecDeque::new(), held_bytes: 0 }));
+        let held = HeldShared::new(&Arc::default());
+        watches.insert(3, watch(5, Sharing::Joining { key, from: None, held }));
         watches.insert(4, watch(12, Sharing::Own));
         watches.progressed_on_stream(9);
         let next: Vec<i64> = watches.values_mut().map(|watch| watch.next_revision).collect();
