@@ -362,6 +362,11 @@ struct WatchRelay {
     /// A watch waiting for the hub to join it to a shared one at once; the client's next
     /// requests wait meanwhile, so that `created` answers keep the order of the creates.
     joining_now: Option<Box<JoiningNow>>,
+    /// Watches whose last message from their own upstream watch was a fragment, not the last
+    /// one: the stream is not paused before it, since the watch, re-created from its next
+    /// revision, would be sent that revision's fragments again, and the client would see their
+    /// events twice.
+    mid_fragment: Vec<i64>,
     /// Bytes of shared messages all joining watches hold (see [`HeldShared`]).
     joining_held: Arc<AtomicUsize>,
     /// The client's progress request the hub holds (see `progress_through_hub`).
@@ -469,6 +474,7 @@ impl WatchRelay {
             latest: None,
             recount: false,
             joining_now: None,
+            mid_fragment: Vec::new(),
             joining_held: Arc::default(),
             hub_progress: HubProgress::None,
             resume_client: false,
@@ -518,7 +524,7 @@ impl WatchRelay {
     /// too far behind.
     fn deliver(&mut self, message: Bytes) {
         self.to_client.push(Frame::data(message));
-        if self.to_client.is_full() && matches!(self.upstream, Upstream::Open { .. }) {
+        if self.to_client.is_full() && matches!(self.upstream, Upstream::Open { .. }) && self.mid_fragment.is_empty() {
             tracing::debug!(watches = self.watches.len(), "watch client is not reading; pausing its upstream stream");
             self.sender.metrics().stream_paused();
             self.upstream = Upstream::Paused;
@@ -942,6 +948,7 @@ impl WatchRelay {
             return;
         }
         if facts.canceled {
+            self.mid_fragment.retain(|&id| id != facts.watch_id);
             if let Some(watch) = self.watches.remove(&facts.watch_id) {
                 self.recount = true;
                 self.unsubscribe(facts.watch_id, &watch.sharing);
@@ -954,6 +961,14 @@ impl WatchRelay {
             self.watches.progressed_on_stream(facts.header_revision);
         } else if let Some(watch) = self.watches.get_mut(&facts.watch_id) {
             advance(watch, &facts);
+            let listed = self.mid_fragment.iter().position(|&id| id == facts.watch_id);
+            match (facts.fragment, listed) {
+                (true, None) => self.mid_fragment.push(facts.watch_id),
+                (false, Some(at)) => {
+                    self.mid_fragment.swap_remove(at);
+                }
+                _ => {}
+            }
         }
         self.deliver(message);
         if !facts.canceled && facts.watch_id != -1 {
@@ -1040,6 +1055,8 @@ impl WatchRelay {
             self.to_upstream.send(frame_request(watch_request::RequestUnion::ProgressRequest(Default::default())));
         }
         self.held_bytes = 0;
+        // The new stream sends whole revisions again.
+        self.mid_fragment.clear();
         if count > 0 {
             self.sender.metrics().watches_recreated(count);
         }

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, ConnectOptions, EventType, WatchFilterType, WatchOptions, WatchStream};
+use etcd_client::{Client, ConnectOptions, EventType, Txn, TxnOp, WatchFilterType, WatchOptions, WatchStream};
 use etcd_compat_tests::{ClusterSpec, EtcdCluster, EtcdVersion};
 
 use crate::support::{both_versions, connect, metric, runtime, Deployment, Wire};
@@ -663,5 +663,60 @@ fn creating_and_cancelling_shared_watches_for_long_keeps_the_stream_served() {
             assert!(cancelled.canceled(), "round {round}");
         }
         assert_eq!(gauge(&deployment, "etcd_compat_proxy_watch_shared_subscribers"), 1.0);
+    });
+}
+
+/// A client that stops reading in the middle of a fragmented response (a revision too large for
+/// one message, with `fragment` asked) gets each of its events once when it reads again: the
+/// stream is not paused between two fragments of a revision (re-created from that revision,
+/// the watch was sent its first fragments again).
+#[test]
+fn a_stalled_fragmented_watch_gets_each_event_once() {
+    let spec = ClusterSpec::new(EtcdVersion::V3_5, 1).with_extra_args(["--max-txn-ops=1000"]);
+    let deployment = Deployment::start_with(spec, Wire::Plain, &["--max-buffered-response-bytes=65536"]);
+    runtime().block_on(async {
+        let mut writer = connect(&deployment.cluster.client_urls()[0]).await;
+        let keys: Vec<String> = (0..170).map(|n| format!("/f/k{n:03}")).collect();
+        let value = "v".repeat(8 * 1024);
+        for key in &keys {
+            writer.put(key.as_str(), value.as_str(), None).await.expect("put");
+        }
+        let options = || Some(WatchOptions::new().with_prefix().with_prev_key().with_fragment());
+        let mut direct_client = connect(&deployment.cluster.client_urls()[0]).await;
+        let mut direct = direct_client.watch("/f/", options()).await.expect("direct watch");
+        assert!(direct.message().await.expect("created").expect("open").created());
+        let mut stalled_client = connect(&deployment.endpoint).await;
+        let mut stalled = stalled_client.watch("/f/", options()).await.expect("watch");
+        assert!(stalled.message().await.expect("created").expect("open").created());
+        // Nearly the client's 2 MiB stream window, then a revision of 2.7 MiB with its previous
+        // values, which etcd sends in fragments of at most 1.5 MiB: the proxy's queue fills in
+        // the middle of that revision.
+        writer.put("/f/pad1", "p".repeat(1 << 20), None).await.expect("pad");
+        writer.put("/f/pad2", "p".repeat(900 << 10), None).await.expect("pad");
+        let changed = "w".repeat(8 * 1024);
+        let ops: Vec<TxnOp> = keys.iter().map(|key| TxnOp::put(key.as_str(), changed.as_str(), None)).collect();
+        let txn = writer.txn(Txn::new().and_then(ops)).await.expect("txn");
+        let txn_revision = txn.header().expect("header").revision();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut outcomes = Vec::new();
+        for stream in [&mut direct, &mut stalled] {
+            let mut events = Vec::new();
+            let mut fragments = 0;
+            // Until quiet, or far past what etcd sent (the stream re-sent the revision in a loop).
+            while events.len() <= 4 * (2 + keys.len()) {
+                let Ok(response) = tokio::time::timeout(Duration::from_secs(2), stream.message()).await else { break };
+                let response = response.expect("response").expect("open");
+                let revisions = response.events().iter().map(|e| e.kv().expect("kv").mod_revision());
+                fragments += usize::from(revisions.clone().any(|revision| revision == txn_revision));
+                events.extend(response.events().iter().map(|e| {
+                    (e.kv().expect("kv").mod_revision(), e.kv().expect("kv").key_str().unwrap_or("?").to_owned())
+                }));
+            }
+            outcomes.push((events, fragments));
+        }
+        let (direct_events, direct_fragments) = &outcomes[0];
+        assert_eq!(direct_events.len(), 2 + keys.len(), "direct");
+        assert!(*direct_fragments >= 2, "etcd fragmented the transaction's events");
+        assert_eq!(outcomes[1].0, *direct_events, "through the proxy, every event once, in order");
     });
 }
