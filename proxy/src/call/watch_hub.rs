@@ -740,6 +740,21 @@ mod tests {
         Joiner { key, start: 0, subscriber: Subscriber { client_id, inbox } }
     }
 
+    /// What reached an inbox so far, in order, as short descriptions.
+    fn delivered(receiver: &mut MailboxReceiver<Delivery>) -> Vec<String> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut got = Vec::new();
+        while let Poll::Ready(Some(delivery)) = receiver.poll_next(&mut cx) {
+            got.push(match delivery {
+                Delivery::NotJoined { client_id } => format!("not joined {client_id}"),
+                Delivery::Detached { client_id } => format!("detached {client_id}"),
+                Delivery::ProgressUnanswered => "progress unanswered".to_owned(),
+                _ => "other".to_owned(),
+            });
+        }
+        got
+    }
+
     #[test]
     fn a_progress_request_unanswered_as_long_as_a_joiner_waits_is_overdue() {
         let mut stream = HubStream::new(transport::FeedSender::closed(), 0);
@@ -789,16 +804,7 @@ mod tests {
         stream.waiting.push(Joiner { subscriber: Subscriber { client_id: 3, inbox: inbox.clone() }, ..joiner(3) });
         stream.progress_waiting.push(inbox);
         stream.give_up_waiters();
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        let mut got = Vec::new();
-        while let Poll::Ready(Some(delivery)) = receiver.poll_next(&mut cx) {
-            got.push(match delivery {
-                Delivery::NotJoined { client_id } => format!("not joined {client_id}"),
-                Delivery::ProgressUnanswered => "progress unanswered".to_owned(),
-                _ => "other".to_owned(),
-            });
-        }
-        assert_eq!(got, ["not joined 3", "progress unanswered", "progress unanswered"]);
+        assert_eq!(delivered(&mut receiver), ["not joined 3", "progress unanswered", "progress unanswered"]);
     }
 
     #[test]
@@ -820,16 +826,7 @@ mod tests {
         assert_eq!((state.shared.len(), state.streams.len()), (1, 1));
         state.stream_ended(&None, 3, &stats);
         assert_eq!((state.shared.len(), state.by_id.len(), state.streams.len()), (0, 0, 0));
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        let mut got = Vec::new();
-        while let Poll::Ready(Some(delivery)) = receiver.poll_next(&mut cx) {
-            got.push(match delivery {
-                Delivery::Detached { client_id } => format!("detached {client_id}"),
-                Delivery::ProgressUnanswered => "progress unanswered".to_owned(),
-                _ => "other".to_owned(),
-            });
-        }
         // The relay re-creates watch 0 on a fresh stream of its own, then asks there.
-        assert_eq!(got, ["detached 0", "progress unanswered"]);
+        assert_eq!(delivered(&mut receiver), ["detached 0", "progress unanswered"]);
     }
 }
