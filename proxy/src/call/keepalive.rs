@@ -2,10 +2,11 @@
 //!
 //! A keep-alive stream carries independent requests (renew lease N) and answers (lease N has
 //! TTL t), so it can move: when the member serving it fails, the proxy opens the stream on
-//! another member and sends again every request not answered yet, and the client's stream goes
-//! on as if nothing happened. Without this, a client whose member dies must notice, reconnect
-//! and resend before its leases expire; old clients often do not.
+//! another member and sends again the latest unanswered request of each lease, and the client's
+//! stream goes on as if nothing happened. Without this, a client whose member dies must notice,
+//! reconnect and resend before its leases expire; old clients often do not.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,7 +58,7 @@ pub async fn serve(
         client_partial: MessageReader::with_limit(limits.messages.max_message),
         stall_timeout: limits.messages.stall_timeout,
         partial_since: None,
-        unanswered: Vec::new(),
+        unanswered: HashMap::new(),
         in_flight: 0,
         to_client,
         head: Some(head_tx),
@@ -104,8 +105,9 @@ struct KeepAliveStream {
     stall_timeout: Duration,
     /// When the incomplete client message last grew.
     partial_since: Option<tokio::time::Instant>,
-    /// The latest unanswered request of each lease, sent again when the stream moves.
-    unanswered: Vec<(i64, Bytes)>,
+    /// The latest unanswered request of each lease, sent again when the stream moves. By lease:
+    /// one client frame can carry a hundred thousand requests, each looked up here.
+    unanswered: HashMap<i64, Bytes>,
     /// Requests sent to the current member and not answered yet.
     in_flight: usize,
     to_client: QueueSender,
@@ -216,7 +218,7 @@ impl KeepAliveStream {
         let mut to_member = to_member.ok_or_else(|| UpstreamError::Request {
             why: "the connection returned no stream to write the keep-alives into".to_owned(),
         })?;
-        for (_, request) in &self.unanswered {
+        for request in self.unanswered.values() {
             let _ = to_member.send_data(request.clone(), false);
         }
         if self.client_done {
@@ -351,10 +353,7 @@ impl KeepAliveStream {
             }
             let Some(message) = self.client_partial.next_message() else { break };
             if let Some(id) = lease_of_request(&message) {
-                match self.unanswered.iter_mut().find(|(lease, _)| *lease == id) {
-                    Some(entry) => entry.1 = message.clone(),
-                    None => self.unanswered.push((id, message.clone())),
-                }
+                self.unanswered.insert(id, message.clone());
             }
             messages.push(message);
         }
@@ -368,7 +367,7 @@ impl KeepAliveStream {
 
     fn answered(&mut self, message: &Bytes) {
         if let Some(id) = lease_of_answer(message) {
-            self.unanswered.retain(|(lease, _)| *lease != id);
+            self.unanswered.remove(&id);
         }
     }
 }

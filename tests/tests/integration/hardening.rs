@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use etcd_compat_certs::DevPki;
 use etcd_compat_proto::etcdserverpb::{
-    watch_request::RequestUnion, AuthenticateRequest, AuthenticateResponse, PutRequest, RangeRequest, RangeResponse,
-    WatchCreateRequest, WatchRequest, WatchResponse,
+    watch_request::RequestUnion, AuthenticateRequest, AuthenticateResponse, LeaseKeepAliveRequest, PutRequest,
+    RangeRequest, RangeResponse, WatchCreateRequest, WatchRequest, WatchResponse,
 };
 use etcd_compat_tests::{
     error_code_name, etcdctl_ok, frame, frame_flags, frame_type, free_port, grpc_frame, grpc_prefix,
@@ -1460,3 +1460,35 @@ both_versions!(
     authorization_metadata_is_a_proxy_token
         => authorization_metadata_is_a_proxy_token_3_4, authorization_metadata_is_a_proxy_token_3_5
 );
+
+/// One DATA frame carrying 40 000 keep-alives, each for another (unknown) lease: the proxy takes
+/// them without holding up any other client. Each was looked up among all the others before, a
+/// quadratic scan that kept the proxy's event loop busy for seconds.
+#[test]
+fn a_frame_of_forty_thousand_keep_alives_holds_up_nobody() {
+    let deployment = Deployment::start(EtcdVersion::V3_5, 1, Wire::Plain, &[]);
+    let addr = deployment.proxy.listen_addr();
+    let endpoint = deployment.endpoint.clone();
+    runtime().block_on(async {
+        let mut client = connect(&endpoint).await;
+        client.put("k", "v", None).await.expect("put");
+        let h2 = h2_connect(addr).await;
+        let mut payload = Vec::new();
+        for lease in 1..=40_000i64 {
+            payload.extend(grpc_frame(&LeaseKeepAliveRequest { id: lease }.encode_to_vec()));
+        }
+        assert!(payload.len() < 1024 * 1024, "one frame of the proxy's largest: {}", payload.len());
+        let mut send = h2.send.clone().ready().await.expect("connection ready");
+        let request = grpc_request(addr, "/etcdserverpb.Lease/LeaseKeepAlive", &[]);
+        let (_response, mut stream) = send.send_request(request, false).expect("open the keep-alive stream");
+        stream.send_data(Bytes::from(payload), false).expect("send the frame");
+        for n in 0..20 {
+            tokio::time::timeout(Duration::from_secs(1), client.get("k", None))
+                .await
+                .unwrap_or_else(|_| panic!("get {n}: no answer within 1 s while the proxy took the frame"))
+                .expect("get");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(stream);
+    });
+}
