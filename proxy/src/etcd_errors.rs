@@ -20,6 +20,9 @@ pub const NOT_LEADER: &str = "etcdserver: not leader";
 pub const NO_LEADER: &str = "etcdserver: no leader";
 /// A linearizable read or lease lookup interrupted by an election.
 pub const LEADER_CHANGED: &str = "etcdserver: leader changed";
+/// raft's refusal of a proposal it did not append to any log (the leader is handing over
+/// leadership, or the member knows no leader); etcd passes it on with code `Unknown`.
+pub const PROPOSAL_DROPPED: &str = "raft proposal dropped";
 
 /// A watch create refused because the stream already has a watch of the id it asks for.
 pub const DUPLICATE_WATCH_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";

@@ -89,6 +89,10 @@ pub enum RoutingError {
     /// `etcdserver: leader changed`: a linearizable read or lease lookup interrupted by an
     /// election.
     LeaderChanged,
+    /// `raft proposal dropped` (code `Unknown`): raft refused a write before appending it to
+    /// any log, because leadership is being handed over (a leader stopped with SIGTERM, or
+    /// `MoveLeader`) or an election is under way; nothing was proposed.
+    ProposalDropped,
 }
 
 impl RoutingError {
@@ -99,23 +103,25 @@ impl RoutingError {
             RoutingError::NotLeader => etcd_errors::NOT_LEADER,
             RoutingError::NoLeader => etcd_errors::NO_LEADER,
             RoutingError::LeaderChanged => etcd_errors::LEADER_CHANGED,
+            RoutingError::ProposalDropped => etcd_errors::PROPOSAL_DROPPED,
         }
     }
 
-    /// How many times one call is sent elsewhere after this error. `leader changed` comes from
-    /// an election under way, which outlasts one retry: five, paused 100 ms doubling (1.5 s in
-    /// all; etcd's default election timeout is 1 s). The others name a fact a second member
-    /// settles (`no leader` is also what `hasleader` callers want to hear at once): one.
+    /// How many times one call is sent elsewhere after this error. `leader changed` and
+    /// `raft proposal dropped` come from an election or handover under way, which outlasts one
+    /// retry: five, paused 100 ms doubling (1.5 s in all; etcd's default election timeout is
+    /// 1 s). The others name a fact a second member settles (`no leader` is also what
+    /// `hasleader` callers want to hear at once): one.
     pub fn max_reroutes(self) -> u32 {
         match self {
-            RoutingError::LeaderChanged => 5,
+            RoutingError::LeaderChanged | RoutingError::ProposalDropped => 5,
             RoutingError::Learner | RoutingError::NotLeader | RoutingError::NoLeader => 1,
         }
     }
 
     /// Whether a request that got this answer may be sent again, to another member. Reads
     /// always. Writes when etcd refused them before proposing anything (learner, not leader,
-    /// no leader). `leader changed` is only retried for leader-routed calls (promote, move
+    /// no leader, proposal dropped). `leader changed` is only retried for leader-routed calls (promote, move
     /// leader, member changes, which etcd checks again and refuses if already done): for any
     /// other write the proxy cannot rule out that the proposal was applied.
     pub fn allows_retry(self, route: &Route, target: Target) -> bool {
@@ -128,16 +134,19 @@ impl RoutingError {
     }
 }
 
-/// Recognises etcd's routing errors in a trailers-only answer's headers.
+/// Recognises etcd's routing errors in a trailers-only answer's headers: etcd's own errors by
+/// their codes (`Unavailable`, `FailedPrecondition`), raft's by `Unknown`, which is what etcd
+/// gives an error it has no code for.
 pub fn routing_error(headers: &HeaderMap) -> Option<RoutingError> {
-    let code = Code::from_headers(headers)?;
-    if code != Code::Unavailable && code != Code::FailedPrecondition {
-        return None;
-    }
+    let candidates: &[RoutingError] = match Code::from_headers(headers)? {
+        Code::Unavailable | Code::FailedPrecondition => {
+            &[RoutingError::Learner, RoutingError::NotLeader, RoutingError::NoLeader, RoutingError::LeaderChanged]
+        }
+        Code::Unknown => &[RoutingError::ProposalDropped],
+        _ => return None,
+    };
     let message = headers.get(&crate::grpc::GRPC_MESSAGE)?.as_bytes();
-    [RoutingError::Learner, RoutingError::NotLeader, RoutingError::NoLeader, RoutingError::LeaderChanged]
-        .into_iter()
-        .find(|e| e.message().as_bytes() == message)
+    candidates.iter().copied().find(|e| e.message().as_bytes() == message)
 }
 
 #[cfg(test)]
@@ -229,12 +238,18 @@ mod tests {
         );
         assert_eq!(routing_error(&headers(Code::Unavailable, "etcdserver: request timed out")), None);
         assert_eq!(routing_error(&headers(Code::Unknown, "etcdserver: no leader")), None);
+        assert_eq!(
+            routing_error(&headers(Code::Unknown, "raft proposal dropped")),
+            Some(RoutingError::ProposalDropped)
+        );
+        assert_eq!(routing_error(&headers(Code::Unavailable, "raft proposal dropped")), None);
         assert_eq!(routing_error(&HeaderMap::new()), None);
     }
 
     #[test]
-    fn only_leader_changed_is_retried_through_an_election() {
+    fn only_elections_and_handovers_are_retried_for_long() {
         assert_eq!(RoutingError::LeaderChanged.max_reroutes(), 5);
+        assert_eq!(RoutingError::ProposalDropped.max_reroutes(), 5);
         for error in [RoutingError::Learner, RoutingError::NotLeader, RoutingError::NoLeader] {
             assert_eq!(error.max_reroutes(), 1, "{error:?}");
         }
@@ -250,6 +265,8 @@ mod tests {
         assert!(!RoutingError::LeaderChanged.allows_retry(&put, Target::Voter));
         assert!(RoutingError::LeaderChanged.allows_retry(&promote, Target::Leader));
         assert!(RoutingError::NoLeader.allows_retry(&put, Target::Voter));
+        assert!(RoutingError::ProposalDropped.allows_retry(&put, Target::Voter));
+        assert!(!RoutingError::ProposalDropped.allows_retry(&watch, Target::Voter));
         assert!(RoutingError::Learner.allows_retry(&put, Target::Voter));
         assert!(RoutingError::NotLeader.allows_retry(&promote, Target::Leader));
         assert!(!RoutingError::Learner.allows_retry(&watch, Target::Voter));

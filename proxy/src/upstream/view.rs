@@ -160,7 +160,9 @@ impl Cluster {
                     self.view.leader.store(0, Relaxed);
                 }
             }
-            RoutingError::NoLeader | RoutingError::LeaderChanged => self.view.leader.store(0, Relaxed),
+            RoutingError::NoLeader | RoutingError::LeaderChanged | RoutingError::ProposalDropped => {
+                self.view.leader.store(0, Relaxed)
+            }
         }
         self.refresh_view().await;
     }

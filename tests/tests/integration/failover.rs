@@ -283,6 +283,77 @@ fn frozen_member_is_left_behind(version: EtcdVersion) {
 
 both_versions!(frozen_member_is_left_behind => frozen_member_is_left_behind_3_4, frozen_member_is_left_behind_3_5);
 
+/// Leadership is handed over and back while writers go through the proxy and, for comparison,
+/// straight to the leader. During a handover the leader's raft drops new proposals: etcd answers
+/// `raft proposal dropped` (code `Unknown`), nothing was proposed, and a direct client gets that
+/// error. The proxy sends such a write again, so its clients never see it.
+fn writes_during_leader_handovers(version: EtcdVersion) {
+    let mut deployment = Deployment::start(version, 3, Wire::Plain, &["--health-interval=200ms"]);
+    let runtime = runtime();
+    let mut probe = runtime.block_on(connect(&deployment.endpoint));
+    let pinned = runtime.block_on(pinned_member(&deployment, &mut probe, "/ho/none"));
+    if deployment.cluster.wait_for_leader(Duration::from_secs(10)).expect("leader") != pinned {
+        assert_eq!(move_leader(&mut deployment.cluster, pinned), pinned);
+    }
+    let leader_url = deployment.cluster.member(pinned).client_url;
+    let running = Arc::new(AtomicBool::new(true));
+    let writers = |endpoint: String, prefix: &'static str| -> Vec<_> {
+        (0..6)
+            .map(|worker| {
+                let (running, endpoint) = (Arc::clone(&running), endpoint.clone());
+                runtime.spawn(async move {
+                    let mut client = connect(&endpoint).await;
+                    let mut writes = Tally::default();
+                    let mut i = 0;
+                    while running.load(Ordering::Relaxed) {
+                        let key = format!("{prefix}{worker}/{i:05}");
+                        i += 1;
+                        writes.record(key.clone(), bounded(client.put(key.as_str(), "v", None)).await);
+                    }
+                    writes
+                })
+            })
+            .collect()
+    };
+    let through_proxy = writers(deployment.endpoint.clone(), "/ho/proxy/");
+    let direct = writers(leader_url, "/ho/direct/");
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(150));
+        move_leader(&mut deployment.cluster, (pinned + 1) % 3);
+        std::thread::sleep(Duration::from_millis(150));
+        move_leader(&mut deployment.cluster, pinned);
+    }
+    running.store(false, Ordering::Relaxed);
+    let collect = |loads: Vec<tokio::task::JoinHandle<Tally>>| {
+        let mut all = Tally::default();
+        for load in loads {
+            all.extend(runtime.block_on(load).expect("writer"));
+        }
+        all
+    };
+    let (through_proxy, direct) = (collect(through_proxy), collect(direct));
+    let dropped = |tally: &Tally| tally.failed.iter().filter(|f| f.contains("raft proposal dropped")).count();
+    eprintln!(
+        "direct: {} acknowledged, {} failed ({} dropped); through the proxy: {} acknowledged, {} failed; retries {}",
+        direct.acknowledged.len(),
+        direct.failed.len(),
+        dropped(&direct),
+        through_proxy.acknowledged.len(),
+        through_proxy.failed.len(),
+        retries(&deployment.proxy)
+    );
+    // Without drops among the direct writes, this run would show nothing about the proxy.
+    assert!(dropped(&direct) > 0, "no handover dropped a direct write: {:?}", direct.failed);
+    assert_eq!(dropped(&through_proxy), 0, "{:?}", through_proxy.failed);
+    assert!(retries(&deployment.proxy) >= 1.0);
+    through_proxy.assert_failures_acceptable();
+    runtime.block_on(through_proxy.assert_acknowledged_stored(&mut probe, "/ho/proxy/"));
+}
+
+both_versions!(
+    writes_during_leader_handovers => writes_during_leader_handovers_3_4, writes_during_leader_handovers_3_5
+);
+
 /// A rolling restart, as an upgrade does it: each member of three in turn stopped with SIGTERM
 /// (etcd hands leadership over and closes its connections with GOAWAY) and started again. See
 /// [`roll_members`] for what clients through the proxy see.
