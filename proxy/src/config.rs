@@ -87,6 +87,8 @@ pub struct ClientLimits {
     pub max_header_list: u32,
     /// etcd data held for one call or stream whose client is not reading.
     pub max_buffered_response: usize,
+    /// Request messages held by all calls together.
+    pub max_held_requests: usize,
     /// TLS handshake plus HTTP/2 preface and SETTINGS.
     pub handshake_timeout: Duration,
     /// Silence after which a client connection is pinged; `None`: never.

@@ -160,6 +160,8 @@ pub enum ProxyFailure {
     DeadlineExceeded,
     /// A request message larger than etcd accepts.
     MessageTooLarge { claimed: u64, limit: usize },
+    /// No room among the request messages held (`--max-held-request-bytes`) within `waited`.
+    RequestMemoryFull { limit: usize, waited: Duration },
     /// A token the proxy did not issue or no longer knows.
     InvalidToken,
     /// The system random generator failed while making a token.
@@ -219,6 +221,10 @@ impl ProxyFailure {
             MessageTooLarge { claimed, limit } => {
                 (Code::ResourceExhausted, etcd_errors::message_too_large(*claimed, *limit))
             }
+            RequestMemoryFull { limit, waited } => (
+                Code::Unavailable,
+                format!("{P}: the request messages the proxy holds reached --max-held-request-bytes ({limit} bytes) and this one found no room within {waited:?}; nothing was sent to etcd, so it is safe to retry; if this is no flood of large requests, raise --max-held-request-bytes"),
+            ),
             InvalidToken => (Code::Unauthenticated, etcd_errors::INVALID_AUTH_TOKEN.to_owned()),
             RandomFailed => {
                 (Code::Internal, format!("{P}: the system random generator failed; retry Authenticate"))

@@ -59,7 +59,7 @@ pub struct Metrics {
     /// Client connections the proxy closed, by [`ClosedBecause`].
     connections_closed: [AtomicU64; 3],
     /// Client requests the proxy refused itself, by [`Refusal`].
-    refusals: [AtomicU64; 4],
+    refusals: [AtomicU64; 5],
     stream_pauses: AtomicU64,
     /// Limited Range answers by (truncation prefix label, outcome); labels come from configuration.
     budget: Mutex<BTreeMap<(String, &'static str), u64>>,
@@ -69,6 +69,8 @@ pub struct Metrics {
     pub read_cache: std::sync::OnceLock<std::sync::Arc<crate::cache::CacheStats>>,
     /// Watch coalescing's counters, once the request path made its hub.
     pub watch_coalescing: std::sync::OnceLock<std::sync::Arc<dyn RenderMetrics>>,
+    /// The gauges of request messages held, once the request path made its memory for them.
+    pub request_memory: std::sync::OnceLock<std::sync::Arc<dyn RenderMetrics>>,
     /// The auth sessions' gauge, once the server made them.
     pub auth_sessions: std::sync::OnceLock<std::sync::Arc<dyn RenderMetrics>>,
     /// Explains the failures the field reports describe; shared with the cluster's dials.
@@ -100,6 +102,7 @@ impl Default for Metrics {
             certificates: std::sync::Arc::default(),
             read_cache: std::sync::OnceLock::new(),
             watch_coalescing: std::sync::OnceLock::new(),
+            request_memory: std::sync::OnceLock::new(),
             auth_sessions: std::sync::OnceLock::new(),
             explainer: crate::explain::Explainer::default(),
         }
@@ -132,10 +135,12 @@ pub enum Refusal {
     Stalled = 2,
     /// The call's `grpc-timeout` passed.
     Deadline = 3,
+    /// No room among the requests held in memory (`--max-held-request-bytes`) in time.
+    MemoryFull = 4,
 }
 
 impl Refusal {
-    const LABELS: [&'static str; 4] = ["malformed", "too_large", "stalled", "deadline"];
+    const LABELS: [&'static str; 5] = ["malformed", "too_large", "stalled", "deadline", "memory_full"];
 }
 
 /// Keeps a client connection counted as open until dropped.
@@ -308,9 +313,12 @@ impl Metrics {
                 n.load(Relaxed)
             );
         }
-        out.push_str("# HELP etcd_compat_proxy_requests_refused_total Client requests the proxy answered itself without sending them to etcd: malformed (not gRPC), too_large (over etcd's receive limit), stalled (--request-body-timeout), deadline (grpc-timeout passed).\n# TYPE etcd_compat_proxy_requests_refused_total counter\n");
+        out.push_str("# HELP etcd_compat_proxy_requests_refused_total Client requests the proxy answered itself without sending them to etcd: malformed (not gRPC), too_large (over etcd's receive limit), stalled (--request-body-timeout), deadline (grpc-timeout passed), memory_full (no room among the requests held, --max-held-request-bytes, within --request-body-timeout).\n# TYPE etcd_compat_proxy_requests_refused_total counter\n");
         for (label, n) in Refusal::LABELS.iter().zip(&self.refusals) {
             let _ = writeln!(out, "etcd_compat_proxy_requests_refused_total{{reason=\"{label}\"}} {}", n.load(Relaxed));
+        }
+        if let Some(memory) = self.request_memory.get() {
+            memory.render(&mut out);
         }
         self.certificates.render(&mut out);
         if let Some(cache) = self.read_cache.get() {

@@ -7,14 +7,20 @@
 //! `DeadlineExceeded`. A message that stops arriving has no etcd equivalent (etcd waits as long
 //! as the client's deadline allows); the proxy ends it after `--request-body-timeout`, so that a
 //! stalled client holds no call open.
+//!
+//! What request messages make the proxy hold is bounded for all calls together
+//! ([`RequestMemory`], `--max-held-request-bytes`): many streams on many connections, each with
+//! a message under etcd's limit, could otherwise add up to any amount of memory.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::admin::Refusal;
@@ -71,6 +77,95 @@ impl Refused {
     pub fn stalled(after: Duration) -> Refused {
         Refused { why: Refusal::Stalled, failure: ProxyFailure::MessageStalled(after) }
     }
+
+    /// A request that found no room in [`RequestMemory`] for `waited`.
+    pub fn memory_full(limit: usize, waited: Duration) -> Refused {
+        Refused { why: Refusal::MemoryFull, failure: ProxyFailure::RequestMemoryFull { limit, waited } }
+    }
+}
+
+/// Memory for request messages, shared by every call: the bytes of each single-message request
+/// are counted from their arrival until the call ends (they are held for retries), and a
+/// request that finds no room waits for it, with nothing read meanwhile.
+pub struct RequestMemory {
+    room: Arc<Semaphore>,
+    limit: usize,
+}
+
+/// Bytes counted in [`RequestMemory`] until dropped.
+pub type HeldRequest = OwnedSemaphorePermit;
+
+impl RequestMemory {
+    /// Room for `limit` bytes of requests (at most [`Semaphore::MAX_PERMITS`]).
+    pub fn new(limit: usize) -> Arc<RequestMemory> {
+        let limit = limit.min(Semaphore::MAX_PERMITS);
+        Arc::new(RequestMemory { room: Arc::new(Semaphore::new(limit)), limit })
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> usize {
+        self.limit - self.room.available_permits()
+    }
+
+    /// Counts `bytes` if there is room now.
+    fn try_hold(&self, bytes: usize) -> Option<HeldRequest> {
+        Arc::clone(&self.room).try_acquire_many_owned(permits(bytes)).ok()
+    }
+
+    /// Counts `bytes` once there is room; first come, first served, so a large request is not
+    /// passed over for ever by small ones.
+    async fn hold(&self, bytes: usize) -> HeldRequest {
+        match Arc::clone(&self.room).acquire_many_owned(permits(bytes)).await {
+            Ok(held) => held,
+            // The semaphore is never closed, so this never runs.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// `held` (if any) and `bytes` more, counted once there is room, waiting for it until the
+    /// request's stall timeout or deadline: the client is not to blame for that wait, so the
+    /// refusal says why it came.
+    async fn grow(
+        &self,
+        held: Option<HeldRequest>,
+        bytes: usize,
+        limits: MessageLimits,
+        deadline: Option<Instant>,
+    ) -> Result<HeldRequest, Refused> {
+        let more = match self.try_hold(bytes) {
+            Some(more) => more,
+            None => {
+                let (at, is_stall) = stall_or_deadline_at(limits.stall_timeout, deadline);
+                match tokio::time::timeout_at(at, self.hold(bytes)).await {
+                    Ok(more) => more,
+                    Err(_) if is_stall => return Err(Refused::memory_full(self.limit, limits.stall_timeout)),
+                    Err(_) => return Err(Refused::deadline()),
+                }
+            }
+        };
+        Ok(match held {
+            Some(mut held) => {
+                held.merge(more);
+                held
+            }
+            None => more,
+        })
+    }
+}
+
+impl crate::admin::RenderMetrics for RequestMemory {
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        out.push_str("# HELP etcd_compat_proxy_held_request_bytes Bytes of client request messages the proxy holds now (being read, or kept for a retry until the call ends).\n# TYPE etcd_compat_proxy_held_request_bytes gauge\n");
+        let _ = writeln!(out, "etcd_compat_proxy_held_request_bytes {}", self.held());
+        out.push_str("# HELP etcd_compat_proxy_held_request_bytes_limit The most the proxy holds of client request messages at once (--max-held-request-bytes).\n# TYPE etcd_compat_proxy_held_request_bytes_limit gauge\n");
+        let _ = writeln!(out, "etcd_compat_proxy_held_request_bytes_limit {}", self.limit);
+    }
+}
+
+/// Semaphore permits for `bytes`: one per byte (a DATA frame is at most 16 MiB, far below u32).
+fn permits(bytes: usize) -> u32 {
+    u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
 /// Limits on reading one request's messages.
@@ -94,15 +189,17 @@ pub struct StreamLimits {
 /// Reads a single-message request body to its end, refusing it as soon as its prefix claims
 /// more than etcd accepts, when it stalls, or when `deadline` passes. What is returned is the
 /// body as the client sent it (normally one framed message), never more than one message over
-/// the limit's worth.
+/// the limit's worth, with its bytes counted in `memory` (see [`RequestMemory`]).
 pub async fn read_unary<B>(
     body: &mut B,
     limits: MessageLimits,
     deadline: Option<Instant>,
-) -> Result<Result<Bytes, Refused>, B::Error>
+    memory: &RequestMemory,
+) -> Result<Result<(Bytes, HeldRequest), Refused>, B::Error>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
 {
+    let mut held: Option<HeldRequest> = None;
     let mut whole = BytesMut::new();
     // The usual case: the whole message in one chunk, kept without a copy while the end of
     // the stream comes in a frame of its own.
@@ -124,7 +221,11 @@ where
         .await;
         let frame = match frame {
             Ok(Some(frame)) => frame?,
-            Ok(None) => return Ok(Ok(message.unwrap_or_else(|| whole.freeze()))),
+            Ok(None) => {
+                let message = message.unwrap_or_else(|| whole.freeze());
+                // Nothing more to count: an empty body holds nothing, which always has room.
+                return Ok(memory.grow(held, 0, limits, deadline).await.map(|held| (message, held)));
+            }
             Err(refused) => return Ok(Err(refused)),
         };
         let Ok(data) = frame.into_data() else { continue };
@@ -138,9 +239,14 @@ where
             if let Some(refused) = check_size(&data, limits.max_message) {
                 return Ok(Err(refused));
             }
+            let counted = match memory.grow(held.take(), data.len(), limits, deadline).await {
+                Ok(counted) => counted,
+                Err(refused) => return Ok(Err(refused)),
+            };
             if body.is_end_stream() {
-                return Ok(Ok(data));
+                return Ok(Ok((data, counted)));
             }
+            held = Some(counted);
             message = Some(data);
         } else {
             if let Some(message) = message.take() {
@@ -149,6 +255,10 @@ where
             whole.extend_from_slice(&data);
             if let Some(refused) = check_size(&whole, limits.max_message) {
                 return Ok(Err(refused));
+            }
+            match memory.grow(held.take(), data.len(), limits, deadline).await {
+                Ok(counted) => held = Some(counted),
+                Err(refused) => return Ok(Err(refused)),
             }
             // More than one message in a unary body: etcd judges that, but no more than a
             // message's worth is held for it.
@@ -247,7 +357,10 @@ mod tests {
         } else {
             std::mem::forget(sender);
         }
-        read_unary(&mut Fed(receiver), LIMITS, deadline).await.unwrap()
+        read_unary(&mut Fed(receiver), LIMITS, deadline, &RequestMemory::new(1 << 20))
+            .await
+            .unwrap()
+            .map(|(message, _)| message)
     }
 
     #[tokio::test(start_paused = true)]
@@ -302,9 +415,73 @@ mod tests {
             std::future::pending::<()>().await;
         });
         let started = Instant::now();
-        let refused = read_unary(&mut Fed(receiver), LIMITS, None).await.unwrap().unwrap_err();
+        let refused =
+            read_unary(&mut Fed(receiver), LIMITS, None, &RequestMemory::new(1 << 20)).await.unwrap().unwrap_err();
         assert_eq!(refused.why, Refusal::Stalled);
         assert_eq!(started.elapsed(), Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_are_counted_until_dropped_and_wait_for_room_in_order() {
+        let memory = RequestMemory::new(250);
+        let body = |chunks: Vec<Vec<u8>>| {
+            let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+            for chunk in chunks {
+                sender.send(Bytes::from(chunk)).unwrap();
+            }
+            (sender, Fed(receiver))
+        };
+        let message = grpc::frame(&[7; 95]).to_vec();
+        // Whole in one chunk; then one in two chunks: each counts its 100 bytes.
+        let (done, mut first) = body(vec![message.clone()]);
+        drop(done);
+        let (_, first_held) = read_unary(&mut first, LIMITS, None, &memory).await.unwrap().unwrap();
+        let (done, mut second) = body(vec![message[..50].to_vec(), message[50..].to_vec()]);
+        drop(done);
+        let (second_message, second_held) = read_unary(&mut second, LIMITS, None, &memory).await.unwrap().unwrap();
+        assert_eq!((second_message.to_vec(), memory.held()), (message.clone(), 200));
+
+        // A third gets 50 bytes in, then waits for room for the rest; it is not refused as
+        // stalled meanwhile, and goes on once the first call ends.
+        let (feed, mut third) = body(vec![message[..50].to_vec(), message[50..].to_vec()]);
+        drop(feed);
+        let waiting = tokio::spawn(async move {
+            let memory = memory;
+            let read = read_unary(&mut third, LIMITS, None, &memory).await.unwrap().map(|(m, _)| m.len());
+            (read, memory)
+        });
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert!(!waiting.is_finished());
+        drop(first_held);
+        let (read, memory) = waiting.await.unwrap();
+        assert_eq!(read.unwrap(), 100);
+        drop(second_held);
+        assert_eq!(memory.held(), 0);
+
+        // No room within the stall timeout: refused, saying why; what it held is given back.
+        let full = memory.try_hold(250).unwrap();
+        let (_feed, mut fourth) = body(vec![message.clone()]);
+        let started = Instant::now();
+        let refused = read_unary(&mut fourth, LIMITS, None, &memory).await.unwrap().unwrap_err();
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+        assert_eq!(refused.why, Refusal::MemoryFull);
+        assert_eq!(
+            refused.failure.status(),
+            (
+                grpc::Code::Unavailable,
+                "etcd-compat-proxy: the request messages the proxy holds reached --max-held-request-bytes (250 bytes) \
+                 and this one found no room within 1s; nothing was sent to etcd, so it is safe to retry; if this is no \
+                 flood of large requests, raise --max-held-request-bytes"
+                    .to_owned()
+            )
+        );
+        drop(full);
+        assert_eq!(memory.held(), 0);
+        // An empty body holds nothing.
+        let (done, mut empty) = body(vec![]);
+        drop(done);
+        let (message, held) = read_unary(&mut empty, LIMITS, None, &memory).await.unwrap().unwrap();
+        assert_eq!((message.len(), held.num_permits()), (0, 0));
     }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {

@@ -56,7 +56,7 @@ use crate::migrate::Migration;
 use crate::transport::RecvBody;
 use crate::upstream::{Cluster, Member};
 
-use admission::{MessageLimits, NotGrpc, Refused, StreamLimits};
+use admission::{HeldRequest, MessageLimits, NotGrpc, Refused, RequestMemory, StreamLimits};
 use attempts::{PendingBody, Sender, Upstreamed};
 use relay::{Buffered, CallRecord, ResponseBody, StreamStart};
 
@@ -89,6 +89,8 @@ pub struct Forwarder {
     shutdown: CancellationToken,
     /// How client messages are read (size limit, stalls).
     message_limits: MessageLimits,
+    /// What all single-message requests together may hold (`--max-held-request-bytes`).
+    request_memory: Arc<RequestMemory>,
     /// Largest unary answer read whole from etcd (`--max-buffered-response-bytes`).
     max_buffered_response: usize,
     /// Holds the auth store still while a migration mirrors the cluster.
@@ -110,6 +112,8 @@ struct Admitted {
     session: Option<Arc<Session>>,
     /// From the call's `grpc-timeout`.
     deadline: Option<Instant>,
+    /// Counts the buffered request in `--max-held-request-bytes` until the call ends.
+    _held: Option<HeldRequest>,
 }
 
 impl Forwarder {
@@ -127,6 +131,8 @@ impl Forwarder {
         if let Some(cache) = &read_cache {
             let _ = metrics.read_cache.set(cache.stats());
         }
+        let request_memory = RequestMemory::new(limits.max_held_requests);
+        let _ = metrics.request_memory.set(Arc::clone(&request_memory) as Arc<dyn crate::admin::RenderMetrics>);
         let sender = Arc::new(Sender::new(cluster, metrics, auth));
         let stream_limits = StreamLimits {
             messages: MessageLimits {
@@ -150,6 +156,7 @@ impl Forwarder {
                 max_message: limits.max_request_message,
                 stall_timeout: limits.request_body_timeout,
             },
+            request_memory,
             max_buffered_response: limits.max_buffered_response,
             migration,
             read_cache,
@@ -185,7 +192,7 @@ impl Forwarder {
         };
         let path_and_query = path_and_query(&parts.uri);
         let body = PendingBody::Streaming(Some(body));
-        let call = Admitted { route, record, headers, path_and_query, body, session, deadline };
+        let call = Admitted { route, record, headers, path_and_query, body, session, deadline, _held: None };
         match route.kind {
             MethodKind::Watch => match self.serve_watch(call) {
                 Ok(started) => Box::pin(futures_util::FutureExt::map(started, Ok)),
@@ -261,11 +268,11 @@ impl Forwarder {
         let path_and_query = path_and_query(&parts.uri);
 
         // Single-message requests are small; holding them is what makes a retry on another member possible.
-        let body = match route.shape {
-            CallShape::ClientStreaming => PendingBody::Streaming(Some(body)),
+        let (body, held) = match route.shape {
+            CallShape::ClientStreaming => (PendingBody::Streaming(Some(body)), None),
             CallShape::Unary | CallShape::ServerStreaming => {
-                match admission::read_unary(&mut body, self.message_limits, deadline).await {
-                    Ok(Ok(message)) => PendingBody::Buffered(message),
+                match admission::read_unary(&mut body, self.message_limits, deadline, &self.request_memory).await {
+                    Ok(Ok((message, held))) => (PendingBody::Buffered(message), Some(held)),
                     Ok(Err(refused)) => return Ok(self.refuse(record, refused)),
                     Err(error) => {
                         return Ok(status_response(record, ProxyFailure::RequestUnreadable(error.to_string())))
@@ -279,7 +286,7 @@ impl Forwarder {
             Ok(session) => session,
             Err(failure) => return Ok(status_response(record, failure)),
         };
-        let mut call = Admitted { route, record, headers, path_and_query, body, session, deadline };
+        let mut call = Admitted { route, record, headers, path_and_query, body, session, deadline, _held: held };
         // Boxed: the rare and long-lived kinds; the plain unary call stays inline.
         match route.kind {
             MethodKind::Authenticate => {

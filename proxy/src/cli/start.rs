@@ -43,6 +43,7 @@ mod defaults {
     pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
     /// One answer at the legacy clients' gRPC limit.
     pub const MAX_BUFFERED_RESPONSE_BYTES: u64 = 4 * 1024 * 1024;
+    pub const MAX_HELD_REQUEST_BYTES: u64 = 256 * 1024 * 1024;
     pub const HANDSHAKE_TIMEOUT: &str = "10s";
     pub const IDLE_CONNECTION_TIMEOUT: &str = "3m";
     pub const REQUEST_BODY_TIMEOUT: &str = "10s";
@@ -229,6 +230,9 @@ pub struct StartArgs {
     #[arg(long, env = "ETCD_COMPAT_PROXY_MAX_BUFFERED_RESPONSE_BYTES", value_name = "BYTES", help = with_default("etcd data held for one client call or stream that is not reading: unary answers up to this size are read whole from etcd, and a Watch or keep-alive stream whose client falls this far behind is paused upstream and resumed from its next undelivered revision", defaults::MAX_BUFFERED_RESPONSE_BYTES))]
     pub max_buffered_response_bytes: Option<u64>,
 
+    #[arg(long, env = "ETCD_COMPAT_PROXY_MAX_HELD_REQUEST_BYTES", value_name = "BYTES", help = with_default("Request messages all calls together may make the proxy hold (each is held until its call ends, for retries); a request that finds no room waits up to --request-body-timeout, then gets Unavailable. At least the largest request message (--max-request-bytes + 512 KiB + 5)", defaults::MAX_HELD_REQUEST_BYTES))]
+    pub max_held_request_bytes: Option<u64>,
+
     #[arg(long, env = "ETCD_COMPAT_PROXY_HANDSHAKE_TIMEOUT", value_name = "DURATION", help = with_default("Time a new client connection has to complete its TLS handshake and send the HTTP/2 preface and SETTINGS", defaults::HANDSHAKE_TIMEOUT))]
     pub handshake_timeout: Option<String>,
 
@@ -377,6 +381,7 @@ impl StartArgs {
             max_request_bytes,
             max_header_list_bytes,
             max_buffered_response_bytes,
+            max_held_request_bytes,
             serializable_cache_bytes,
             watch_coalescing,
             quota_backend_bytes,
@@ -765,6 +770,17 @@ fn client_limits(args: &StartArgs) -> Result<ClientLimits, ConfigError> {
             "must be at least 65536; smaller values pause watches of clients that are only a little behind",
         ));
     }
+    let max_held_requests = args.max_held_request_bytes.unwrap_or(defaults::MAX_HELD_REQUEST_BYTES);
+    if max_held_requests < max_request_message as u64 + 5 {
+        return Err(ConfigError::invalid(
+            "max-held-request-bytes",
+            &max_held_requests.to_string(),
+            &format!(
+                "must be at least {}, the largest request message (--max-request-bytes + 512 KiB, and its 5-byte prefix), or such a request could never be read",
+                max_request_message + 5
+            ),
+        ));
+    }
     let idle_raw = args.idle_connection_timeout.as_deref().unwrap_or(defaults::IDLE_CONNECTION_TIMEOUT);
     let idle_connection_timeout = match parse_duration(idle_raw) {
         Some(duration) if duration.is_zero() => None,
@@ -781,6 +797,7 @@ fn client_limits(args: &StartArgs) -> Result<ClientLimits, ConfigError> {
         max_request_message,
         max_header_list,
         max_buffered_response: usize::try_from(max_buffered_response).unwrap_or(usize::MAX),
+        max_held_requests: usize::try_from(max_held_requests).unwrap_or(usize::MAX),
         handshake_timeout: parse_duration_setting(
             "handshake-timeout",
             args.handshake_timeout.as_deref(),
@@ -1044,6 +1061,7 @@ mod tests {
                 max_request_message: 2 * 1024 * 1024,
                 max_header_list: 16384,
                 max_buffered_response: 4 * 1024 * 1024,
+                max_held_requests: 256 * 1024 * 1024,
                 handshake_timeout: Duration::from_secs(10),
                 idle_connection_timeout: Some(Duration::from_secs(180)),
                 request_body_timeout: Duration::from_secs(10),
@@ -1057,6 +1075,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("invalid --max-concurrent-streams \"0\": must be at least 1"));
+        let no_room = StartArgs { max_held_request_bytes: Some(2 * 1024 * 1024), ..StartArgs::default() };
+        assert_eq!(
+            no_room.validate().unwrap_err().to_string(),
+            "invalid --max-held-request-bytes \"2097152\": must be at least 2097157, the largest request message \
+             (--max-request-bytes + 512 KiB, and its 5-byte prefix), or such a request could never be read"
+        );
+        let just_room = StartArgs { max_held_request_bytes: Some(2 * 1024 * 1024 + 5), ..StartArgs::default() };
+        assert_eq!(just_room.validate().unwrap().limits.max_held_requests, 2 * 1024 * 1024 + 5);
         let tiny = StartArgs { max_request_bytes: Some(10), ..StartArgs::default() };
         assert!(tiny
             .validate()

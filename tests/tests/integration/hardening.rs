@@ -1287,6 +1287,80 @@ both_versions!(
     slow_and_silent_clients_time_out => slow_and_silent_clients_time_out_3_4, slow_and_silent_clients_time_out_3_5
 );
 
+/// Six streams on one connection, each with a 1.5 MB Put of which the client sent all but the
+/// last 1000 bytes and then nothing: what the proxy holds of them stays under
+/// `--max-held-request-bytes` in sum (read before, it was all 9 MB: and as much again for each
+/// further stream), those that found no room are told why, another client's small write goes
+/// through once the stalled ones are cut off, and nothing stays counted.
+#[test]
+fn held_request_messages_are_bounded_in_sum() {
+    const LIMIT: f64 = 4.0 * 1024.0 * 1024.0;
+    let deployment = Deployment::start(
+        EtcdVersion::V3_5,
+        1,
+        Wire::Plain,
+        &["--max-held-request-bytes=4194304", "--request-body-timeout=2s"],
+    );
+    let addr = deployment.proxy.listen_addr();
+    let proxy = &deployment.proxy;
+    let held = || metric(&proxy.http_get("/metrics").1, "etcd_compat_proxy_held_request_bytes").expect("gauge");
+    let put =
+        PutRequest { key: Bytes::from_static(b"/held/big"), value: vec![b'v'; 1_500_000].into(), ..Default::default() };
+    let framed = grpc_frame(&put.encode_to_vec());
+    let sent = framed.len() - 1000;
+    let runtime = runtime();
+    let (endings, held_while_stalled, small_put) = runtime.block_on(async {
+        let h2 = h2_connect(addr).await;
+        let mut streams = Vec::new();
+        let mut answers = Vec::new();
+        for _ in 0..6 {
+            let mut send = h2.send.clone().ready().await.expect("ready");
+            let request = grpc_request(addr, "/etcdserverpb.KV/Put", &[]);
+            let (response, mut stream) = send.send_request(request, false).expect("headers");
+            stream.send_data(Bytes::copy_from_slice(&framed[..sent]), false).expect("most of the message");
+            streams.push(stream);
+            answers.push(tokio::spawn(finish(response)));
+        }
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let held_while_stalled = tokio::task::block_in_place(held);
+        let mut client = connect(&deployment.endpoint).await;
+        let small_put = tokio::time::timeout(Duration::from_secs(15), client.put("/held/small", "v", None)).await;
+        let mut endings = Vec::new();
+        for answer in answers {
+            endings.push(answer.await.expect("answer"));
+        }
+        drop(streams);
+        (endings, held_while_stalled, small_put)
+    });
+    eprintln!("held while stalled: {held_while_stalled}; endings: {endings:?}");
+    assert!(held_while_stalled <= LIMIT && held_while_stalled > 3_000_000.0, "held {held_while_stalled}");
+    small_put.expect("the small put got room within 15 s").expect("the small put succeeds");
+    let stalled = (
+        "4".to_owned(),
+        "etcd-compat-proxy: the request message stopped arriving: nothing for 2s (--request-body-timeout); send each \
+         message whole"
+            .to_owned(),
+    );
+    let no_room = (
+        "14".to_owned(),
+        "etcd-compat-proxy: the request messages the proxy holds reached --max-held-request-bytes (4194304 bytes) and \
+         this one found no room within 2s; nothing was sent to etcd, so it is safe to retry; if this is no flood of \
+         large requests, raise --max-held-request-bytes"
+            .to_owned(),
+    );
+    let statuses: Vec<_> = endings.iter().map(|ending| ending.status("stalled Put")).collect();
+    assert!(statuses.iter().all(|status| *status == stalled || *status == no_room), "{statuses:?}");
+    assert!(statuses.contains(&stalled) && statuses.contains(&no_room), "{statuses:?}");
+    let metrics = proxy.http_get("/metrics").1;
+    let refused = |reason: &str| {
+        metric(&metrics, &format!("etcd_compat_proxy_requests_refused_total{{reason=\"{reason}\"}}")).expect("refusals")
+    };
+    let count = |status: &(String, String)| statuses.iter().filter(|s| *s == status).count() as f64;
+    assert_eq!((refused("stalled"), refused("memory_full")), (count(&stalled), count(&no_room)));
+    assert_eq!(metric(&metrics, "etcd_compat_proxy_held_request_bytes"), Some(0.0));
+    assert_eq!(metric(&metrics, "etcd_compat_proxy_held_request_bytes_limit"), Some(LIMIT));
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Login throttling.
 

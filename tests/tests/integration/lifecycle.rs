@@ -64,6 +64,7 @@ fn every_flag_has_an_environment_twin_and_help() {
         "cacert",
         "insecure-skip-tls-verify",
         "max-concurrent-streams",
+        "max-held-request-bytes",
         "serializable-cache-bytes",
         "watch-coalescing",
         "reuse-port",
