@@ -122,9 +122,8 @@ impl RequestMemory {
         }
     }
 
-    /// `held` (if any) and `bytes` more, counted once there is room, waiting for it until the
-    /// request's stall timeout or deadline: the client is not to blame for that wait, so the
-    /// refusal says why it came.
+    /// `held` (if any) and `bytes` more, counted once there is room (see
+    /// [`RequestMemory::wait_for_room`]).
     async fn grow(
         &self,
         held: Option<HeldRequest>,
@@ -134,14 +133,8 @@ impl RequestMemory {
     ) -> Result<HeldRequest, Refused> {
         let more = match self.try_hold(bytes) {
             Some(more) => more,
-            None => {
-                let (at, is_stall) = stall_or_deadline_at(limits.stall_timeout, deadline);
-                match tokio::time::timeout_at(at, self.hold(bytes)).await {
-                    Ok(more) => more,
-                    Err(_) if is_stall => return Err(Refused::memory_full(self.limit, limits.stall_timeout)),
-                    Err(_) => return Err(Refused::deadline()),
-                }
-            }
+            // Boxed: a rare path, kept out of every call's future.
+            None => Box::pin(self.wait_for_room(bytes, limits, deadline)).await?,
         };
         Ok(match held {
             Some(mut held) => {
@@ -150,6 +143,22 @@ impl RequestMemory {
             }
             None => more,
         })
+    }
+
+    /// Counts `bytes` once there is room, waiting for it until the request's stall timeout or
+    /// deadline: the client is not to blame for that wait, so the refusal says why it came.
+    async fn wait_for_room(
+        &self,
+        bytes: usize,
+        limits: MessageLimits,
+        deadline: Option<Instant>,
+    ) -> Result<HeldRequest, Refused> {
+        let (at, is_stall) = stall_or_deadline_at(limits.stall_timeout, deadline);
+        match tokio::time::timeout_at(at, self.hold(bytes)).await {
+            Ok(more) => Ok(more),
+            Err(_) if is_stall => Err(Refused::memory_full(self.limit, limits.stall_timeout)),
+            Err(_) => Err(Refused::deadline()),
+        }
     }
 }
 
