@@ -162,6 +162,8 @@ pub enum ProxyFailure {
     MessageTooLarge { claimed: u64, limit: usize },
     /// No room among the request messages held (`--max-held-request-bytes`) within `waited`.
     RequestMemoryFull { limit: usize, waited: Duration },
+    /// No room among the request messages held for a stream's incomplete message.
+    StreamMemoryFull { limit: usize },
     /// A token the proxy did not issue or no longer knows.
     InvalidToken,
     /// The system random generator failed while making a token.
@@ -221,6 +223,10 @@ impl ProxyFailure {
             MessageTooLarge { claimed, limit } => {
                 (Code::ResourceExhausted, etcd_errors::message_too_large(*claimed, *limit))
             }
+            StreamMemoryFull { limit } => (
+                Code::Unavailable,
+                format!("{P}: the request messages the proxy holds reached --max-held-request-bytes ({limit} bytes) and this stream's next message found no room; the messages before it reached etcd; open the stream again, and if this is no flood of large requests, raise --max-held-request-bytes"),
+            ),
             RequestMemoryFull { limit, waited } => (
                 Code::Unavailable,
                 format!("{P}: the request messages the proxy holds reached --max-held-request-bytes ({limit} bytes) and this one found no room within {waited:?}; nothing was sent to etcd, so it is safe to retry; if this is no flood of large requests, raise --max-held-request-bytes"),

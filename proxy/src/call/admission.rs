@@ -187,12 +187,65 @@ pub struct MessageLimits {
 }
 
 /// Limits of a stream the proxy relays message by message (Watch, keep-alives).
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct StreamLimits {
     /// How the client's messages are read.
     pub messages: MessageLimits,
     /// etcd data held for the client before the stream stops taking more.
     pub max_buffered: usize,
+    /// Where what the client's messages hold is counted.
+    pub memory: Arc<RequestMemory>,
+}
+
+/// A stream client's messages as they arrive (Watch, keep-alives): whole ones are taken out,
+/// and what stays (the start of the next, or messages waiting their turn) is counted in
+/// [`RequestMemory`]. Most frames carry whole messages, so most streams count nothing.
+pub struct ClientMessages {
+    reader: grpc::MessageReader,
+    /// `None` for the proxy's own requests (a shared watch's stream), which it never holds long.
+    memory: Option<Arc<RequestMemory>>,
+    held: Option<HeldRequest>,
+}
+
+impl ClientMessages {
+    /// Messages of at most `max_message` bytes, what they hold counted in `memory`.
+    pub fn new(max_message: usize, memory: Option<Arc<RequestMemory>>) -> ClientMessages {
+        ClientMessages { reader: grpc::MessageReader::with_limit(max_message), memory, held: None }
+    }
+
+    /// The reader, to push data into and take messages from.
+    pub fn reader(&mut self) -> &mut grpc::MessageReader {
+        &mut self.reader
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.reader.is_empty()
+    }
+
+    /// Counts what the reader holds now, after messages were taken out. More that finds no
+    /// room refuses the stream at once: a stream task cannot stop reading its client without
+    /// also holding up what it relays the other way.
+    pub fn recount(&mut self) -> Result<(), Refused> {
+        let Some(memory) = &self.memory else { return Ok(()) };
+        let now = self.reader.len();
+        let counted = self.held.as_ref().map_or(0, |held| held.num_permits());
+        if now == 0 {
+            self.held = None;
+        } else if now > counted {
+            let more = memory.try_hold(now - counted).ok_or(Refused {
+                why: Refusal::MemoryFull,
+                failure: ProxyFailure::StreamMemoryFull { limit: memory.limit },
+            })?;
+            match self.held.as_mut() {
+                Some(held) => held.merge(more),
+                None => self.held = Some(more),
+            }
+        } else if let Some(held) = self.held.as_mut() {
+            drop(held.split(counted - now));
+        }
+        Ok(())
+    }
 }
 
 /// Reads a single-message request body to its end, refusing it as soon as its prefix claims
@@ -491,6 +544,52 @@ mod tests {
         drop(done);
         let (message, held) = read_unary(&mut empty, LIMITS, None, &memory).await.unwrap().unwrap();
         assert_eq!((message.len(), held.num_permits()), (0, 0));
+    }
+
+    #[test]
+    fn a_stream_counts_what_stays_unread_and_is_refused_without_room() {
+        let memory = RequestMemory::new(100);
+        let mut messages = ClientMessages::new(1000, Some(Arc::clone(&memory)));
+        let whole = grpc::frame(&[1; 35]).to_vec();
+        // Whole messages taken at once hold nothing.
+        messages.reader().push(&whole);
+        assert!(messages.reader().next_message().is_some());
+        messages.recount().unwrap();
+        assert_eq!(memory.held(), 0);
+        // The start of a message is counted, and so is what it grows to.
+        messages.reader().push(&whole[..10]);
+        messages.recount().unwrap();
+        assert_eq!(memory.held(), 10);
+        messages.reader().push(&whole[10..]);
+        messages.reader().push(&whole[..20]);
+        messages.recount().unwrap();
+        assert_eq!(memory.held(), 60);
+        // Taking one out gives back its share.
+        assert_eq!(messages.reader().next_message().unwrap().len(), 40);
+        messages.recount().unwrap();
+        assert_eq!(memory.held(), 20);
+        // No room: refused at once, saying why; what it held stays counted until it is dropped.
+        let other = memory.try_hold(80).unwrap();
+        messages.reader().push(&whole[20..30]);
+        let refused = messages.recount().unwrap_err();
+        assert_eq!(refused.why, Refusal::MemoryFull);
+        assert_eq!(
+            refused.failure.status(),
+            (
+                grpc::Code::Unavailable,
+                "etcd-compat-proxy: the request messages the proxy holds reached --max-held-request-bytes (100 bytes) \
+                 and this stream's next message found no room; the messages before it reached etcd; open the stream \
+                 again, and if this is no flood of large requests, raise --max-held-request-bytes"
+                    .to_owned()
+            )
+        );
+        drop((messages, other));
+        assert_eq!(memory.held(), 0);
+        // The proxy's own messages are not counted.
+        let mut own = ClientMessages::new(1000, None);
+        own.reader().push(&whole[..10]);
+        own.recount().unwrap();
+        assert_eq!(memory.held(), 0);
     }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {

@@ -20,13 +20,13 @@ use tokio_util::sync::CancellationToken;
 
 use etcd_compat_proto::etcdserverpb::{LeaseKeepAliveRequest, LeaseKeepAliveResponse};
 
-use crate::admin::{Metrics, Refusal};
+use crate::admin::Metrics;
 use crate::error::{self, ProxyFailure, UpstreamError};
 use crate::grpc::{self, Code, MessageReader};
 use crate::transport::{RecvBody, Upload};
 use crate::upstream::{self, Cluster, Lane, Member, Target};
 
-use super::admission::{Refused, StreamLimits};
+use super::admission::{ClientMessages, Refused, StreamLimits};
 use super::client_queue::{self, QueueSender};
 use super::relay::{CallRecord, ResponseBody, StreamHead, StreamStart};
 
@@ -55,7 +55,7 @@ pub async fn serve(
         headers,
         client,
         client_done: false,
-        client_partial: MessageReader::with_limit(limits.messages.max_message),
+        client_partial: ClientMessages::new(limits.messages.max_message, Some(limits.memory)),
         stall_timeout: limits.messages.stall_timeout,
         partial_since: None,
         unanswered: HashMap::new(),
@@ -100,7 +100,7 @@ struct KeepAliveStream {
     client: Incoming,
     client_done: bool,
     /// Bytes of a client message not complete yet.
-    client_partial: MessageReader,
+    client_partial: ClientMessages,
     /// Longest pause inside an incomplete client message.
     stall_timeout: Duration,
     /// When the incomplete client message last grew.
@@ -239,8 +239,9 @@ impl KeepAliveStream {
                         if let Ok(data) = frame.into_data() {
                             let messages = match self.client_messages(data) {
                                 Ok(messages) => messages,
-                                Err((code, message)) => {
-                                    self.metrics.refused(Refusal::TooLarge);
+                                Err(refused) => {
+                                    self.metrics.refused(refused.why);
+                                    let (code, message) = refused.failure.status();
                                     self.pass_on(grpc::status_headers(code, &message)).await;
                                     return Ok(Ended::Done);
                                 }
@@ -344,25 +345,26 @@ impl KeepAliveStream {
 
     /// Splits client data into whole messages and remembers each lease's latest request; a
     /// message over etcd's limit ends the call as etcd would end it.
-    fn client_messages(&mut self, data: Bytes) -> Result<Vec<Bytes>, (Code, String)> {
-        self.client_partial.push(&data);
+    fn client_messages(&mut self, data: Bytes) -> Result<Vec<Bytes>, Refused> {
+        self.client_partial.reader().push(&data);
         let mut messages = Vec::new();
         loop {
-            if let Some(claimed) = self.client_partial.oversize() {
-                return Err(ProxyFailure::MessageTooLarge { claimed, limit: self.client_partial_limit() }.status());
+            if let Some(claimed) = self.client_partial.reader().oversize() {
+                return Err(Refused::too_large(claimed, self.client_partial_limit()));
             }
-            let Some(message) = self.client_partial.next_message() else { break };
+            let Some(message) = self.client_partial.reader().next_message() else { break };
             if let Some(id) = lease_of_request(&message) {
                 self.unanswered.insert(id, message.clone());
             }
             messages.push(message);
         }
+        self.client_partial.recount()?;
         self.partial_since = (!self.client_partial.is_empty()).then(tokio::time::Instant::now);
         Ok(messages)
     }
 
-    fn client_partial_limit(&self) -> usize {
-        self.client_partial.limit().unwrap_or(usize::MAX)
+    fn client_partial_limit(&mut self) -> usize {
+        self.client_partial.reader().limit().unwrap_or(usize::MAX)
     }
 
     fn answered(&mut self, message: &Bytes) {

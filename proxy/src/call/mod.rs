@@ -140,6 +140,7 @@ impl Forwarder {
                 stall_timeout: limits.request_body_timeout,
             },
             max_buffered: limits.max_buffered_response,
+            memory: Arc::clone(&request_memory),
         };
         let watch_hub = config.watch_coalescing.then(|| watch_hub::WatchHub::new(Arc::clone(&sender), stream_limits));
         if let Some(hub) = &watch_hub {
@@ -546,7 +547,11 @@ impl Forwarder {
 
     /// Limits of the streams relayed message by message (Watch, keep-alives).
     fn stream_limits(&self) -> StreamLimits {
-        StreamLimits { messages: self.message_limits, max_buffered: self.max_buffered_response }
+        StreamLimits {
+            messages: self.message_limits,
+            max_buffered: self.max_buffered_response,
+            memory: Arc::clone(&self.request_memory),
+        }
     }
 
     /// Ends a call the proxy refused itself.

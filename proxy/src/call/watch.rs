@@ -47,7 +47,7 @@ use crate::etcd_errors;
 use crate::grpc::{self, Code, MessageReader, WireValue};
 use crate::transport::{self, FeedReceiver, FeedSender, RecvBody, RequestBody};
 
-use super::admission::{MessageLimits, Refused, StreamLimits};
+use super::admission::{ClientMessages, MessageLimits, Refused, StreamLimits};
 use super::attempts::Sender;
 use super::client_queue::{self, QueueSender};
 use super::relay::{CallRecord, StreamHead, StreamStart};
@@ -114,6 +114,8 @@ pub(super) fn serve(
     // watch that needs one (see `WatchRelay::join_now`).
     let open_now = hub.is_none() || session.is_some();
     let mut relay = WatchRelay::new(sender, session, headers, client, to_client, head, limits.messages);
+    // A client's messages count in the memory for requests; the hub's own do not.
+    relay.client_messages = ClientMessages::new(limits.messages.max_message, Some(Arc::clone(&limits.memory)));
     if open_now {
         relay.open_first();
     }
@@ -133,10 +135,10 @@ pub(super) fn spawn_shared_stream(
     headers: HeaderMap,
     requests: RequestBody,
     to_hub: QueueSender,
-    limits: StreamLimits,
+    limits: MessageLimits,
 ) {
     let (head, _) = oneshot::channel();
-    let mut relay = WatchRelay::new(sender, session, Arc::new(headers), requests, to_hub, head, limits.messages);
+    let mut relay = WatchRelay::new(sender, session, Arc::new(headers), requests, to_hub, head, limits);
     relay.open_first();
     relay.shared_stream = true;
     tokio::spawn(relay);
@@ -324,7 +326,7 @@ struct WatchRelay {
     /// The client's request headers, for each upstream stream; shared by a fleet's streams.
     headers: Arc<HeaderMap>,
     client: Option<RequestBody>,
-    client_messages: MessageReader,
+    client_messages: ClientMessages,
     /// Longest pause inside an incomplete client message.
     stall_timeout: Duration,
     /// Ends the stream if the client's incomplete message does not grow in time.
@@ -452,7 +454,7 @@ impl WatchRelay {
             session,
             headers,
             client: Some(client),
-            client_messages: MessageReader::with_limit(limits.max_message),
+            client_messages: ClientMessages::new(limits.max_message, None),
             stall_timeout: limits.stall_timeout,
             stall: None,
             upstream: Upstream::Idle,
@@ -639,7 +641,7 @@ impl WatchRelay {
             Poll::Pending => false,
             Poll::Ready(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
-                    self.client_messages.push(&data);
+                    self.client_messages.reader().push(&data);
                     self.handle_client_messages();
                 }
                 true
@@ -662,16 +664,22 @@ impl WatchRelay {
     /// shared watch wait for the hub's answer, so that `created` answers keep the creates' order.
     fn handle_client_messages(&mut self) {
         while self.joining_now.is_none() && !self.hub_progress.blocks_client() && !self.finished {
-            if let Some(claimed) = self.client_messages.oversize() {
+            if let Some(claimed) = self.client_messages.reader().oversize() {
                 // As etcd ends a stream that sends a message over its limit.
                 self.sender.metrics().refused(Refusal::TooLarge);
-                let limit = self.client_messages.limit().unwrap_or(usize::MAX);
+                let limit = self.client_messages.reader().limit().unwrap_or(usize::MAX);
                 let (code, message) = ProxyFailure::MessageTooLarge { claimed, limit }.status();
                 self.end(grpc::status_headers(code, &message));
                 return;
             }
-            let Some(message) = self.client_messages.next_message() else { break };
+            let Some(message) = self.client_messages.reader().next_message() else { break };
             self.on_client_message(message);
+        }
+        if let Err(refused) = self.client_messages.recount() {
+            self.sender.metrics().refused(refused.why);
+            let (code, message) = refused.failure.status();
+            self.end(grpc::status_headers(code, &message));
+            return;
         }
         // Only an incomplete message read from the client can stall; waiting ones do not.
         self.stall =

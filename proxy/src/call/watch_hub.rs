@@ -559,7 +559,7 @@ impl WatchHub {
         let (to_hub, from_relay) = client_queue::channel(self.limits.max_buffered);
         let headers = grpc::own_call_headers();
         let client = RequestBody::Channel(receiver);
-        watch::spawn_shared_stream(Arc::clone(&self.sender), session, headers, client, to_hub, self.limits);
+        watch::spawn_shared_stream(Arc::clone(&self.sender), session, headers, client, to_hub, self.limits.messages);
         tokio::spawn(Arc::clone(self).dispatch(user, generation, from_relay));
         requests
     }

@@ -230,7 +230,7 @@ pub struct StartArgs {
     #[arg(long, env = "ETCD_COMPAT_PROXY_MAX_BUFFERED_RESPONSE_BYTES", value_name = "BYTES", help = with_default("etcd data held for one client call or stream that is not reading: unary answers up to this size are read whole from etcd, and a Watch or keep-alive stream whose client falls this far behind is paused upstream and resumed from its next undelivered revision", defaults::MAX_BUFFERED_RESPONSE_BYTES))]
     pub max_buffered_response_bytes: Option<u64>,
 
-    #[arg(long, env = "ETCD_COMPAT_PROXY_MAX_HELD_REQUEST_BYTES", value_name = "BYTES", help = with_default("Request messages all calls together may make the proxy hold (each is held until its call ends, for retries); a request that finds no room waits up to --request-body-timeout, then gets Unavailable. At least the largest request message (--max-request-bytes + 512 KiB + 5)", defaults::MAX_HELD_REQUEST_BYTES))]
+    #[arg(long, env = "ETCD_COMPAT_PROXY_MAX_HELD_REQUEST_BYTES", value_name = "BYTES", help = with_default("Request messages all calls together may make the proxy hold: unary requests until their call ends (kept for retries), and what Watch and keep-alive streams hold of their clients' messages; a unary request that finds no room waits up to --request-body-timeout, then gets Unavailable, a stream is ended at once. At least the largest request message (--max-request-bytes + 512 KiB + 5)", defaults::MAX_HELD_REQUEST_BYTES))]
     pub max_held_request_bytes: Option<u64>,
 
     #[arg(long, env = "ETCD_COMPAT_PROXY_HANDSHAKE_TIMEOUT", value_name = "DURATION", help = with_default("Time a new client connection has to complete its TLS handshake and send the HTTP/2 preface and SETTINGS", defaults::HANDSHAKE_TIMEOUT))]

@@ -49,6 +49,11 @@ impl MessageReader {
         self.buffer.is_empty()
     }
 
+    /// Bytes held: messages not taken yet, and the start of the next one.
+    pub fn len(&self) -> usize {
+        self.buffer.len()
+    }
+
     /// The next complete message, if one is there.
     pub fn next_message(&mut self) -> Option<Bytes> {
         let length = framed_length(&self.buffer).filter(|length| self.buffer.len() >= *length)?;

@@ -1361,6 +1361,68 @@ fn held_request_messages_are_bounded_in_sum() {
     assert_eq!(metric(&metrics, "etcd_compat_proxy_held_request_bytes_limit"), Some(LIMIT));
 }
 
+/// Watch and keep-alive streams count the messages they hold unread in the same memory: a
+/// Watch, a LeaseKeepAlive and another Watch stream each send most of a 1.5 MB message; the
+/// first two fit under 4 MiB, the third stream is ended at once with a status that says why,
+/// and once the others are cut off as stalled nothing stays counted.
+#[test]
+fn stream_messages_count_in_the_same_memory() {
+    let deployment = Deployment::start(
+        EtcdVersion::V3_5,
+        1,
+        Wire::Plain,
+        &["--max-held-request-bytes=4194304", "--request-body-timeout=2s"],
+    );
+    let addr = deployment.proxy.listen_addr();
+    let proxy = &deployment.proxy;
+    let held = || metric(&proxy.http_get("/metrics").1, "etcd_compat_proxy_held_request_bytes").expect("gauge");
+    let create = WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: vec![b'k'; 1_500_000].into(),
+            ..Default::default()
+        })),
+    };
+    let framed = grpc_frame(&create.encode_to_vec());
+    let sent = framed.len() - 1000;
+    let runtime = runtime();
+    let (endings, held_meanwhile) = runtime.block_on(async {
+        let h2 = h2_connect(addr).await;
+        let mut streams = Vec::new();
+        let mut endings = Vec::new();
+        for path in ["/etcdserverpb.Watch/Watch", "/etcdserverpb.Lease/LeaseKeepAlive", "/etcdserverpb.Watch/Watch"] {
+            let mut send = h2.send.clone().ready().await.expect("ready");
+            let (response, mut stream) = send.send_request(grpc_request(addr, path, &[]), false).expect("headers");
+            stream.send_data(Bytes::copy_from_slice(&framed[..sent]), false).expect("most of the message");
+            streams.push(stream);
+            endings.push(tokio::spawn(finish(response)));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let held_meanwhile = tokio::task::block_in_place(held);
+        let mut ended = Vec::new();
+        for ending in endings {
+            ended.push(ending.await.expect("ending"));
+        }
+        drop(streams);
+        (ended, held_meanwhile)
+    });
+    eprintln!("held meanwhile: {held_meanwhile}; endings: {endings:?}");
+    let expected_held = 2.0 * sent as f64;
+    assert_eq!(held_meanwhile, expected_held);
+    assert_eq!(
+        endings[2].status("third stream"),
+        (
+            "14".to_owned(),
+            "etcd-compat-proxy: the request messages the proxy holds reached --max-held-request-bytes (4194304 bytes) \
+             and this stream's next message found no room; the messages before it reached etcd; open the stream \
+             again, and if this is no flood of large requests, raise --max-held-request-bytes"
+                .to_owned()
+        )
+    );
+    let metrics = proxy.http_get("/metrics").1;
+    assert_eq!(metric(&metrics, "etcd_compat_proxy_requests_refused_total{reason=\"memory_full\"}"), Some(1.0));
+    assert_eq!(metric(&metrics, "etcd_compat_proxy_held_request_bytes"), Some(0.0));
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Login throttling.
 
