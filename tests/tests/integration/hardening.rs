@@ -1287,6 +1287,43 @@ both_versions!(
     slow_and_silent_clients_time_out => slow_and_silent_clients_time_out_3_4, slow_and_silent_clients_time_out_3_5
 );
 
+/// A single member behind a proxy that holds at most 4 MiB of request messages and cuts off a
+/// message that stops arriving for 2 s.
+fn deployment_with_little_request_memory() -> Deployment {
+    Deployment::start(
+        EtcdVersion::V3_5,
+        1,
+        Wire::Plain,
+        &["--max-held-request-bytes=4194304", "--request-body-timeout=2s"],
+    )
+}
+
+/// `etcd_compat_proxy_held_request_bytes` now.
+fn held_request_bytes(proxy: &ProxyProcess) -> f64 {
+    metric(&proxy.http_get("/metrics").1, "etcd_compat_proxy_held_request_bytes").expect("gauge")
+}
+
+/// Opens a stream to each of `paths` on `h2`, `pause` apart, and sends all of `framed` but its
+/// last 1000 bytes on each: the streams, kept open, and their endings to come.
+async fn send_all_but_the_end(
+    h2: &H2,
+    paths: &[&str],
+    framed: &[u8],
+    pause: Duration,
+) -> (Vec<SendStream<Bytes>>, Vec<JoinHandle<Ending>>) {
+    let mut streams = Vec::new();
+    let mut endings = Vec::new();
+    for path in paths {
+        let mut send = h2.send.clone().ready().await.expect("ready");
+        let (response, mut stream) = send.send_request(grpc_request(h2.addr, path, &[]), false).expect("headers");
+        stream.send_data(Bytes::copy_from_slice(&framed[..framed.len() - 1000]), false).expect("most of the message");
+        streams.push(stream);
+        endings.push(tokio::spawn(finish(response)));
+        tokio::time::sleep(pause).await;
+    }
+    (streams, endings)
+}
+
 /// Six streams on one connection, each with a 1.5 MB Put of which the client sent all but the
 /// last 1000 bytes and then nothing: what the proxy holds of them stays under
 /// `--max-held-request-bytes` in sum (read before, it was all 9 MB: and as much again for each
@@ -1295,34 +1332,16 @@ both_versions!(
 #[test]
 fn held_request_messages_are_bounded_in_sum() {
     const LIMIT: f64 = 4.0 * 1024.0 * 1024.0;
-    let deployment = Deployment::start(
-        EtcdVersion::V3_5,
-        1,
-        Wire::Plain,
-        &["--max-held-request-bytes=4194304", "--request-body-timeout=2s"],
-    );
-    let addr = deployment.proxy.listen_addr();
-    let proxy = &deployment.proxy;
-    let held = || metric(&proxy.http_get("/metrics").1, "etcd_compat_proxy_held_request_bytes").expect("gauge");
+    let deployment = deployment_with_little_request_memory();
     let put =
         PutRequest { key: Bytes::from_static(b"/held/big"), value: vec![b'v'; 1_500_000].into(), ..Default::default() };
     let framed = grpc_frame(&put.encode_to_vec());
-    let sent = framed.len() - 1000;
     let runtime = runtime();
     let (endings, held_while_stalled, small_put) = runtime.block_on(async {
-        let h2 = h2_connect(addr).await;
-        let mut streams = Vec::new();
-        let mut answers = Vec::new();
-        for _ in 0..6 {
-            let mut send = h2.send.clone().ready().await.expect("ready");
-            let request = grpc_request(addr, "/etcdserverpb.KV/Put", &[]);
-            let (response, mut stream) = send.send_request(request, false).expect("headers");
-            stream.send_data(Bytes::copy_from_slice(&framed[..sent]), false).expect("most of the message");
-            streams.push(stream);
-            answers.push(tokio::spawn(finish(response)));
-        }
+        let h2 = h2_connect(deployment.proxy.listen_addr()).await;
+        let (streams, answers) = send_all_but_the_end(&h2, &["/etcdserverpb.KV/Put"; 6], &framed, Duration::ZERO).await;
         tokio::time::sleep(Duration::from_millis(1000)).await;
-        let held_while_stalled = tokio::task::block_in_place(held);
+        let held_while_stalled = tokio::task::block_in_place(|| held_request_bytes(&deployment.proxy));
         let mut client = connect(&deployment.endpoint).await;
         let small_put = tokio::time::timeout(Duration::from_secs(15), client.put("/held/small", "v", None)).await;
         let mut endings = Vec::new();
@@ -1351,7 +1370,7 @@ fn held_request_messages_are_bounded_in_sum() {
     let statuses: Vec<_> = endings.iter().map(|ending| ending.status("stalled Put")).collect();
     assert!(statuses.iter().all(|status| *status == stalled || *status == no_room), "{statuses:?}");
     assert!(statuses.contains(&stalled) && statuses.contains(&no_room), "{statuses:?}");
-    let metrics = proxy.http_get("/metrics").1;
+    let metrics = deployment.proxy.http_get("/metrics").1;
     let refused = |reason: &str| {
         metric(&metrics, &format!("etcd_compat_proxy_requests_refused_total{{reason=\"{reason}\"}}")).expect("refusals")
     };
@@ -1367,15 +1386,7 @@ fn held_request_messages_are_bounded_in_sum() {
 /// and once the others are cut off as stalled nothing stays counted.
 #[test]
 fn stream_messages_count_in_the_same_memory() {
-    let deployment = Deployment::start(
-        EtcdVersion::V3_5,
-        1,
-        Wire::Plain,
-        &["--max-held-request-bytes=4194304", "--request-body-timeout=2s"],
-    );
-    let addr = deployment.proxy.listen_addr();
-    let proxy = &deployment.proxy;
-    let held = || metric(&proxy.http_get("/metrics").1, "etcd_compat_proxy_held_request_bytes").expect("gauge");
+    let deployment = deployment_with_little_request_memory();
     let create = WatchRequest {
         request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
             key: vec![b'k'; 1_500_000].into(),
@@ -1383,21 +1394,12 @@ fn stream_messages_count_in_the_same_memory() {
         })),
     };
     let framed = grpc_frame(&create.encode_to_vec());
-    let sent = framed.len() - 1000;
     let runtime = runtime();
     let (endings, held_meanwhile) = runtime.block_on(async {
-        let h2 = h2_connect(addr).await;
-        let mut streams = Vec::new();
-        let mut endings = Vec::new();
-        for path in ["/etcdserverpb.Watch/Watch", "/etcdserverpb.Lease/LeaseKeepAlive", "/etcdserverpb.Watch/Watch"] {
-            let mut send = h2.send.clone().ready().await.expect("ready");
-            let (response, mut stream) = send.send_request(grpc_request(addr, path, &[]), false).expect("headers");
-            stream.send_data(Bytes::copy_from_slice(&framed[..sent]), false).expect("most of the message");
-            streams.push(stream);
-            endings.push(tokio::spawn(finish(response)));
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-        let held_meanwhile = tokio::task::block_in_place(held);
+        let h2 = h2_connect(deployment.proxy.listen_addr()).await;
+        let paths = ["/etcdserverpb.Watch/Watch", "/etcdserverpb.Lease/LeaseKeepAlive", "/etcdserverpb.Watch/Watch"];
+        let (streams, endings) = send_all_but_the_end(&h2, &paths, &framed, Duration::from_millis(300)).await;
+        let held_meanwhile = tokio::task::block_in_place(|| held_request_bytes(&deployment.proxy));
         let mut ended = Vec::new();
         for ending in endings {
             ended.push(ending.await.expect("ending"));
@@ -1406,7 +1408,7 @@ fn stream_messages_count_in_the_same_memory() {
         (ended, held_meanwhile)
     });
     eprintln!("held meanwhile: {held_meanwhile}; endings: {endings:?}");
-    let expected_held = 2.0 * sent as f64;
+    let expected_held = 2.0 * (framed.len() - 1000) as f64;
     assert_eq!(held_meanwhile, expected_held);
     assert_eq!(
         endings[2].status("third stream"),
@@ -1418,7 +1420,7 @@ fn stream_messages_count_in_the_same_memory() {
                 .to_owned()
         )
     );
-    let metrics = proxy.http_get("/metrics").1;
+    let metrics = deployment.proxy.http_get("/metrics").1;
     assert_eq!(metric(&metrics, "etcd_compat_proxy_requests_refused_total{reason=\"memory_full\"}"), Some(1.0));
     assert_eq!(metric(&metrics, "etcd_compat_proxy_held_request_bytes"), Some(0.0));
 }
