@@ -318,14 +318,15 @@ where
             if let Some(refused) = check_size(&whole, limits.max_message) {
                 return Ok(Err(refused));
             }
+            // More than one message in a unary body: etcd judges that, but no more than a
+            // message's worth is held for it. Checked before counting, so that what is counted
+            // always fits in the memory (at least one message's worth).
+            if whole.len() > limits.max_message + 5 {
+                return Ok(Err(Refused::too_large((whole.len() - 5) as u64, limits.max_message)));
+            }
             match memory.grow(held.take(), data.len(), limits, deadline).await {
                 Ok(counted) => held = Some(counted),
                 Err(refused) => return Ok(Err(refused)),
-            }
-            // More than one message in a unary body: etcd judges that, but no more than a
-            // message's worth is held for it.
-            if whole.len() > limits.max_message + 5 {
-                return Ok(Err(Refused::too_large((whole.len() - 5) as u64, limits.max_message)));
             }
         }
         if let Some((sleep, stalled)) = timer.as_mut() {
@@ -539,6 +540,15 @@ mod tests {
         );
         drop(full);
         assert_eq!(memory.held(), 0);
+        // A body of several messages over one message's worth is refused as too large at once,
+        // even when the memory holds no more than one message's worth.
+        let tight = RequestMemory::new(LIMITS.max_message + 5);
+        let small = grpc::frame(&[7; 10]).to_vec();
+        let (done, mut several) = body(vec![small.clone(), small.repeat(10)]);
+        drop(done);
+        let started = Instant::now();
+        let refused = read_unary(&mut several, LIMITS, None, &tight).await.unwrap().unwrap_err();
+        assert_eq!((refused.why, started.elapsed(), tight.held()), (Refusal::TooLarge, Duration::ZERO, 0));
         // An empty body holds nothing.
         let (done, mut empty) = body(vec![]);
         drop(done);
