@@ -248,6 +248,69 @@ impl ClientMessages {
     }
 }
 
+/// The stall timeout of a stream client's incomplete message (Watch, keep-alives). It runs only
+/// while the proxy reads that client: while the proxy itself does not (the client is behind on
+/// its answers, its requests wait for etcd, the stream moves between members), the rest of the
+/// message may be waiting unread, and a client cut off for that would be blamed for the
+/// proxy's pause.
+pub struct StallTimer {
+    timeout: Duration,
+    /// Running while an incomplete message is held.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Since when the proxy has not read the client, with the timer running.
+    paused_at: Option<Instant>,
+}
+
+impl StallTimer {
+    /// A timer that ends an incomplete message after `timeout` without growth.
+    pub fn new(timeout: Duration) -> StallTimer {
+        StallTimer { timeout, sleep: None, paused_at: None }
+    }
+
+    /// The timeout, for the refusal.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Starts the timeout anew after the client's data was read: running when what is held
+    /// ends in an incomplete message, stopped otherwise.
+    pub fn restart(&mut self, incomplete: bool) {
+        self.paused_at = None;
+        if !incomplete {
+            self.sleep = None;
+            return;
+        }
+        let at = Instant::now() + self.timeout;
+        match self.sleep.as_mut() {
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
+    }
+
+    /// The proxy stops reading the client: the time until [`StallTimer::resume`] is not counted.
+    pub fn pause(&mut self) {
+        if self.sleep.is_some() && self.paused_at.is_none() {
+            self.paused_at = Some(Instant::now());
+        }
+    }
+
+    /// The proxy reads the client again: the timeout moves on by the time it was paused.
+    pub fn resume(&mut self) {
+        if let (Some(paused_at), Some(sleep)) = (self.paused_at.take(), self.sleep.as_mut()) {
+            let at = sleep.deadline() + paused_at.elapsed();
+            sleep.as_mut().reset(at);
+        }
+    }
+
+    /// Ready once the incomplete message has not grown for the timeout while the proxy read.
+    pub fn poll_stalled(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.sleep.as_mut() {
+            Some(sleep) if self.paused_at.is_none() => sleep.as_mut().poll(cx),
+            _ => Poll::Pending,
+        }
+    }
+}
+
 /// Reads a single-message request body to its end, refusing it as soon as its prefix claims
 /// more than etcd accepts, when it stalls, or when `deadline` passes. What is returned is the
 /// body as the client sent it (normally one framed message), never more than one message over
@@ -600,6 +663,47 @@ mod tests {
         own.reader().push(&whole[..10]);
         own.recount().unwrap();
         assert_eq!(memory.held(), 0);
+    }
+
+    /// Whether `timer` has stalled, polled now.
+    fn stalled_now(timer: &mut StallTimer) -> bool {
+        let waker = std::task::Waker::noop();
+        timer.poll_stalled(&mut Context::from_waker(waker)).is_ready()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_stall_timeout_counts_only_time_the_client_is_read() {
+        let mut timer = StallTimer::new(Duration::from_secs(1));
+        assert!(!stalled_now(&mut timer), "nothing held: never stalled");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(!stalled_now(&mut timer));
+
+        timer.restart(true);
+        tokio::time::advance(Duration::from_millis(600)).await;
+        // The proxy stops reading for far longer than the timeout: no stall of the client's.
+        timer.pause();
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert!(!stalled_now(&mut timer), "stalled while the proxy was not reading");
+        timer.resume();
+        tokio::time::advance(Duration::from_millis(300)).await;
+        assert!(!stalled_now(&mut timer), "600 + 300 ms read: not yet");
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(stalled_now(&mut timer), "1 s read without growth: stalled");
+
+        // Growth starts it anew; pausing twice counts from the first; a whole message stops it.
+        timer.restart(true);
+        tokio::time::advance(Duration::from_millis(900)).await;
+        timer.pause();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        timer.pause();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        timer.resume();
+        assert!(!stalled_now(&mut timer));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(stalled_now(&mut timer));
+        timer.restart(false);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(!stalled_now(&mut timer));
     }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {

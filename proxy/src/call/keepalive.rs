@@ -26,7 +26,7 @@ use crate::grpc::{self, Code, MessageReader};
 use crate::transport::{RecvBody, Upload};
 use crate::upstream::{self, Cluster, Lane, Member, Target};
 
-use super::admission::{ClientMessages, Refused, StreamLimits};
+use super::admission::{ClientMessages, Refused, StallTimer, StreamLimits};
 use super::client_queue::{self, QueueSender};
 use super::relay::{CallRecord, ResponseBody, StreamHead, StreamStart};
 
@@ -56,8 +56,7 @@ pub async fn serve(
         client,
         client_done: false,
         client_partial: ClientMessages::new(limits.messages.max_message, Some(limits.memory)),
-        stall_timeout: limits.messages.stall_timeout,
-        partial_since: None,
+        stall: StallTimer::new(limits.messages.stall_timeout),
         unanswered: HashMap::new(),
         in_flight: 0,
         to_client,
@@ -101,10 +100,8 @@ struct KeepAliveStream {
     client_done: bool,
     /// Bytes of a client message not complete yet.
     client_partial: ClientMessages,
-    /// Longest pause inside an incomplete client message.
-    stall_timeout: Duration,
-    /// When the incomplete client message last grew.
-    partial_since: Option<tokio::time::Instant>,
+    /// Ends the stream if the client's incomplete message does not grow in time.
+    stall: StallTimer,
     /// The latest unanswered request of each lease, sent again when the stream moves. By lease:
     /// one client frame can carry a hundred thousand requests, each looked up here.
     unanswered: HashMap<i64, Bytes>,
@@ -213,6 +210,8 @@ impl KeepAliveStream {
     async fn serve_on(&mut self, member: &Arc<Member>) -> Result<Ended, UpstreamError> {
         // This task writes the stream itself: a keep-alive is a few bytes, and a copy task
         // between here and etcd would cost a wake-up per keep-alive.
+        // Nothing of the client is read until the stream is open again.
+        self.stall.pause();
         let (response, to_member) =
             self.cluster.open(member, Lane::Streams, &self.path_and_query, &self.headers, Upload::ByCaller).await?;
         let mut to_member = to_member.ok_or_else(|| UpstreamError::Request {
@@ -229,12 +228,16 @@ impl KeepAliveStream {
         let mut answers: Option<RecvBody> = None;
         let mut answer_partial = MessageReader::default();
         loop {
-            let stall = self.partial_since.map(|since| since + self.stall_timeout);
             // Neither the client's requests nor etcd's answers are taken while the client is
             // behind on its answers: the backlog stays bounded wherever it would form.
             let client_behind = self.to_client.is_full();
+            let reading = !self.client_done && !client_behind && self.in_flight < MAX_IN_FLIGHT;
+            match reading {
+                true => self.stall.resume(),
+                false => self.stall.pause(),
+            }
             tokio::select! {
-                frame = self.client.frame(), if !self.client_done && !client_behind && self.in_flight < MAX_IN_FLIGHT => match frame {
+                frame = self.client.frame(), if reading => match frame {
                     Some(Ok(frame)) => {
                         if let Ok(data) = frame.into_data() {
                             let messages = match self.client_messages(data) {
@@ -263,8 +266,8 @@ impl KeepAliveStream {
                     }
                     Some(Err(_)) => return Ok(Ended::Done),
                 },
-                _ = sleep_until_some(stall) => {
-                    let refused = Refused::stalled(self.stall_timeout);
+                _ = std::future::poll_fn(|cx| self.stall.poll_stalled(cx)) => {
+                    let refused = Refused::stalled(self.stall.timeout());
                     self.metrics.refused(refused.why);
                     let (code, message) = refused.failure.status();
                     self.pass_on(grpc::status_headers(code, &message)).await;
@@ -359,7 +362,7 @@ impl KeepAliveStream {
             messages.push(message);
         }
         self.client_partial.recount()?;
-        self.partial_since = (!self.client_partial.is_empty()).then(tokio::time::Instant::now);
+        self.stall.restart(!self.client_partial.is_empty());
         Ok(messages)
     }
 
@@ -371,14 +374,6 @@ impl KeepAliveStream {
         if let Some(id) = lease_of_answer(message) {
             self.unanswered.remove(&id);
         }
-    }
-}
-
-/// Sleeps until `at`, or forever without one.
-async fn sleep_until_some(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

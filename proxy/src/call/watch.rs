@@ -47,7 +47,7 @@ use crate::etcd_errors;
 use crate::grpc::{self, Code, MessageReader, WireValue};
 use crate::transport::{self, FeedReceiver, FeedSender, RecvBody, RequestBody};
 
-use super::admission::{ClientMessages, MessageLimits, Refused, StreamLimits};
+use super::admission::{ClientMessages, MessageLimits, Refused, StallTimer, StreamLimits};
 use super::attempts::Sender;
 use super::client_queue::{self, QueueSender};
 use super::relay::{CallRecord, StreamHead, StreamStart};
@@ -327,10 +327,8 @@ struct WatchRelay {
     headers: Arc<HeaderMap>,
     client: Option<RequestBody>,
     client_messages: ClientMessages,
-    /// Longest pause inside an incomplete client message.
-    stall_timeout: Duration,
     /// Ends the stream if the client's incomplete message does not grow in time.
-    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    stall: StallTimer,
     upstream: Upstream,
     upstream_messages: MessageReader,
     to_upstream: FeedSender,
@@ -455,8 +453,7 @@ impl WatchRelay {
             headers,
             client: Some(client),
             client_messages: ClientMessages::new(limits.max_message, None),
-            stall_timeout: limits.stall_timeout,
-            stall: None,
+            stall: StallTimer::new(limits.stall_timeout),
             upstream: Upstream::Idle,
             upstream_messages: MessageReader::default(),
             to_upstream: FeedSender::closed(),
@@ -602,11 +599,10 @@ impl WatchRelay {
 
     /// Ends the stream if the client's incomplete message stalled; true if it did.
     fn poll_stall(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(stall) = self.stall.as_mut() else { return false };
-        if stall.as_mut().poll(cx).is_pending() {
+        if self.stall.poll_stalled(cx).is_pending() {
             return false;
         }
-        let refused = Refused::stalled(self.stall_timeout);
+        let refused = Refused::stalled(self.stall.timeout());
         self.sender.metrics().refused(refused.why);
         let (code, message) = refused.failure.status();
         self.end(grpc::status_headers(code, &message));
@@ -629,14 +625,17 @@ impl WatchRelay {
             // Answers the proxy makes itself (created, cancelled) would pile up for a client
             // that sends without reading; etcd too stops reading such a client.
             let _ = self.to_client.poll_room(cx);
+            self.stall.pause();
             return false;
         }
         let Some(client) = self.client.as_mut() else { return false };
         // Requests etcd has not taken yet are bounded: nothing more is read until they leave
         // (the feed wakes the relay) or, between streams, until the next stream takes them.
         if self.held_bytes >= MAX_QUEUED_REQUESTS || self.to_upstream.poll_room(cx, MAX_QUEUED_REQUESTS).is_pending() {
+            self.stall.pause();
             return false;
         }
+        self.stall.resume();
         match Pin::new(client).poll_frame(cx) {
             Poll::Pending => false,
             Poll::Ready(Some(Ok(frame))) => {
@@ -649,7 +648,7 @@ impl WatchRelay {
             Poll::Ready(Some(Err(_)) | None) => {
                 // Closing the upstream request side makes etcd end the stream, as it would directly.
                 self.client = None;
-                self.stall = None;
+                self.stall.restart(false);
                 self.to_upstream = FeedSender::closed();
                 if matches!(self.upstream, Upstream::Idle) {
                     // No stream at etcd to end it: ended as etcd ends it.
@@ -682,11 +681,9 @@ impl WatchRelay {
             return;
         }
         // Only an incomplete message read from the client can stall; waiting ones do not.
-        self.stall =
-            match self.client_messages.is_empty() || self.joining_now.is_some() || self.hub_progress.blocks_client() {
-                true => None,
-                false => Some(Box::pin(tokio::time::sleep(self.stall_timeout))),
-            };
+        self.stall.restart(
+            !self.client_messages.is_empty() && self.joining_now.is_none() && !self.hub_progress.blocks_client(),
+        );
     }
 
     fn on_client_message(&mut self, message: Bytes) {

@@ -1425,6 +1425,114 @@ fn stream_messages_count_in_the_same_memory() {
     assert_eq!(metric(&metrics, "etcd_compat_proxy_held_request_bytes"), Some(0.0));
 }
 
+/// A watch client behind on its answers, with the start of its next request already read: the
+/// proxy stops reading it (as etcd stops reading such a client), and the rest of the request,
+/// sent meanwhile, waits unread for as long as the client does not read. That wait is the
+/// proxy's, not a stall of the client's: once the client reads again, the request is taken and
+/// answered and the stream goes on. Before, the stream was cut off as stalled after
+/// `--request-body-timeout`.
+#[test]
+fn a_watch_client_the_proxy_stops_reading_is_not_called_stalled() {
+    const PUTS: usize = 40;
+    let deployment = Deployment::start(
+        EtcdVersion::V3_5,
+        1,
+        Wire::Plain,
+        &["--request-body-timeout=2s", "--max-buffered-response-bytes=65536"],
+    );
+    let addr = deployment.proxy.listen_addr();
+    let runtime = runtime();
+    runtime.block_on(async {
+        let mut client = connect(&deployment.endpoint).await;
+        let mut revisions = Vec::new();
+        for i in 0..PUTS {
+            let put = client.put(format!("/behind/{i:02}"), vec![b'v'; 4096], None).await.expect("put");
+            revisions.push(put.header().expect("header").revision());
+        }
+        let create = |key: &'static [u8], range_end: &'static [u8], start_revision: i64| {
+            grpc_frame(
+                &WatchRequest {
+                    request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                        key: Bytes::from_static(key),
+                        range_end: Bytes::from_static(range_end),
+                        start_revision,
+                        ..Default::default()
+                    })),
+                }
+                .encode_to_vec(),
+            )
+        };
+        // 160 KiB of past events for a client that reads nothing yet, and most of a second create.
+        let history = create(b"/behind/", b"/behind0", revisions[0]);
+        let second = create(b"/later/", b"/later0", 0);
+        let mut builder = h2::client::Builder::new();
+        builder.initial_window_size(0).initial_connection_window_size(64 * MIB as u32);
+        let h2 = h2_connect_with(addr, builder).await;
+        let mut send = h2.send.clone().ready().await.expect("ready");
+        let (response, mut stream) =
+            send.send_request(grpc_request(addr, "/etcdserverpb.Watch/Watch", &[]), false).expect("open the stream");
+        let mut first = history.clone();
+        first.extend_from_slice(&second[..second.len() - 3]);
+        stream.send_data(Bytes::from(first), false).expect("the first create and most of the second");
+
+        // Once the client is behind, the proxy stops reading it; the rest of the create waits.
+        let behind_since = Instant::now();
+        loop {
+            let metrics = tokio::task::block_in_place(|| deployment.proxy.http_get("/metrics").1);
+            let pauses = metric(&metrics, "etcd_compat_proxy_stream_pauses_total").unwrap_or(0.0);
+            let detached = metric(&metrics, "etcd_compat_proxy_watch_detached_total").unwrap_or(0.0);
+            if pauses + detached >= 1.0 {
+                break;
+            }
+            assert!(behind_since.elapsed() < Duration::from_secs(1), "the watch stream was not paused within 1 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stream.send_data(Bytes::copy_from_slice(&second[second.len() - 3..]), false).expect("the rest");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+
+        h2.window.send(16 * MIB as u32).expect("the connection is still driven");
+        let response =
+            tokio::time::timeout(Duration::from_secs(5), response).await.expect("response headers").expect("response");
+        let mut body = response.into_body();
+        let mut messages = GrpcMessages::new();
+        let mut seen: Vec<(i64, bool, Vec<i64>)> = Vec::new();
+        let mut later_put = false;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !seen.iter().any(|(id, _, events)| *id == 1 && !events.is_empty()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let chunk = match tokio::time::timeout(left, body.data()).await {
+                Ok(Some(Ok(chunk))) => chunk,
+                Ok(None) => {
+                    let trailers = body.trailers().await.ok().flatten();
+                    panic!("the stream ended after {seen:?}: {trailers:?}")
+                }
+                Ok(Some(Err(error))) => panic!("the stream failed after {seen:?}: {error}"),
+                Err(_) => panic!("no more answers within 20 s after {seen:?}"),
+            };
+            body.flow_control().release_capacity(chunk.len()).expect("release capacity");
+            messages.push(&chunk);
+            while let Some(message) = messages.next_message() {
+                let watch = WatchResponse::decode(&message[..]).expect("a WatchResponse");
+                assert!(!watch.canceled, "watch {} canceled: {}", watch.watch_id, watch.cancel_reason);
+                let events = watch.events.iter().map(|event| event.kv.as_ref().expect("kv").mod_revision).collect();
+                seen.push((watch.watch_id, watch.created, events));
+            }
+            if !later_put && seen.iter().any(|(id, created, _)| *id == 1 && *created) {
+                later_put = true;
+                client.put("/later/k", "v", None).await.expect("put /later/k");
+            }
+        }
+        let created: Vec<i64> = seen.iter().filter(|(_, created, _)| *created).map(|(id, _, _)| *id).collect();
+        assert_eq!(created, vec![0, 1], "created answers in order");
+        let history_events: Vec<i64> =
+            seen.iter().filter(|(id, _, _)| *id == 0).flat_map(|(_, _, events)| events.clone()).collect();
+        assert_eq!(history_events, revisions, "every past event once, in order");
+        let metrics = deployment.proxy.http_get("/metrics").1;
+        assert_eq!(metric(&metrics, "etcd_compat_proxy_requests_refused_total{reason=\"stalled\"}"), Some(0.0));
+        drop(stream);
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Login throttling.
 
