@@ -127,7 +127,8 @@ impl KeepAliveStream {
             let next =
                 order.iter().find(|m| previous.as_ref().is_none_or(|p| !Arc::ptr_eq(p, m))).or(order.first()).cloned();
             let Some(member) = next else {
-                if self.give_up_before_start(&failures) {
+                // A client that left while no member could take its stream needs no member.
+                if self.give_up_before_start(&failures) || self.to_client.is_closed() {
                     return;
                 }
                 tokio::time::sleep(RETRY_PAUSE).await;
