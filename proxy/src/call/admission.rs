@@ -82,6 +82,11 @@ impl Refused {
     pub fn memory_full(limit: usize, waited: Duration) -> Refused {
         Refused { why: Refusal::MemoryFull, failure: ProxyFailure::RequestMemoryFull { limit, waited } }
     }
+
+    /// A stream's next message that found no room in [`RequestMemory`]; streams do not wait.
+    pub fn stream_memory_full(limit: usize) -> Refused {
+        Refused { why: Refusal::MemoryFull, failure: ProxyFailure::StreamMemoryFull { limit } }
+    }
 }
 
 /// Memory for request messages, shared by every call: the bytes of each single-message request
@@ -233,10 +238,7 @@ impl ClientMessages {
         if now == 0 {
             self.held = None;
         } else if now > counted {
-            let more = memory.try_hold(now - counted).ok_or(Refused {
-                why: Refusal::MemoryFull,
-                failure: ProxyFailure::StreamMemoryFull { limit: memory.limit },
-            })?;
+            let more = memory.try_hold(now - counted).ok_or_else(|| Refused::stream_memory_full(memory.limit))?;
             match self.held.as_mut() {
                 Some(held) => held.merge(more),
                 None => self.held = Some(more),
