@@ -89,6 +89,10 @@ pub struct ClientLimits {
     pub max_buffered_response: usize,
     /// Request messages held by all calls together.
     pub max_held_requests: usize,
+    /// Answers held whole for clients that have not taken them yet, all calls together.
+    pub max_held_responses: usize,
+    /// Longest a client connection may take nothing of an answer waiting for it.
+    pub unread_response_timeout: Duration,
     /// TLS handshake plus HTTP/2 preface and SETTINGS.
     pub handshake_timeout: Duration,
     /// Silence after which a client connection is pinged; `None`: never.

@@ -164,6 +164,9 @@ pub enum ProxyFailure {
     RequestMemoryFull { limit: usize, waited: Duration },
     /// No room among the request messages held for a stream's incomplete message.
     StreamMemoryFull { limit: usize },
+    /// No room among the answers held for clients (`--max-held-response-bytes`) for a read's
+    /// answer of `length` bytes.
+    ResponseMemoryFull { limit: usize, length: usize },
     /// A token the proxy did not issue or no longer knows.
     InvalidToken,
     /// The system random generator failed while making a token.
@@ -230,6 +233,10 @@ impl ProxyFailure {
             RequestMemoryFull { limit, waited } => (
                 Code::Unavailable,
                 format!("{P}: the request messages the proxy holds reached --max-held-request-bytes ({limit} bytes) and this one found no room within {waited:?}; nothing was sent to etcd, so it is safe to retry; if this is no flood of large requests, raise --max-held-request-bytes"),
+            ),
+            ResponseMemoryFull { limit, length } => (
+                Code::Unavailable,
+                format!("{P}: the answers the proxy holds for clients that have not taken them reached --max-held-response-bytes ({limit} bytes), so this answer of {length} bytes was not kept; the call changed nothing, so it is safe to retry; connections that take nothing for --unread-response-timeout are closed, which frees their room; if clients are reading, raise --max-held-response-bytes"),
             ),
             InvalidToken => (Code::Unauthenticated, etcd_errors::INVALID_AUTH_TOKEN.to_owned()),
             RandomFailed => {

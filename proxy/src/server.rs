@@ -133,6 +133,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             forwarder: Arc::clone(&forwarder),
             metrics: Arc::clone(&metrics),
             max_header_list: config.limits.max_header_list,
+            unread_response_timeout: config.limits.unread_response_timeout,
         };
         connections.spawn(client.serve(stream, http2.clone(), drain.clone()));
     };

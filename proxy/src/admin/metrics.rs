@@ -57,9 +57,9 @@ pub struct Metrics {
     watch_recreations: AtomicU64,
     client_connections: AtomicU64,
     /// Client connections the proxy closed, by [`ClosedBecause`].
-    connections_closed: [AtomicU64; 3],
+    connections_closed: [AtomicU64; 4],
     /// Client requests the proxy refused itself, by [`Refusal`].
-    refusals: [AtomicU64; 5],
+    refusals: [AtomicU64; 6],
     stream_pauses: AtomicU64,
     /// Limited Range answers by (truncation prefix label, outcome); labels come from configuration.
     budget: Mutex<BTreeMap<(String, &'static str), u64>>,
@@ -71,6 +71,8 @@ pub struct Metrics {
     pub watch_coalescing: std::sync::OnceLock<std::sync::Arc<dyn RenderMetrics>>,
     /// The gauges of request messages held, once the request path made its memory for them.
     pub request_memory: std::sync::OnceLock<std::sync::Arc<dyn RenderMetrics>>,
+    /// The gauges of answers held for clients, once the request path made its memory for them.
+    pub response_memory: std::sync::OnceLock<std::sync::Arc<dyn RenderMetrics>>,
     /// The auth sessions' gauge, once the server made them.
     pub auth_sessions: std::sync::OnceLock<std::sync::Arc<dyn RenderMetrics>>,
     /// Explains the failures the field reports describe; shared with the cluster's dials.
@@ -103,6 +105,7 @@ impl Default for Metrics {
             read_cache: std::sync::OnceLock::new(),
             watch_coalescing: std::sync::OnceLock::new(),
             request_memory: std::sync::OnceLock::new(),
+            response_memory: std::sync::OnceLock::new(),
             auth_sessions: std::sync::OnceLock::new(),
             explainer: crate::explain::Explainer::default(),
         }
@@ -118,10 +121,12 @@ pub enum ClosedBecause {
     NoPingAnswer = 1,
     /// Its TLS handshake failed (a certificate or protocol the proxy does not accept).
     TlsFailed = 2,
+    /// It took nothing of an answer for `--unread-response-timeout`.
+    AnswersUnread = 3,
 }
 
 impl ClosedBecause {
-    const LABELS: [&'static str; 3] = ["handshake_timeout", "ping_timeout", "tls_handshake_failed"];
+    const LABELS: [&'static str; 4] = ["handshake_timeout", "ping_timeout", "tls_handshake_failed", "response_unread"];
 }
 
 /// Why the proxy refused a client's request itself, without sending it to etcd.
@@ -137,10 +142,13 @@ pub enum Refusal {
     Deadline = 3,
     /// No room among the requests held in memory (`--max-held-request-bytes`) in time.
     MemoryFull = 4,
+    /// A read's answer found no room among the answers held for clients (`--max-held-response-bytes`).
+    ResponseMemoryFull = 5,
 }
 
 impl Refusal {
-    const LABELS: [&'static str; 5] = ["malformed", "too_large", "stalled", "deadline", "memory_full"];
+    const LABELS: [&'static str; 6] =
+        ["malformed", "too_large", "stalled", "deadline", "memory_full", "response_memory_full"];
 }
 
 /// Keeps a client connection counted as open until dropped.
@@ -305,7 +313,7 @@ impl Metrics {
         let _ = writeln!(out, "etcd_compat_proxy_watch_responses_split_total {}", self.watch_splits.load(Relaxed));
         out.push_str("# HELP etcd_compat_proxy_client_connections Client connections open now.\n# TYPE etcd_compat_proxy_client_connections gauge\n");
         let _ = writeln!(out, "etcd_compat_proxy_client_connections {}", self.client_connections.load(Relaxed));
-        out.push_str("# HELP etcd_compat_proxy_client_connections_closed_total Client connections the proxy closed: no handshake in time (--handshake-timeout), silent and no answer to a ping (--idle-connection-timeout), or a failed TLS handshake.\n# TYPE etcd_compat_proxy_client_connections_closed_total counter\n");
+        out.push_str("# HELP etcd_compat_proxy_client_connections_closed_total Client connections the proxy closed: no handshake in time (--handshake-timeout), silent and no answer to a ping (--idle-connection-timeout), a failed TLS handshake, or nothing of an answer taken (--unread-response-timeout).\n# TYPE etcd_compat_proxy_client_connections_closed_total counter\n");
         for (label, n) in ClosedBecause::LABELS.iter().zip(&self.connections_closed) {
             let _ = writeln!(
                 out,
@@ -313,12 +321,14 @@ impl Metrics {
                 n.load(Relaxed)
             );
         }
-        out.push_str("# HELP etcd_compat_proxy_requests_refused_total Client requests the proxy answered itself without sending them to etcd: malformed (not gRPC), too_large (over etcd's receive limit), stalled (--request-body-timeout), deadline (grpc-timeout passed), memory_full (no room among the requests held, --max-held-request-bytes, within --request-body-timeout).\n# TYPE etcd_compat_proxy_requests_refused_total counter\n");
+        out.push_str("# HELP etcd_compat_proxy_requests_refused_total Client requests the proxy answered itself: malformed (not gRPC), too_large (over etcd's receive limit), stalled (--request-body-timeout), deadline (grpc-timeout passed), memory_full (no room among the requests held, --max-held-request-bytes, within --request-body-timeout), none of which reached etcd; response_memory_full (a read whose answer found no room among the answers held for clients, --max-held-response-bytes).\n# TYPE etcd_compat_proxy_requests_refused_total counter\n");
         for (label, n) in Refusal::LABELS.iter().zip(&self.refusals) {
             let _ = writeln!(out, "etcd_compat_proxy_requests_refused_total{{reason=\"{label}\"}} {}", n.load(Relaxed));
         }
-        if let Some(memory) = self.request_memory.get() {
-            memory.render(&mut out);
+        for memory in [&self.request_memory, &self.response_memory] {
+            if let Some(memory) = memory.get() {
+                memory.render(&mut out);
+            }
         }
         self.certificates.render(&mut out);
         if let Some(cache) = self.read_cache.get() {

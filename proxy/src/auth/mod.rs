@@ -253,6 +253,8 @@ pub struct ClientInfo {
     pub addr: Option<IpAddr>,
     /// The CN of the client certificate, for mTLS clients.
     pub common_name: Option<String>,
+    /// The answers its connection has not taken yet.
+    pub unread: Option<Arc<crate::transport::UnreadAnswers>>,
 }
 
 /// Identities configured for clients that never authenticate.
@@ -457,7 +459,7 @@ mod tests {
         assert!(matches!(sessions.identify(&authorization, None), Identity::Session(s) if s.user() == "alice"));
         authorization.insert(AUTHORIZATION_HEADER, "etcd-token.5".parse().unwrap());
         assert!(matches!(sessions.identify(&authorization, None), Identity::UnknownToken));
-        let mtls = ClientInfo { addr: None, common_name: Some("client-a".into()) };
+        let mtls = ClientInfo { common_name: Some("client-a".into()), ..ClientInfo::default() };
         assert!(matches!(sessions.identify(&HeaderMap::new(), Some(&mtls)), Identity::Session(s) if s.user() == "a"));
         assert!(matches!(sessions.identify(&HeaderMap::new(), None), Identity::Session(s) if s.user() == "default"));
         assert!(!format!("{:?}", credentials("x")).contains("pw"));

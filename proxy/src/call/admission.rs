@@ -9,7 +9,7 @@
 //! stalled client holds no call open.
 //!
 //! What request messages make the proxy hold is bounded for all calls together
-//! ([`RequestMemory`], `--max-held-request-bytes`): many streams on many connections, each with
+//! ([`MemoryBudget`], `--max-held-request-bytes`): many streams on many connections, each with
 //! a message under etcd's limit, could otherwise add up to any amount of memory.
 
 use std::future::Future;
@@ -78,33 +78,49 @@ impl Refused {
         Refused { why: Refusal::Stalled, failure: ProxyFailure::MessageStalled(after) }
     }
 
-    /// A request that found no room in [`RequestMemory`] for `waited`.
+    /// A request that found no room in [`MemoryBudget`] for `waited`.
     pub fn memory_full(limit: usize, waited: Duration) -> Refused {
         Refused { why: Refusal::MemoryFull, failure: ProxyFailure::RequestMemoryFull { limit, waited } }
     }
 
-    /// A stream's next message that found no room in [`RequestMemory`]; streams do not wait.
+    /// A read's answer of `length` bytes that found no room among the answers held for clients.
+    pub fn response_memory_full(limit: usize, length: usize) -> Refused {
+        Refused { why: Refusal::ResponseMemoryFull, failure: ProxyFailure::ResponseMemoryFull { limit, length } }
+    }
+
+    /// A stream's next message that found no room in [`MemoryBudget`]; streams do not wait.
     pub fn stream_memory_full(limit: usize) -> Refused {
         Refused { why: Refusal::MemoryFull, failure: ProxyFailure::StreamMemoryFull { limit } }
     }
 }
 
-/// Memory for request messages, shared by every call: the bytes of each single-message request
-/// are counted from their arrival until the call ends (they are held for retries), and a
-/// request that finds no room waits for it, with nothing read meanwhile.
-pub struct RequestMemory {
+/// Memory shared by every call for what clients make the proxy hold: request messages
+/// ([`MemoryBudget`]), or answers clients have not taken yet (see `held_answers`). Bytes are
+/// counted while held; a request that finds no room waits for it, with nothing read meanwhile.
+pub struct MemoryBudget {
     room: Arc<Semaphore>,
     limit: usize,
+    /// Names its gauges.
+    kind: MemoryKind,
 }
 
-/// Bytes counted in [`RequestMemory`] until dropped.
+/// What a [`MemoryBudget`] holds.
+#[derive(Clone, Copy)]
+pub enum MemoryKind {
+    /// Client request messages (`--max-held-request-bytes`).
+    Requests,
+    /// Answers waiting for their clients (`--max-held-response-bytes`).
+    Responses,
+}
+
+/// Bytes counted in a [`MemoryBudget`] until dropped.
 pub type HeldRequest = OwnedSemaphorePermit;
 
-impl RequestMemory {
-    /// Room for `limit` bytes of requests (at most [`Semaphore::MAX_PERMITS`]).
-    pub fn new(limit: usize) -> Arc<RequestMemory> {
+impl MemoryBudget {
+    /// Room for `limit` bytes (at most [`Semaphore::MAX_PERMITS`]).
+    pub fn new(limit: usize, kind: MemoryKind) -> Arc<MemoryBudget> {
         let limit = limit.min(Semaphore::MAX_PERMITS);
-        Arc::new(RequestMemory { room: Arc::new(Semaphore::new(limit)), limit })
+        Arc::new(MemoryBudget { room: Arc::new(Semaphore::new(limit)), limit, kind })
     }
 
     /// Bytes held now.
@@ -112,8 +128,13 @@ impl RequestMemory {
         self.limit - self.room.available_permits()
     }
 
+    /// The most it holds.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// Counts `bytes` if there is room now.
-    fn try_hold(&self, bytes: usize) -> Option<HeldRequest> {
+    pub fn try_hold(&self, bytes: usize) -> Option<HeldRequest> {
         Arc::clone(&self.room).try_acquire_many_owned(permits(bytes)).ok()
     }
 
@@ -128,7 +149,7 @@ impl RequestMemory {
     }
 
     /// `held` (if any) and `bytes` more, counted once there is room (see
-    /// [`RequestMemory::wait_for_room`]).
+    /// [`MemoryBudget::wait_for_room`]).
     async fn grow(
         &self,
         held: Option<HeldRequest>,
@@ -167,18 +188,35 @@ impl RequestMemory {
     }
 }
 
-impl crate::admin::RenderMetrics for RequestMemory {
+impl crate::admin::RenderMetrics for MemoryBudget {
     fn render(&self, out: &mut String) {
         use std::fmt::Write;
-        out.push_str("# HELP etcd_compat_proxy_held_request_bytes Bytes of client request messages the proxy holds now (being read, or kept for a retry until the call ends).\n# TYPE etcd_compat_proxy_held_request_bytes gauge\n");
-        let _ = writeln!(out, "etcd_compat_proxy_held_request_bytes {}", self.held());
-        out.push_str("# HELP etcd_compat_proxy_held_request_bytes_limit The most the proxy holds of client request messages at once (--max-held-request-bytes).\n# TYPE etcd_compat_proxy_held_request_bytes_limit gauge\n");
-        let _ = writeln!(out, "etcd_compat_proxy_held_request_bytes_limit {}", self.limit);
+        let (name, held, flag) = match self.kind {
+            MemoryKind::Requests => (
+                "request",
+                "Bytes of client request messages the proxy holds now (being read, or kept for a retry until the call ends).",
+                "client request messages (--max-held-request-bytes)",
+            ),
+            MemoryKind::Responses => (
+                "response",
+                "Bytes of answers over 64 KiB the proxy holds now for clients that have not taken them yet.",
+                "answers for clients (--max-held-response-bytes)",
+            ),
+        };
+        let _ = writeln!(out, "# HELP etcd_compat_proxy_held_{name}_bytes {held}");
+        let _ = writeln!(out, "# TYPE etcd_compat_proxy_held_{name}_bytes gauge");
+        let _ = writeln!(out, "etcd_compat_proxy_held_{name}_bytes {}", self.held());
+        let _ = writeln!(
+            out,
+            "# HELP etcd_compat_proxy_held_{name}_bytes_limit The most the proxy holds of {flag} at once."
+        );
+        let _ = writeln!(out, "# TYPE etcd_compat_proxy_held_{name}_bytes_limit gauge");
+        let _ = writeln!(out, "etcd_compat_proxy_held_{name}_bytes_limit {}", self.limit);
     }
 }
 
 /// Semaphore permits for `bytes`: one per byte (a DATA frame is at most 16 MiB, far below u32).
-fn permits(bytes: usize) -> u32 {
+pub fn permits(bytes: usize) -> u32 {
     u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
@@ -199,22 +237,22 @@ pub struct StreamLimits {
     /// etcd data held for the client before the stream stops taking more.
     pub max_buffered: usize,
     /// Where what the client's messages hold is counted.
-    pub memory: Arc<RequestMemory>,
+    pub memory: Arc<MemoryBudget>,
 }
 
 /// A stream client's messages as they arrive (Watch, keep-alives): whole ones are taken out,
 /// and what stays (the start of the next, or messages waiting their turn) is counted in
-/// [`RequestMemory`]. Most frames carry whole messages, so most streams count nothing.
+/// [`MemoryBudget`]. Most frames carry whole messages, so most streams count nothing.
 pub struct ClientMessages {
     reader: grpc::MessageReader,
     /// `None` for the proxy's own requests (a shared watch's stream), which it never holds long.
-    memory: Option<Arc<RequestMemory>>,
+    memory: Option<Arc<MemoryBudget>>,
     held: Option<HeldRequest>,
 }
 
 impl ClientMessages {
     /// Messages of at most `max_message` bytes, what they hold counted in `memory`.
-    pub fn new(max_message: usize, memory: Option<Arc<RequestMemory>>) -> ClientMessages {
+    pub fn new(max_message: usize, memory: Option<Arc<MemoryBudget>>) -> ClientMessages {
         ClientMessages { reader: grpc::MessageReader::with_limit(max_message), memory, held: None }
     }
 
@@ -316,12 +354,12 @@ impl StallTimer {
 /// Reads a single-message request body to its end, refusing it as soon as its prefix claims
 /// more than etcd accepts, when it stalls, or when `deadline` passes. What is returned is the
 /// body as the client sent it (normally one framed message), never more than one message over
-/// the limit's worth, with its bytes counted in `memory` (see [`RequestMemory`]).
+/// the limit's worth, with its bytes counted in `memory` (see [`MemoryBudget`]).
 pub async fn read_unary<B>(
     body: &mut B,
     limits: MessageLimits,
     deadline: Option<Instant>,
-    memory: &RequestMemory,
+    memory: &MemoryBudget,
 ) -> Result<Result<(Bytes, HeldRequest), Refused>, B::Error>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
@@ -485,7 +523,7 @@ mod tests {
         } else {
             std::mem::forget(sender);
         }
-        read_unary(&mut Fed(receiver), LIMITS, deadline, &RequestMemory::new(1 << 20))
+        read_unary(&mut Fed(receiver), LIMITS, deadline, &MemoryBudget::new(1 << 20, MemoryKind::Requests))
             .await
             .unwrap()
             .map(|(message, _)| message)
@@ -543,15 +581,17 @@ mod tests {
             std::future::pending::<()>().await;
         });
         let started = Instant::now();
-        let refused =
-            read_unary(&mut Fed(receiver), LIMITS, None, &RequestMemory::new(1 << 20)).await.unwrap().unwrap_err();
+        let refused = read_unary(&mut Fed(receiver), LIMITS, None, &MemoryBudget::new(1 << 20, MemoryKind::Requests))
+            .await
+            .unwrap()
+            .unwrap_err();
         assert_eq!(refused.why, Refusal::Stalled);
         assert_eq!(started.elapsed(), Duration::from_secs(1));
     }
 
     #[tokio::test(start_paused = true)]
     async fn requests_are_counted_until_dropped_and_wait_for_room_in_order() {
-        let memory = RequestMemory::new(250);
+        let memory = MemoryBudget::new(250, MemoryKind::Requests);
         let body = |chunks: Vec<Vec<u8>>| {
             let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
             for chunk in chunks {
@@ -607,7 +647,7 @@ mod tests {
         assert_eq!(memory.held(), 0);
         // A body of several messages over one message's worth is refused as too large at once,
         // even when the memory holds no more than one message's worth.
-        let tight = RequestMemory::new(LIMITS.max_message + 5);
+        let tight = MemoryBudget::new(LIMITS.max_message + 5, MemoryKind::Requests);
         let small = grpc::frame(&[7; 10]).to_vec();
         let (done, mut several) = body(vec![small.clone(), small.repeat(10)]);
         drop(done);
@@ -623,7 +663,7 @@ mod tests {
 
     #[test]
     fn a_stream_counts_what_stays_unread_and_is_refused_without_room() {
-        let memory = RequestMemory::new(100);
+        let memory = MemoryBudget::new(100, MemoryKind::Requests);
         let mut messages = ClientMessages::new(1000, Some(Arc::clone(&memory)));
         let whole = grpc::frame(&[1; 35]).to_vec();
         // Whole messages taken at once hold nothing.

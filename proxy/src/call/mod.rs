@@ -53,12 +53,12 @@ use crate::config::Config;
 use crate::error::{CallError, ProxyFailure};
 use crate::grpc::{self, CallShape, Code, MethodKind, Replay, Route};
 use crate::migrate::Migration;
-use crate::transport::RecvBody;
+use crate::transport::{RecvBody, UnreadAnswers};
 use crate::upstream::{Cluster, Member};
 
-use admission::{HeldRequest, MessageLimits, NotGrpc, Refused, RequestMemory, StreamLimits};
+use admission::{HeldRequest, MemoryBudget, MemoryKind, MessageLimits, NotGrpc, Refused, StreamLimits};
 use attempts::{PendingBody, Sender, Upstreamed};
-use relay::{Buffered, CallRecord, ResponseBody, StreamStart};
+use relay::{Buffered, CallRecord, HeldAnswer, ResponseBody, StreamStart, ANSWER_PIECE};
 
 /// The request's path and query, as sent on to etcd.
 fn path_and_query(uri: &http::Uri) -> http::uri::PathAndQuery {
@@ -90,7 +90,9 @@ pub struct Forwarder {
     /// How client messages are read (size limit, stalls).
     message_limits: MessageLimits,
     /// What all single-message requests together may hold (`--max-held-request-bytes`).
-    request_memory: Arc<RequestMemory>,
+    request_memory: Arc<MemoryBudget>,
+    /// What answers waiting for their clients may hold together (`--max-held-response-bytes`).
+    response_memory: Arc<MemoryBudget>,
     /// Largest unary answer read whole from etcd (`--max-buffered-response-bytes`).
     max_buffered_response: usize,
     /// Holds the auth store still while a migration mirrors the cluster.
@@ -114,6 +116,8 @@ struct Admitted {
     deadline: Option<Instant>,
     /// Counts the buffered request in `--max-held-request-bytes` until the call ends.
     _held: Option<HeldRequest>,
+    /// Who calls, from the listener; its connection's unread answers are what a large answer joins.
+    client: Option<Arc<ClientInfo>>,
 }
 
 impl Forwarder {
@@ -131,8 +135,10 @@ impl Forwarder {
         if let Some(cache) = &read_cache {
             let _ = metrics.read_cache.set(cache.stats());
         }
-        let request_memory = RequestMemory::new(limits.max_held_requests);
+        let request_memory = MemoryBudget::new(limits.max_held_requests, MemoryKind::Requests);
         let _ = metrics.request_memory.set(Arc::clone(&request_memory) as Arc<dyn crate::admin::RenderMetrics>);
+        let response_memory = MemoryBudget::new(limits.max_held_responses, MemoryKind::Responses);
+        let _ = metrics.response_memory.set(Arc::clone(&response_memory) as Arc<dyn crate::admin::RenderMetrics>);
         let sender = Arc::new(Sender::new(cluster, metrics, auth));
         let stream_limits = StreamLimits {
             messages: MessageLimits {
@@ -158,6 +164,7 @@ impl Forwarder {
                 stall_timeout: limits.request_body_timeout,
             },
             request_memory,
+            response_memory,
             max_buffered_response: limits.max_buffered_response,
             migration,
             read_cache,
@@ -185,15 +192,17 @@ impl Forwarder {
             Ok(opened) => opened,
             Err(reset) => return Box::pin(std::future::ready(Err(reset))),
         };
-        let client = parts.extensions.get::<ClientInfo>();
+        let client = parts.extensions.get::<Arc<ClientInfo>>();
         let mut headers = parts.headers;
-        let session = match self.identify(&mut headers, client, route.kind) {
+        let session = match self.identify(&mut headers, client.map(Arc::as_ref), route.kind) {
             Ok(session) => session,
             Err(failure) => return Box::pin(std::future::ready(Ok(status_response(record, failure)))),
         };
         let path_and_query = path_and_query(&parts.uri);
         let body = PendingBody::Streaming(Some(body));
-        let call = Admitted { route, record, headers, path_and_query, body, session, deadline, _held: None };
+        // Streams relayed by a task answer with their own queue, never a held answer.
+        let client = None;
+        let call = Admitted { route, record, headers, path_and_query, body, session, deadline, _held: None, client };
         match route.kind {
             MethodKind::Watch => match self.serve_watch(call) {
                 Ok(started) => Box::pin(futures_util::FutureExt::map(started, Ok)),
@@ -282,18 +291,18 @@ impl Forwarder {
             }
         };
 
-        let client = parts.extensions.get::<ClientInfo>();
-        let session = match self.identify(&mut headers, client, route.kind) {
+        let mut extensions = parts.extensions;
+        let client = extensions.remove::<Arc<ClientInfo>>();
+        let session = match self.identify(&mut headers, client.as_deref(), route.kind) {
             Ok(session) => session,
             Err(failure) => return Ok(status_response(record, failure)),
         };
-        let mut call = Admitted { route, record, headers, path_and_query, body, session, deadline, _held: held };
+        let client_addr = client.as_ref().and_then(|c| c.addr);
+        let mut call =
+            Admitted { route, record, headers, path_and_query, body, session, deadline, _held: held, client };
         // Boxed: the rare and long-lived kinds; the plain unary call stays inline.
         match route.kind {
-            MethodKind::Authenticate => {
-                let client_addr = client.and_then(|c| c.addr);
-                Ok(Box::pin(self.serve_authenticate(call, client_addr)).await)
-            }
+            MethodKind::Authenticate => Ok(Box::pin(self.serve_authenticate(call, client_addr)).await),
             MethodKind::Range | MethodKind::Unary => {
                 // The mirror cannot carry users and roles to the new cluster: they stay still.
                 if route.changes_auth_store {
@@ -309,7 +318,7 @@ impl Forwarder {
                 };
                 if cacheable.is_some() {
                     if let Some(answer) = self.cached_answer(&call, budget.bytes()) {
-                        return Ok(answer.finish(call.record));
+                        return Ok(self.respond(answer, call.record, &call.route, unread_of(&call.client)));
                     }
                 }
                 let limit = match budget {
@@ -376,7 +385,7 @@ impl Forwarder {
                     if let (Some(range), true) = (cacheable, whole) {
                         self.remember(&call, range, &answer);
                     }
-                    return Ok(answer.finish(call.record));
+                    return Ok(self.respond(answer, call.record, &call.route, unread_of(&call.client)));
                 }
                 Ok(None) => {}
                 Err(refused) => return Ok(self.refuse(call.record, refused)),
@@ -416,15 +425,16 @@ impl Forwarder {
         limit: Option<usize>,
     ) -> Result<Response<ResponseBody>, h2::Error> {
         let record = call.record;
+        let unread = unread_of(&call.client);
         match answer {
             Ok(Ok(UnaryAnswer::Whole(answer))) => Ok(
                 match limit.and_then(|budget| answer.oversize_for(budget, || one_key_asked(&call.route, &call.body))) {
                     Some(refusal) => Buffered::status(refusal.status()).finish(record),
-                    None => answer.finish(record),
+                    None => self.respond(answer, record, &call.route, unread),
                 },
             ),
             Ok(Ok(UnaryAnswer::Large { response, first, member })) => {
-                let relayed = self.relay(response, Some(first), record, &call.route, &member);
+                let relayed = self.relay(response, Some(first), record, &call.route, &member, unread);
                 Ok(match limit {
                     Some(budget) => {
                         relayed.map(|body| body.refuse_messages_over(budget, one_key_asked(&call.route, &call.body)))
@@ -534,12 +544,12 @@ impl Forwarder {
 
     /// Other streams (Snapshot, Observe, methods the protos don't know): forwarded frame by frame.
     async fn serve_stream(&self, call: Admitted) -> Result<Response<ResponseBody>, h2::Error> {
-        let Admitted { route, record, mut headers, path_and_query, mut body, session, .. } = call;
+        let Admitted { route, record, mut headers, path_and_query, mut body, session, client, .. } = call;
         match self.sender.send_as(session.as_deref(), &route, &path_and_query, &mut headers, &mut body).await {
             Ok((Upstreamed::Ended(answer), _)) => Ok(answer.finish(record)),
             Ok((Upstreamed::Broke(error), _)) => Ok(Buffered::broken(&error, &route).finish(record)),
             Ok((Upstreamed::Streaming { response, first }, member)) => {
-                Ok(self.relay(response, first, record, &route, &member))
+                Ok(self.relay(response, first, record, &route, &member, unread_of(&client)))
             }
             Err(error) => fail(record, error),
         }
@@ -568,13 +578,48 @@ impl Forwarder {
         record: CallRecord,
         route: &Route,
         member: &Member,
+        unread: Option<&Arc<UnreadAnswers>>,
     ) -> Response<ResponseBody> {
         // Only streams need to hear about shutdown; unary calls finish on their own.
         let shutdown = (route.shape != CallShape::Unary).then(|| self.shutdown.clone().cancelled_owned());
         let (parts, incoming) = response.into_parts();
         let status_in_headers = Code::from_headers(&parts.headers).map(|code| (code, &parts.headers));
-        let body = ResponseBody::upstream(incoming, first, record, status_in_headers, shutdown, member.name());
+        let mut body = ResponseBody::upstream(incoming, first, record, status_in_headers, shutdown, member.name());
+        // Flow control bounds what it holds, but a client that never reads would hold the
+        // member connection's window (and with it every call on that connection) for ever.
+        if let Some(unread) = unread {
+            body.hold(HeldAnswer::new(None, Some(unread.register())));
+        }
         Response::from_parts(parts, body)
+    }
+
+    /// The client's response carrying `answer`, read whole. One over [`ANSWER_PIECE`] may wait
+    /// for its client: its bytes are counted in `--max-held-response-bytes` until the client's
+    /// connection takes them, and its connection watches it (`--unread-response-timeout`). A
+    /// read's answer that finds no room is refused (the read can be made again); the answer of a
+    /// call that changed something is delivered in any case, uncounted.
+    fn respond(
+        &self,
+        answer: Buffered,
+        record: CallRecord,
+        route: &Route,
+        unread: Option<&Arc<UnreadAnswers>>,
+    ) -> Response<ResponseBody> {
+        let length = answer.data_len();
+        if length <= ANSWER_PIECE {
+            return answer.finish(record);
+        }
+        let bytes = match self.response_memory.try_hold(length) {
+            Some(bytes) => Some(bytes),
+            None if route.replay == Replay::Idempotent => {
+                let limit = self.response_memory.limit();
+                return self.refuse(record, Refused::response_memory_full(limit, length));
+            }
+            None => None,
+        };
+        let mut response = answer.finish(record);
+        response.body_mut().hold(HeldAnswer::new(bytes, unread.map(UnreadAnswers::register)));
+        response
     }
 }
 
@@ -584,6 +629,12 @@ enum UnaryAnswer {
     Whole(Buffered),
     /// Larger than the proxy holds for a client: relayed as it arrives, `first` already read.
     Large { response: Response<RecvBody>, first: Bytes, member: Arc<Member> },
+}
+
+/// The answers the caller's connection (see [`Admitted::client`]) has not taken; a function of
+/// the one field, so that the call's other parts can be moved meanwhile.
+fn unread_of(client: &Option<Arc<ClientInfo>>) -> Option<&Arc<UnreadAnswers>> {
+    client.as_ref()?.unread.as_ref()
 }
 
 /// The key of a Range of one key, printable, for a refusal that names it.

@@ -20,8 +20,9 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use crate::admin::Metrics;
 use crate::error::{self, ProxyFailure};
 use crate::grpc::{self, Code, MessageReader, Route};
-use crate::transport::RecvBody;
+use crate::transport::{AnswerProgress, RecvBody};
 
+use super::admission::{self, HeldRequest};
 use super::client_queue::QueueReceiver;
 
 /// Records how a call ended, exactly once, even if the client goes away first.
@@ -86,6 +87,32 @@ pub struct ResponseBody {
     /// For other answers to size-limited clients: the largest message allowed through (boxed:
     /// few answers carry one).
     guard: Option<Box<AnswerGuard>>,
+    /// For answers that may wait for their client: what they keep meanwhile (boxed: few do).
+    held: Option<Box<HeldAnswer>>,
+}
+
+/// Answers larger than this are counted in `--max-held-response-bytes` and handed to the
+/// client's connection in pieces of this size: what the connection has taken is then what the
+/// client's window let through, give or take a piece, so the count stays true. Smaller answers
+/// leave in one piece, as they came.
+pub const ANSWER_PIECE: usize = 64 * 1024;
+
+/// What an answer that may wait for its client keeps meanwhile.
+pub struct HeldAnswer {
+    /// Its bytes not yet taken, counted in `--max-held-response-bytes`; none for answers that
+    /// are delivered in any case (those of calls that changed something) and relayed ones
+    /// (bounded by flow control).
+    bytes: Option<HeldRequest>,
+    /// Whether it waits for the client, watched by the client's connection
+    /// (`--unread-response-timeout`).
+    progress: Option<Arc<AnswerProgress>>,
+}
+
+impl HeldAnswer {
+    /// `bytes` counted and `progress` reported until the answer is taken.
+    pub fn new(bytes: Option<HeldRequest>, progress: Option<Arc<AnswerProgress>>) -> HeldAnswer {
+        HeldAnswer { bytes, progress }
+    }
 }
 
 /// What a stream task (relayed Watch, keep-alives) sends first: etcd's response headers for the
@@ -142,6 +169,7 @@ impl Future for StreamStart {
                     member: None,
                     splitter: None,
                     guard: None,
+                    held: None,
                 };
                 let body = match self.split {
                     Some(budget) => body.split_watch_responses(budget),
@@ -199,6 +227,7 @@ impl ResponseBody {
             member: Some(member),
             splitter: None,
             guard: None,
+            held: None,
         }
     }
 
@@ -210,6 +239,11 @@ impl ResponseBody {
         self
     }
 
+    /// Keeps `held` until the client has taken the answer, handing it over in pieces.
+    pub fn hold(&mut self, held: HeldAnswer) {
+        self.held = Some(Box::new(held));
+    }
+
     /// Splits watch responses larger than `budget` bytes (for clients with a message size limit).
     pub fn split_watch_responses(mut self, budget: usize) -> Self {
         self.splitter = Some(WatchSplitter { budget, pending: MessageReader::default() });
@@ -219,13 +253,19 @@ impl ResponseBody {
     /// An empty body, for trailers-only responses produced by the proxy.
     pub fn empty(mut record: CallRecord, code: Code) -> Self {
         record.finish(code);
+        ResponseBody::of(State::Done, record)
+    }
+
+    /// A body in `state`, with nothing more to it.
+    fn of(state: State, record: CallRecord) -> Self {
         ResponseBody {
-            state: State::Done,
+            state,
             record: Some(record),
             shutdown: None,
             member: None,
             splitter: None,
             guard: None,
+            held: None,
         }
     }
 
@@ -246,6 +286,59 @@ impl Body for ResponseBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         let this = self.get_mut();
+        match this.held.is_some() {
+            true => this.poll_held(cx),
+            false => this.poll_next(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.state {
+            State::Done => true,
+            State::Buffered { data, trailers } => data.is_empty() && trailers.is_none(),
+            State::Queue(_) => false,
+            // A trailers-only answer (an etcd error) must end with its HEADERS frame: gRPC
+            // clients reject a stream that sends an empty DATA frame after such headers.
+            State::Upstream { incoming, first } => first.is_none() && incoming.is_end_stream(),
+        }
+    }
+}
+
+impl ResponseBody {
+    /// [`ResponseBody::poll_next`] for an answer that may wait for its client: a piece at a
+    /// time, its count given back as the connection takes it, the wait for the client reported.
+    fn poll_held(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if let Some(progress) = self.held.as_ref().and_then(|held| held.progress.as_ref()) {
+            progress.taken();
+        }
+        if let State::Buffered { data, .. } = &mut self.state {
+            if let Some(chunk) = data.front_mut() {
+                if chunk.len() > ANSWER_PIECE {
+                    let rest = chunk.split_off(ANSWER_PIECE);
+                    data.insert(1, rest);
+                }
+            }
+        }
+        let polled = self.poll_next(cx);
+        let more = !self.is_end_stream();
+        if let (Some(held), Poll::Ready(Some(Ok(frame)))) = (self.held.as_mut(), &polled) {
+            if let (Some(bytes), Some(data)) = (held.bytes.as_mut(), frame.data_ref()) {
+                // Given back as the connection takes each piece; all of it once the last is taken.
+                match more {
+                    true => drop(bytes.split(admission::permits(data.len()) as usize)),
+                    false => held.bytes = None,
+                }
+            }
+            if let Some(progress) = held.progress.as_ref().filter(|_| more && frame.is_data()) {
+                progress.waiting();
+            }
+        }
+        polled
+    }
+
+    /// The next frame of the answer.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = self;
         if let Some(shutdown) = this.shutdown.as_mut() {
             if shutdown.as_mut().poll(cx).is_ready() {
                 this.shutdown = None;
@@ -303,17 +396,6 @@ impl Body for ResponseBody {
                     Poll::Ready(None)
                 }
             },
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.state {
-            State::Done => true,
-            State::Buffered { data, trailers } => data.is_empty() && trailers.is_none(),
-            State::Queue(_) => false,
-            // A trailers-only answer (an etcd error) must end with its HEADERS frame: gRPC
-            // clients reject a stream that sends an empty DATA frame after such headers.
-            State::Upstream { incoming, first } => first.is_none() && incoming.is_end_stream(),
         }
     }
 }
@@ -495,9 +577,14 @@ impl Buffered {
         self.message_length().is_none_or(|length| length <= budget)
     }
 
+    /// Bytes of the answer's body.
+    pub fn data_len(&self) -> usize {
+        self.data.iter().map(Bytes::len).sum()
+    }
+
     /// The length of the answer's message, without its frame prefix; `None` without one.
     fn message_length(&self) -> Option<usize> {
-        self.data.iter().map(Bytes::len).sum::<usize>().checked_sub(5)
+        self.data_len().checked_sub(5)
     }
 
     /// The single uncompressed message of the answer, without its frame prefix.
@@ -524,9 +611,7 @@ impl Buffered {
                 trailers: self.trailers,
             }
         };
-        let body =
-            ResponseBody { state, record: Some(record), shutdown: None, member: None, splitter: None, guard: None };
-        let mut response = http::Response::new(body);
+        let mut response = http::Response::new(ResponseBody::of(state, record));
         *response.status_mut() = self.status;
         *response.headers_mut() = self.headers;
         response
@@ -624,6 +709,46 @@ impl WatchSplitter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_held_answer_is_handed_over_in_pieces_and_its_count_given_back_as_they_go() {
+        use crate::call::admission::{MemoryBudget, MemoryKind};
+        use crate::transport::UnreadAnswers;
+
+        let framed = grpc::frame(&vec![7u8; 200 * 1024]);
+        let length = framed.len();
+        let memory = MemoryBudget::new(1 << 20, MemoryKind::Responses);
+        let unread = UnreadAnswers::new(Duration::from_secs(30), tokio_util::sync::CancellationToken::new());
+        let record = CallRecord::new(Arc::new(Metrics::default()), 0, true);
+        let mut response = Buffered::message_ok(vec![framed.clone()]).finish(record);
+        let progress = unread.register();
+        response.body_mut().hold(HeldAnswer::new(memory.try_hold(length), Some(Arc::clone(&progress))));
+        assert_eq!(memory.held(), length);
+
+        let mut body = response.into_body();
+        let mut pieces = Vec::new();
+        let mut held_after = Vec::new();
+        let mut trailers = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.unwrap();
+            match frame.into_data() {
+                Ok(piece) => {
+                    assert!(progress.waiting_since() > 0, "a piece handed over waits for the client");
+                    pieces.push(piece);
+                    held_after.push(memory.held());
+                }
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            }
+        }
+        let sizes: Vec<usize> = pieces.iter().map(Bytes::len).collect();
+        assert_eq!(sizes, vec![ANSWER_PIECE, ANSWER_PIECE, ANSWER_PIECE, length - 3 * ANSWER_PIECE]);
+        assert_eq!(pieces.concat(), framed.to_vec(), "the answer's bytes, unchanged and in order");
+        assert_eq!(held_after, vec![length - ANSWER_PIECE, length - 2 * ANSWER_PIECE, length - 3 * ANSWER_PIECE, 0]);
+        assert_eq!(trailers.and_then(|t| Code::from_headers(&t)), Some(Code::Ok));
+        assert_eq!(progress.waiting_since(), 0, "nothing waits once the trailers are taken");
+        drop(body);
+        assert_eq!(memory.held(), 0);
+    }
 
     #[test]
     fn an_answer_fits_a_budget_as_large_as_its_message() {

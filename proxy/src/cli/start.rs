@@ -44,6 +44,10 @@ mod defaults {
     /// One answer at the legacy clients' gRPC limit.
     pub const MAX_BUFFERED_RESPONSE_BYTES: u64 = 4 * 1024 * 1024;
     pub const MAX_HELD_REQUEST_BYTES: u64 = 256 * 1024 * 1024;
+    pub const MAX_HELD_RESPONSE_BYTES: u64 = 256 * 1024 * 1024;
+    /// gRPC libraries read a unary answer as it arrives; one that takes none of it for this
+    /// long is stuck or hostile.
+    pub const UNREAD_RESPONSE_TIMEOUT: &str = "30s";
     pub const HANDSHAKE_TIMEOUT: &str = "10s";
     pub const IDLE_CONNECTION_TIMEOUT: &str = "3m";
     pub const REQUEST_BODY_TIMEOUT: &str = "10s";
@@ -233,6 +237,12 @@ pub struct StartArgs {
     #[arg(long, env = "ETCD_COMPAT_PROXY_MAX_HELD_REQUEST_BYTES", value_name = "BYTES", help = with_default("Request messages all calls together may make the proxy hold: unary requests until their call ends (kept for retries), and what Watch and keep-alive streams hold of their clients' messages; a unary request that finds no room waits up to --request-body-timeout, then gets Unavailable, a stream is ended at once. At least the largest request message (--max-request-bytes + 512 KiB + 5)", defaults::MAX_HELD_REQUEST_BYTES))]
     pub max_held_request_bytes: Option<u64>,
 
+    #[arg(long, env = "ETCD_COMPAT_PROXY_MAX_HELD_RESPONSE_BYTES", value_name = "BYTES", help = with_default("Answers all calls together may make the proxy hold for clients that have not taken them yet: answers over 64 KiB read whole from etcd (up to --max-buffered-response-bytes) count until the client's connection has taken their last byte; a read whose answer finds no room gets Unavailable (safe to retry), the answer of a call that changed something is always delivered. At least --max-buffered-response-bytes + 5", defaults::MAX_HELD_RESPONSE_BYTES))]
+    pub max_held_response_bytes: Option<u64>,
+
+    #[arg(long, env = "ETCD_COMPAT_PROXY_UNREAD_RESPONSE_TIMEOUT", value_name = "DURATION", help = with_default("A client connection that takes nothing of an answer waiting for it (over 64 KiB, or streamed) for this long is closed, and what it held is freed", defaults::UNREAD_RESPONSE_TIMEOUT))]
+    pub unread_response_timeout: Option<String>,
+
     #[arg(long, env = "ETCD_COMPAT_PROXY_HANDSHAKE_TIMEOUT", value_name = "DURATION", help = with_default("Time a new client connection has to complete its TLS handshake and send the HTTP/2 preface and SETTINGS", defaults::HANDSHAKE_TIMEOUT))]
     pub handshake_timeout: Option<String>,
 
@@ -382,6 +392,8 @@ impl StartArgs {
             max_header_list_bytes,
             max_buffered_response_bytes,
             max_held_request_bytes,
+            max_held_response_bytes,
+            unread_response_timeout,
             serializable_cache_bytes,
             watch_coalescing,
             quota_backend_bytes,
@@ -781,6 +793,29 @@ fn client_limits(args: &StartArgs) -> Result<ClientLimits, ConfigError> {
             ),
         ));
     }
+    let max_held_responses = args.max_held_response_bytes.unwrap_or(defaults::MAX_HELD_RESPONSE_BYTES);
+    if max_held_responses < max_buffered_response + 5 {
+        return Err(ConfigError::invalid(
+            "max-held-response-bytes",
+            &max_held_responses.to_string(),
+            &format!(
+                "must be at least {}, the largest answer read whole (--max-buffered-response-bytes, and its 5-byte prefix), or such an answer to a read could never be held",
+                max_buffered_response + 5
+            ),
+        ));
+    }
+    let unread_response_timeout = parse_duration_setting(
+        "unread-response-timeout",
+        args.unread_response_timeout.as_deref(),
+        defaults::UNREAD_RESPONSE_TIMEOUT,
+    )?;
+    if unread_response_timeout < Duration::from_secs(1) {
+        return Err(ConfigError::invalid(
+            "unread-response-timeout",
+            args.unread_response_timeout.as_deref().unwrap_or_default(),
+            "must be at least 1s; a client on a slow link may take a moment between pieces of an answer",
+        ));
+    }
     let idle_raw = args.idle_connection_timeout.as_deref().unwrap_or(defaults::IDLE_CONNECTION_TIMEOUT);
     let idle_connection_timeout = match parse_duration(idle_raw) {
         Some(duration) if duration.is_zero() => None,
@@ -798,6 +833,8 @@ fn client_limits(args: &StartArgs) -> Result<ClientLimits, ConfigError> {
         max_header_list,
         max_buffered_response: usize::try_from(max_buffered_response).unwrap_or(usize::MAX),
         max_held_requests: usize::try_from(max_held_requests).unwrap_or(usize::MAX),
+        max_held_responses: usize::try_from(max_held_responses).unwrap_or(usize::MAX),
+        unread_response_timeout,
         handshake_timeout: parse_duration_setting(
             "handshake-timeout",
             args.handshake_timeout.as_deref(),
@@ -1062,6 +1099,8 @@ mod tests {
                 max_header_list: 16384,
                 max_buffered_response: 4 * 1024 * 1024,
                 max_held_requests: 256 * 1024 * 1024,
+                max_held_responses: 256 * 1024 * 1024,
+                unread_response_timeout: Duration::from_secs(30),
                 handshake_timeout: Duration::from_secs(10),
                 idle_connection_timeout: Some(Duration::from_secs(180)),
                 request_body_timeout: Duration::from_secs(10),
@@ -1083,6 +1122,18 @@ mod tests {
         );
         let just_room = StartArgs { max_held_request_bytes: Some(2 * 1024 * 1024 + 5), ..StartArgs::default() };
         assert_eq!(just_room.validate().unwrap().limits.max_held_requests, 2 * 1024 * 1024 + 5);
+        let no_answer_room = StartArgs { max_held_response_bytes: Some(4 * 1024 * 1024), ..StartArgs::default() };
+        assert_eq!(
+            no_answer_room.validate().unwrap_err().to_string(),
+            "invalid --max-held-response-bytes \"4194304\": must be at least 4194309, the largest answer read whole \
+             (--max-buffered-response-bytes, and its 5-byte prefix), or such an answer to a read could never be held"
+        );
+        let hasty = StartArgs { unread_response_timeout: Some("500ms".into()), ..StartArgs::default() };
+        assert_eq!(
+            hasty.validate().unwrap_err().to_string(),
+            "invalid --unread-response-timeout \"500ms\": must be at least 1s; a client on a slow link may take a \
+             moment between pieces of an answer"
+        );
         let tiny = StartArgs { max_request_bytes: Some(10), ..StartArgs::default() };
         assert!(tiny
             .validate()

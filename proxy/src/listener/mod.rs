@@ -23,7 +23,9 @@ use crate::admin::{ClosedBecause, Metrics};
 use crate::auth::ClientInfo;
 use crate::call::Forwarder;
 use crate::config::Config;
-use crate::transport::{BatchedWrites, CLIENT_CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_SEND_BUFFER, STREAM_WINDOW};
+use crate::transport::{
+    BatchedWrites, UnreadAnswers, CLIENT_CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_SEND_BUFFER, STREAM_WINDOW,
+};
 
 use authority_repair::AuthorityRepair;
 
@@ -76,6 +78,8 @@ pub struct ClientConnection {
     pub metrics: Arc<Metrics>,
     /// `--max-header-list-bytes`.
     pub max_header_list: u32,
+    /// `--unread-response-timeout`.
+    pub unread_response_timeout: std::time::Duration,
 }
 
 impl ClientConnection {
@@ -83,7 +87,11 @@ impl ClientConnection {
     pub async fn serve(self, stream: TcpStream, http2: Http2Server, drain: CancellationToken) {
         let _open = self.metrics.client_connection_opened();
         let peer = self.peer;
-        let mut client = ClientInfo { addr: Some(peer.ip()), common_name: None };
+        // Cancelled to drain the connection, or to close it at once when it takes nothing of
+        // an answer (see `transport::unread`): one branch below serves both.
+        let closing = drain.child_token();
+        let unread = UnreadAnswers::new(self.unread_response_timeout, closing.clone());
+        let mut client = ClientInfo { addr: Some(peer.ip()), common_name: None, unread: Some(unread.clone()) };
         let io: Box<dyn ClientStream> = match &self.tls {
             None => Box::new(stream),
             Some(acceptor) => match tokio::time::timeout_at(self.deadline, acceptor.accept(stream)).await {
@@ -115,8 +123,9 @@ impl ClientConnection {
         // Auth sessions need to know who is calling: the address (to slow down password
         // guessing) and, for mTLS clients, the certificate's CN (to pick a configured identity).
         let forwarder = self.forwarder;
+        let client = Arc::new(client);
         let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-            request.extensions_mut().insert(client.clone());
+            request.extensions_mut().insert(Arc::clone(&client));
             // Boxed (by `call`): hyper keeps a stream's task as large as the service's future for
             // the stream's whole life, and a call's future (sized by the longest unary path) would
             // otherwise cost every long-lived Watch stream a few KiB after it has answered.
@@ -139,7 +148,13 @@ impl ClientConnection {
                     }
                     awaiting_handshake = false;
                 }
-                _ = drain.cancelled(), if !draining => {
+                _ = closing.cancelled(), if !draining => {
+                    if unread.is_stuck() {
+                        // Dropping the connection resets its streams; what they held is freed.
+                        self.metrics.client_connection_closed(ClosedBecause::AnswersUnread);
+                        tracing::debug!(%peer, "client took nothing of an answer for --unread-response-timeout; connection closed");
+                        return;
+                    }
                     draining = true;
                     connection.as_mut().graceful_shutdown();
                 }

@@ -1,19 +1,22 @@
 //! HTTP/2 on the wire, toward etcd and the settings of both sides: one connection per member
 //! and lane ([`connection`]), the halves of a stream ([`stream`]: etcd's answer as it arrives,
 //! a body piped up with flow control), what goes up as a request body ([`request_body`]), a
-//! small counted queue between tasks ([`mailbox`]), and batched writes of small frames. Depends on nothing else in the crate.
+//! small counted queue between tasks ([`mailbox`]), batched writes of small frames, and the
+//! answers a client connection has not taken ([`unread`]). Depends on nothing else in the crate.
 
 pub mod batched_writes;
 pub mod connection;
 pub mod mailbox;
 pub mod request_body;
 pub mod stream;
+pub mod unread;
 
 pub use batched_writes::BatchedWrites;
 pub use connection::{Connection, ResponseFuture, Upload};
 pub use mailbox::{mailbox, MailboxReceiver, MailboxSender};
 pub use request_body::{feed, FeedReceiver, FeedSender, RequestBody};
 pub use stream::{pipe, RecvBody};
+pub use unread::{AnswerProgress, UnreadAnswers};
 
 /// HTTP/2 flow-control window of one stream, on both sides: large answers (ranges, snapshots)
 /// need large windows to stream at full speed, and many small watch streams need room not to

@@ -1533,6 +1533,149 @@ fn a_watch_client_the_proxy_stops_reading_is_not_called_stalled() {
     });
 }
 
+/// The Unavailable refusal of a read whose answer of `length` bytes found no room among the
+/// answers held for clients (`--max-held-response-bytes=4194309`).
+fn no_room_for_answer(length: usize) -> String {
+    format!(
+        "etcd-compat-proxy: the answers the proxy holds for clients that have not taken them reached \
+         --max-held-response-bytes (4194309 bytes), so this answer of {length} bytes was not kept; the call changed \
+         nothing, so it is safe to retry; connections that take nothing for --unread-response-timeout are closed, \
+         which frees their room; if clients are reading, raise --max-held-response-bytes"
+    )
+}
+
+/// A client that takes none of its answers (its stream windows stay shut, though its connection
+/// is alive) asks for a 1 MB value twelve times on one connection. What the proxy holds for it
+/// stays under `--max-held-response-bytes` (before, it held all twelve answers, and as much again
+/// for every further call), the reads that found no room are refused saying why, and after
+/// `--unread-response-timeout` its connection is closed, which gives everything back. A client
+/// that reads slowly, a piece at a time, gets its whole answer and keeps its connection.
+#[test]
+fn answers_nobody_takes_are_bounded_in_sum_and_their_connection_closed() {
+    const CALLS: usize = 12;
+    const HELD: usize = 4;
+    const UNREAD_TIMEOUT: Duration = Duration::from_secs(5);
+    const PIECE: usize = 64 * 1024;
+    let deployment = Deployment::start(
+        EtcdVersion::V3_5,
+        1,
+        Wire::Plain,
+        &["--max-held-response-bytes=4194309", "--unread-response-timeout=5s"],
+    );
+    let addr = deployment.proxy.listen_addr();
+    let held_bytes = || metric(&deployment.proxy.http_get("/metrics").1, "etcd_compat_proxy_held_response_bytes");
+    let closed_unread = || {
+        metric(
+            &deployment.proxy.http_get("/metrics").1,
+            "etcd_compat_proxy_client_connections_closed_total{reason=\"response_unread\"}",
+        )
+    };
+    let runtime = runtime();
+    runtime.block_on(async {
+        let mut client = connect(&deployment.endpoint).await;
+        client.put("/unread/big", vec![b'u'; 1_000_000], None).await.expect("put the large value");
+        client.put("/unread/small", "s", None).await.expect("put the small value");
+        let mut reader = h2_connect(addr).await;
+        let read = call(&mut reader, "/etcdserverpb.KV/Range", &[], &range_body("/unread/big")[5..]).await;
+        let length = read.answer("a read with room").messages[0].len() + 5;
+
+        let mut builder = h2::client::Builder::new();
+        builder.initial_window_size(0).initial_connection_window_size(64 * MIB as u32);
+        let hog = h2_connect_with(addr, builder).await;
+        let started = Instant::now();
+        let mut endings = Vec::new();
+        for _ in 0..CALLS {
+            let mut send = hog.send.clone().ready().await.expect("ready");
+            let request = grpc_request(addr, "/etcdserverpb.KV/Range", &[]);
+            let (response, mut stream) = send.send_request(request, false).expect("headers");
+            stream.send_data(Bytes::from(range_body("/unread/big")), true).expect("the request");
+            endings.push(tokio::spawn(finish(response)));
+        }
+        // Four answers fit; the other reads are refused at once.
+        let refused_by = Instant::now() + Duration::from_secs(4);
+        while endings.iter().filter(|ending| ending.is_finished()).count() < CALLS - HELD {
+            assert!(Instant::now() < refused_by, "the reads without room were not refused within 4 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut held = Vec::new();
+        for ending in endings {
+            match ending.is_finished() {
+                true => assert_eq!(
+                    ending.await.expect("ending").status("a read without room"),
+                    ("14".to_owned(), no_room_for_answer(length))
+                ),
+                false => held.push(ending),
+            }
+        }
+        assert_eq!(held.len(), HELD);
+        // Each holds all but the piece the connection took while waiting for the window.
+        let expected_held = (HELD * (length - PIECE)) as f64;
+        let settled_by = Instant::now() + Duration::from_secs(2);
+        while tokio::task::block_in_place(held_bytes) != Some(expected_held) && Instant::now() < settled_by {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(tokio::task::block_in_place(held_bytes), Some(expected_held));
+
+        // Meanwhile others are served when their answers fit, and told why when they do not.
+        let small = client.get("/unread/small", None).await.expect("a small read while the memory is full");
+        assert_eq!(small.kvs()[0].value(), b"s");
+        assert_eq!(
+            grpc_status(client.get("/unread/big", None).await),
+            ("Unavailable".to_owned(), no_room_for_answer(length))
+        );
+
+        let closed_by = started + UNREAD_TIMEOUT + Duration::from_secs(4);
+        while tokio::task::block_in_place(closed_unread) != Some(1.0) {
+            assert!(Instant::now() < closed_by, "the connection taking nothing was not closed in time");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let took = started.elapsed();
+        assert!(took >= UNREAD_TIMEOUT, "closed after {took:?}, before --unread-response-timeout");
+        for ending in held {
+            let ending = tokio::time::timeout(Duration::from_secs(5), ending).await.expect("ended").expect("ending");
+            assert!(!matches!(ending, Ending::Answer(_)), "an answer arrived through a shut window: {ending:?}");
+        }
+        assert_eq!(tokio::task::block_in_place(held_bytes), Some(0.0));
+        let big = client.get("/unread/big", None).await.expect("a large read once the room is back");
+        assert_eq!(big.kvs()[0].value().len(), 1_000_000);
+        let metrics = deployment.proxy.http_get("/metrics").1;
+        let refused = (CALLS - HELD + 1) as f64;
+        assert_eq!(
+            metric(&metrics, "etcd_compat_proxy_requests_refused_total{reason=\"response_memory_full\"}"),
+            Some(refused)
+        );
+
+        // A slow reader, whose 64 KiB window the proxy fills and then waits 2 s (under the 5 s
+        // timeout) after every 256 KiB, takes longer than the timeout in all and keeps going.
+        let mut builder = h2::client::Builder::new();
+        builder.initial_window_size(PIECE as u32).initial_connection_window_size(64 * MIB as u32);
+        let slow = h2_connect_with(addr, builder).await;
+        let mut send = slow.send.clone().ready().await.expect("ready");
+        let request = grpc_request(addr, "/etcdserverpb.KV/Range", &[]);
+        let (response, mut stream) = send.send_request(request, false).expect("headers");
+        stream.send_data(Bytes::from(range_body("/unread/big")), true).expect("the request");
+        let mut body = response.await.expect("response headers").into_body();
+        let (mut received, mut since_pause) = (0, 0);
+        let reading_since = Instant::now();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.expect("a piece of the slow reader's answer");
+            received += chunk.len();
+            since_pause += chunk.len();
+            if since_pause >= 256 * 1024 {
+                since_pause = 0;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            body.flow_control().release_capacity(chunk.len()).expect("release");
+        }
+        assert!(reading_since.elapsed() > UNREAD_TIMEOUT, "the slow reader was not slower than the timeout");
+        let trailers = body.trailers().await.expect("trailers").expect("a status");
+        assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+        assert_eq!(received, length);
+        assert_eq!(tokio::task::block_in_place(closed_unread), Some(1.0), "the slow reader was closed");
+        drop((hog, slow, stream));
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Login throttling.
 

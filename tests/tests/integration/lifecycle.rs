@@ -65,6 +65,8 @@ fn every_flag_has_an_environment_twin_and_help() {
         "insecure-skip-tls-verify",
         "max-concurrent-streams",
         "max-held-request-bytes",
+        "max-held-response-bytes",
+        "unread-response-timeout",
         "serializable-cache-bytes",
         "watch-coalescing",
         "reuse-port",
