@@ -10,14 +10,11 @@
 //! token once one has waited too long.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-/// How often the watch looks at a connection's answers when none waits for the client.
-const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// The answers of one client connection that may wait for its window.
 #[derive(Debug)]
@@ -27,6 +24,8 @@ pub struct UnreadAnswers {
     /// Cancelled when an answer has waited longer than `timeout`.
     close: CancellationToken,
     stuck: AtomicBool,
+    /// What its answers' times count from (the runtime's clock, which tests may pause).
+    epoch: Instant,
 }
 
 #[derive(Debug, Default)]
@@ -38,17 +37,18 @@ struct Registry {
 
 /// Whether one answer waits for its client, and since when; shared by the answer's body and its
 /// connection's [`UnreadAnswers`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AnswerProgress {
-    /// Milliseconds since the clock's epoch, plus one, since the body handed its last piece
-    /// over; 0 while the body is being read or waits for etcd.
+    /// Milliseconds since `epoch`, plus one, since the body handed its last piece over; 0 while
+    /// the body is being read or waits for etcd.
     waiting_since: AtomicU64,
+    epoch: Instant,
 }
 
 impl AnswerProgress {
     /// The body handed a piece to the connection and has more: what follows waits for the client.
     pub fn waiting(&self) {
-        self.waiting_since.store(now_millis(), Relaxed);
+        self.waiting_since.store(millis_since(self.epoch), Relaxed);
     }
 
     /// The connection took the last piece and asks for more.
@@ -66,7 +66,8 @@ impl UnreadAnswers {
     /// The answers of a connection that is closed through `close` once one of them has waited
     /// for the client longer than `timeout`.
     pub fn new(timeout: Duration, close: CancellationToken) -> Arc<UnreadAnswers> {
-        Arc::new(UnreadAnswers { registry: Mutex::default(), timeout, close, stuck: AtomicBool::new(false) })
+        let stuck = AtomicBool::new(false);
+        Arc::new(UnreadAnswers { registry: Mutex::default(), timeout, close, stuck, epoch: Instant::now() })
     }
 
     /// Whether the connection is to be closed because an answer waited too long.
@@ -77,7 +78,7 @@ impl UnreadAnswers {
     /// Registers an answer of this connection, forgotten once its body drops the result; starts
     /// the watch if it is not running. Needs a tokio runtime.
     pub fn register(self: &Arc<Self>) -> Arc<AnswerProgress> {
-        let progress = Arc::new(AnswerProgress::default());
+        let progress = Arc::new(AnswerProgress { waiting_since: AtomicU64::new(0), epoch: self.epoch });
         let mut registry = self.lock();
         registry.answers.retain(|answer| answer.strong_count() > 0);
         registry.answers.push(Arc::downgrade(&progress));
@@ -108,10 +109,12 @@ impl UnreadAnswers {
                     .min()
             };
             let Some(since) = oldest else {
-                tokio::time::sleep(CHECK_EVERY.min(self.timeout)).await;
+                // None waits now, so none can have waited too long before a timeout from now:
+                // a connection with long-lived streams is looked at once per timeout, not more.
+                tokio::time::sleep(self.timeout).await;
                 continue;
             };
-            let waited = Duration::from_millis(now_millis().saturating_sub(since));
+            let waited = Duration::from_millis(millis_since(self.epoch).saturating_sub(since));
             if waited >= self.timeout {
                 self.stuck.store(true, Relaxed);
                 self.close.cancel();
@@ -127,11 +130,9 @@ impl UnreadAnswers {
     }
 }
 
-/// Milliseconds since the process's first use of this clock, plus one (0 means "not waiting").
-fn now_millis() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let millis = EPOCH.get_or_init(Instant::now).elapsed().as_millis();
-    u64::try_from(millis).unwrap_or(u64::MAX - 1) + 1
+/// Milliseconds since `epoch`, plus one (0 means "not waiting").
+fn millis_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
 }
 
 #[cfg(test)]
@@ -162,7 +163,10 @@ mod tests {
         stuck.waiting();
         close.cancelled().await;
         let took = started.elapsed();
-        assert!(took >= timeout && took <= timeout + CHECK_EVERY, "stuck after {took:?}");
+        assert!(
+            took >= timeout && took <= timeout + Duration::from_millis(10),
+            "closed after {took:?}, not as soon as the answer had waited the timeout"
+        );
         assert!(unread.is_stuck());
         drop(answer);
     }
