@@ -48,10 +48,10 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{Metrics, Refusal};
 use crate::auth::{self, AuthSessions, ClientInfo, Identity, Session};
 use crate::budget::{BudgetPolicy, ClientBudget, KeySizeEstimate, LimitRule, LimitedLog};
-use crate::cache::{Cacheable, ReadCache};
+use crate::cache::{Cacheable, ReadCache, Written};
 use crate::config::Config;
 use crate::error::{CallError, ProxyFailure};
-use crate::grpc::{self, CallShape, Code, MethodKind, Replay, Route};
+use crate::grpc::{self, CallShape, Code, MethodKind, Replay, Route, Writes};
 use crate::migrate::Migration;
 use crate::transport::{RecvBody, UnreadAnswers};
 use crate::upstream::{Cluster, Member};
@@ -318,7 +318,8 @@ impl Forwarder {
                 };
                 if cacheable.is_some() {
                     if let Some(answer) = self.cached_answer(&call, budget.bytes()) {
-                        return Ok(self.respond(answer, call.record, &call.route, unread_of(&call.client)));
+                        let unread = unread_of(&call.client);
+                        return Ok(self.respond(answer, call.record, &call.route, &call.body, unread));
                     }
                 }
                 let limit = match budget {
@@ -385,7 +386,8 @@ impl Forwarder {
                     if let (Some(range), true) = (cacheable, whole) {
                         self.remember(&call, range, &answer);
                     }
-                    return Ok(self.respond(answer, call.record, &call.route, unread_of(&call.client)));
+                    let unread = unread_of(&call.client);
+                    return Ok(self.respond(answer, call.record, &call.route, &call.body, unread));
                 }
                 Ok(None) => {}
                 Err(refused) => return Ok(self.refuse(call.record, refused)),
@@ -430,7 +432,7 @@ impl Forwarder {
             Ok(Ok(UnaryAnswer::Whole(answer))) => Ok(
                 match limit.and_then(|budget| answer.oversize_for(budget, || one_key_asked(&call.route, &call.body))) {
                     Some(refusal) => Buffered::status(refusal.status()).finish(record),
-                    None => self.respond(answer, record, &call.route, unread),
+                    None => self.respond(answer, record, &call.route, &call.body, unread),
                 },
             ),
             Ok(Ok(UnaryAnswer::Large { response, first, member })) => {
@@ -595,14 +597,16 @@ impl Forwarder {
 
     /// The client's response carrying `answer`, read whole. One over [`ANSWER_PIECE`] may wait
     /// for its client: its bytes are counted in `--max-held-response-bytes` until the client's
-    /// connection takes them, and its connection watches it (`--unread-response-timeout`). A
-    /// read's answer that finds no room is refused (the read can be made again); the answer of a
-    /// call that changed something is delivered in any case, uncounted.
+    /// connection takes them, and its connection watches it (`--unread-response-timeout`). The
+    /// answer of a call that changed nothing (`request`: a read, or a Txn that only reads) that
+    /// finds no room is refused, since the call can be made again; that of a call that changed
+    /// something is delivered in any case, uncounted.
     fn respond(
         &self,
         answer: Buffered,
         record: CallRecord,
         route: &Route,
+        request: &PendingBody,
         unread: Option<&Arc<UnreadAnswers>>,
     ) -> Response<ResponseBody> {
         let length = answer.data_len();
@@ -611,7 +615,7 @@ impl Forwarder {
         }
         let bytes = match self.response_memory.try_hold(length) {
             Some(bytes) => Some(bytes),
-            None if route.replay == Replay::Idempotent => {
+            None if changes_nothing(route, request) => {
                 let limit = self.response_memory.limit();
                 return self.refuse(record, Refused::response_memory_full(limit, length));
             }
@@ -629,6 +633,20 @@ enum UnaryAnswer {
     Whole(Buffered),
     /// Larger than the proxy holds for a client: relayed as it arrives, `first` already read.
     Large { response: Response<RecvBody>, first: Bytes, member: Arc<Member> },
+}
+
+/// Whether a call changes nothing in etcd: a read, or a Txn whose branches only read (a
+/// client may read through a Txn as well as through a Range).
+fn changes_nothing(route: &Route, request: &PendingBody) -> bool {
+    match route.replay {
+        Replay::Idempotent => true,
+        _ => {
+            route.writes == Writes::Txn
+                && request.message().and_then(|framed| framed.get(5..)).is_some_and(|message| {
+                    matches!(crate::cache::written_ranges(route.writes, message), Some(Written::Ranges(ranges)) if ranges.is_empty())
+                })
+        }
+    }
 }
 
 /// The answers the caller's connection (see [`Admitted::client`]) has not taken; a function of
@@ -689,5 +707,35 @@ impl From<ProxyFailure> for Status {
 impl From<(Code, String)> for Status {
     fn from((code, message): (Code, String)) -> Self {
         Status(code, message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etcd_compat_proto::etcdserverpb::{request_op, PutRequest, RangeRequest, RequestOp, TxnRequest};
+    use prost::Message;
+
+    fn framed(message: &impl Message) -> PendingBody {
+        PendingBody::Buffered(grpc::frame(&message.encode_to_vec()))
+    }
+
+    #[test]
+    fn reads_and_txns_that_only_read_change_nothing() {
+        let range_op = RequestOp { request: Some(request_op::Request::RequestRange(RangeRequest::default())) };
+        let put = PutRequest { key: b"k".to_vec().into(), ..Default::default() };
+        let put_op = RequestOp { request: Some(request_op::Request::RequestPut(put.clone())) };
+        let reading =
+            TxnRequest { success: vec![range_op.clone()], failure: vec![range_op.clone()], ..Default::default() };
+        let writing = TxnRequest { success: vec![range_op], failure: vec![put_op], ..Default::default() };
+        let txn = grpc::route("/etcdserverpb.KV/Txn");
+        assert!(changes_nothing(&grpc::route("/etcdserverpb.KV/Range"), &framed(&RangeRequest::default())));
+        assert!(changes_nothing(&txn, &framed(&reading)));
+        assert!(!changes_nothing(&txn, &framed(&writing)), "a Txn that may write");
+        assert!(!changes_nothing(&grpc::route("/etcdserverpb.KV/Put"), &framed(&put)));
+        assert!(
+            !changes_nothing(&txn, &PendingBody::Buffered(Bytes::from_static(&[0, 0, 0, 0, 2, 0xff, 0xff]))),
+            "unreadable"
+        );
     }
 }
