@@ -94,9 +94,10 @@ impl Refused {
     }
 }
 
-/// Memory shared by every call for what clients make the proxy hold: request messages
-/// ([`MemoryBudget`]), or answers clients have not taken yet (see `held_answers`). Bytes are
-/// counted while held; a request that finds no room waits for it, with nothing read meanwhile.
+/// Memory shared by every call for what clients make the proxy hold: their request messages
+/// (`--max-held-request-bytes`), or answers they have not taken yet (`--max-held-response-bytes`,
+/// see `relay::HeldAnswer`). Bytes are counted while held; a request that finds no room waits
+/// for it, with nothing read meanwhile.
 pub struct MemoryBudget {
     room: Arc<Semaphore>,
     limit: usize,
@@ -114,7 +115,7 @@ pub enum MemoryKind {
 }
 
 /// Bytes counted in a [`MemoryBudget`] until dropped.
-pub type HeldRequest = OwnedSemaphorePermit;
+pub type HeldBytes = OwnedSemaphorePermit;
 
 impl MemoryBudget {
     /// Room for `limit` bytes (at most [`Semaphore::MAX_PERMITS`]).
@@ -134,13 +135,13 @@ impl MemoryBudget {
     }
 
     /// Counts `bytes` if there is room now.
-    pub fn try_hold(&self, bytes: usize) -> Option<HeldRequest> {
+    pub fn try_hold(&self, bytes: usize) -> Option<HeldBytes> {
         Arc::clone(&self.room).try_acquire_many_owned(permits(bytes)).ok()
     }
 
     /// Counts `bytes` once there is room; first come, first served, so a large request is not
     /// passed over for ever by small ones.
-    async fn hold(&self, bytes: usize) -> HeldRequest {
+    async fn hold(&self, bytes: usize) -> HeldBytes {
         match Arc::clone(&self.room).acquire_many_owned(permits(bytes)).await {
             Ok(held) => held,
             // The semaphore is never closed, so this never runs.
@@ -152,11 +153,11 @@ impl MemoryBudget {
     /// [`MemoryBudget::wait_for_room`]).
     async fn grow(
         &self,
-        held: Option<HeldRequest>,
+        held: Option<HeldBytes>,
         bytes: usize,
         limits: MessageLimits,
         deadline: Option<Instant>,
-    ) -> Result<HeldRequest, Refused> {
+    ) -> Result<HeldBytes, Refused> {
         let more = match self.try_hold(bytes) {
             Some(more) => more,
             // Boxed: a rare path, kept out of every call's future.
@@ -178,7 +179,7 @@ impl MemoryBudget {
         bytes: usize,
         limits: MessageLimits,
         deadline: Option<Instant>,
-    ) -> Result<HeldRequest, Refused> {
+    ) -> Result<HeldBytes, Refused> {
         let (at, is_stall) = stall_or_deadline_at(limits.stall_timeout, deadline);
         match tokio::time::timeout_at(at, self.hold(bytes)).await {
             Ok(more) => Ok(more),
@@ -216,7 +217,7 @@ impl crate::admin::RenderMetrics for MemoryBudget {
 }
 
 /// Semaphore permits for `bytes`: one per byte (a DATA frame is at most 16 MiB, far below u32).
-pub fn permits(bytes: usize) -> u32 {
+fn permits(bytes: usize) -> u32 {
     u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
@@ -247,7 +248,7 @@ pub struct ClientMessages {
     reader: grpc::MessageReader,
     /// `None` for the proxy's own requests (a shared watch's stream), which it never holds long.
     memory: Option<Arc<MemoryBudget>>,
-    held: Option<HeldRequest>,
+    held: Option<HeldBytes>,
 }
 
 impl ClientMessages {
@@ -360,11 +361,11 @@ pub async fn read_unary<B>(
     limits: MessageLimits,
     deadline: Option<Instant>,
     memory: &MemoryBudget,
-) -> Result<Result<(Bytes, HeldRequest), Refused>, B::Error>
+) -> Result<Result<(Bytes, HeldBytes), Refused>, B::Error>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
 {
-    let mut held: Option<HeldRequest> = None;
+    let mut held: Option<HeldBytes> = None;
     let mut whole = BytesMut::new();
     // The usual case: the whole message in one chunk, kept without a copy while the end of
     // the stream comes in a frame of its own.

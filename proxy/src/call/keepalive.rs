@@ -209,10 +209,10 @@ impl KeepAliveStream {
     /// Runs the stream on `member` until the call ends or the member fails; `Err` when the
     /// stream could not even be opened.
     async fn serve_on(&mut self, member: &Arc<Member>) -> Result<Ended, UpstreamError> {
-        // This task writes the stream itself: a keep-alive is a few bytes, and a copy task
-        // between here and etcd would cost a wake-up per keep-alive.
         // Nothing of the client is read until the stream is open again.
         self.stall.pause();
+        // This task writes the stream itself: a keep-alive is a few bytes, and a copy task
+        // between here and etcd would cost a wake-up per keep-alive.
         let (response, to_member) =
             self.cluster.open(member, Lane::Streams, &self.path_and_query, &self.headers, Upload::ByCaller).await?;
         let mut to_member = to_member.ok_or_else(|| UpstreamError::Request {

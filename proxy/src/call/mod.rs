@@ -56,7 +56,7 @@ use crate::migrate::Migration;
 use crate::transport::{RecvBody, UnreadAnswers};
 use crate::upstream::{Cluster, Member};
 
-use admission::{HeldRequest, MemoryBudget, MemoryKind, MessageLimits, NotGrpc, Refused, StreamLimits};
+use admission::{HeldBytes, MemoryBudget, MemoryKind, MessageLimits, NotGrpc, Refused, StreamLimits};
 use attempts::{PendingBody, Sender, Upstreamed};
 use relay::{Buffered, CallRecord, HeldAnswer, ResponseBody, StreamStart, ANSWER_PIECE};
 
@@ -115,7 +115,7 @@ struct Admitted {
     /// From the call's `grpc-timeout`.
     deadline: Option<Instant>,
     /// Counts the buffered request in `--max-held-request-bytes` until the call ends.
-    _held: Option<HeldRequest>,
+    _held: Option<HeldBytes>,
     /// Who calls, from the listener; its connection's unread answers are what a large answer joins.
     client: Option<Arc<ClientInfo>>,
 }

@@ -22,7 +22,7 @@ use crate::error::{self, ProxyFailure};
 use crate::grpc::{self, Code, MessageReader, Route};
 use crate::transport::{AnswerProgress, RecvBody};
 
-use super::admission::{self, HeldRequest};
+use super::admission::HeldBytes;
 use super::client_queue::QueueReceiver;
 
 /// Records how a call ended, exactly once, even if the client goes away first.
@@ -102,7 +102,7 @@ pub struct HeldAnswer {
     /// Its bytes not yet taken, counted in `--max-held-response-bytes`; none for answers that
     /// are delivered in any case (those of calls that changed something) and relayed ones
     /// (bounded by flow control).
-    bytes: Option<HeldRequest>,
+    bytes: Option<HeldBytes>,
     /// Whether it waits for the client, watched by the client's connection
     /// (`--unread-response-timeout`).
     progress: Option<Arc<AnswerProgress>>,
@@ -110,7 +110,7 @@ pub struct HeldAnswer {
 
 impl HeldAnswer {
     /// `bytes` counted and `progress` reported until the answer is taken.
-    pub fn new(bytes: Option<HeldRequest>, progress: Option<Arc<AnswerProgress>>) -> HeldAnswer {
+    pub fn new(bytes: Option<HeldBytes>, progress: Option<Arc<AnswerProgress>>) -> HeldAnswer {
         HeldAnswer { bytes, progress }
     }
 }
@@ -325,7 +325,7 @@ impl ResponseBody {
             if let (Some(bytes), Some(data)) = (held.bytes.as_mut(), frame.data_ref()) {
                 // Given back as the connection takes each piece; all of it once the last is taken.
                 match more {
-                    true => drop(bytes.split(admission::permits(data.len()) as usize)),
+                    true => drop(bytes.split(data.len())),
                     false => held.bytes = None,
                 }
             }
