@@ -1623,6 +1623,16 @@ fn answers_nobody_takes_are_bounded_in_sum_and_their_connection_closed() {
             grpc_status(client.get("/unread/big", None).await),
             ("Unavailable".to_owned(), no_room_for_answer(length))
         );
+        // A Txn that only reads is a read; a write's answer is delivered in any case.
+        let reading = etcd_client::Txn::new().and_then([etcd_client::TxnOp::get("/unread/big", None)]);
+        let (code, message) = grpc_status(client.txn(reading).await);
+        assert_eq!(code, "Unavailable");
+        let before_length = "etcd-compat-proxy: the answers the proxy holds for clients that have not taken them \
+                             reached --max-held-response-bytes (4194309 bytes), so this answer of ";
+        assert!(message.starts_with(before_length), "{message}");
+        let rewrite = etcd_client::PutOptions::new().with_prev_key();
+        let rewritten = client.put("/unread/big", vec![b'u'; 1_000_000], Some(rewrite)).await.expect("a write");
+        assert_eq!(rewritten.prev_key().expect("the previous value").value().len(), 1_000_000);
 
         let closed_by = started + UNREAD_TIMEOUT + Duration::from_secs(4);
         while tokio::task::block_in_place(closed_unread) != Some(1.0) {
@@ -1639,7 +1649,7 @@ fn answers_nobody_takes_are_bounded_in_sum_and_their_connection_closed() {
         let big = client.get("/unread/big", None).await.expect("a large read once the room is back");
         assert_eq!(big.kvs()[0].value().len(), 1_000_000);
         let metrics = deployment.proxy.http_get("/metrics").1;
-        let refused = (CALLS - HELD + 1) as f64;
+        let refused = (CALLS - HELD + 2) as f64;
         assert_eq!(
             metric(&metrics, "etcd_compat_proxy_requests_refused_total{reason=\"response_memory_full\"}"),
             Some(refused)
@@ -1673,6 +1683,53 @@ fn answers_nobody_takes_are_bounded_in_sum_and_their_connection_closed() {
         assert_eq!(received, length);
         assert_eq!(tokio::task::block_in_place(closed_unread), Some(1.0), "the slow reader was closed");
         drop((hog, slow, stream));
+    });
+}
+
+/// A client that takes nothing of an answer too large to be read whole, which the proxy relays
+/// under flow control (and which thus holds its member connection's window), has its
+/// connection closed after `--unread-response-timeout` as well; another client's reads on the
+/// same member go on.
+#[test]
+fn a_streamed_answer_nobody_takes_closes_its_connection() {
+    const UNREAD_TIMEOUT: Duration = Duration::from_secs(2);
+    let deployment = Deployment::start(
+        EtcdVersion::V3_4,
+        1,
+        Wire::Plain,
+        &["--max-buffered-response-bytes=65536", "--unread-response-timeout=2s"],
+    );
+    let addr = deployment.proxy.listen_addr();
+    let closed_unread = || {
+        metric(
+            &deployment.proxy.http_get("/metrics").1,
+            "etcd_compat_proxy_client_connections_closed_total{reason=\"response_unread\"}",
+        )
+    };
+    let runtime = runtime();
+    runtime.block_on(async {
+        let mut client = connect(&deployment.endpoint).await;
+        client.put("/streamed/big", vec![b's'; 1_000_000], None).await.expect("put the large value");
+        let mut builder = h2::client::Builder::new();
+        builder.initial_window_size(0).initial_connection_window_size(64 * MIB as u32);
+        let stuck = h2_connect_with(addr, builder).await;
+        let mut send = stuck.send.clone().ready().await.expect("ready");
+        let (response, mut stream) =
+            send.send_request(grpc_request(addr, "/etcdserverpb.KV/Range", &[]), false).expect("headers");
+        stream.send_data(Bytes::from(range_body("/streamed/big")), true).expect("the request");
+        let started = Instant::now();
+        let ending = tokio::spawn(finish(response));
+        let mut other = h2_connect(addr).await;
+        let read = call(&mut other, "/etcdserverpb.KV/Range", &[], &range_body("/streamed/big")[5..]).await;
+        assert_eq!(read.answer("another client's read").messages.len(), 1);
+        while tokio::task::block_in_place(closed_unread) != Some(1.0) {
+            assert!(started.elapsed() < UNREAD_TIMEOUT + Duration::from_secs(4), "not closed in time");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(started.elapsed() >= UNREAD_TIMEOUT, "closed after {:?}", started.elapsed());
+        let ending = tokio::time::timeout(Duration::from_secs(5), ending).await.expect("ended").expect("ending");
+        assert!(!matches!(ending, Ending::Answer(_)), "an answer arrived through a shut window: {ending:?}");
+        drop((stuck, stream));
     });
 }
 
