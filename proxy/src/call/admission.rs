@@ -14,6 +14,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -95,14 +96,16 @@ impl Refused {
 }
 
 /// Memory shared by every call for what clients make the proxy hold: their request messages
-/// (`--max-held-request-bytes`), or answers they have not taken yet (`--max-held-response-bytes`,
-/// see `relay::HeldAnswer`). Bytes are counted while held; a request that finds no room waits
-/// for it, with nothing read meanwhile.
+/// (`--max-held-request-bytes`), or answers they have not taken yet (`--max-held-response-bytes`:
+/// see `relay::HeldAnswer`, and `client_queue` for streams). Bytes are counted while held; a
+/// request that finds no room waits for it, with nothing read meanwhile.
 pub struct MemoryBudget {
     room: Arc<Semaphore>,
     limit: usize,
     /// Names its gauges.
     kind: MemoryKind,
+    /// Bytes counted without room (see [`MemoryBudget::counted`]): they may pass the limit.
+    already_read: AtomicUsize,
 }
 
 /// What a [`MemoryBudget`] holds.
@@ -121,12 +124,29 @@ impl MemoryBudget {
     /// Room for `limit` bytes (at most [`Semaphore::MAX_PERMITS`]).
     pub fn new(limit: usize, kind: MemoryKind) -> Arc<MemoryBudget> {
         let limit = limit.min(Semaphore::MAX_PERMITS);
-        Arc::new(MemoryBudget { room: Arc::new(Semaphore::new(limit)), limit, kind })
+        Arc::new(MemoryBudget { room: Arc::new(Semaphore::new(limit)), limit, kind, already_read: AtomicUsize::new(0) })
     }
 
     /// Bytes held now.
     pub fn held(&self) -> usize {
-        self.limit - self.room.available_permits()
+        self.limit - self.room.available_permits() + self.already_read.load(Relaxed)
+    }
+
+    /// Whether it holds its limit or more: streams stop taking etcd's data for clients that
+    /// are behind (see `client_queue`).
+    pub fn is_full(&self) -> bool {
+        self.held() >= self.limit
+    }
+
+    /// `bytes` (a stream's message, already read from etcd: it can neither wait nor be refused)
+    /// counted until the last copy of them is dropped, wherever it is by then: the client's
+    /// queue, a shared watch's subscribers, the connection's send buffer.
+    pub fn counted(self: &Arc<Self>, bytes: Bytes) -> Bytes {
+        if bytes.is_empty() {
+            return bytes;
+        }
+        self.already_read.fetch_add(bytes.len(), Relaxed);
+        Bytes::from_owner(CountedBytes { bytes, budget: Arc::clone(self) })
     }
 
     /// The most it holds.
@@ -136,6 +156,9 @@ impl MemoryBudget {
 
     /// Counts `bytes` if there is room now.
     pub fn try_hold(&self, bytes: usize) -> Option<HeldBytes> {
+        if self.already_read.load(Relaxed).saturating_add(bytes) > self.room.available_permits() {
+            return None;
+        }
         Arc::clone(&self.room).try_acquire_many_owned(permits(bytes)).ok()
     }
 
@@ -189,6 +212,24 @@ impl MemoryBudget {
     }
 }
 
+/// The owner of a [`MemoryBudget::counted`] message: gives its count back when dropped.
+struct CountedBytes {
+    bytes: Bytes,
+    budget: Arc<MemoryBudget>,
+}
+
+impl AsRef<[u8]> for CountedBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for CountedBytes {
+    fn drop(&mut self) {
+        self.budget.already_read.fetch_sub(self.bytes.len(), Relaxed);
+    }
+}
+
 impl crate::admin::RenderMetrics for MemoryBudget {
     fn render(&self, out: &mut String) {
         use std::fmt::Write;
@@ -200,7 +241,7 @@ impl crate::admin::RenderMetrics for MemoryBudget {
             ),
             MemoryKind::Responses => (
                 "response",
-                "Bytes of answers over 64 KiB the proxy holds now for clients that have not taken them yet.",
+                "Bytes the proxy holds now for clients that have not taken them: answers over 64 KiB read whole, and etcd's messages on Watch and keep-alive streams.",
                 "answers for clients (--max-held-response-bytes)",
             ),
         };
@@ -239,6 +280,8 @@ pub struct StreamLimits {
     pub max_buffered: usize,
     /// Where what the client's messages hold is counted.
     pub memory: Arc<MemoryBudget>,
+    /// Where what waits for the client is counted, and who is told when it stops reading.
+    pub queue: super::client_queue::Watched,
 }
 
 /// A stream client's messages as they arrive (Watch, keep-alives): whole ones are taken out,
@@ -496,6 +539,28 @@ fn check_size(data: &[u8], max: usize) -> Option<Refused> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_counted_message_is_counted_once_until_its_last_copy_is_gone_and_leaves_no_room() {
+        let memory = MemoryBudget::new(1000, MemoryKind::Responses);
+        let message = memory.counted(Bytes::from(vec![7; 600]));
+        let copies = [message.clone(), message.slice(10..20)];
+        assert_eq!(memory.held(), 600, "a copy or a slice is not counted again");
+        assert_eq!(&message[..3], &[7, 7, 7]);
+        assert!(memory.try_hold(401).is_none(), "an answer that would pass the limit with it");
+        let held = memory.try_hold(400).expect("room for what is left");
+        assert!(memory.is_full());
+        // Already read: counted past the limit rather than refused.
+        let over = memory.counted(Bytes::from(vec![1; 50]));
+        assert_eq!(memory.held(), 1050);
+        drop((message, over, held));
+        assert_eq!(memory.held(), 600, "copies still hold it");
+        drop(copies);
+        assert_eq!(memory.held(), 0);
+        assert!(!memory.is_full());
+        assert_eq!(memory.counted(Bytes::new()).len(), 0);
+        assert_eq!(memory.held(), 0);
+    }
 
     /// A request body fed by the test.
     struct Fed(tokio::sync::mpsc::UnboundedReceiver<Bytes>);

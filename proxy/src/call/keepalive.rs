@@ -48,7 +48,7 @@ pub async fn serve(
 ) -> Response<ResponseBody> {
     let StreamContext { cluster, metrics, limits, shutdown } = context;
     let (head_tx, head_rx) = oneshot::channel();
-    let (to_client, from_task) = client_queue::channel(limits.max_buffered);
+    let (to_client, from_task) = client_queue::channel(limits.max_buffered, limits.queue);
     let stream = KeepAliveStream {
         cluster,
         path_and_query,

@@ -147,6 +147,7 @@ impl Forwarder {
             },
             max_buffered: limits.max_buffered_response,
             memory: Arc::clone(&request_memory),
+            queue: client_queue::Watched { memory: Some(Arc::clone(&response_memory)), unread: None },
         };
         let watch_hub = config.watch_coalescing.then(|| watch_hub::WatchHub::new(Arc::clone(&sender), stream_limits));
         if let Some(hub) = &watch_hub {
@@ -200,8 +201,8 @@ impl Forwarder {
         };
         let path_and_query = path_and_query(&parts.uri);
         let body = PendingBody::Streaming(Some(body));
-        // Streams relayed by a task answer with their own queue, never a held answer.
-        let client = None;
+        // Their queue tells the connection when the client stops taking what it holds.
+        let client = client.cloned();
         let call = Admitted { route, record, headers, path_and_query, body, session, deadline, _held: None, client };
         match route.kind {
             MethodKind::Watch => match self.serve_watch(call) {
@@ -509,7 +510,7 @@ impl Forwarder {
     /// A Watch stream: relayed by a task of its own (see [`watch`]); the responses of a client
     /// with a message size limit are split under it.
     fn serve_watch(&self, call: Admitted) -> Result<StreamStart, Box<Response<ResponseBody>>> {
-        let Admitted { record, headers, body, session, .. } = call;
+        let Admitted { record, headers, body, session, client: caller, .. } = call;
         let limit = self.budget.classify(&headers).bytes();
         let PendingBody::Streaming(Some(client)) = body else {
             return Err(Box::new(status_response(record, ProxyFailure::StreamNotStarted("watch"))));
@@ -518,14 +519,15 @@ impl Forwarder {
         let sender = Arc::clone(&self.sender);
         let hub = self.watch_hub.as_ref();
         let headers = self.watch_headers.share(headers);
-        let started = watch::serve(sender, hub, session, headers, client, record, shutdown, self.stream_limits());
+        let started =
+            watch::serve(sender, hub, session, headers, client, record, shutdown, self.stream_limits(&caller));
         Ok(started.split_watch_responses(limit))
     }
 
     /// A LeaseKeepAlive stream: run by a task that moves it between members (see [`keepalive`]).
     /// etcd checks no token on it, so the one it opens with may expire without harm.
     async fn serve_keepalive(&self, call: Admitted) -> Response<ResponseBody> {
-        let Admitted { record, mut headers, path_and_query, body, session, .. } = call;
+        let Admitted { record, mut headers, path_and_query, body, session, client: caller, .. } = call;
         let PendingBody::Streaming(Some(client)) = body else {
             return status_response(record, ProxyFailure::StreamNotStarted("keep-alive"));
         };
@@ -538,7 +540,7 @@ impl Forwarder {
         let context = keepalive::StreamContext {
             cluster: Arc::clone(&self.sender.cluster),
             metrics: Arc::clone(&self.sender.metrics),
-            limits: self.stream_limits(),
+            limits: self.stream_limits(&caller),
             shutdown: self.shutdown.clone(),
         };
         keepalive::serve(context, path_and_query, headers, client, record).await
@@ -557,12 +559,16 @@ impl Forwarder {
         }
     }
 
-    /// Limits of the streams relayed message by message (Watch, keep-alives).
-    fn stream_limits(&self) -> StreamLimits {
+    /// Limits of the streams relayed message by message (Watch, keep-alives) for `client`.
+    fn stream_limits(&self, client: &Option<Arc<ClientInfo>>) -> StreamLimits {
         StreamLimits {
             messages: self.message_limits,
             max_buffered: self.max_buffered_response,
             memory: Arc::clone(&self.request_memory),
+            queue: client_queue::Watched {
+                memory: Some(Arc::clone(&self.response_memory)),
+                unread: unread_of(client).cloned(),
+            },
         }
     }
 

@@ -108,7 +108,7 @@ pub(super) fn serve(
     limits: StreamLimits,
 ) -> StreamStart {
     let (head, started) = oneshot::channel();
-    let (to_client, from_relay) = client_queue::channel(limits.max_buffered);
+    let (to_client, from_relay) = client_queue::channel(limits.max_buffered, limits.queue.clone());
     let client = RequestBody::Streaming(client);
     // With a shared watch to join, a stream opens none at etcd until its client asks for a
     // watch that needs one (see `WatchRelay::join_now`).
@@ -519,10 +519,21 @@ impl WatchRelay {
         }
     }
 
-    /// Sends the client a message from etcd; pauses the upstream stream if the client is now
-    /// too far behind.
+    /// Sends the client a message from etcd, or of the proxy's; pauses the upstream stream if
+    /// the client is now too far behind.
     fn deliver(&mut self, message: Bytes) {
         self.to_client.push(Frame::data(message));
+        self.pause_if_behind();
+    }
+
+    /// Sends the client a message of a shared watch, counted by the hub once for all its
+    /// subscribers.
+    fn deliver_counted(&mut self, message: Bytes) {
+        self.to_client.push_counted(Frame::data(message));
+        self.pause_if_behind();
+    }
+
+    fn pause_if_behind(&mut self) {
         if self.to_client.is_full() && matches!(self.upstream, Upstream::Open { .. }) && self.mid_fragment.is_empty() {
             tracing::debug!(watches = self.watches.len(), "watch client is not reading; pausing its upstream stream");
             self.sender.metrics().stream_paused();
@@ -1266,17 +1277,18 @@ impl WatchRelay {
             self.watches.remove(&id);
             self.recount = true;
             self.latest = Some(message.clone());
-            self.deliver(message);
+            self.deliver_counted(message);
             return;
         }
-        let message = if facts.events > 0 && facts.last_event_revision <= *skip_through {
+        // Counted by the hub, unless it is a copy of the client's own.
+        let (message, counted) = if facts.events > 0 && facts.last_event_revision <= *skip_through {
             return;
         } else if facts.events > 1 && *skip_through != i64::MIN {
             // May hold events its own watch delivered before the switch.
             let kept = without_events_through(&message, *skip_through);
             *skip_through = i64::MIN;
             match kept {
-                Some(kept) => kept,
+                Some(kept) => (kept, false),
                 None => return,
             }
         } else if facts.events == 0 && facts.header_revision <= *skip_through {
@@ -1285,10 +1297,13 @@ impl WatchRelay {
             if facts.events > 0 {
                 *skip_through = i64::MIN;
             }
-            message
+            (message, true)
         };
         advance(watch, &facts);
-        self.deliver(message);
+        match counted {
+            true => self.deliver_counted(message),
+            false => self.deliver(message),
+        }
     }
 
     /// The hub no longer serves watch `id`: it watches on its own from its next revision.

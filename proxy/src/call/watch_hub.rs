@@ -39,7 +39,7 @@ use crate::auth::Session;
 use crate::grpc::{self, MessageReader};
 use crate::transport::{self, mailbox, FeedSender, MailboxReceiver, MailboxSender, RequestBody};
 
-use super::admission::StreamLimits;
+use super::admission::{MemoryBudget, StreamLimits};
 use super::attempts::Sender;
 use super::client_queue::{self, QueueReceiver};
 use super::watch::{self, read_facts};
@@ -126,8 +126,11 @@ impl Inbox {
         self.deliveries.send(delivery, weight)
     }
 
-    fn is_behind(&self) -> bool {
-        self.deliveries.queued() > self.limit
+    /// Whether its relay is too far behind to stay on the shared watch: past its limit, or past
+    /// what may wait uncounted while the memory for answers is full (see `client_queue`).
+    fn is_behind(&self, memory_full: bool) -> bool {
+        let queued = self.deliveries.queued();
+        queued > self.limit || (memory_full && queued > client_queue::UNCOUNTED)
     }
 
     /// Identifies the relay this inbox belongs to.
@@ -556,7 +559,8 @@ impl WatchHub {
     /// Starts `user`'s stream of shared watches: a relay whose client is the hub.
     fn open_stream(self: &Arc<Self>, user: User, session: Option<Arc<Session>>, generation: u64) -> FeedSender {
         let (requests, receiver) = transport::feed();
-        let (to_hub, from_relay) = client_queue::channel(self.limits.max_buffered);
+        // Uncounted: the hub takes each message at once, and counts what it fans out.
+        let (to_hub, from_relay) = client_queue::channel(self.limits.max_buffered, client_queue::Watched::default());
         let headers = grpc::own_call_headers();
         let client = RequestBody::Channel(receiver);
         watch::spawn_shared_stream(Arc::clone(&self.sender), session, headers, client, to_hub, self.limits.messages);
@@ -636,7 +640,7 @@ impl WatchHub {
             if let Some(stream) = state.streams.get_mut(&key.user) {
                 stream.watches -= 1;
             }
-            let mut rewritten = Rewritten::new(message);
+            let mut rewritten = Rewritten::new(message, self.limits.queue.memory.as_ref());
             for subscriber in shared.subscribers {
                 self.stats.subscribers.fetch_sub(1, Ordering::Relaxed);
                 let message = rewritten.for_id(subscriber.client_id);
@@ -649,10 +653,12 @@ impl WatchHub {
         } else if facts.events == 0 {
             shared.position = Some(shared.position.unwrap_or(0).max(facts.header_revision));
         }
-        let mut rewritten = Rewritten::new(message);
+        let memory = self.limits.queue.memory.as_ref();
+        let memory_full = memory.is_some_and(|memory| memory.is_full());
+        let mut rewritten = Rewritten::new(message, memory);
         let mut detached = Vec::new();
         shared.subscribers.retain(|subscriber| {
-            if subscriber.inbox.is_behind() {
+            if subscriber.inbox.is_behind(memory_full) {
                 detached.push(Subscriber { client_id: subscriber.client_id, inbox: subscriber.inbox.clone() });
                 return false;
             }
@@ -671,15 +677,17 @@ impl WatchHub {
 }
 
 /// A message with its watch id replaced per subscriber: most clients use the same id (0, their
-/// stream's first watch), so each distinct id is written once.
+/// stream's first watch), so each distinct id is written once, and counted once in the memory
+/// for answers however many subscribers it waits for.
 struct Rewritten<'a> {
     message: &'a Bytes,
+    memory: Option<&'a Arc<MemoryBudget>>,
     last: Option<(i64, Bytes)>,
 }
 
 impl<'a> Rewritten<'a> {
-    fn new(message: &'a Bytes) -> Self {
-        Rewritten { message, last: None }
+    fn new(message: &'a Bytes, memory: Option<&'a Arc<MemoryBudget>>) -> Self {
+        Rewritten { message, memory, last: None }
     }
 
     fn for_id(&mut self, id: i64) -> Bytes {
@@ -687,6 +695,10 @@ impl<'a> Rewritten<'a> {
             Some((last, bytes)) if *last == id => bytes.clone(),
             _ => {
                 let bytes = with_watch_id(self.message, id);
+                let bytes = match self.memory {
+                    Some(memory) => memory.counted(bytes),
+                    None => bytes,
+                };
                 self.last = Some((id, bytes.clone()));
                 bytes
             }

@@ -1940,3 +1940,133 @@ fn a_frame_of_forty_thousand_keep_alives_holds_up_nobody() {
         drop(stream);
     });
 }
+
+/// Watch streams whose client takes nothing are bounded together, not only one by one: etcd's
+/// messages waiting for clients count in `--max-held-response-bytes`, and once that is full a
+/// stream more than 64 KiB behind takes no more of etcd's data (it is detached from its shared
+/// watch and its own is paused, to resume from its next revision). The connection that takes
+/// nothing is closed after `--unread-response-timeout`, which gives everything back. Meanwhile a
+/// client that reads gets every event of its watch, once and in order.
+#[test]
+fn watch_streams_nobody_reads_are_bounded_in_sum_and_their_connection_closed() {
+    const STREAMS: usize = 8;
+    const ROUNDS: usize = 8;
+    const VALUE: usize = 64 * 1024;
+    const LIMIT: usize = 2 * MIB as usize;
+    const UNREAD_TIMEOUT: Duration = Duration::from_secs(5);
+    // Each stream gets 512 KiB, under the 1 MiB each may hold; all of them 4 MiB, twice the limit.
+    let deployment = Deployment::start(
+        EtcdVersion::V3_5,
+        1,
+        Wire::Plain,
+        &["--max-buffered-response-bytes=1048576", "--max-held-response-bytes=2097152", "--unread-response-timeout=5s"],
+    );
+    let addr = deployment.proxy.listen_addr();
+    let metrics = || tokio::task::block_in_place(|| deployment.proxy.http_get("/metrics").1);
+    let held_bytes = |metrics: &str| metric(metrics, "etcd_compat_proxy_held_response_bytes").unwrap_or(-1.0);
+    let runtime = runtime();
+    runtime.block_on(async {
+        let mut client = connect(&deployment.endpoint).await;
+        let calm = etcd_client::WatchOptions::new().with_prefix();
+        let mut calm_events = client.watch("/calm/", Some(calm)).await.expect("the calm watch");
+
+        let mut builder = h2::client::Builder::new();
+        builder.initial_window_size(0).initial_connection_window_size(64 * MIB as u32);
+        let hog = h2_connect_with(addr, builder).await;
+        let mut hog_streams = Vec::new();
+        for i in 0..STREAMS {
+            let create = WatchRequest {
+                request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                    key: Bytes::from(format!("/flood/{i}/")),
+                    range_end: Bytes::from(format!("/flood/{i}0")),
+                    ..Default::default()
+                })),
+            };
+            let mut send = hog.send.clone().ready().await.expect("ready");
+            let request = grpc_request(addr, "/etcdserverpb.Watch/Watch", &[]);
+            let (response, mut stream) = send.send_request(request, false).expect("open a watch stream");
+            stream.send_data(Bytes::from(grpc_frame(&create.encode_to_vec())), false).expect("the create");
+            hog_streams.push((response, stream));
+        }
+        let watching_by = Instant::now() + Duration::from_secs(5);
+        while metric(&metrics(), "etcd_compat_proxy_watch_client_watches") != Some((STREAMS + 1) as f64) {
+            assert!(Instant::now() < watching_by, "the watches were not created within 5 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        let flood_started = Instant::now();
+        let mut calm_revisions = Vec::new();
+        for round in 0..ROUNDS {
+            for i in 0..STREAMS {
+                client.put(format!("/flood/{i}/{round}"), vec![b'f'; VALUE], None).await.expect("a flood put");
+            }
+            let put = client.put(format!("/calm/{round}"), "c", None).await.expect("a calm put");
+            calm_revisions.push(put.header().expect("header").revision());
+        }
+
+        // Every hog stream was moved off its shared watch, and takes nothing more until its client
+        // reads, although none holds the 1 MiB it may hold alone.
+        let detached_by = Instant::now() + Duration::from_secs(5);
+        loop {
+            let detached = metric(&metrics(), "etcd_compat_proxy_watch_detached_total").unwrap_or(0.0);
+            if detached == STREAMS as f64 {
+                break;
+            }
+            assert!(Instant::now() < detached_by, "{detached} of {STREAMS} hog streams detached");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Held: the limit, and at most a message past 64 KiB in each stream's queue and inbox.
+        let held = held_bytes(&metrics());
+        let most = LIMIT + STREAMS * 2 * (64 * 1024 + VALUE + 1024);
+        assert!(held >= LIMIT as f64 && held <= most as f64, "held {held} bytes, not within [{LIMIT}, {most}]");
+
+        // The calm watcher got every event, once and in order.
+        let mut seen = Vec::new();
+        while seen.len() < ROUNDS {
+            let response = tokio::time::timeout(Duration::from_secs(10), calm_events.message())
+                .await
+                .expect("the calm watcher's events within 10 s")
+                .expect("the calm watch")
+                .expect("the calm watch goes on");
+            seen.extend(response.events().iter().map(|event| event.kv().expect("kv").mod_revision()));
+        }
+        assert_eq!(seen, calm_revisions);
+
+        // The hog's connection is closed once it has taken nothing for the timeout.
+        let closed_by = flood_started + UNREAD_TIMEOUT + Duration::from_secs(6);
+        while metric(&metrics(), "etcd_compat_proxy_client_connections_closed_total{reason=\"response_unread\"}")
+            != Some(1.0)
+        {
+            assert!(Instant::now() < closed_by, "the connection taking nothing was not closed in time");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let took = flood_started.elapsed();
+        assert!(took >= UNREAD_TIMEOUT, "closed after {took:?}, before --unread-response-timeout");
+        let freed_by = Instant::now() + Duration::from_secs(3);
+        while held_bytes(&metrics()) != 0.0 {
+            assert!(Instant::now() < freed_by, "still held after the close: {}", held_bytes(&metrics()));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for (response, _stream) in hog_streams {
+            let received = tokio::time::timeout(Duration::from_secs(5), async {
+                let Ok(response) = response.await else { return 0 };
+                let mut body = response.into_body();
+                let mut received = 0;
+                while let Some(Ok(chunk)) = body.data().await {
+                    received += chunk.len();
+                }
+                received
+            });
+            let received = received.await.expect("the hog's streams end with its connection");
+            assert_eq!(received, 0, "a hog stream got data through a shut window");
+        }
+        let later = client.put("/calm/later", "c", None).await.expect("a later put");
+        let response = tokio::time::timeout(Duration::from_secs(5), calm_events.message())
+            .await
+            .expect("the calm watcher's later event")
+            .expect("the calm watch")
+            .expect("the calm watch goes on");
+        let revisions: Vec<i64> = response.events().iter().map(|e| e.kv().expect("kv").mod_revision()).collect();
+        assert_eq!(revisions, vec![later.header().expect("header").revision()]);
+    });
+}
