@@ -241,7 +241,7 @@ impl crate::admin::RenderMetrics for MemoryBudget {
             ),
             MemoryKind::Responses => (
                 "response",
-                "Bytes the proxy holds now for clients that have not taken them: answers over 64 KiB read whole, and etcd's messages on Watch and keep-alive streams.",
+                "Bytes the proxy holds now for clients that have not taken them: answers over 64 KiB read whole, and etcd's messages waiting on Watch and keep-alive streams.",
                 "answers for clients (--max-held-response-bytes)",
             ),
         };

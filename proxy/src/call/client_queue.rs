@@ -7,10 +7,11 @@
 //! response body ([`QueueReceiver`]) takes them as the client can receive them and wakes the task
 //! once the queue has drained to half, or when the client is gone.
 //!
-//! What many clients' queues hold together is bounded too (`--max-held-response-bytes`): every
-//! message of etcd's is counted in the proxy's memory for answers until its last copy is gone
-//! (a shared watch's message once, however many clients it waits for), and while that memory is
-//! full, a queue holding more than [`UNCOUNTED`] is full as well. A client that takes nothing of
+//! What many clients' queues hold together is bounded too (`--max-held-response-bytes`): a
+//! message that waits behind [`UNCOUNTED`] bytes is counted in the proxy's memory for answers
+//! until its last copy is gone (a shared watch's messages are counted by the hub, once however
+//! many clients they wait for), and while that memory is full, a queue holding more than
+//! [`UNCOUNTED`] is full as well. A client that takes nothing of
 //! such a queue for `--unread-response-timeout` has its connection closed (`transport::unread`),
 //! which frees what it held.
 
@@ -84,26 +85,32 @@ pub struct QueueSender {
 }
 
 impl QueueSender {
-    /// Queues a frame for the client, its data counted in the memory for answers; false if
-    /// the client is gone.
+    /// Queues a frame for the client; false if the client is gone. Data that waits behind
+    /// [`UNCOUNTED`] bytes is counted in the memory for answers until its last copy is gone; a
+    /// client that keeps up costs no count.
     pub fn push(&self, frame: Frame<Bytes>) -> bool {
-        let frame = match (&self.watched.memory, frame.into_data()) {
-            (Some(memory), Ok(data)) => Frame::data(memory.counted(data)),
-            (_, Ok(data)) => Frame::data(data),
-            (_, Err(frame)) => frame,
-        };
-        self.push_counted(frame)
+        self.enqueue(frame, false)
     }
 
     /// Queues a frame whose data is counted already (a shared watch's message); false if the
     /// client is gone.
     pub fn push_counted(&self, frame: Frame<Bytes>) -> bool {
+        self.enqueue(frame, true)
+    }
+
+    fn enqueue(&self, frame: Frame<Bytes>, counted: bool) -> bool {
         let mut shared = lock(&self.shared);
         if shared.receiver_gone {
             return false;
         }
         let before = shared.bytes;
-        shared.bytes += frame.data_ref().map_or(0, Bytes::len);
+        let length = frame.data_ref().map_or(0, Bytes::len);
+        shared.bytes += length;
+        let frame = match (&self.watched.memory, frame.into_data()) {
+            (Some(memory), Ok(data)) if !counted && shared.bytes > UNCOUNTED => Frame::data(memory.counted(data)),
+            (_, Ok(data)) => Frame::data(data),
+            (_, Err(frame)) => frame,
+        };
         shared.frames.push_back(frame);
         if before <= UNCOUNTED && shared.bytes > UNCOUNTED {
             self.client_behind(&mut shared);
@@ -304,16 +311,19 @@ mod tests {
         let (sender, mut receiver) = channel(UNCOUNTED * 8, watched);
         let piece = UNCOUNTED / 2;
         assert!(sender.push(data(piece)) && sender.push(data(piece)));
-        assert_eq!(memory.held(), UNCOUNTED, "what the queue holds is counted");
-        let others = memory.try_hold(UNCOUNTED * 3).expect("the rest of the memory");
-        assert!(memory.is_full());
-        assert!(!sender.is_full(), "a queue holding no more than UNCOUNTED still takes messages");
-        assert!(sender.push(data(piece)));
-        assert!(sender.is_full(), "behind by more than UNCOUNTED while the memory is full");
+        assert_eq!(memory.held(), 0, "a client that keeps up costs no count");
+        assert!(sender.push(data(piece)) && sender.push_counted(data(piece)));
+        assert_eq!(memory.held(), piece, "what waits behind UNCOUNTED is counted, unless it was already");
+        let others = memory.try_hold(UNCOUNTED * 4 - piece).expect("the rest of the memory");
+        assert!(memory.is_full() && sender.is_full(), "behind by more than UNCOUNTED while the memory is full");
         let waiting = tokio::spawn(async move {
             sender.room().await;
             sender
         });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        // 128 KiB -> 96 KiB: still behind.
+        assert!(poll_fn(|cx| receiver.poll_next(cx)).await.is_some());
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
         // Down to UNCOUNTED: the task goes on, though the memory is still full.
