@@ -2070,3 +2070,65 @@ fn watch_streams_nobody_reads_are_bounded_in_sum_and_their_connection_closed() {
         assert_eq!(revisions, vec![later.header().expect("header").revision()]);
     });
 }
+
+/// A keep-alive client that takes none of its answers has its connection closed once more than
+/// 64 KiB of them has waited `--unread-response-timeout`; what they held is given back, and
+/// another client's keep-alives go on.
+#[test]
+fn a_keep_alive_stream_nobody_reads_closes_its_connection() {
+    const KEEP_ALIVES: usize = 3000;
+    const UNREAD_TIMEOUT: Duration = Duration::from_secs(2);
+    let deployment = Deployment::start(EtcdVersion::V3_4, 1, Wire::Plain, &["--unread-response-timeout=2s"]);
+    let addr = deployment.proxy.listen_addr();
+    let metrics = || tokio::task::block_in_place(|| deployment.proxy.http_get("/metrics").1);
+    let closed_unread = |metrics: &str| {
+        metric(metrics, "etcd_compat_proxy_client_connections_closed_total{reason=\"response_unread\"}").unwrap_or(0.0)
+    };
+    runtime().block_on(async {
+        let mut client = connect(&deployment.endpoint).await;
+        let lease = client.lease_grant(60, None).await.expect("grant").id();
+        let (mut keeper, mut answers) = client.lease_keep_alive(lease).await.expect("keep-alive stream");
+
+        let mut builder = h2::client::Builder::new();
+        builder.initial_window_size(0).initial_connection_window_size(64 * MIB as u32);
+        let hog = h2_connect_with(addr, builder).await;
+        let mut payload = Vec::new();
+        for _ in 0..KEEP_ALIVES {
+            payload.extend(grpc_frame(&LeaseKeepAliveRequest { id: lease }.encode_to_vec()));
+        }
+        let mut send = hog.send.clone().ready().await.expect("ready");
+        let request = grpc_request(addr, "/etcdserverpb.Lease/LeaseKeepAlive", &[]);
+        let (_response, mut stream) = send.send_request(request, false).expect("open the keep-alive stream");
+        let sent = Instant::now();
+        stream.send_data(Bytes::from(payload), false).expect("the keep-alives");
+
+        // The other client's keep-alives are answered meanwhile.
+        let (mut kept, mut most_held) = (0, 0.0f64);
+        loop {
+            let metrics = metrics();
+            if closed_unread(&metrics) == 1.0 {
+                break;
+            }
+            most_held = most_held.max(metric(&metrics, "etcd_compat_proxy_held_response_bytes").unwrap_or(0.0));
+            assert!(sent.elapsed() < UNREAD_TIMEOUT + Duration::from_secs(4), "the connection was not closed in time");
+            keeper.keep_alive().await.expect("send a keep-alive");
+            let answer = tokio::time::timeout(Duration::from_secs(2), answers.message())
+                .await
+                .expect("a keep-alive answered within 2 s")
+                .expect("the keep-alive stream")
+                .expect("an answer");
+            assert_eq!((answer.id(), answer.ttl() > 0), (lease, true));
+            kept += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let took = sent.elapsed();
+        assert!(took >= UNREAD_TIMEOUT, "closed after {took:?}, before --unread-response-timeout");
+        assert!(kept >= 10, "only {kept} keep-alives of the other client were answered");
+        // Answers past the stream's first 64 KiB were counted while they waited.
+        assert!(most_held > 0.0 && most_held < (KEEP_ALIVES * 64) as f64, "held at most {most_held} bytes");
+        assert_eq!(metric(&metrics(), "etcd_compat_proxy_held_response_bytes"), Some(0.0));
+        keeper.keep_alive().await.expect("a keep-alive after the close");
+        let answer = answers.message().await.expect("the keep-alive stream").expect("an answer");
+        assert_eq!(answer.id(), lease);
+    });
+}
