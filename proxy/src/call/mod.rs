@@ -116,7 +116,8 @@ struct Admitted {
     deadline: Option<Instant>,
     /// Counts the buffered request in `--max-held-request-bytes` until the call ends.
     _held: Option<HeldBytes>,
-    /// Who calls, from the listener; its connection's unread answers are what a large answer joins.
+    /// Who calls, from the listener; its connection is told when the client stops taking a large
+    /// answer or a stream it is behind on.
     client: Option<Arc<ClientInfo>>,
 }
 
