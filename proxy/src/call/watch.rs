@@ -1153,6 +1153,7 @@ impl WatchRelay {
         let Some(coalescing) = self.coalescing.as_mut() else { return false };
         if self.to_client.is_full() {
             // Left in the inbox: past its limit the hub moves these watches to their own.
+            coalescing.deliveries.pause();
             let _ = self.to_client.poll_room(cx);
             return false;
         }

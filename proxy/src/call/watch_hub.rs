@@ -110,6 +110,12 @@ impl InboxReceiver {
     pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
         self.deliveries.poll_next(cx)
     }
+
+    /// The relay takes nothing for now, its client being behind: until it asks again, its
+    /// watches may be detached sooner while the memory for answers is full.
+    pub(crate) fn pause(&self) {
+        self.deliveries.pause();
+    }
 }
 
 impl Inbox {
@@ -126,11 +132,13 @@ impl Inbox {
         self.deliveries.send(delivery, weight)
     }
 
-    /// Whether its relay is too far behind to stay on the shared watch: past its limit, or past
-    /// what may wait uncounted while the memory for answers is full (see `client_queue`).
+    /// Whether its relay is too far behind to stay on the shared watch: past its limit, or,
+    /// while the memory for answers is full, past what may wait uncounted with the relay taking
+    /// nothing (see `client_queue`). A relay that is taking is not detached for what it has not
+    /// taken yet: a fleet's relays all hold the last large event for a moment.
     fn is_behind(&self, memory_full: bool) -> bool {
         let queued = self.deliveries.queued();
-        queued > self.limit || (memory_full && queued > client_queue::UNCOUNTED)
+        queued > self.limit || (memory_full && queued > client_queue::UNCOUNTED && self.deliveries.is_reader_paused())
     }
 
     /// Identifies the relay this inbox belongs to.
@@ -744,6 +752,24 @@ fn put_watch_id(out: &mut Vec<u8>, id: i64) {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_relay_still_taking_is_not_detached_while_the_memory_is_full() {
+        let (deliveries, receiver) = mailbox();
+        let inbox = Inbox { deliveries, limit: 4 << 20, relay: 1 };
+        let mut receiver = InboxReceiver { deliveries: receiver };
+        let message = Bytes::from(vec![0; client_queue::UNCOUNTED + 1]);
+        assert!(inbox.send(Delivery::Message { client_id: 0, message }));
+        assert!(!inbox.is_behind(false));
+        assert!(!inbox.is_behind(true), "a relay that takes was detached for what it has not taken yet");
+        receiver.pause();
+        assert!(inbox.is_behind(true), "a relay that takes nothing stays while the memory is full");
+        assert!(!inbox.is_behind(false), "detached under its limit with room in the memory");
+        let waker = std::task::Waker::noop();
+        assert!(receiver.poll_next(&mut Context::from_waker(waker)).is_ready());
+        assert!(inbox.send(Delivery::Message { client_id: 0, message: Bytes::from(vec![0; 1 << 17]) }));
+        assert!(!inbox.is_behind(true), "asking again ends the pause");
+    }
 
     fn joiner(client_id: i64) -> Joiner {
         let create = WatchCreateRequest { key: Bytes::from_static(b"k"), ..Default::default() };

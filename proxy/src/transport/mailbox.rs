@@ -7,7 +7,7 @@
 //! one is a lock, a queue that grows with what is in it, and two wakers, about 100 bytes.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -16,6 +16,7 @@ pub fn mailbox<T>() -> (MailboxSender<T>, MailboxReceiver<T>) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State { items: VecDeque::new(), reader: None, writer: None, senders: 1, reading: true }),
         queued: AtomicUsize::new(0),
+        paused: AtomicBool::new(false),
     });
     (MailboxSender { shared: Arc::clone(&shared) }, MailboxReceiver { shared })
 }
@@ -24,6 +25,8 @@ struct Shared<T> {
     state: Mutex<State<T>>,
     /// Weight of the items sent and not yet taken.
     queued: AtomicUsize,
+    /// The reader said it takes nothing for now (see [`MailboxReceiver::pause`]).
+    paused: AtomicBool,
 }
 
 struct State<T> {
@@ -75,6 +78,11 @@ impl<T> MailboxSender<T> {
         self.shared.queued.load(Relaxed)
     }
 
+    /// Whether the reader has paused and not asked for an item since.
+    pub fn is_reader_paused(&self) -> bool {
+        self.shared.paused.load(Relaxed)
+    }
+
     /// Ready while less than `limit` waits, or the reader is gone; otherwise the writer is woken
     /// when the reader takes something.
     pub fn poll_room(&self, cx: &mut Context<'_>, limit: usize) -> Poll<()> {
@@ -119,8 +127,14 @@ pub struct MailboxReceiver<T> {
 }
 
 impl<T> MailboxReceiver<T> {
+    /// Tells the senders the reader takes nothing for now, until it next asks for an item.
+    pub fn pause(&self) {
+        self.shared.paused.store(true, Relaxed);
+    }
+
     /// The next item; `None` once every sender is gone and nothing is left.
     pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        self.shared.paused.store(false, Relaxed);
         let (item, writer) = {
             let mut state = self.shared.lock();
             match state.items.pop_front() {
