@@ -11,9 +11,9 @@
 //! message that waits behind [`UNCOUNTED`] bytes is counted in the proxy's memory for answers
 //! until its last copy is gone (a shared watch's messages are counted by the hub, once however
 //! many clients they wait for), and while that memory is full, a queue holding more than
-//! [`UNCOUNTED`] is full as well. A client that takes nothing of
-//! such a queue for `--unread-response-timeout` has its connection closed (`transport::unread`),
-//! which frees what it held.
+//! [`UNCOUNTED`] is full as well. A client that takes nothing of such a queue for
+//! `--unread-response-timeout` has its connection closed (`transport::unread`), which frees what
+//! it held.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};

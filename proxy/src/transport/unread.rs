@@ -5,9 +5,10 @@
 //! it (stuck, or hostile: it may still answer pings) would keep the answer, and whatever the
 //! proxy holds for it, for as long as the connection lives. The proxy cannot end such a stream
 //! on its own (the HTTP/2 server polls its body only when there is window), so the connection
-//! is what is closed: each large or streamed answer reports here when it waits for the client,
-//! and a watch, running only while the connection has such answers, cancels the connection's
-//! token once one has waited too long.
+//! is what is closed: each large or streamed answer, and each Watch or keep-alive stream whose
+//! client is more than 64 KiB behind, reports here when it waits for the client, and a watch,
+//! running only while the connection has such answers, cancels the connection's token once one
+//! has waited too long.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
