@@ -1544,6 +1544,19 @@ fn no_room_for_answer(length: usize) -> String {
     )
 }
 
+/// `etcd_compat_proxy_held_response_bytes` of `proxy` now.
+fn held_response_bytes(proxy: &ProxyProcess) -> Option<f64> {
+    metric(&proxy.http_get("/metrics").1, "etcd_compat_proxy_held_response_bytes")
+}
+
+/// Client connections `proxy` closed for taking nothing of what waited for them.
+fn connections_closed_unread(proxy: &ProxyProcess) -> Option<f64> {
+    metric(
+        &proxy.http_get("/metrics").1,
+        "etcd_compat_proxy_client_connections_closed_total{reason=\"response_unread\"}",
+    )
+}
+
 /// A client that takes none of its answers (its stream windows stay shut, though its connection
 /// is alive) asks for a 1 MB value twelve times on one connection. What the proxy holds for it
 /// stays under `--max-held-response-bytes` (before, it held all twelve answers, and as much again
@@ -1563,13 +1576,8 @@ fn answers_nobody_takes_are_bounded_in_sum_and_their_connection_closed() {
         &["--max-held-response-bytes=4194309", "--unread-response-timeout=5s"],
     );
     let addr = deployment.proxy.listen_addr();
-    let held_bytes = || metric(&deployment.proxy.http_get("/metrics").1, "etcd_compat_proxy_held_response_bytes");
-    let closed_unread = || {
-        metric(
-            &deployment.proxy.http_get("/metrics").1,
-            "etcd_compat_proxy_client_connections_closed_total{reason=\"response_unread\"}",
-        )
-    };
+    let held_bytes = || held_response_bytes(&deployment.proxy);
+    let closed_unread = || connections_closed_unread(&deployment.proxy);
     let runtime = runtime();
     runtime.block_on(async {
         let mut client = connect(&deployment.endpoint).await;
@@ -1700,12 +1708,7 @@ fn a_streamed_answer_nobody_takes_closes_its_connection() {
         &["--max-buffered-response-bytes=65536", "--unread-response-timeout=2s"],
     );
     let addr = deployment.proxy.listen_addr();
-    let closed_unread = || {
-        metric(
-            &deployment.proxy.http_get("/metrics").1,
-            "etcd_compat_proxy_client_connections_closed_total{reason=\"response_unread\"}",
-        )
-    };
+    let closed_unread = || connections_closed_unread(&deployment.proxy);
     let runtime = runtime();
     runtime.block_on(async {
         let mut client = connect(&deployment.endpoint).await;
@@ -1943,27 +1946,44 @@ fn a_frame_of_forty_thousand_keep_alives_holds_up_nobody() {
 
 /// Watch streams whose client takes nothing are bounded together, not only one by one: etcd's
 /// messages waiting for clients count in `--max-held-response-bytes`, and once that is full a
-/// stream more than 64 KiB behind takes no more of etcd's data (it is detached from its shared
-/// watch and its own is paused, to resume from its next revision). The connection that takes
-/// nothing is closed after `--unread-response-timeout`, which gives everything back. Meanwhile a
-/// client that reads gets every event of its watch, once and in order.
+/// stream more than 64 KiB behind takes no more of etcd's data: moved off its shared watches
+/// (with `--watch-coalescing`), or its own upstream watches paused (without), to resume from its
+/// next revision. The connection that takes nothing is closed after `--unread-response-timeout`,
+/// which gives everything back. Meanwhile a client that reads gets every event of its watch, once
+/// and in order.
 #[test]
 fn watch_streams_nobody_reads_are_bounded_in_sum_and_their_connection_closed() {
+    watch_streams_nobody_reads(true);
+}
+
+/// As above, each stream with upstream watches of its own.
+#[test]
+fn watch_streams_nobody_reads_are_bounded_in_sum_without_coalescing() {
+    watch_streams_nobody_reads(false);
+}
+
+fn watch_streams_nobody_reads(coalescing: bool) {
     const STREAMS: usize = 8;
     const ROUNDS: usize = 8;
     const VALUE: usize = 64 * 1024;
     const LIMIT: usize = 2 * MIB as usize;
     const UNREAD_TIMEOUT: Duration = Duration::from_secs(5);
     // Each stream gets 512 KiB, under the 1 MiB each may hold; all of them 4 MiB, twice the limit.
+    let coalescing_flag = format!("--watch-coalescing={coalescing}");
     let deployment = Deployment::start(
         EtcdVersion::V3_5,
         1,
         Wire::Plain,
-        &["--max-buffered-response-bytes=1048576", "--max-held-response-bytes=2097152", "--unread-response-timeout=5s"],
+        &[
+            "--max-buffered-response-bytes=1048576",
+            "--max-held-response-bytes=2097152",
+            "--unread-response-timeout=5s",
+            &coalescing_flag,
+        ],
     );
     let addr = deployment.proxy.listen_addr();
     let metrics = || tokio::task::block_in_place(|| deployment.proxy.http_get("/metrics").1);
-    let held_bytes = |metrics: &str| metric(metrics, "etcd_compat_proxy_held_response_bytes").unwrap_or(-1.0);
+    let held_bytes = || tokio::task::block_in_place(|| held_response_bytes(&deployment.proxy)).unwrap_or(-1.0);
     let runtime = runtime();
     runtime.block_on(async {
         let mut client = connect(&deployment.endpoint).await;
@@ -1988,10 +2008,14 @@ fn watch_streams_nobody_reads_are_bounded_in_sum_and_their_connection_closed() {
             stream.send_data(Bytes::from(grpc_frame(&create.encode_to_vec())), false).expect("the create");
             hog_streams.push((response, stream));
         }
-        let watching_by = Instant::now() + Duration::from_secs(5);
-        while metric(&metrics(), "etcd_compat_proxy_watch_client_watches") != Some((STREAMS + 1) as f64) {
-            assert!(Instant::now() < watching_by, "the watches were not created within 5 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        // Response headers pass a shut window: each stream is answered once its watch is set up.
+        let mut hog_bodies = Vec::new();
+        for (response, stream) in hog_streams {
+            let response = tokio::time::timeout(Duration::from_secs(5), response)
+                .await
+                .expect("a hog stream answered within 5 s")
+                .expect("a hog stream's response");
+            hog_bodies.push((response.into_body(), stream));
         }
 
         let flood_started = Instant::now();
@@ -2004,19 +2028,24 @@ fn watch_streams_nobody_reads_are_bounded_in_sum_and_their_connection_closed() {
             calm_revisions.push(put.header().expect("header").revision());
         }
 
-        // Every hog stream was moved off its shared watch, and takes nothing more until its client
-        // reads, although none holds the 1 MiB it may hold alone.
-        let detached_by = Instant::now() + Duration::from_secs(5);
+        // Every hog stream takes nothing more until its client reads, although none holds the
+        // 1 MiB it may hold alone: moved off its shared watch, or its own watch paused.
+        let stopped = match coalescing {
+            true => "etcd_compat_proxy_watch_detached_total",
+            false => "etcd_compat_proxy_stream_pauses_total",
+        };
+        let stopped_by = Instant::now() + Duration::from_secs(5);
         loop {
-            let detached = metric(&metrics(), "etcd_compat_proxy_watch_detached_total").unwrap_or(0.0);
-            if detached == STREAMS as f64 {
+            let metrics = metrics();
+            let count = metric(&metrics, stopped).unwrap_or(0.0);
+            if count == STREAMS as f64 {
                 break;
             }
-            assert!(Instant::now() < detached_by, "{detached} of {STREAMS} hog streams detached");
+            assert!(Instant::now() < stopped_by, "{count} of {STREAMS} hog streams stopped ({stopped})");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // Held: the limit, and at most a message past 64 KiB in each stream's queue and inbox.
-        let held = held_bytes(&metrics());
+        let held = held_bytes();
         let most = LIMIT + STREAMS * 2 * (64 * 1024 + VALUE + 1024);
         assert!(held >= LIMIT as f64 && held <= most as f64, "held {held} bytes, not within [{LIMIT}, {most}]");
 
@@ -2034,23 +2063,19 @@ fn watch_streams_nobody_reads_are_bounded_in_sum_and_their_connection_closed() {
 
         // The hog's connection is closed once it has taken nothing for the timeout.
         let closed_by = flood_started + UNREAD_TIMEOUT + Duration::from_secs(6);
-        while metric(&metrics(), "etcd_compat_proxy_client_connections_closed_total{reason=\"response_unread\"}")
-            != Some(1.0)
-        {
+        while tokio::task::block_in_place(|| connections_closed_unread(&deployment.proxy)) != Some(1.0) {
             assert!(Instant::now() < closed_by, "the connection taking nothing was not closed in time");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let took = flood_started.elapsed();
         assert!(took >= UNREAD_TIMEOUT, "closed after {took:?}, before --unread-response-timeout");
         let freed_by = Instant::now() + Duration::from_secs(3);
-        while held_bytes(&metrics()) != 0.0 {
-            assert!(Instant::now() < freed_by, "still held after the close: {}", held_bytes(&metrics()));
+        while held_bytes() != 0.0 {
+            assert!(Instant::now() < freed_by, "still held after the close: {}", held_bytes());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        for (response, _stream) in hog_streams {
+        for (mut body, _stream) in hog_bodies {
             let received = tokio::time::timeout(Duration::from_secs(5), async {
-                let Ok(response) = response.await else { return 0 };
-                let mut body = response.into_body();
                 let mut received = 0;
                 while let Some(Ok(chunk)) = body.data().await {
                     received += chunk.len();
@@ -2080,10 +2105,8 @@ fn a_keep_alive_stream_nobody_reads_closes_its_connection() {
     const UNREAD_TIMEOUT: Duration = Duration::from_secs(2);
     let deployment = Deployment::start(EtcdVersion::V3_4, 1, Wire::Plain, &["--unread-response-timeout=2s"]);
     let addr = deployment.proxy.listen_addr();
-    let metrics = || tokio::task::block_in_place(|| deployment.proxy.http_get("/metrics").1);
-    let closed_unread = |metrics: &str| {
-        metric(metrics, "etcd_compat_proxy_client_connections_closed_total{reason=\"response_unread\"}").unwrap_or(0.0)
-    };
+    let closed_unread = || tokio::task::block_in_place(|| connections_closed_unread(&deployment.proxy));
+    let held_bytes = || tokio::task::block_in_place(|| held_response_bytes(&deployment.proxy));
     runtime().block_on(async {
         let mut client = connect(&deployment.endpoint).await;
         let lease = client.lease_grant(60, None).await.expect("grant").id();
@@ -2104,12 +2127,8 @@ fn a_keep_alive_stream_nobody_reads_closes_its_connection() {
 
         // The other client's keep-alives are answered meanwhile.
         let (mut kept, mut most_held) = (0, 0.0f64);
-        loop {
-            let metrics = metrics();
-            if closed_unread(&metrics) == 1.0 {
-                break;
-            }
-            most_held = most_held.max(metric(&metrics, "etcd_compat_proxy_held_response_bytes").unwrap_or(0.0));
+        while closed_unread() != Some(1.0) {
+            most_held = most_held.max(held_bytes().unwrap_or(0.0));
             assert!(sent.elapsed() < UNREAD_TIMEOUT + Duration::from_secs(4), "the connection was not closed in time");
             keeper.keep_alive().await.expect("send a keep-alive");
             let answer = tokio::time::timeout(Duration::from_secs(2), answers.message())
@@ -2126,7 +2145,7 @@ fn a_keep_alive_stream_nobody_reads_closes_its_connection() {
         assert!(kept >= 10, "only {kept} keep-alives of the other client were answered");
         // Answers past the stream's first 64 KiB were counted while they waited.
         assert!(most_held > 0.0 && most_held < (KEEP_ALIVES * 64) as f64, "held at most {most_held} bytes");
-        assert_eq!(metric(&metrics(), "etcd_compat_proxy_held_response_bytes"), Some(0.0));
+        assert_eq!(held_bytes(), Some(0.0));
         keeper.keep_alive().await.expect("a keep-alive after the close");
         let answer = answers.message().await.expect("the keep-alive stream").expect("an answer");
         assert_eq!(answer.id(), lease);
