@@ -23,6 +23,8 @@ use crate::workloads::{RunContext, Workload};
 
 /// Set by scripts/bench.sh to the command the user typed, for the report.
 const INVOCATION_ENV: &str = "BENCH_INVOCATION";
+/// The bare h2 forwarder of `--h2-floor`, a binary of this package.
+const H2_FLOOR_BIN: &str = "etcd-compat-h2-floor";
 
 /// Command line of the benchmark.
 #[derive(Debug, Parser)]
@@ -68,6 +70,11 @@ struct Args {
     /// the same rounds, so a change is compared under the same machine load.
     #[arg(long, value_name = "FILE")]
     baseline_bin: Option<PathBuf>,
+    /// Also measure the h2 floor (`etcd-compat-h2-floor`, built next to this binary): a bare
+    /// forwarder on the same h2 crate and settings as the proxy, with nothing else in it, so the
+    /// report shows what of the proxy's cost is its own and what any h2 forwarder pays.
+    #[arg(long)]
+    h2_floor: bool,
     /// Give each proxy a core of its own, as a sidecar has: etcd and the load generator run on
     /// CPU 0 (for every target, direct included), each proxy on CPU 1. The report goes to
     /// bench/RESULTS-pinned.md unless --output says otherwise. Needs 2 CPUs and `taskset`.
@@ -128,6 +135,17 @@ fn run(args: Args) -> Result<()> {
     if let Some(baseline) = &args.baseline_bin {
         ensure!(baseline.is_file(), "--baseline-bin {}: no such file", baseline.display());
     }
+    let h2_floor_bin = if args.h2_floor {
+        let bin = std::env::current_exe().context("locating this binary")?.with_file_name(H2_FLOOR_BIN);
+        ensure!(
+            bin.is_file(),
+            "--h2-floor: {} not found: build it with cargo build --release -p etcd-compat-bench",
+            bin.display()
+        );
+        Some(bin)
+    } else {
+        None
+    };
     if cfg!(debug_assertions) {
         eprintln!("warning: this is a debug build of the load generator; scripts/bench.sh builds --release");
     }
@@ -152,7 +170,8 @@ fn run(args: Args) -> Result<()> {
     eprintln!("starting etcd {} and the proxies", info.etcd_version);
     // The cache-off proxy is a process more, so it runs only when something would visit it.
     let no_cache = selected.iter().any(Workload::reads_serializably);
-    let mut targets = Targets::start(&proxy_bin, args.baseline_bin.as_deref(), no_cache, pinning)?;
+    let mut targets =
+        Targets::start(&proxy_bin, args.baseline_bin.as_deref(), h2_floor_bin.as_deref(), no_cache, pinning)?;
     let data_dir = targets.etcd_data_dir();
     let medium = if data_dir.starts_with("/dev/shm") { "tmpfs" } else { "disk" };
     info.etcd_data_dir = format!("on {medium} ({})", data_dir.display());

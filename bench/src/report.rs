@@ -269,6 +269,9 @@ pub fn render(
         let _ = writeln!(out, "- {NO_CACHE_NOTE}");
     }
     let _ = writeln!(out, "- {GRPC_PROXY_NOTE}");
+    if results.iter().any(|result| result.rows.iter().any(|row| row.kind == TargetKind::H2Floor)) {
+        let _ = writeln!(out, "- {H2_FLOOR_NOTE}");
+    }
     if paged {
         for line in PAGED_NOTES {
             let _ = writeln!(out, "- {line}");
@@ -445,17 +448,26 @@ const GRPC_PROXY_NOTE: &str = "etcd grpc-proxy is not a plain forwarder, which e
     except that it answers serializable Ranges from its cache (`--serializable-cache-bytes`) and lets identical \
     watches of one etcd user share one etcd watch (`--watch-coalescing`), both on by default.";
 
+const H2_FLOOR_NOTE: &str = "`h2 floor` (`--h2-floor`) is `etcd-compat-h2-floor`, a bare forwarder built in this \
+    repository as a measuring stick: the same h2 crate, HTTP/2 windows, frame size, batched writes, allocator and \
+    single-threaded runtime as etcd-compat-proxy, one connection to the member, a task per call, a single-message \
+    request read whole before it goes up, and nothing else (no TLS, auth, routing, retries, limits, metrics; it \
+    buffers what a client does not read). What etcd-compat-proxy costs beyond it is the proxy's own work; what the \
+    floor costs, any proxy on h2 pays. \"proxy CPU/op vs h2 floor\" compares each target with it within each round.";
+
 /// Each target's ratios to direct (throughput) and to grpc-proxy (proxy CPU per op) taken within
 /// each round, then their median. Targets alternate within a round, so two of them measured in
 /// the same round met the same machine: on a shared machine whose speed changes between rounds,
 /// these are steadier than the ratio of two median rounds in the main table, which may come from
 /// different rounds.
 fn round_ratios_table(results: &[WorkloadResult]) -> String {
+    let with_floor = results.iter().any(|result| result.rows.iter().any(|row| row.kind == TargetKind::H2Floor));
     let mut lines = Vec::new();
     for result in results {
         let rounds_of = |kind| result.rows.iter().find(|row| row.kind == kind).map(|row| row.rounds.as_slice());
         let direct = rounds_of(TargetKind::Direct).unwrap_or_default();
         let grpc_proxy = rounds_of(TargetKind::GrpcProxy).unwrap_or_default();
+        let h2_floor = rounds_of(TargetKind::H2Floor);
         // A paged pass is compared by its own table; one round has nothing to pair.
         if direct.len() < 2 || direct.iter().any(|round| round.pass.is_some()) {
             continue;
@@ -475,23 +487,34 @@ fn round_ratios_table(results: &[WorkloadResult]) -> String {
             if throughput.is_empty() {
                 continue;
             }
-            lines.push(format!(
+            let mut line = format!(
                 "| {} | {} | {} | {} |",
                 result.name,
                 row.kind.label(),
                 median_and_rounds(&throughput),
                 median_and_rounds(&cpu)
-            ));
+            );
+            if with_floor {
+                let to_floor: Vec<f64> = match (row.kind, h2_floor) {
+                    (TargetKind::H2Floor, _) | (_, None) => Vec::new(),
+                    (_, Some(floor)) => {
+                        row.rounds.iter().zip(floor).filter_map(|(round, floor)| cpu_ratio(round, floor)).collect()
+                    }
+                };
+                let _ = write!(line, " {} |", median_and_rounds(&to_floor));
+            }
+            lines.push(line);
         }
     }
     if lines.is_empty() {
         return String::new();
     }
-    let mut out = String::from(
+    let (floor_header, floor_rule) = if with_floor { (" proxy CPU/op vs h2 floor |", "--:|") } else { ("", "") };
+    let mut out = format!(
         "### Ratios within each round\n\nThe median of the ratios taken within each round, then every round's, in \
          order. Targets alternate within a round, so these are less exposed than the table above to the machine's \
-         speed changing between rounds.\n\n| workload | target | throughput vs direct | proxy CPU/op vs grpc-proxy |\n\
-         |---|---|--:|--:|\n",
+         speed changing between rounds.\n\n| workload | target | throughput vs direct | proxy CPU/op vs grpc-proxy \
+         |{floor_header}\n|---|---|--:|--:|{floor_rule}\n",
     );
     for line in lines {
         let _ = writeln!(out, "{line}");
@@ -500,10 +523,10 @@ fn round_ratios_table(results: &[WorkloadResult]) -> String {
     out
 }
 
-/// One proxy's CPU per op over grpc-proxy's, in the same round.
-fn cpu_ratio(round: &Measurement, grpc_proxy: &Measurement) -> Option<f64> {
+/// One proxy's CPU per op over another's (grpc-proxy's, the h2 floor's), in the same round.
+fn cpu_ratio(round: &Measurement, other: &Measurement) -> Option<f64> {
     let per_op = |m: &Measurement| m.proxy_cpu.filter(|_| m.ops > 0).map(|cpu| cpu.as_secs_f64() / m.ops as f64);
-    match (per_op(round), per_op(grpc_proxy)) {
+    match (per_op(round), per_op(other)) {
         (Some(ours), Some(theirs)) if theirs > 0.0 => Some(ours / theirs),
         _ => None,
     }
@@ -631,10 +654,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn ratios_are_taken_within_each_round() {
-        // Rounds of (ops in the 1 s window, proxy CPU per op in µs).
-        let row = |kind, rounds: &[(u64, u64)]| TargetRow {
+    /// A target's rounds of (ops in the 1 s window, proxy CPU per op in µs).
+    fn row(kind: TargetKind, rounds: &[(u64, u64)]) -> TargetRow {
+        TargetRow {
             kind,
             rounds: rounds
                 .iter()
@@ -644,7 +666,11 @@ mod tests {
                 })
                 .collect(),
             failure: None,
-        };
+        }
+    }
+
+    #[test]
+    fn ratios_are_taken_within_each_round() {
         let result = WorkloadResult {
             name: "w",
             unit: "ops/s",
@@ -663,6 +689,34 @@ mod tests {
             [
                 "| w | grpc-proxy | 0.50x (0.50 / 0.50 / 0.40) | - |",
                 "| w | etcd-compat-proxy | 0.90x (0.90 / 0.90 / 0.50) | 0.30x (0.30 / 0.28 / 0.40) |",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_h2_floor_adds_a_column_of_cpu_per_op_against_it() {
+        let result = WorkloadResult {
+            name: "w",
+            unit: "ops/s",
+            rows: vec![
+                row(TargetKind::Direct, &[(1000, 0), (2000, 0)]),
+                row(TargetKind::GrpcProxy, &[(500, 100), (1000, 120)]),
+                row(TargetKind::CompatProxy, &[(900, 30), (1800, 36)]),
+                row(TargetKind::H2Floor, &[(950, 25), (1900, 30)]),
+            ],
+        };
+        let table = round_ratios_table(std::slice::from_ref(&result));
+        assert!(
+            table.contains("| proxy CPU/op vs grpc-proxy | proxy CPU/op vs h2 floor |\n|---|---|--:|--:|--:|\n"),
+            "{table}"
+        );
+        let lines: Vec<&str> = table.lines().filter(|line| line.starts_with("| w |")).collect();
+        assert_eq!(
+            lines,
+            [
+                "| w | grpc-proxy | 0.50x (0.50 / 0.50) | - | 4.00x (4.00 / 4.00) |",
+                "| w | etcd-compat-proxy | 0.90x (0.90 / 0.90) | 0.30x (0.30 / 0.30) | 1.20x (1.20 / 1.20) |",
+                "| w | h2 floor | 0.95x (0.95 / 0.95) | 0.25x (0.25 / 0.25) | - |",
             ]
         );
     }

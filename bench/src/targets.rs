@@ -36,16 +36,20 @@ pub enum TargetKind {
     CompatProxyNoCache,
     /// Another build of this repository's proxy (`--baseline-bin`), to measure a change.
     Baseline,
+    /// `etcd-compat-h2-floor` (`--h2-floor`): a bare h2 forwarder, what no proxy on h2 can
+    /// undercut.
+    H2Floor,
 }
 
 impl TargetKind {
     /// Every target, in the order each round visits them.
-    pub const ALL: [TargetKind; 5] = [
+    pub const ALL: [TargetKind; 6] = [
         TargetKind::Direct,
         TargetKind::GrpcProxy,
         TargetKind::CompatProxy,
         TargetKind::CompatProxyNoCache,
         TargetKind::Baseline,
+        TargetKind::H2Floor,
     ];
 
     /// Name used in the table.
@@ -56,6 +60,7 @@ impl TargetKind {
             TargetKind::CompatProxy => "etcd-compat-proxy",
             TargetKind::CompatProxyNoCache => "etcd-compat-proxy (no cache)",
             TargetKind::Baseline => "baseline",
+            TargetKind::H2Floor => "h2 floor",
         }
     }
 }
@@ -125,6 +130,7 @@ pub struct Targets {
     compat_proxy: ManagedProxy,
     compat_no_cache: Option<ManagedProxy>,
     baseline: Option<ManagedProxy>,
+    h2_floor: Option<ManagedProxy>,
     cluster: EtcdCluster,
     /// `--data-dir` of grpc-proxy, so it never writes into the working directory.
     _grpc_proxy_dir: TempDir,
@@ -136,6 +142,7 @@ impl Targets {
     pub fn start(
         compat_proxy_bin: &Path,
         baseline_bin: Option<&Path>,
+        h2_floor_bin: Option<&Path>,
         no_cache: bool,
         pinning: Option<Pinning>,
     ) -> Result<Targets> {
@@ -173,9 +180,20 @@ impl Targets {
             })
             .transpose()?;
         // The baseline keeps its own defaults: a build older than the cache has no flag for it.
-        let baseline =
-            baseline_bin.map(|bin| ManagedProxy::start(TargetKind::Baseline, bin, compat_args, pinning)).transpose()?;
-        Ok(Targets { grpc_proxy, compat_proxy, compat_no_cache, baseline, cluster, _grpc_proxy_dir: grpc_proxy_dir })
+        let baseline = baseline_bin
+            .map(|bin| ManagedProxy::start(TargetKind::Baseline, bin, compat_args.clone(), pinning))
+            .transpose()?;
+        let h2_floor =
+            h2_floor_bin.map(|bin| ManagedProxy::start(TargetKind::H2Floor, bin, compat_args, pinning)).transpose()?;
+        Ok(Targets {
+            grpc_proxy,
+            compat_proxy,
+            compat_no_cache,
+            baseline,
+            h2_floor,
+            cluster,
+            _grpc_proxy_dir: grpc_proxy_dir,
+        })
     }
 
     /// Data directory of the etcd member.
@@ -195,6 +213,7 @@ impl Targets {
             TargetKind::CompatProxy => Some(&mut self.compat_proxy),
             TargetKind::CompatProxyNoCache => self.compat_no_cache.as_mut(),
             TargetKind::Baseline => self.baseline.as_mut(),
+            TargetKind::H2Floor => self.h2_floor.as_mut(),
         }
     }
 
@@ -206,6 +225,7 @@ impl Targets {
                 TargetKind::Direct | TargetKind::GrpcProxy | TargetKind::CompatProxy => true,
                 TargetKind::CompatProxyNoCache => self.compat_no_cache.is_some(),
                 TargetKind::Baseline => self.baseline.is_some(),
+                TargetKind::H2Floor => self.h2_floor.is_some(),
             })
             .collect()
     }
