@@ -70,15 +70,6 @@ pub type ServeResult = Result<Response<ResponseBody>, h2::Error>;
 /// What [`Forwarder::call`] returns: boxed, so that each kind's future is only as large as it.
 pub type ServeFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ServeResult> + Send>>;
 
-/// Connection-specific headers: meaningless across hops, and forbidden in HTTP/2.
-const HOP_BY_HOP: [http::HeaderName; 5] = [
-    http::header::CONNECTION,
-    http::HeaderName::from_static("keep-alive"),
-    http::HeaderName::from_static("proxy-connection"),
-    http::header::TRANSFER_ENCODING,
-    http::header::UPGRADE,
-];
-
 /// The forwarding service shared by all client connections.
 pub struct Forwarder {
     sender: Arc<Sender>,
@@ -247,10 +238,9 @@ impl Forwarder {
                 return Err(h2::Error::from(h2::Reason::PROTOCOL_ERROR));
             }
         };
-        let (mut parts, body) = request.into_parts();
-        for name in &HOP_BY_HOP {
-            parts.headers.remove(name);
-        }
+        // Connection-specific headers need no removing: h2 resets a stream that carries one
+        // (PROTOCOL_ERROR, as etcd's server does) before it becomes a request.
+        let (parts, body) = request.into_parts();
         Ok((record, parts, body, deadline))
     }
 
