@@ -17,6 +17,8 @@
 #                                    run or `--only range` leaves it out)
 #   scripts/bench.sh --pin           each proxy on a core of its own (etcd and the load generator on
 #                                    CPU 0, proxies on CPU 1), as a sidecar; report in bench/RESULTS-pinned.md
+#   scripts/bench.sh --h2-floor      also measures `h2 floor`, a bare forwarder on the proxy's h2 crate
+#                                    and settings: what of the proxy's cost is its own
 #   scripts/bench.sh --help          every flag
 set -euo pipefail
 cd "$(dirname "$0")/.."
