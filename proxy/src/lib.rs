@@ -54,6 +54,15 @@ use std::process::ExitCode;
 pub use cli::{Cli, Command};
 pub use config::Config;
 
+/// How the proxy speaks HTTP/2 on its connections (windows, frame size, batched small writes),
+/// for a tool that must speak it the same way: the benchmark's h2 floor.
+pub mod http2 {
+    pub use crate::transport::{
+        BatchedWrites, CLIENT_CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_SEND_BUFFER, STREAM_WINDOW,
+        UPSTREAM_CONNECTION_WINDOW,
+    };
+}
+
 /// Installs the process-wide rustls crypto provider (ring), for any code that relies on the default.
 pub fn install_crypto_provider() {
     // Only fails if a provider is already installed, which is fine: ours are passed explicitly.

@@ -12,52 +12,19 @@
 //! --listen-addr HOST:PORT --metrics-addr http://HOST:PORT`. The metrics address answers every
 //! HTTP request with 200 and no body, which is all the bench's readiness check asks of it.
 
-use std::io;
-use std::pin::Pin;
 use std::process::ExitCode;
-use std::task::{Context, Poll};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+// The proxy's own settings and write batching, so that both pay for the same frames and writes.
+use etcd_compat_proxy::http2::{
+    BatchedWrites, CLIENT_CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_SEND_BUFFER, STREAM_WINDOW, UPSTREAM_CONNECTION_WINDOW,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// The proxy's HTTP/2 settings (its `transport` module), so both pay for the same frames.
-const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
-const CLIENT_CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
-const UPSTREAM_CONNECTION_WINDOW: u32 = 32 * STREAM_WINDOW;
-const MAX_FRAME_SIZE: u32 = 1024 * 1024;
-const MAX_SEND_BUFFER: usize = 1024 * 1024;
-
-/// A socket that tells h2 to batch small DATA frames into one write, as the proxy's do.
-struct BatchedWrites(TcpStream);
-
-impl AsyncRead for BatchedWrites {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for BatchedWrites {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, data)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        false
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
 
 /// Where to listen and forward, from the flags the bench passes every proxy.
 struct Addresses {
