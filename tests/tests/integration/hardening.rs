@@ -36,7 +36,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::support::{
-    both_versions, connect, grpc_status, metric, run_proxy, runtime, start_proxy, upstream_requests, Deployment, Wire,
+    both_versions, connect, grpc_status, metric, revisions_seen, run_proxy, runtime, start_proxy, upstream_requests,
+    Deployment, Wire,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -2050,16 +2051,7 @@ fn watch_streams_nobody_reads(coalescing: bool) {
         assert!(held >= LIMIT as f64 && held <= most as f64, "held {held} bytes, not within [{LIMIT}, {most}]");
 
         // The calm watcher got every event, once and in order.
-        let mut seen = Vec::new();
-        while seen.len() < ROUNDS {
-            let response = tokio::time::timeout(Duration::from_secs(10), calm_events.message())
-                .await
-                .expect("the calm watcher's events within 10 s")
-                .expect("the calm watch")
-                .expect("the calm watch goes on");
-            seen.extend(response.events().iter().map(|event| event.kv().expect("kv").mod_revision()));
-        }
-        assert_eq!(seen, calm_revisions);
+        assert_eq!(revisions_seen(&mut calm_events, ROUNDS).await, calm_revisions, "the calm watcher");
 
         // The hog's connection is closed once it has taken nothing for the timeout.
         let closed_by = flood_started + UNREAD_TIMEOUT + Duration::from_secs(6);

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use etcd_client::{Client, GetOptions};
+use etcd_client::{Client, GetOptions, WatchStream};
 use etcd_compat_certs::DevPki;
 use etcd_compat_tests::{ClientTls, ClusterSpec, EtcdCluster, EtcdVersion, ProxyProcess, TlsSpec};
 use http::{HeaderMap, Request};
@@ -339,4 +339,18 @@ impl Tally {
             assert!(stored.contains(&key.as_str()), "acknowledged write {key} is missing");
         }
     }
+}
+
+/// The mod revisions of the next `count` events on `stream`.
+pub async fn revisions_seen(stream: &mut WatchStream, count: usize) -> Vec<i64> {
+    let mut got = Vec::new();
+    while got.len() < count {
+        let response = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("events in time")
+            .expect("response")
+            .expect("open");
+        got.extend(response.events().iter().map(|e| e.kv().expect("kv").mod_revision()));
+    }
+    got
 }

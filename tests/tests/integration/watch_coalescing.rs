@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, ConnectOptions, EventType, Txn, TxnOp, WatchFilterType, WatchOptions, WatchStream};
 use etcd_compat_tests::{ClusterSpec, EtcdCluster, EtcdVersion};
 
-use crate::support::{both_versions, connect, metric, runtime, Deployment, Wire};
+use crate::support::{both_versions, connect, metric, revisions_seen, runtime, Deployment, Wire};
 
 /// One event as a client sees it: type, key, value, mod revision, previous value.
 type SeenEvent = (&'static str, String, String, i64, Option<String>);
@@ -388,20 +388,6 @@ fn stalled_watcher(version: EtcdVersion, ask_progress: bool) {
         }
         assert_eq!(got, revisions);
     });
-}
-
-/// The mod revisions of the next `count` events on `stream`.
-async fn revisions_seen(stream: &mut WatchStream, count: usize) -> Vec<i64> {
-    let mut got = Vec::new();
-    while got.len() < count {
-        let response = tokio::time::timeout(Duration::from_secs(10), stream.message())
-            .await
-            .expect("events in time")
-            .expect("response")
-            .expect("open");
-        got.extend(response.events().iter().map(|e| e.kv().expect("kv").mod_revision()));
-    }
-    got
 }
 
 /// Watches from now on, or from the next revision, join a shared watch at once, with no watch of
