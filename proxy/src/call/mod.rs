@@ -239,7 +239,7 @@ impl Forwarder {
             }
         };
         // Connection-specific headers need no removing: h2 resets a stream that carries one
-        // (PROTOCOL_ERROR, as etcd's server does) before it becomes a request.
+        // with PROTOCOL_ERROR before it becomes a request (etcd's server would answer it).
         let (parts, body) = request.into_parts();
         Ok((record, parts, body, deadline))
     }

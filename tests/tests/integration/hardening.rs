@@ -1056,6 +1056,66 @@ both_versions!(
         => malformed_requests_do_not_blame_members_3_4, malformed_requests_do_not_blame_members_3_5
 );
 
+/// How a connection's first call, a Range carrying the header `name: value` besides gRPC's own,
+/// ends at `addr`: the first RST_STREAM, HEADERS or GOAWAY frame for it, named.
+fn ending_with_header(addr: SocketAddr, name: &str, value: &str) -> String {
+    let mut stream = StdTcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).expect("read timeout");
+    let mut block = grpc_request_headers(&addr.to_string(), "/etcdserverpb.KV/Range");
+    hpack_literal(&mut block, name.as_bytes(), value.as_bytes(), false);
+    let mut opening = PREFACE.to_vec();
+    opening.extend_from_slice(&settings_frame(&[]));
+    opening.extend_from_slice(&frame(frame_type::HEADERS, frame_flags::END_HEADERS, 1, &block));
+    opening.extend_from_slice(&frame(frame_type::DATA, frame_flags::END_STREAM, 1, &range_body("/hop/k")));
+    stream.write_all(&opening).expect("preface, SETTINGS and the call");
+    loop {
+        let frame = match read_frame(&mut stream) {
+            Ok(frame) => frame,
+            Err(error) => return format!("no ending: {error}"),
+        };
+        let code = frame.error_code().map(error_code_name).unwrap_or("");
+        match frame.kind {
+            frame_type::RST_STREAM if frame.stream_id == 1 => return format!("RST_STREAM {code}"),
+            frame_type::HEADERS if frame.stream_id == 1 => return "answered".to_owned(),
+            frame_type::GOAWAY => return format!("GOAWAY {code}"),
+            _ => {}
+        }
+    }
+}
+
+/// Connection-specific headers (and a `te` other than `trailers`) make a request malformed in
+/// HTTP/2 (RFC 9113, 8.2.2). etcd's gRPC server answers it anyway; the proxy's HTTP/2 server (h2)
+/// resets it with PROTOCOL_ERROR before the proxy sees it, and nothing is sent on. This pins
+/// that difference: if either side changes, the README's row on it must too.
+fn connection_specific_headers_are_reset_by_the_proxy_not_by_etcd(version: EtcdVersion) {
+    let deployment = Deployment::start(version, 1, Wire::Plain, &[]);
+    let (proxy_addr, direct_addr) = (deployment.proxy.listen_addr(), deployment.cluster.client_addrs()[0]);
+    let member = deployment.cluster.member(0).client_url;
+    let sent_on = || upstream_requests(&deployment.proxy.http_get("/metrics").1, &member).unwrap_or(0.0);
+    let before = sent_on();
+    let headers = [
+        ("connection", "keep-alive"),
+        ("keep-alive", "timeout=5"),
+        ("proxy-connection", "keep-alive"),
+        ("transfer-encoding", "chunked"),
+        ("upgrade", "h2c"),
+        ("te", "gzip"),
+    ];
+    for (name, value) in headers {
+        assert_eq!(ending_with_header(direct_addr, name, value), "answered", "{name}: {value} directly");
+        let through = ending_with_header(proxy_addr, name, value);
+        assert_eq!(through, "RST_STREAM PROTOCOL_ERROR", "{name}: {value} through the proxy");
+    }
+    // The same call without them is answered, so the resets were for the headers alone.
+    assert_eq!(ending_with_header(proxy_addr, "x-custom", "1"), "answered");
+    assert_eq!(sent_on() - before, 1.0, "only the well-formed call reached etcd");
+}
+
+both_versions!(
+    connection_specific_headers_are_reset_by_the_proxy_not_by_etcd
+        => connection_specific_headers_are_reset_3_4, connection_specific_headers_are_reset_3_5
+);
+
 // ---------------------------------------------------------------------------------------------
 // 5. Timeouts.
 
